@@ -1,9 +1,42 @@
 //! One typed configuration for the DistriProc shim and page server.
 //!
-//! Owns the TOML file format, defaults, validation and the enums that name modes and
-//! policies. Does not own any behaviour: the runtime and shim read these values.
+//! Owns the TOML file format, the defaults, validation with errors that name the key and the
+//! file, the enums that name modes and policies, and the per-container annotations that
+//! override them. It owns no behaviour: the runtime and the shim read these values.
+//!
+//! ```toml
+//! # /etc/distriproc/shim.toml (every key optional; these are the defaults)
+//! [fetcher]
+//! mode = "native"              # native | criu
+//! fill = "full"                # full | profile | none
+//! fault_around_pages = 16      # pages fetched around a demand fault (1 = exactly the page)
+//! fill_batch_pages = 256       # pages per background-fill step (demand faults pre-empt it)
+//! handshake_timeout_ms = 30000 # CRIU must hand over every task's userfaultfd within this
+//!
+//! [runc]
+//! binary = "runc"              # name or path of the runc binary
+//! root = "/run/containerd/runc"
+//! criu = ""                    # criu binary for runc (empty: runc's default, from PATH)
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Environment variable that names the shim's configuration file.
+pub const CONFIG_ENV: &str = "DISTRIPROC_CONFIG";
+/// Where the shim looks for its configuration file when [`CONFIG_ENV`] is unset.
+pub const DEFAULT_SHIM_CONFIG_PATH: &str = "/etc/distriproc/shim.toml";
+/// Annotation that overrides `fetcher.fill` for one container.
+pub const ANNOTATION_FILL: &str = "io.distriproc.fill-policy";
+/// Annotation that overrides `fetcher.mode` for one container.
+pub const ANNOTATION_MODE: &str = "io.distriproc.fetcher-mode";
+
+/// Limits on numeric keys, checked by [`ShimConfig::validate`].
+pub const MAX_FAULT_AROUND_PAGES: u32 = 512;
+/// Largest background-fill step.
+pub const MAX_FILL_BATCH_PAGES: u32 = 4096;
 
 /// How a lazily restored container's memory is filled after the restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -18,6 +51,20 @@ pub enum FillPolicy {
     None,
 }
 
+impl std::str::FromStr for FillPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(Self::Full),
+            "profile" => Ok(Self::Profile),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown fill policy {other:?} (expected full, profile or none)"
+            )),
+        }
+    }
+}
+
 /// Who serves the restored processes' userfaultfd page faults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,4 +74,271 @@ pub enum FetcherMode {
     Native,
     /// CRIU's own `criu lazy-pages` daemon (fallback and benchmark baseline).
     Criu,
+}
+
+impl std::str::FromStr for FetcherMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "native" => Ok(Self::Native),
+            "criu" => Ok(Self::Criu),
+            other => Err(format!(
+                "unknown fetcher mode {other:?} (expected native or criu)"
+            )),
+        }
+    }
+}
+
+/// `[fetcher]`: the lazy-restore fetcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetcherConfig {
+    pub mode: FetcherMode,
+    pub fill: FillPolicy,
+    pub fault_around_pages: u32,
+    pub fill_batch_pages: u32,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for FetcherConfig {
+    fn default() -> Self {
+        Self {
+            mode: FetcherMode::Native,
+            fill: FillPolicy::Full,
+            fault_around_pages: 16,
+            fill_batch_pages: 256,
+            handshake_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// `[runc]`: how the shim runs runc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuncConfig {
+    pub binary: String,
+    pub root: PathBuf,
+    pub criu: String,
+}
+
+impl Default for RuncConfig {
+    fn default() -> Self {
+        Self {
+            binary: "runc".into(),
+            root: PathBuf::from("/run/containerd/runc"),
+            criu: String::new(),
+        }
+    }
+}
+
+/// The shim's whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShimConfig {
+    pub fetcher: FetcherConfig,
+    pub runc: RuncConfig,
+}
+
+/// A configuration that could not be read or is invalid. Always names where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config {origin}: key `{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl ShimConfig {
+    /// Parses and validates TOML text; `origin` names the file (or "runtime options") in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: ShimConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The file named by `$DISTRIPROC_CONFIG`, else [`DEFAULT_SHIM_CONFIG_PATH`] if it exists,
+    /// else the defaults. A file named by the environment must exist.
+    pub fn load_default() -> Result<Self, ConfigError> {
+        if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+            return Self::load(Path::new(&p));
+        }
+        let default = Path::new(DEFAULT_SHIM_CONFIG_PATH);
+        if default.exists() {
+            return Self::load(default);
+        }
+        Ok(Self::default())
+    }
+
+    /// Checks value ranges; the error names the key.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let f = &self.fetcher;
+        if f.fault_around_pages == 0 || f.fault_around_pages > MAX_FAULT_AROUND_PAGES {
+            return Err(invalid(
+                "fetcher.fault_around_pages",
+                format!(
+                    "{} is out of range 1..={MAX_FAULT_AROUND_PAGES}",
+                    f.fault_around_pages
+                ),
+            ));
+        }
+        if f.fill_batch_pages == 0 || f.fill_batch_pages > MAX_FILL_BATCH_PAGES {
+            return Err(invalid(
+                "fetcher.fill_batch_pages",
+                format!(
+                    "{} is out of range 1..={MAX_FILL_BATCH_PAGES}",
+                    f.fill_batch_pages
+                ),
+            ));
+        }
+        if f.handshake_timeout_ms == 0 {
+            return Err(invalid(
+                "fetcher.handshake_timeout_ms",
+                "must be greater than 0".into(),
+            ));
+        }
+        if self.runc.binary.is_empty() {
+            return Err(invalid("runc.binary", "must not be empty".into()));
+        }
+        if !self.runc.root.is_absolute() {
+            return Err(invalid(
+                "runc.root",
+                format!("{} is not an absolute path", self.runc.root.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`]).
+    pub fn apply_annotations(
+        &mut self,
+        annotations: &HashMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: "annotations".into(),
+            key: key.into(),
+            message,
+        };
+        if let Some(v) = annotations.get(ANNOTATION_FILL) {
+            self.fetcher.fill = v.parse().map_err(|m| invalid(ANNOTATION_FILL, m))?;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_MODE) {
+            self.fetcher.mode = v.parse().map_err(|m| invalid(ANNOTATION_MODE, m))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = ShimConfig::from_toml_str("", "t.toml").unwrap();
+        assert_eq!(cfg, ShimConfig::default());
+        assert_eq!(cfg.fetcher.fill, FillPolicy::Full);
+        assert_eq!(cfg.fetcher.mode, FetcherMode::Native);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = ShimConfig::from_toml_str(
+            "[fetcher]\nmode = \"criu\"\nfill = \"none\"\nfault_around_pages = 1\n\
+             fill_batch_pages = 1024\nhandshake_timeout_ms = 5\n\
+             [runc]\nbinary = \"/usr/sbin/runc\"\nroot = \"/run/x\"\ncriu = \"/usr/local/sbin/criu\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.fetcher.mode, FetcherMode::Criu);
+        assert_eq!(cfg.fetcher.fill, FillPolicy::None);
+        assert_eq!(cfg.fetcher.fill_batch_pages, 1024);
+        assert_eq!(cfg.runc.root, PathBuf::from("/run/x"));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name_and_file() {
+        let err =
+            ShimConfig::from_toml_str("[fetcher]\nfil = \"full\"\n", "/etc/x.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/x.toml"), "{msg}");
+        assert!(msg.contains("fil"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_refused() {
+        let err = ShimConfig::from_toml_str("[fetcher]\nfill = \"some\"\n", "a.toml").unwrap_err();
+        assert!(err.to_string().contains("some"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let err =
+            ShimConfig::from_toml_str("[fetcher]\nfault_around_pages = 0\n", "a.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("fetcher.fault_around_pages"),
+            "{err}"
+        );
+        let err = ShimConfig::from_toml_str("[runc]\nroot = \"rel\"\n", "a.toml").unwrap_err();
+        assert!(err.to_string().contains("runc.root"), "{err}");
+    }
+
+    #[test]
+    fn annotations_override_and_are_validated() {
+        let mut cfg = ShimConfig::default();
+        let mut ann = HashMap::new();
+        ann.insert(ANNOTATION_FILL.to_string(), "none".to_string());
+        ann.insert(ANNOTATION_MODE.to_string(), "criu".to_string());
+        cfg.apply_annotations(&ann).unwrap();
+        assert_eq!(cfg.fetcher.fill, FillPolicy::None);
+        assert_eq!(cfg.fetcher.mode, FetcherMode::Criu);
+        ann.insert(ANNOTATION_FILL.to_string(), "lots".to_string());
+        let err = cfg.apply_annotations(&ann).unwrap_err();
+        assert!(err.to_string().contains(ANNOTATION_FILL), "{err}");
+    }
+
+    #[test]
+    fn load_reports_missing_file() {
+        let err = ShimConfig::load(Path::new("/nonexistent/distriproc.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/distriproc.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_reads_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shim.toml");
+        std::fs::write(&p, "[fetcher]\nfill = \"profile\"\n").unwrap();
+        assert_eq!(
+            ShimConfig::load(&p).unwrap().fetcher.fill,
+            FillPolicy::Profile
+        );
+    }
 }
