@@ -1,0 +1,129 @@
+# shellcheck shell=bash
+# A private containerd for scripts (the shell twin of tests/harness): source this file, then
+#
+#   ctd_start            # starts containerd under a fresh /tmp/dpd.XXXXXX; sets CTD_* variables
+#   ctd ctr-args...      # runs `ctr -a $CTD_SOCK -n $CTD_NS ctr-args...`
+#   ctd_stop             # kills what ctd_start started (by pid), unmounts, removes the temp dir
+#
+# Inputs (environment):
+#   DISTRIPROC_CONTAINERD_DIR  directory with containerd, ctr, containerd-shim-runc-v2
+#                              (default /opt/distriproc/containerd/usr/bin)
+#   DISTRIPROC_SHIM_BIN        containerd-shim-distriproc-v2 binary to put first on containerd's
+#                              PATH (optional; without it only the runc runtime is available)
+#   CTD_NS                     namespace (default distriproc)
+# Outputs: CTD_DIR CTD_SOCK CTD_PID CTD_LOG CTD_ROOT CTD_STATE CTD_BIN_DIR CTD_VERSION
+
+ctd_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+ctd() { "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"; }
+
+ctd_start() {
+    CTD_BIN_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd/usr/bin}
+    CTD_NS=${CTD_NS:-distriproc}
+    local bin
+    for bin in containerd ctr containerd-shim-runc-v2; do
+        if [[ ! -x $CTD_BIN_DIR/$bin ]]; then
+            ctd_log "error: $CTD_BIN_DIR/$bin not found (run: make deps)"
+            return 1
+        fi
+    done
+    CTD_VERSION=$("$CTD_BIN_DIR/containerd" --version | awk '{print $3}')
+    CTD_VERSION=${CTD_VERSION#v}
+    local major=${CTD_VERSION%%.*} config_version
+    if [[ $major -ge 2 ]]; then config_version=3; else config_version=2; fi
+
+    CTD_DIR=$(mktemp -d /tmp/dpd.XXXXXX)
+    CTD_SOCK=$CTD_DIR/c.sock
+    CTD_ROOT=$CTD_DIR/root
+    CTD_STATE=$CTD_DIR/state
+    CTD_LOG=$CTD_DIR/containerd.log
+    mkdir -p "$CTD_DIR/bin" "$CTD_ROOT" "$CTD_STATE"
+    if [[ -n ${DISTRIPROC_SHIM_BIN:-} ]]; then
+        if [[ ! -x $DISTRIPROC_SHIM_BIN ]]; then
+            ctd_log "error: shim binary $DISTRIPROC_SHIM_BIN not found (run: make build)"
+            return 1
+        fi
+        ln -s "$(readlink -f "$DISTRIPROC_SHIM_BIN")" "$CTD_DIR/bin/containerd-shim-distriproc-v2"
+    fi
+    local disabled
+    if [[ $config_version == 3 ]]; then
+        disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim", "io.containerd.nri.v1.nri"'
+    else
+        disabled='"io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"'
+    fi
+    cat >"$CTD_DIR/config.toml" <<EOF
+version = $config_version
+root = "$CTD_ROOT"
+state = "$CTD_STATE"
+disabled_plugins = [$disabled]
+
+[grpc]
+  address = "$CTD_SOCK"
+
+[debug]
+  level = "debug"
+EOF
+    PATH="$CTD_DIR/bin:$CTD_BIN_DIR:$PATH" setsid "$CTD_BIN_DIR/containerd" \
+        --config "$CTD_DIR/config.toml" >>"$CTD_LOG" 2>&1 </dev/null &
+    CTD_PID=$!
+    local i
+    for i in $(seq 1 200); do
+        if ctd version >/dev/null 2>&1; then
+            ctd_log "containerd $CTD_VERSION (pid $CTD_PID) ready at $CTD_SOCK"
+            return 0
+        fi
+        if ! kill -0 "$CTD_PID" 2>/dev/null; then
+            ctd_log "error: containerd exited during start-up; log tail:"
+            tail -n 20 "$CTD_LOG" >&2
+            return 1
+        fi
+        sleep 0.05
+    done
+    ctd_log "error: containerd did not answer on $CTD_SOCK within 10 s; log tail:"
+    tail -n 20 "$CTD_LOG" >&2
+    return 1
+}
+
+# Pids of shims started by this containerd (their command line carries our socket address).
+ctd_shim_pids() {
+    local p
+    for p in /proc/[0-9]*; do
+        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $CTD_SOCK "; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+
+ctd_stop() {
+    [[ -n ${CTD_DIR:-} && -d $CTD_DIR ]] || return 0
+    local t c p i
+    if [[ -n ${CTD_PID:-} ]] && kill -0 "$CTD_PID" 2>/dev/null; then
+        for t in $(ctd tasks ls -q 2>/dev/null); do
+            ctd tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+        done
+        for t in $(ctd tasks ls -q 2>/dev/null); do
+            for i in $(seq 1 50); do
+                ctd tasks rm -f "$t" >/dev/null 2>&1 && break
+                sleep 0.1
+            done
+        done
+        for c in $(ctd containers ls -q 2>/dev/null); do
+            ctd containers rm "$c" >/dev/null 2>&1 || true
+        done
+        kill -TERM "$CTD_PID" 2>/dev/null || true
+        for i in $(seq 1 100); do
+            kill -0 "$CTD_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$CTD_PID" 2>/dev/null || true
+        wait "$CTD_PID" 2>/dev/null || true
+    fi
+    for p in $(ctd_shim_pids); do
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    # Mounts under our root (rootfs overlays, snapshots), deepest first.
+    awk -v d="$CTD_DIR/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    rm -rf "$CTD_DIR"
+    CTD_DIR=
+}
