@@ -1,2 +1,4 @@
 //! placeholder
+pub mod images;
 pub mod runc_cmd;
+pub mod source;
