@@ -37,7 +37,7 @@ ctd_start() {
     CTD_ROOT=$CTD_DIR/root
     CTD_STATE=$CTD_DIR/state
     CTD_LOG=$CTD_DIR/containerd.log
-    mkdir -p "$CTD_DIR/bin" "$CTD_ROOT" "$CTD_STATE"
+    mkdir -p "$CTD_DIR/bin" "$CTD_DIR/tmp" "$CTD_ROOT" "$CTD_STATE"
     if [[ -n ${DISTRIPROC_SHIM_BIN:-} ]]; then
         if [[ ! -x $DISTRIPROC_SHIM_BIN ]]; then
             ctd_log "error: shim binary $DISTRIPROC_SHIM_BIN not found (run: make build)"
@@ -63,7 +63,9 @@ disabled_plugins = [$disabled]
 [debug]
   level = "debug"
 EOF
-    PATH="$CTD_DIR/bin:$CTD_BIN_DIR:$PATH" setsid "$CTD_BIN_DIR/containerd" \
+    # TMPDIR: containerd unpacks each restored checkpoint into a ctrd-checkpoint* temp dir and
+    # never removes it; keep those inside our directory.
+    PATH="$CTD_DIR/bin:$CTD_BIN_DIR:$PATH" TMPDIR="$CTD_DIR/tmp" XDG_RUNTIME_DIR= setsid "$CTD_BIN_DIR/containerd" \
         --config "$CTD_DIR/config.toml" >>"$CTD_LOG" 2>&1 </dev/null &
     CTD_PID=$!
     local i

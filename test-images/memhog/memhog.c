@@ -2,7 +2,8 @@
  * memhog: a memory-heavy test workload with verifiable contents (DistriProc test image).
  *
  *   memhog serve --mib N [--procs P] [--threads T] [--port 7070] [--seed S] [--zero-pct Z]
- *   memhog query [--pid PID] [--port 7070] [--timeout-ms 10000] [--time-to-first-response] CMD...
+ *   memhog query [--pid PID] [--port 7070] [--timeout-ms 10000] [--time-to-first-response]
+ *                [--no-lo-up] CMD...
  *
  * serve: allocates N MiB of private anonymous memory (one mmap per process) split over P
  * processes (the parent forks P-1 children before it creates any thread) and T threads per
@@ -34,7 +35,9 @@
  *
  * query: with --pid, setns() into /proc/PID/ns/net first; connects to 127.0.0.1:PORT retrying
  * every 1 ms (also when the connection is reset before a reply) until the timeout, sends CMD,
- * prints the reply line. Exit 0 on a reply, 2 on timeout, 1 on other errors. With
+ * prints the reply line. Exit 0 on a reply, 2 on timeout, 1 on other errors. After setns() it
+ * sets the netns's lo up if it is down (restored containers come back with lo down; see
+ * ensure_lo_up; --no-lo-up disables that). With
  * --time-to-first-response a second line "ttfr_us=<microseconds>" (from start to reply) follows.
  *
  * Built static (gcc -O2 -static -pthread); survives CRIU checkpoint/restore (EINTR handled,
@@ -46,6 +49,8 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <arpa/inet.h>
 #include <poll.h>
 #include <pthread.h>
@@ -496,7 +501,7 @@ static void usage(void)
 	fputs("usage: memhog serve --mib N [--procs P] [--threads T] [--port 7070] [--seed S] "
 	      "[--zero-pct Z]\n"
 	      "       memhog query [--pid PID] [--port 7070] [--timeout-ms 10000] "
-	      "[--time-to-first-response] CMD...\n",
+	      "[--time-to-first-response] [--no-lo-up] CMD...\n",
 	      stderr);
 	exit(1);
 }
@@ -629,17 +634,46 @@ static int serve(int argc, char **argv)
 
 /* ------------------------------------------------------------------ query */
 
+/*
+ * Containers restored by runc/CRIU through containerd come back with their loopback device
+ * down (the checkpoint carries no netdev images for the container's netns: seen with CRIU
+ * 4.2.1, runc 1.1.5, containerd 1.7 and 2.1 here), so nothing could reach 127.0.0.1 inside.
+ * After setns() the query client sets lo up, as runc does when it creates the netns.
+ */
+static void ensure_lo_up(long pid)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return;
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "lo");
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) == 0 && !(ifr.ifr_flags & IFF_UP)) {
+		ifr.ifr_flags |= IFF_UP;
+		if (ioctl(fd, SIOCSIFFLAGS, &ifr) == 0)
+			fprintf(stderr, "memhog: lo was down in the netns of pid %ld; set it up\n", pid);
+		else
+			fprintf(stderr, "memhog: lo is down in the netns of pid %ld: %s\n", pid,
+				strerror(errno));
+	}
+	close(fd);
+}
+
 static int query(int argc, char **argv)
 {
 	long pid = -1;
 	uint64_t port = 7070, timeout_ms = 10000;
-	int ttfr = 0, i = 0;
+	int ttfr = 0, lo_up = 1, i = 0;
 	for (; i < argc; i++) {
 		const char *o = argv[i];
 		if (strncmp(o, "--", 2) != 0)
 			break;
 		if (strcmp(o, "--time-to-first-response") == 0) {
 			ttfr = 1;
+			continue;
+		}
+		if (strcmp(o, "--no-lo-up") == 0) {
+			lo_up = 0;
 			continue;
 		}
 		if (i + 1 >= argc)
@@ -677,6 +711,8 @@ static int query(int argc, char **argv)
 		if (setns(nfd, CLONE_NEWNET) != 0)
 			die("setns %s: %s", path, strerror(errno));
 		close(nfd);
+		if (lo_up)
+			ensure_lo_up(pid);
 	}
 	uint64_t deadline = start + timeout_ms * 1000u;
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
