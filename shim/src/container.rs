@@ -1,0 +1,122 @@
+//! Containers and their processes as the shim tracks them.
+//!
+//! A [`Container`] owns its runc client, rootfs mount, init [`Process`] and exec processes.
+//! A [`Process`] records status, pid, stdio and exit; `exited` fires once its TaskExit has been
+//! published (after its output was drained), which is what Wait returns on.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use containerd_shim::api::Status;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use tokio::sync::watch;
+
+use crate::{
+    io::{IoDone, ShimStdio, StdioPaths},
+    options::ShimOptions,
+    runc::RuncClient,
+};
+
+/// Lifecycle status of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcStatus {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl ProcStatus {
+    /// containerd's status enum.
+    pub fn api(self) -> Status {
+        match self {
+            ProcStatus::Created => Status::CREATED,
+            ProcStatus::Running => Status::RUNNING,
+            ProcStatus::Paused => Status::PAUSED,
+            ProcStatus::Stopped => Status::STOPPED,
+        }
+    }
+
+    /// Lower-case name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProcStatus::Created => "created",
+            ProcStatus::Running => "running",
+            ProcStatus::Paused => "paused",
+            ProcStatus::Stopped => "stopped",
+        }
+    }
+}
+
+/// One process (init or exec).
+#[derive(Debug)]
+pub struct Process {
+    pub exec_id: String,
+    pub pid: u32,
+    pub status: ProcStatus,
+    pub stdio: StdioPaths,
+    pub shim_io: ShimStdio,
+    pub io_done: Option<IoDone>,
+    pub exit_status: u32,
+    pub exited_at: Option<Timestamp>,
+    /// True once TaskExit was published.
+    pub exited: watch::Sender<bool>,
+    /// The exec's OCI process spec (JSON), exec processes only.
+    pub spec: Option<serde_json::Value>,
+}
+
+impl Process {
+    pub fn new(exec_id: &str, stdio: StdioPaths) -> Self {
+        Process {
+            exec_id: exec_id.to_owned(),
+            pid: 0,
+            status: ProcStatus::Created,
+            stdio,
+            shim_io: ShimStdio::default(),
+            io_done: None,
+            exit_status: 0,
+            exited_at: None,
+            exited: watch::channel(false).0,
+            spec: None,
+        }
+    }
+}
+
+/// What a created-from-checkpoint container restores from at Start.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    pub images: PathBuf,
+    pub work: PathBuf,
+}
+
+/// One container.
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub opts: ShimOptions,
+    pub runc: RuncClient,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+    pub rootfs_mounted: bool,
+    pub restore: Option<RestorePlan>,
+}
+
+impl Container {
+    /// The init process or an exec process.
+    pub fn process(&self, exec_id: &str) -> Option<&Process> {
+        if exec_id.is_empty() {
+            Some(&self.init)
+        } else {
+            self.execs.get(exec_id)
+        }
+    }
+
+    /// Mutable access to the init process or an exec process.
+    pub fn process_mut(&mut self, exec_id: &str) -> Option<&mut Process> {
+        if exec_id.is_empty() {
+            Some(&mut self.init)
+        } else {
+            self.execs.get_mut(exec_id)
+        }
+    }
+}

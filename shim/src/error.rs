@@ -1,0 +1,205 @@
+//! The shim's error type and its one mapping onto ttrpc status codes.
+//!
+//! Every RPC's logic returns [`ShimError`]; the ttrpc layer converts it once with
+//! `From<ShimError> for ttrpc::Error`, so the code containerd sees (NotFound, AlreadyExists,
+//! FailedPrecondition, InvalidArgument, Unimplemented, Internal) is decided in one place.
+
+use std::path::PathBuf;
+
+use containerd_shim::protos::ttrpc::{self, Code};
+
+/// Result alias for the shim.
+pub type Result<T, E = ShimError> = std::result::Result<T, E>;
+
+/// What went wrong, with the container id or path it went wrong on.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// No container with this id in this shim.
+    #[error("container {0} not found")]
+    NotFound(String),
+    /// No exec process with this id in the container.
+    #[error("process {exec_id} of container {id} not found")]
+    ProcessNotFound { id: String, exec_id: String },
+    /// The process has already exited.
+    #[error("process {exec_id:?} of container {id} already finished")]
+    ProcessFinished { id: String, exec_id: String },
+    /// Id already in use.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The request is malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Runtime options of a type the shim does not understand.
+    #[error("unsupported runtime options type {type_url:?} (accepted: containerd.runc.v1.Options, runtimeoptions.v1.Options)")]
+    UnknownOptions { type_url: String },
+    /// The operation is not valid in the process's current state.
+    #[error("cannot {op} container {id} in state {state}")]
+    FailedPrecondition {
+        id: String,
+        op: &'static str,
+        state: String,
+    },
+    /// A runc command failed.
+    #[error("runc {verb} of {id} failed: {detail}")]
+    Runc {
+        verb: &'static str,
+        id: String,
+        detail: String,
+    },
+    /// A checkpoint failed; `log` is the copy of CRIU's dump.log.
+    #[error("checkpoint of {id} failed: {detail} (criu log: {})", log.display())]
+    Checkpoint {
+        id: String,
+        detail: String,
+        log: PathBuf,
+    },
+    /// A restore failed; `log` is CRIU's restore.log.
+    #[error("restore of {id} failed: {detail} (criu log: {})", log.display())]
+    Restore {
+        id: String,
+        detail: String,
+        log: PathBuf,
+    },
+    /// A file system or descriptor operation failed.
+    #[error("{context} {}: {source}", path.display())]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The RPC is not served by this shim.
+    #[error("{0} is not implemented by the distriproc shim")]
+    Unimplemented(&'static str),
+    /// Anything else, already phrased.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ShimError {
+    /// Shorthand for an [`ShimError::Io`].
+    pub fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ShimError::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The ttrpc code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            ShimError::NotFound(_)
+            | ShimError::ProcessNotFound { .. }
+            | ShimError::ProcessFinished { .. } => Code::NOT_FOUND,
+            ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ShimError::InvalidArgument(_) | ShimError::UnknownOptions { .. } => {
+                Code::INVALID_ARGUMENT
+            }
+            ShimError::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
+            ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            ShimError::Runc { .. }
+            | ShimError::Checkpoint { .. }
+            | ShimError::Restore { .. }
+            | ShimError::Io { .. }
+            | ShimError::Other(_) => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(e: ShimError) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+impl From<containerd_shim::Error> for ShimError {
+    fn from(e: containerd_shim::Error) -> Self {
+        ShimError::Other(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: ShimError) -> Code {
+        match ttrpc::Error::from(e) {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn not_found() {
+        assert_eq!(code_of(ShimError::NotFound("c".into())), Code::NOT_FOUND);
+        let e = ShimError::ProcessNotFound {
+            id: "c".into(),
+            exec_id: "e".into(),
+        };
+        assert_eq!(code_of(e), Code::NOT_FOUND);
+        let e = ShimError::ProcessFinished {
+            id: "c".into(),
+            exec_id: String::new(),
+        };
+        assert_eq!(code_of(e), Code::NOT_FOUND);
+    }
+
+    #[test]
+    fn already_exists() {
+        assert_eq!(
+            code_of(ShimError::AlreadyExists("c".into())),
+            Code::ALREADY_EXISTS
+        );
+    }
+
+    #[test]
+    fn invalid_argument() {
+        assert_eq!(
+            code_of(ShimError::InvalidArgument("x".into())),
+            Code::INVALID_ARGUMENT
+        );
+        let e = ShimError::UnknownOptions {
+            type_url: "foo.Bar".into(),
+        };
+        assert!(e.to_string().contains("foo.Bar"));
+        assert_eq!(code_of(e), Code::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn failed_precondition() {
+        let e = ShimError::FailedPrecondition {
+            id: "c".into(),
+            op: "pause",
+            state: "stopped".into(),
+        };
+        assert_eq!(e.to_string(), "cannot pause container c in state stopped");
+        assert_eq!(code_of(e), Code::FAILED_PRECONDITION);
+    }
+
+    #[test]
+    fn unimplemented() {
+        assert_eq!(
+            code_of(ShimError::Unimplemented("Frobnicate")),
+            Code::UNIMPLEMENTED
+        );
+    }
+
+    #[test]
+    fn internal() {
+        let e = ShimError::Restore {
+            id: "c".into(),
+            detail: "runc exited 1".into(),
+            log: "/w/restore.log".into(),
+        };
+        assert!(e.to_string().contains("/w/restore.log"));
+        assert_eq!(code_of(e), Code::INTERNAL);
+        let e = ShimError::io(
+            "open",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(code_of(e), Code::INTERNAL);
+        assert_eq!(code_of(ShimError::Other("x".into())), Code::INTERNAL);
+    }
+}

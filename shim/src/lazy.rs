@@ -1,0 +1,151 @@
+//! The seam between a restoring shim and the lazy-pages engine.
+//!
+//! [`LazyBackend`] starts a page fetcher listening on `<work>/lazy-pages.socket` before
+//! `runc restore --lazy-pages` runs; [`LazySession`] is the running fetcher. The production
+//! backend wraps `distriproc_runtime::fetcher`; [`EagerOnly`] makes every restore eager (used
+//! when lazy restore is switched off, and in tests). [`spawn_waiter`] is the per-restore thread
+//! that keeps `<bundle>/distriproc-lazy-stats.json` current, logs one summary line at the end and
+//! removes containerd's temporary `ctrd-checkpoint*` directory once pages are no longer needed.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use distriproc_config::FillPolicy;
+
+use crate::error::Result;
+
+/// File in the bundle with the fetcher's statistics (FetchStats as JSON).
+pub const STATS_FILE: &str = "distriproc-lazy-stats.json";
+
+/// Starts page fetchers for lazy restores.
+pub trait LazyBackend: Send + Sync {
+    /// Whether restores through this backend are lazy at all.
+    fn is_lazy(&self) -> bool;
+    /// Bind `<work>/lazy-pages.socket` and start serving pages of `images`.
+    fn start(&self, work: &Path, images: &Path, fill: FillPolicy) -> Result<Box<dyn LazySession>>;
+}
+
+/// A running fetcher.
+pub trait LazySession: Send {
+    /// Current statistics as JSON.
+    fn stats_json(&self) -> String;
+    /// Abandon the restore (runc restore failed).
+    fn stop(&self);
+    /// Whether the fill has ended (the next `wait` returns at once).
+    fn finished(&self) -> bool;
+    /// Wait for the end of the fill; final statistics as JSON, or the error text.
+    fn wait(self: Box<Self>) -> std::result::Result<String, String>;
+}
+
+/// No lazy restore: runc restores eagerly.
+#[derive(Debug, Default)]
+pub struct EagerOnly;
+
+impl LazyBackend for EagerOnly {
+    fn is_lazy(&self) -> bool {
+        false
+    }
+
+    fn start(&self, _: &Path, _: &Path, _: FillPolicy) -> Result<Box<dyn LazySession>> {
+        Err(crate::error::ShimError::Unimplemented("lazy restore"))
+    }
+}
+
+/// Remove `dir` if it is one of containerd's restore temp dirs (`ctrd-checkpoint*`).
+pub fn remove_if_temp_checkpoint(dir: &Path) {
+    let is_temp = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
+    if is_temp {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            log::warn!("remove checkpoint dir {}: {e}", dir.display());
+        }
+    }
+}
+
+fn write_stats(path: &Path, json: &str) {
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, json).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Watch a session on its own thread until the fill ends.
+pub fn spawn_waiter(
+    id: String,
+    session: Box<dyn LazySession>,
+    bundle: PathBuf,
+    images: PathBuf,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("lazy-{id}"))
+        .spawn(move || {
+            let stats = bundle.join(STATS_FILE);
+            while !session.finished() {
+                write_stats(&stats, &session.stats_json());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            match session.wait() {
+                Ok(json) => {
+                    write_stats(&stats, &json);
+                    log::info!("lazy restore of {id} finished: {json}");
+                }
+                Err(e) => log::error!("lazy restore of {id} ended with an error: {e}"),
+            }
+            remove_if_temp_checkpoint(&images);
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+
+    struct Fake(Arc<AtomicU32>);
+    impl LazySession for Fake {
+        fn stats_json(&self) -> String {
+            format!("{{\"faults\":{}}}", self.0.load(Ordering::SeqCst))
+        }
+        fn stop(&self) {}
+        fn finished(&self) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst) >= 1
+        }
+        fn wait(self: Box<Self>) -> std::result::Result<String, String> {
+            Ok("{\"faults\":7}".into())
+        }
+    }
+
+    #[test]
+    fn waiter_writes_stats_and_removes_temp_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("ctrd-checkpoint123");
+        let keep = dir.path().join("checkpoint");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::create_dir(&keep).unwrap();
+        spawn_waiter(
+            "c".into(),
+            Box::new(Fake(Arc::new(AtomicU32::new(0)))),
+            dir.path().into(),
+            images.clone(),
+        )
+        .unwrap();
+        let stats = dir.path().join(STATS_FILE);
+        for _ in 0..100 {
+            if !images.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!images.exists());
+        assert_eq!(std::fs::read_to_string(stats).unwrap(), "{\"faults\":7}");
+        remove_if_temp_checkpoint(&keep);
+        assert!(keep.exists());
+    }
+}

@@ -1,0 +1,18 @@
+//! `containerd-shim-distriproc-v2`: a containerd runtime v2 shim (task API v2) that runs plain
+//! containers through runc, like the runc shim, and turns a create that carries a checkpoint
+//! into a (lazy) `runc restore`.
+//!
+//! Layers: [`service`] (shim lifecycle) → [`task`] (Task RPCs, events, exits) →
+//! [`container`] (containers and processes) → [`runc`] / [`io`] (runc commands, stdio).
+//! The lazy-pages engine is reached only through [`lazy::LazyBackend`]; this crate does not
+//! read CRIU images or serve page faults itself.
+
+pub mod container;
+pub mod error;
+pub mod fetcher;
+pub mod io;
+pub mod lazy;
+pub mod options;
+pub mod runc;
+pub mod service;
+pub mod task;

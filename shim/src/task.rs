@@ -1,0 +1,1347 @@
+//! The containerd Task service (task API v2).
+//!
+//! [`TaskService`] holds the containers of this shim; each RPC's logic is a `task_<verb>` method
+//! returning [`ShimError`], and the ttrpc `Task` impl at the bottom only forwards and converts the
+//! error. Exits come from containerd-shim's exit monitor (the shim is a subreaper); an exit is
+//! published as TaskExit once the process's output has been drained, and only then does Wait
+//! return. Events leave through an [`EventSink`] so tests can capture them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex as StdMutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use containerd_shim::{
+    api::{
+        CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
+        CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
+        PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
+        StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+        UpdateTaskRequest, WaitRequest, WaitResponse,
+    },
+    event::Event,
+    monitor::{monitor_subscribe, Subject, Topic},
+    protos::{
+        events::task::{
+            TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit,
+            TaskIO, TaskPaused, TaskResumed, TaskStart,
+        },
+        protobuf::{well_known_types::timestamp::Timestamp, Message, MessageDyn, MessageField},
+        shim::oci::{CheckpointOptions, ProcessDetails},
+        types::task::ProcessInfo,
+    },
+    util::convert_to_any,
+    ExitSignal, Task, TtrpcContext, TtrpcResult,
+};
+use distriproc_config::FillPolicy;
+use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
+use log::{debug, info, warn};
+use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
+use tokio::sync::Mutex;
+
+use crate::{
+    container::{Container, ProcStatus, Process, RestorePlan},
+    error::{Result, ShimError},
+    io::{self, ConsoleSocket, StdioPaths},
+    lazy::{self, LazyBackend},
+    options::{self, ShimOptions},
+    runc::RuncClient,
+};
+
+/// How long TaskExit waits for a process's output to drain.
+const IO_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How long to wait for runc to send a pty master.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Exits of unknown pids kept for processes whose pid is not recorded yet.
+const MAX_ORPHAN_EXITS: usize = 1024;
+
+/// Where events go. Order of calls is the order containerd sees.
+pub trait EventSink: Send + Sync {
+    fn publish(&self, topic: String, event: Box<dyn MessageDyn>);
+}
+
+/// An [`EventSink`] that forwards to containerd through the shim's publisher, in order.
+pub struct RemoteEvents {
+    tx: tokio::sync::mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>,
+}
+
+impl RemoteEvents {
+    /// Start the forwarding task.
+    pub fn new(publisher: containerd_shim::publisher::RemotePublisher, namespace: String) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
+        tokio::spawn(async move {
+            while let Some((topic, ev)) = rx.recv().await {
+                let ctx = containerd_shim::Context::default();
+                if let Err(e) = publisher.publish(ctx, &topic, &namespace, ev).await {
+                    warn!("publish {topic}: {e}");
+                }
+            }
+        });
+        RemoteEvents { tx }
+    }
+}
+
+impl EventSink for RemoteEvents {
+    fn publish(&self, topic: String, event: Box<dyn MessageDyn>) {
+        let _ = self.tx.send((topic, event));
+    }
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+fn send<E: Event + MessageDyn>(sink: &dyn EventSink, e: E) {
+    sink.publish(e.topic(), Box::new(e));
+}
+
+struct Inner {
+    namespace: String,
+    containers: Mutex<HashMap<String, Container>>,
+    orphan_exits: StdMutex<HashMap<u32, (u32, Timestamp)>>,
+    events: Arc<dyn EventSink>,
+    exit: Arc<ExitSignal>,
+    lazy: Arc<dyn LazyBackend>,
+}
+
+/// The task service of one shim.
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl TaskService {
+    /// A service publishing to `events`; call [`TaskService::watch_exits`] before any runc runs.
+    pub fn new(
+        namespace: &str,
+        events: Arc<dyn EventSink>,
+        exit: Arc<ExitSignal>,
+        lazy: Arc<dyn LazyBackend>,
+    ) -> Self {
+        TaskService {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_owned(),
+                containers: Mutex::new(HashMap::new()),
+                orphan_exits: StdMutex::new(HashMap::new()),
+                events,
+                exit,
+                lazy,
+            }),
+        }
+    }
+
+    /// Subscribe to the exit monitor (now) and handle exits (in a task).
+    pub async fn watch_exits(&self) -> Result<()> {
+        let mut sub = monitor_subscribe(Topic::Pid).await?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = sub.rx.recv().await {
+                if let Subject::Pid(pid) = ev.subject {
+                    if let Ok(pid) = u32::try_from(pid) {
+                        me.handle_exit(pid, ev.exit_code).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Record an exit and publish it once the output is drained.
+    pub async fn handle_exit(&self, pid: u32, code: i32) {
+        let code = u32::try_from(code).unwrap_or(255);
+        let mut cs = self.inner.containers.lock().await;
+        for c in cs.values_mut() {
+            let id = c.id.clone();
+            let found = if c.init.pid == pid && c.init.status != ProcStatus::Stopped {
+                Some(&mut c.init)
+            } else {
+                c.execs
+                    .values_mut()
+                    .find(|p| p.pid == pid && p.status != ProcStatus::Stopped)
+            };
+            if let Some(p) = found {
+                self.mark_exited(&id, p, code, now());
+                return;
+            }
+        }
+        let mut orphans = self.inner.orphan_exits.lock().expect("orphans lock");
+        if orphans.len() >= MAX_ORPHAN_EXITS {
+            orphans.clear();
+        }
+        orphans.insert(pid, (code, now()));
+    }
+
+    fn mark_exited(&self, id: &str, p: &mut Process, code: u32, at: Timestamp) {
+        debug!(
+            "process {:?} of {id} (pid {}) exited {code}",
+            p.exec_id, p.pid
+        );
+        p.status = ProcStatus::Stopped;
+        p.exit_status = code;
+        p.exited_at = Some(at.clone());
+        let ev = TaskExit {
+            container_id: id.to_owned(),
+            id: if p.exec_id.is_empty() {
+                id.to_owned()
+            } else {
+                p.exec_id.clone()
+            },
+            pid: p.pid,
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        };
+        let done = p.io_done.take();
+        let exited = p.exited.clone();
+        let events = self.inner.events.clone();
+        tokio::spawn(async move {
+            if let Some(d) = done {
+                d.wait(IO_DRAIN_LIMIT).await;
+            }
+            send(events.as_ref(), ev);
+            let _ = exited.send(true);
+        });
+    }
+
+    /// An exit that arrived before its pid was recorded.
+    fn take_orphan_exit(&self, pid: u32) -> Option<(u32, Timestamp)> {
+        self.inner
+            .orphan_exits
+            .lock()
+            .expect("orphans lock")
+            .remove(&pid)
+    }
+
+    fn events(&self) -> &dyn EventSink {
+        self.inner.events.as_ref()
+    }
+
+    // ---- RPC logic ----
+
+    /// Create: mount the rootfs, `runc create` (or record a checkpoint to restore at Start).
+    pub async fn task_create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        let mut cs = self.inner.containers.lock().await;
+        if cs.contains_key(&req.id) {
+            return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
+        }
+        let opts = options::decode(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
+        let rootfs = bundle.join("rootfs");
+        let mut rootfs_mounted = false;
+        if !req.rootfs.is_empty() {
+            std::fs::create_dir_all(&rootfs).map_err(|e| ShimError::io("create", &rootfs, e))?;
+            for m in &req.rootfs {
+                containerd_shim::util::mount_rootfs(m, &rootfs)
+                    .await
+                    .map_err(|e| ShimError::Other(format!("mount rootfs of {}: {e}", req.id)))?;
+            }
+            rootfs_mounted = true;
+        }
+        let result = self.create_inner(&req, opts, runc, rootfs_mounted).await;
+        match result {
+            Ok(c) => {
+                let pid = c.init.pid;
+                let ev = TaskCreate {
+                    container_id: req.id.clone(),
+                    bundle: req.bundle.clone(),
+                    rootfs: req.rootfs.clone(),
+                    io: MessageField::some(TaskIO {
+                        stdin: req.stdin.clone(),
+                        stdout: req.stdout.clone(),
+                        stderr: req.stderr.clone(),
+                        terminal: req.terminal,
+                        ..Default::default()
+                    }),
+                    checkpoint: req.checkpoint.clone(),
+                    pid,
+                    ..Default::default()
+                };
+                cs.insert(req.id.clone(), c);
+                send(self.events(), ev);
+                Ok(CreateTaskResponse {
+                    pid,
+                    ..Default::default()
+                })
+            }
+            Err(e) => {
+                if rootfs_mounted {
+                    unmount(&rootfs);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        req: &CreateTaskRequest,
+        opts: ShimOptions,
+        runc: RuncClient,
+        rootfs_mounted: bool,
+    ) -> Result<Container> {
+        let bundle = PathBuf::from(&req.bundle);
+        opts.save(&bundle)?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut init = Process::new("", stdio.clone());
+        let images = if !req.checkpoint.is_empty() {
+            req.checkpoint.clone()
+        } else {
+            opts.criu_image_path.clone()
+        };
+        let restore = if images.is_empty() {
+            None
+        } else {
+            let work = if opts.criu_work_path.is_empty() {
+                bundle.join("work")
+            } else {
+                PathBuf::from(&opts.criu_work_path)
+            };
+            Some(RestorePlan {
+                images: PathBuf::from(images),
+                work,
+            })
+        };
+        if restore.is_none() {
+            let pid_file = bundle.join("init.pid");
+            let mut copts = CreateOpts::new()
+                .pid_file(&pid_file)
+                .no_pivot(opts.no_pivot_root)
+                .no_new_keyring(opts.no_new_keyring);
+            let console = if stdio.terminal {
+                let s = ConsoleSocket::new()?;
+                copts = copts.console_socket(s.path());
+                Some(s)
+            } else {
+                let (cs, ss, done) = io::setup_pipes(&stdio)?;
+                copts = copts.io(Arc::new(cs));
+                init.shim_io = ss;
+                init.io_done = Some(done);
+                None
+            };
+            let receiver =
+                console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+            if let Err(e) = runc.runc.create(&req.id, &bundle, Some(&copts)).await {
+                if let Some(r) = receiver {
+                    r.abort();
+                }
+                return Err(ShimError::Runc {
+                    verb: "create",
+                    id: req.id.clone(),
+                    detail: runc.describe(&e),
+                });
+            }
+            init.pid = read_pid(&pid_file)?;
+            if let Some(r) = receiver {
+                let master = r
+                    .await
+                    .map_err(|e| ShimError::Other(format!("console of {}: {e}", req.id)))??;
+                let (ss, done) = io::setup_console(&stdio, master)?;
+                init.shim_io = ss;
+                init.io_done = Some(done);
+            }
+        }
+        Ok(Container {
+            id: req.id.clone(),
+            bundle,
+            opts,
+            runc,
+            init,
+            execs: HashMap::new(),
+            rootfs_mounted,
+            restore,
+        })
+    }
+
+    /// Start the init process (`runc start`, or restore) or an exec process (`runc exec`).
+    pub async fn task_start(&self, req: StartRequest) -> Result<StartResponse> {
+        let mut cs = self.inner.containers.lock().await;
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let pid = if req.exec_id.is_empty() {
+            if c.init.status != ProcStatus::Created {
+                return Err(precondition(&req.id, "start", c.init.status));
+            }
+            if let Some(plan) = c.restore.clone() {
+                self.restore(c, &plan).await?;
+            } else {
+                c.runc
+                    .runc
+                    .start(&req.id)
+                    .await
+                    .map_err(|e| ShimError::Runc {
+                        verb: "start",
+                        id: req.id.clone(),
+                        detail: c.runc.describe(&e),
+                    })?;
+                c.init.status = ProcStatus::Running;
+            }
+            let pid = c.init.pid;
+            send(
+                self.events(),
+                TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                },
+            );
+            if let Some((code, at)) = self.take_orphan_exit(pid) {
+                self.mark_exited(&req.id, &mut c.init, code, at);
+            }
+            pid
+        } else {
+            self.start_exec(c, &req.exec_id).await?
+        };
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start_exec(&self, c: &mut Container, exec_id: &str) -> Result<u32> {
+        if c.init.status == ProcStatus::Stopped {
+            return Err(precondition(&c.id, "exec in", c.init.status));
+        }
+        let id = c.id.clone();
+        let runc = c.runc.clone();
+        let bundle = c.bundle.clone();
+        let p = c
+            .execs
+            .get_mut(exec_id)
+            .ok_or_else(|| ShimError::ProcessNotFound {
+                id: id.clone(),
+                exec_id: exec_id.to_owned(),
+            })?;
+        if p.status != ProcStatus::Created {
+            return Err(precondition(&id, "start exec of", p.status));
+        }
+        let spec_json = p.spec.clone().unwrap_or_default();
+        let spec: oci_spec::runtime::Process = serde_json::from_value(spec_json)
+            .map_err(|e| ShimError::InvalidArgument(format!("exec spec of {id}/{exec_id}: {e}")))?;
+        let pid_file = bundle.join(format!("{exec_id}.pid"));
+        let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
+        let console = if p.stdio.terminal {
+            let s = ConsoleSocket::new()?;
+            eopts = eopts.console_socket(s.path());
+            Some(s)
+        } else {
+            let (cs, ss, done) = io::setup_pipes(&p.stdio)?;
+            eopts = eopts.io(Arc::new(cs));
+            p.shim_io = ss;
+            p.io_done = Some(done);
+            None
+        };
+        let receiver =
+            console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+        if let Err(e) = runc.runc.exec(&id, &spec, Some(&eopts)).await {
+            if let Some(r) = receiver {
+                r.abort();
+            }
+            return Err(ShimError::Runc {
+                verb: "exec",
+                id,
+                detail: runc.describe(&e),
+            });
+        }
+        p.pid = read_pid(&pid_file)?;
+        p.status = ProcStatus::Running;
+        if let Some(r) = receiver {
+            let master = r
+                .await
+                .map_err(|e| ShimError::Other(format!("console of {id}/{exec_id}: {e}")))??;
+            let (ss, done) = io::setup_console(&p.stdio, master)?;
+            p.shim_io = ss;
+            p.io_done = Some(done);
+        }
+        let pid = p.pid;
+        send(
+            self.events(),
+            TaskExecStarted {
+                container_id: id.clone(),
+                exec_id: exec_id.to_owned(),
+                pid,
+                ..Default::default()
+            },
+        );
+        if let Some((code, at)) = self.take_orphan_exit(pid) {
+            self.mark_exited(&id, p, code, at);
+        }
+        Ok(pid)
+    }
+
+    /// `runc restore` of a created-from-checkpoint container (lazy when the backend is).
+    async fn restore(&self, c: &mut Container, plan: &RestorePlan) -> Result<()> {
+        let id = c.id.clone();
+        std::fs::create_dir_all(&plan.work).map_err(|e| ShimError::io("create", &plan.work, e))?;
+        let restore_log = plan.work.join("restore.log");
+        let stdio = c.init.stdio.clone();
+        let pid_file = c.bundle.join("init.pid");
+        let mut args = RestoreArgs::new(&plan.images, &plan.work, &c.bundle)
+            .pid_file(&pid_file)
+            .no_pivot(c.opts.no_pivot_root);
+        if stdio.terminal {
+            args = args.criu_flags(CriuFlags {
+                shell_job: true,
+                ..Default::default()
+            });
+        }
+        let console = if stdio.terminal {
+            let s = ConsoleSocket::new()?;
+            args = args.console_socket(s.path());
+            Some(s)
+        } else {
+            None
+        };
+        let pipes = if stdio.terminal {
+            None
+        } else {
+            let (cs, ss, done) = io::setup_pipes(&stdio)?;
+            c.init.shim_io = ss;
+            c.init.io_done = Some(done);
+            Some(cs)
+        };
+        let session = if self.inner.lazy.is_lazy() {
+            let fill = fill_policy(&c.bundle);
+            let s = self.inner.lazy.start(&plan.work, &plan.images, fill)?;
+            args = args.lazy_pages(true);
+            Some(s)
+        } else {
+            None
+        };
+        let receiver =
+            console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+        let stdio_fds = match &pipes {
+            Some(cs) => Some(
+                cs.stdio()
+                    .map_err(|e| ShimError::io("dup stdio of", &c.bundle, e))?,
+            ),
+            None => None,
+        };
+        info!(
+            "restoring {id} from {} (lazy: {})",
+            plan.images.display(),
+            session.is_some()
+        );
+        let out = c.runc.run_raw(args.args(&id), stdio_fds).await;
+        if let Some(cs) = &pipes {
+            cs.close();
+        }
+        let failed = match out {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "runc restore {}; stderr: {:?}; runc log: {}",
+                o.status,
+                o.stderr.trim(),
+                c.runc.log_tail()
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(detail) = failed {
+            if let Some(s) = &session {
+                s.stop();
+            }
+            if let Some(r) = receiver {
+                r.abort();
+            }
+            return Err(ShimError::Restore {
+                id,
+                detail,
+                log: restore_log,
+            });
+        }
+        c.init.pid = read_pid(&pid_file)?;
+        if let Some(r) = receiver {
+            let master = r
+                .await
+                .map_err(|e| ShimError::Other(format!("console of {id}: {e}")))??;
+            let (ss, done) = io::setup_console(&stdio, master)?;
+            c.init.shim_io = ss;
+            c.init.io_done = Some(done);
+        }
+        c.init.status = ProcStatus::Running;
+        c.restore = None;
+        match session {
+            Some(s) => lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
+                .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?,
+            None => lazy::remove_if_temp_checkpoint(&plan.images),
+        }
+        Ok(())
+    }
+
+    /// State of a process.
+    pub async fn task_state(&self, req: StateRequest) -> Result<StateResponse> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let p = process(c, &req.exec_id)?;
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: c.bundle.display().to_string(),
+            pid: p.pid,
+            status: p.status.api().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: p.exit_status,
+            exited_at: MessageField::from_option(p.exited_at.clone()),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    /// Wait until a process has exited (and its TaskExit was published).
+    pub async fn task_wait(&self, req: WaitRequest) -> Result<WaitResponse> {
+        let mut rx = {
+            let cs = self.inner.containers.lock().await;
+            let c = cs
+                .get(&req.id)
+                .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+            process(c, &req.exec_id)?.exited.subscribe()
+        };
+        let _ = rx.wait_for(|v| *v).await;
+        let cs = self.inner.containers.lock().await;
+        let (status, at) = match cs.get(&req.id).and_then(|c| c.process(&req.exec_id)) {
+            Some(p) => (p.exit_status, p.exited_at.clone()),
+            None => (0, None),
+        };
+        Ok(WaitResponse {
+            exit_status: status,
+            exited_at: MessageField::from_option(at),
+            ..Default::default()
+        })
+    }
+
+    /// Signal a process.
+    pub async fn task_kill(&self, req: KillRequest) -> Result<()> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let p = process(c, &req.exec_id)?;
+        if p.status == ProcStatus::Stopped {
+            return Err(ShimError::ProcessFinished {
+                id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+            });
+        }
+        if req.exec_id.is_empty() {
+            if c.restore.is_some() {
+                return Err(precondition(&req.id, "kill", p.status));
+            }
+            let opts = KillOpts::new().all(req.all);
+            if let Err(e) = c.runc.runc.kill(&req.id, req.signal, Some(&opts)).await {
+                let detail = c.runc.describe(&e);
+                let lower = detail.to_lowercase();
+                if lower.contains("not running")
+                    || lower.contains("already finished")
+                    || lower.contains("no such process")
+                {
+                    return Err(ShimError::ProcessFinished {
+                        id: req.id.clone(),
+                        exec_id: String::new(),
+                    });
+                }
+                return Err(ShimError::Runc {
+                    verb: "kill",
+                    id: req.id.clone(),
+                    detail,
+                });
+            }
+            Ok(())
+        } else {
+            let sig =
+                nix::sys::signal::Signal::try_from(i32::try_from(req.signal).unwrap_or(i32::MAX))
+                    .map_err(|_| ShimError::InvalidArgument(format!("signal {}", req.signal)))?;
+            let pid = i32::try_from(p.pid).unwrap_or(0);
+            if pid <= 0 {
+                return Err(precondition(&req.id, "kill exec in", p.status));
+            }
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+                Ok(()) => Ok(()),
+                Err(nix::errno::Errno::ESRCH) => Err(ShimError::ProcessFinished {
+                    id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                }),
+                Err(e) => Err(ShimError::Other(format!(
+                    "kill {}/{}: {e}",
+                    req.id, req.exec_id
+                ))),
+            }
+        }
+    }
+
+    /// Delete an exec process, or the container (runc delete, unmount, TaskDelete).
+    pub async fn task_delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
+        let mut cs = self.inner.containers.lock().await;
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if !req.exec_id.is_empty() {
+            let p = process(c, &req.exec_id)?;
+            if matches!(p.status, ProcStatus::Running | ProcStatus::Paused) {
+                return Err(precondition(&req.id, "delete running exec of", p.status));
+            }
+            let p = c.execs.remove(&req.exec_id).expect("checked above");
+            return Ok(DeleteResponse {
+                pid: p.pid,
+                exit_status: p.exit_status,
+                exited_at: MessageField::from_option(p.exited_at),
+                ..Default::default()
+            });
+        }
+        if matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
+            return Err(precondition(&req.id, "delete", c.init.status));
+        }
+        if c.restore.is_none() {
+            let opts = DeleteOpts::new().force(true);
+            if let Err(e) = c.runc.runc.delete(&req.id, Some(&opts)).await {
+                let detail = c.runc.describe(&e);
+                if !detail.contains("does not exist") {
+                    warn!("runc delete {}: {detail}", req.id);
+                }
+            }
+        }
+        if c.rootfs_mounted {
+            unmount(&c.bundle.join("rootfs"));
+        }
+        let c = cs.remove(&req.id).expect("checked above");
+        let at = c.init.exited_at.clone().unwrap_or_else(now);
+        send(
+            self.events(),
+            TaskDelete {
+                container_id: req.id.clone(),
+                pid: c.init.pid,
+                exit_status: c.init.exit_status,
+                exited_at: MessageField::some(at.clone()),
+                id: req.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(DeleteResponse {
+            pid: c.init.pid,
+            exit_status: c.init.exit_status,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    /// Register an exec process (started by a later Start).
+    pub async fn task_exec(&self, req: ExecProcessRequest) -> Result<()> {
+        let mut cs = self.inner.containers.lock().await;
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
+            return Err(ShimError::AlreadyExists(format!(
+                "exec {:?} in {}",
+                req.exec_id, req.id
+            )));
+        }
+        if c.init.status == ProcStatus::Stopped {
+            return Err(precondition(&req.id, "exec in", c.init.status));
+        }
+        let spec = req.spec.as_ref().ok_or_else(|| {
+            ShimError::InvalidArgument(format!("exec {} has no spec", req.exec_id))
+        })?;
+        let mut v: serde_json::Value = serde_json::from_slice(&spec.value).map_err(|e| {
+            ShimError::InvalidArgument(format!("exec spec of {}/{}: {e}", req.id, req.exec_id))
+        })?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("terminal".into(), serde_json::Value::Bool(req.terminal));
+        }
+        let mut p = Process::new(
+            &req.exec_id,
+            StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+        );
+        p.spec = Some(v);
+        c.execs.insert(req.exec_id.clone(), p);
+        send(
+            self.events(),
+            TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// Pids of the container (`runc ps`), exec processes tagged with their exec id.
+    pub async fn task_pids(&self, req: PidsRequest) -> Result<PidsResponse> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let pids = c.runc.runc.ps(&req.id).await.map_err(|e| ShimError::Runc {
+            verb: "ps",
+            id: req.id.clone(),
+            detail: c.runc.describe(&e),
+        })?;
+        let mut processes = Vec::new();
+        for pid in pids {
+            let pid = u32::try_from(pid).unwrap_or(0);
+            let mut info = ProcessInfo {
+                pid,
+                ..Default::default()
+            };
+            if let Some(e) = c.execs.values().find(|p| p.pid == pid) {
+                let d = ProcessDetails {
+                    exec_id: e.exec_id.clone(),
+                    ..Default::default()
+                };
+                if let Ok(any) = convert_to_any(Box::new(d)) {
+                    info.info = MessageField::some(any);
+                }
+            }
+            processes.push(info);
+        }
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    /// `runc pause`.
+    pub async fn task_pause(&self, req: PauseRequest) -> Result<()> {
+        let mut cs = self.inner.containers.lock().await;
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if c.init.status != ProcStatus::Running {
+            return Err(precondition(&req.id, "pause", c.init.status));
+        }
+        c.runc
+            .runc
+            .pause(&req.id)
+            .await
+            .map_err(|e| ShimError::Runc {
+                verb: "pause",
+                id: req.id.clone(),
+                detail: c.runc.describe(&e),
+            })?;
+        c.init.status = ProcStatus::Paused;
+        send(
+            self.events(),
+            TaskPaused {
+                container_id: req.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// `runc resume`.
+    pub async fn task_resume(&self, req: ResumeRequest) -> Result<()> {
+        let mut cs = self.inner.containers.lock().await;
+        let c = cs
+            .get_mut(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if c.init.status != ProcStatus::Paused {
+            return Err(precondition(&req.id, "resume", c.init.status));
+        }
+        c.runc
+            .runc
+            .resume(&req.id)
+            .await
+            .map_err(|e| ShimError::Runc {
+                verb: "resume",
+                id: req.id.clone(),
+                detail: c.runc.describe(&e),
+            })?;
+        c.init.status = ProcStatus::Running;
+        send(
+            self.events(),
+            TaskResumed {
+                container_id: req.id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// `runc checkpoint` honouring runc's CheckpointOptions.
+    pub async fn task_checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
+        let copts = decode_checkpoint_options(&req)?;
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if !matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
+            return Err(precondition(&req.id, "checkpoint", c.init.status));
+        }
+        let image = if req.path.is_empty() {
+            copts.image_path.clone()
+        } else {
+            req.path.clone()
+        };
+        if image.is_empty() {
+            return Err(ShimError::InvalidArgument(format!(
+                "checkpoint of {} has no image path",
+                req.id
+            )));
+        }
+        let default_work = copts.work_path.is_empty();
+        let work = if default_work {
+            c.bundle.join("work").join("criu-work")
+        } else {
+            PathBuf::from(&copts.work_path)
+        };
+        std::fs::create_dir_all(&work).map_err(|e| ShimError::io("create", &work, e))?;
+        let args = checkpoint_args(&copts, &image, &work);
+        let out = c.runc.run_raw(args.args(&req.id), None).await?;
+        if !out.status.success() {
+            let copy = c.bundle.join("criu-dump.log");
+            let _ = std::fs::copy(work.join("dump.log"), &copy);
+            return Err(ShimError::Checkpoint {
+                id: req.id.clone(),
+                detail: format!(
+                    "runc checkpoint {}; stderr: {:?}; runc log: {}",
+                    out.status,
+                    out.stderr.trim(),
+                    c.runc.log_tail()
+                ),
+                log: copy,
+            });
+        }
+        if default_work {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        send(
+            self.events(),
+            TaskCheckpointed {
+                container_id: req.id.clone(),
+                checkpoint: image,
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    /// Resize a process's pty.
+    pub async fn task_resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        process(c, &req.exec_id)?
+            .shim_io
+            .resize(req.width, req.height)
+    }
+
+    /// Close a process's stdin.
+    pub async fn task_close_io(&self, req: CloseIORequest) -> Result<()> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        if req.stdin {
+            process(c, &req.exec_id)?.shim_io.close_stdin();
+        }
+        Ok(())
+    }
+
+    /// `runc update --resources`.
+    pub async fn task_update(&self, req: UpdateTaskRequest) -> Result<()> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let any = req.resources.as_ref().ok_or_else(|| {
+            ShimError::InvalidArgument(format!("update of {} has no resources", req.id))
+        })?;
+        let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| ShimError::InvalidArgument(format!("resources of {}: {e}", req.id)))?;
+        c.runc
+            .runc
+            .update(&req.id, &res)
+            .await
+            .map_err(|e| ShimError::Runc {
+                verb: "update",
+                id: req.id.clone(),
+                detail: c.runc.describe(&e),
+            })
+    }
+
+    /// cgroup metrics of the init process.
+    pub async fn task_stats(&self, req: StatsRequest) -> Result<StatsResponse> {
+        let pid = {
+            let cs = self.inner.containers.lock().await;
+            let c = cs
+                .get(&req.id)
+                .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+            if c.init.pid == 0 || c.init.status == ProcStatus::Stopped {
+                return Err(precondition(&req.id, "get stats of", c.init.status));
+            }
+            c.init.pid
+        };
+        let cg = containerd_shim::cgroup::get_cgroup(pid)?;
+        let metrics = containerd_shim::cgroup::collect_metrics(&cg)?;
+        let any = convert_to_any(Box::new(metrics))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    /// Shim and task pids.
+    pub async fn task_connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
+        let cs = self.inner.containers.lock().await;
+        let c = cs
+            .get(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: c.init.pid,
+            ..Default::default()
+        })
+    }
+
+    /// Exit the shim once it holds no containers.
+    pub async fn task_shutdown(&self, _req: ShutdownRequest) -> Result<()> {
+        let cs = self.inner.containers.lock().await;
+        if cs.is_empty() {
+            self.inner.exit.signal();
+        }
+        Ok(())
+    }
+}
+
+fn process<'a>(c: &'a Container, exec_id: &str) -> Result<&'a Process> {
+    c.process(exec_id)
+        .ok_or_else(|| ShimError::ProcessNotFound {
+            id: c.id.clone(),
+            exec_id: exec_id.to_owned(),
+        })
+}
+
+fn precondition(id: &str, op: &'static str, status: ProcStatus) -> ShimError {
+    ShimError::FailedPrecondition {
+        id: id.to_owned(),
+        op,
+        state: status.name().to_owned(),
+    }
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let s = std::fs::read_to_string(path).map_err(|e| ShimError::io("read pid file", path, e))?;
+    s.trim()
+        .parse()
+        .map_err(|_| ShimError::Other(format!("bad pid {:?} in {}", s.trim(), path.display())))
+}
+
+fn unmount(rootfs: &Path) {
+    if let Some(p) = rootfs.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(p), 0) {
+            warn!("unmount {p}: {e}");
+        }
+    }
+}
+
+/// Decode the request's CheckpointOptions (absent or empty Any = defaults).
+pub fn decode_checkpoint_options(req: &CheckpointTaskRequest) -> Result<CheckpointOptions> {
+    let Some(any) = req.options.as_ref() else {
+        return Ok(CheckpointOptions::default());
+    };
+    match options::type_name(&any.type_url) {
+        "" => Ok(CheckpointOptions::default()),
+        options::CHECKPOINT_OPTIONS => {
+            CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| {
+                ShimError::InvalidArgument(format!("checkpoint options of {}: {e}", req.id))
+            })
+        }
+        _ => Err(ShimError::UnknownOptions {
+            type_url: any.type_url.clone(),
+        }),
+    }
+}
+
+/// `runc checkpoint` arguments for the given options.
+pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> CheckpointArgs {
+    let mut a = CheckpointArgs::new(image)
+        .work_path(work)
+        .leave_running(!o.exit)
+        .criu_flags(CriuFlags {
+            tcp_established: o.open_tcp,
+            ext_unix_sk: o.external_unix_sockets,
+            shell_job: o.terminal,
+            file_locks: o.file_locks,
+            empty_ns: o.empty_namespaces.clone(),
+        });
+    if !o.cgroups_mode.is_empty() {
+        a.manage_cgroups_mode = Some(o.cgroups_mode.clone());
+    }
+    a
+}
+
+/// Fill policy from the bundle's `io.distriproc.fill-policy` annotation (default full).
+pub fn fill_policy(bundle: &Path) -> FillPolicy {
+    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else {
+        return FillPolicy::default();
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    match v
+        .pointer("/annotations/io.distriproc.fill-policy")
+        .and_then(|x| x.as_str())
+    {
+        Some("profile") => FillPolicy::Profile,
+        Some("none") => FillPolicy::None,
+        _ => FillPolicy::Full,
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        Ok(self.task_state(req).await?)
+    }
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        info!("create {} checkpoint={:?}", req.id, req.checkpoint);
+        Ok(self.task_create(req).await?)
+    }
+    async fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        Ok(self.task_start(req).await?)
+    }
+    async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        Ok(self.task_delete(req).await?)
+    }
+    async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        Ok(self.task_pids(req).await?)
+    }
+    async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        self.task_pause(req).await?;
+        Ok(Empty::new())
+    }
+    async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        self.task_resume(req).await?;
+        Ok(Empty::new())
+    }
+    async fn checkpoint(&self, _: &TtrpcContext, req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
+        self.task_checkpoint(req).await?;
+        Ok(Empty::new())
+    }
+    async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        self.task_kill(req).await?;
+        Ok(Empty::new())
+    }
+    async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        self.task_exec(req).await?;
+        Ok(Empty::new())
+    }
+    async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        self.task_resize_pty(req).await?;
+        Ok(Empty::new())
+    }
+    async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        self.task_close_io(req).await?;
+        Ok(Empty::new())
+    }
+    async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        self.task_update(req).await?;
+        Ok(Empty::new())
+    }
+    async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        Ok(self.task_wait(req).await?)
+    }
+    async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        Ok(self.task_stats(req).await?)
+    }
+    async fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+        Ok(self.task_connect(req).await?)
+    }
+    async fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
+        self.task_shutdown(req).await?;
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+    #[derive(Default)]
+    struct Captured(StdMutex<Vec<String>>);
+    impl EventSink for Captured {
+        fn publish(&self, topic: String, _event: Box<dyn MessageDyn>) {
+            self.0.lock().unwrap().push(topic);
+        }
+    }
+
+    fn service() -> (TaskService, Arc<Captured>) {
+        let ev = Arc::new(Captured::default());
+        let s = TaskService::new(
+            "test",
+            ev.clone(),
+            Arc::new(ExitSignal::default()),
+            Arc::new(lazy::EagerOnly),
+        );
+        (s, ev)
+    }
+
+    #[tokio::test]
+    async fn unknown_container_is_not_found() {
+        let (s, _) = service();
+        let e = s
+            .task_state(StateRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ShimError::NotFound(_)));
+        let e = s
+            .task_pause(PauseRequest {
+                id: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ShimError::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn create_rejects_unknown_options_before_touching_runc() {
+        let (s, ev) = service();
+        let dir = tempfile::tempdir().unwrap();
+        let mut any = Any::new();
+        any.type_url = "example.Unknown".into();
+        let e = s
+            .task_create(CreateTaskRequest {
+                id: "c".into(),
+                bundle: dir.path().display().to_string(),
+                options: MessageField::some(any),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ShimError::UnknownOptions { .. }), "{e}");
+        assert!(ev.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn create_from_checkpoint_records_state_and_pid_zero() {
+        let (s, ev) = service();
+        let dir = tempfile::tempdir().unwrap();
+        let mut any = Any::new();
+        any.type_url = String::new();
+        let r = s
+            .task_create(CreateTaskRequest {
+                id: "c".into(),
+                bundle: dir.path().display().to_string(),
+                checkpoint: "/tmp/ctrd-checkpoint-test".into(),
+                options: MessageField::some(any),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.pid, 0);
+        assert_eq!(*ev.0.lock().unwrap(), ["/tasks/create"]);
+        let st = s
+            .task_state(StateRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(st.status.enum_value(), Ok(ProcStatus::Created.api()));
+        // Pause is refused before the restore ran; delete works and publishes TaskDelete.
+        let e = s
+            .task_pause(PauseRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ShimError::FailedPrecondition { .. }));
+        s.task_delete(DeleteRequest {
+            id: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(*ev.0.lock().unwrap(), ["/tasks/create", "/tasks/delete"]);
+        // Shutdown with no containers signals the exit.
+        s.task_shutdown(ShutdownRequest::default()).await.unwrap();
+    }
+
+    #[test]
+    fn checkpoint_options_map_to_flags() {
+        let o = CheckpointOptions {
+            exit: true,
+            open_tcp: true,
+            file_locks: true,
+            terminal: true,
+            external_unix_sockets: true,
+            empty_namespaces: vec!["network".into()],
+            ..Default::default()
+        };
+        let a = checkpoint_args(&o, "/img", Path::new("/w"));
+        assert!(!a.leave_running);
+        let v: Vec<String> = a
+            .args("c")
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        for f in [
+            "--tcp-established",
+            "--file-locks",
+            "--shell-job",
+            "--ext-unix-sk",
+            "--empty-ns",
+        ] {
+            assert!(v.iter().any(|x| x == f), "{f} missing in {v:?}");
+        }
+        let a = checkpoint_args(&CheckpointOptions::default(), "/img", Path::new("/w"));
+        assert!(a.leave_running);
+    }
+
+    #[test]
+    fn checkpoint_options_decoding() {
+        let mut req = CheckpointTaskRequest::default();
+        assert!(!decode_checkpoint_options(&req).unwrap().exit);
+        let o = CheckpointOptions {
+            exit: true,
+            ..Default::default()
+        };
+        let mut any = Any::new();
+        any.type_url = "containerd.runc.v1.CheckpointOptions".into();
+        any.value = o.write_to_bytes().unwrap();
+        req.options = MessageField::some(any.clone());
+        assert!(decode_checkpoint_options(&req).unwrap().exit);
+        any.type_url = "x.Other".into();
+        req.options = MessageField::some(any);
+        assert!(decode_checkpoint_options(&req).is_err());
+    }
+
+    #[test]
+    fn fill_policy_from_annotation() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(fill_policy(dir.path()), FillPolicy::Full);
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"annotations":{"io.distriproc.fill-policy":"none"}}"#,
+        )
+        .unwrap();
+        assert_eq!(fill_policy(dir.path()), FillPolicy::None);
+    }
+}

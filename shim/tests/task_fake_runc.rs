@@ -1,0 +1,222 @@
+//! `task_<verb>` logic against a fake `runc` (a shell script), without containerd.
+//!
+//! The test process makes itself a child subreaper and feeds containerd-shim's exit monitor
+//! from its own `waitpid` loop, as the real shim's reaper does.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use containerd_shim::{
+    api::{CreateTaskRequest, DeleteRequest, KillRequest, StartRequest, StateRequest, WaitRequest},
+    protos::protobuf::{well_known_types::any::Any, Message, MessageDyn, MessageField},
+    ExitSignal,
+};
+use containerd_shim_distriproc_v2::{
+    error::ShimError,
+    lazy::EagerOnly,
+    options::RUNC_OPTIONS,
+    task::{EventSink, TaskService},
+};
+
+#[derive(Default)]
+struct Captured(Mutex<Vec<String>>);
+impl EventSink for Captured {
+    fn publish(&self, topic: String, _event: Box<dyn MessageDyn>) {
+        self.0.lock().unwrap().push(topic);
+    }
+}
+
+/// A runc stand-in: `create` starts `sleep` and writes its pid, `kill` signals it, `restore`
+/// fails the way runc does (message in the --log file, exit 1).
+const FAKE_RUNC: &str = r#"#!/bin/sh
+log=""; pidfile=""; verb=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --log) log="$2"; shift 2;;
+    --root|--log-format) shift 2;;
+    --pid-file) pidfile="$2"; shift 2;;
+    create|start|kill|delete|restore|state|pause|resume) [ -z "$verb" ] && verb="$1"; shift;;
+    *) last="$1"; shift;;
+  esac
+done
+dir=$(dirname "$log")
+case "$verb" in
+  create) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile"; echo $! > "$dir/fake.pid";;
+  start) ;;
+  kill) kill -"$last" "$(cat "$dir/fake.pid")";;
+  delete) ;;
+  restore) echo '{"level":"error","msg":"criu failed: type RESTORE errno 0"}' >> "$log"; echo boom >&2; exit 1;;
+esac
+"#;
+
+fn setup(dir: &Path) -> (TaskService, Arc<Captured>, Any) {
+    let runc = dir.join("fake-runc");
+    std::fs::write(&runc, FAKE_RUNC).unwrap();
+    std::fs::set_permissions(&runc, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = containerd_shim::protos::shim::oci::Options {
+        binary_name: runc.display().to_string(),
+        root: dir.join("root").display().to_string(),
+        ..Default::default()
+    };
+    let mut any = Any::new();
+    any.type_url = RUNC_OPTIONS.into();
+    any.value = o.write_to_bytes().unwrap();
+    let ev = Arc::new(Captured::default());
+    let s = TaskService::new(
+        "test",
+        ev.clone(),
+        Arc::new(ExitSignal::default()),
+        Arc::new(EagerOnly),
+    );
+    (s, ev, any)
+}
+
+/// Become a subreaper and report every reaped child to the exit monitor.
+fn start_reaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    tokio::spawn(async {
+        loop {
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    let _ =
+                        containerd_shim::monitor::monitor_notify_by_pid(pid.as_raw(), code).await;
+                    continue;
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    let _ = containerd_shim::monitor::monitor_notify_by_pid(
+                        pid.as_raw(),
+                        128 + sig as i32,
+                    )
+                    .await;
+                    continue;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_create_start_kill_wait_delete() {
+    start_reaper();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, ev, any) = setup(dir.path());
+    s.watch_exits().await.unwrap();
+    let bundle = dir.path().display().to_string();
+    let r = s
+        .task_create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle.clone(),
+            options: MessageField::some(any),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(r.pid > 0);
+    let dup = s
+        .task_create(CreateTaskRequest {
+            id: "c1".into(),
+            bundle,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, ShimError::AlreadyExists(_)), "{dup}");
+    s.task_start(StartRequest {
+        id: "c1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let st = s
+        .task_state(StateRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.pid, r.pid);
+    assert_eq!(st.status.value(), 2, "running"); // Status::RUNNING
+    let e = s
+        .task_delete(DeleteRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ShimError::FailedPrecondition { .. }), "{e}");
+    s.task_kill(KillRequest {
+        id: "c1".into(),
+        signal: 9,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let w = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.task_wait(WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("wait returns")
+    .unwrap();
+    assert_eq!(w.exit_status, 137);
+    let e = s
+        .task_kill(KillRequest {
+            id: "c1".into(),
+            signal: 9,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ShimError::ProcessFinished { .. }), "{e}");
+    let d = s
+        .task_delete(DeleteRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.exit_status, 137);
+    assert_eq!(
+        *ev.0.lock().unwrap(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+
+    // A restore that runc refuses: clear error naming runc's log and CRIU's restore.log.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (s2, _ev2, any2) = setup(dir2.path());
+    s2.task_create(CreateTaskRequest {
+        id: "r1".into(),
+        bundle: dir2.path().display().to_string(),
+        checkpoint: dir2.path().join("ckpt").display().to_string(),
+        options: MessageField::some(any2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = s2
+        .task_start(StartRequest {
+            id: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ShimError::Restore { .. }), "{msg}");
+    assert!(msg.contains("criu failed"), "{msg}");
+    assert!(msg.contains("work/restore.log"), "{msg}");
+}
