@@ -1,4 +1,6 @@
 //! placeholder
+pub mod fetcher;
 pub mod images;
 pub mod runc_cmd;
 pub mod source;
+pub mod stats;

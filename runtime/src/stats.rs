@@ -1,0 +1,255 @@
+//! Fetcher counters and a fixed-bucket latency histogram, all atomics: the fault path updates
+//! them without locks or allocation, and [`crate::fetcher::FetcherHandle::stats`] snapshots them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Values below this many microseconds get one bucket each.
+const LINEAR: u64 = 16;
+/// Sub-buckets per power of two above [`LINEAR`] (relative error at most 1/8).
+const SUB_BITS: u32 = 3;
+/// Powers of two covered above [`LINEAR`] (up to 2^40 µs, about 12 days).
+const OCTAVES: usize = 36;
+/// Number of buckets.
+pub const BUCKETS: usize = 16 + OCTAVES * (1 << SUB_BITS);
+
+/// A log-linear histogram of microsecond values with a fixed set of atomic buckets.
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS],
+    count: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+        }
+    }
+}
+
+fn bucket_of(v: u64) -> usize {
+    if v < LINEAR {
+        return usize::try_from(v).unwrap_or(0);
+    }
+    let msb = 63 - v.leading_zeros(); // >= 4
+    let sub = (v >> (msb - SUB_BITS)) & ((1 << SUB_BITS) - 1);
+    let idx = 16 + (msb as usize - 4) * (1 << SUB_BITS) + usize::try_from(sub).unwrap_or(0);
+    idx.min(BUCKETS - 1)
+}
+
+/// Largest value that falls into bucket `i`.
+fn bucket_high(i: usize) -> u64 {
+    if i < 16 {
+        return i as u64;
+    }
+    let octave = (i - 16) >> SUB_BITS;
+    let sub = ((i - 16) & ((1 << SUB_BITS) - 1)) as u64;
+    let msb = u32::try_from(octave).unwrap_or(u32::MAX - 4) + 4;
+    let base = 1u64 << msb;
+    let step = 1u64 << (msb - SUB_BITS);
+    base + (sub + 1) * step - 1
+}
+
+impl LatencyHistogram {
+    /// Records one value in microseconds.
+    pub fn record(&self, us: u64) {
+        self.buckets[bucket_of(us)].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.max.fetch_max(us, Relaxed);
+    }
+
+    /// The value at quantile `q` (0..=1), as the upper bound of its bucket capped at the max.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let count = self.count.load(Relaxed);
+        if count == 0 {
+            return 0;
+        }
+        // Rank of the wanted sample, 1-based.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Relaxed);
+            if seen >= rank {
+                return bucket_high(i).min(self.max.load(Relaxed));
+            }
+        }
+        self.max.load(Relaxed)
+    }
+
+    /// A summary for reports.
+    pub fn summary(&self) -> LatencySummary {
+        LatencySummary {
+            count: self.count.load(Relaxed),
+            p50: self.quantile(0.5),
+            p99: self.quantile(0.99),
+            p999: self.quantile(0.999),
+            max: self.max.load(Relaxed),
+        }
+    }
+}
+
+/// Quantiles of a [`LatencyHistogram`] in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LatencySummary {
+    /// Number of samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+/// Live counters of one fetcher (shared between its thread and its handle).
+#[derive(Default)]
+pub struct FetchCounters {
+    /// Page-fault events served.
+    pub faults: AtomicU64,
+    /// Pages installed because a task faulted on them.
+    pub pages_faulted: AtomicU64,
+    /// Pages installed around a fault (fault-around window).
+    pub pages_prefetched: AtomicU64,
+    /// Pages installed by the background fill.
+    pub pages_filled: AtomicU64,
+    /// Pages installed with UFFDIO_ZEROPAGE.
+    pub zero_pages: AtomicU64,
+    /// Pages that were already present (EEXIST).
+    pub pages_already_present: AtomicU64,
+    /// Bytes copied with UFFDIO_COPY.
+    pub bytes: AtomicU64,
+    /// Tasks whose userfaultfd arrived (forks included).
+    pub tasks: AtomicU64,
+    /// Tasks that went away (exit detected).
+    pub tasks_exited: AtomicU64,
+    /// Zombies announced by restore.
+    pub zombies: AtomicU64,
+    /// Pages poisoned (SIGBUS on access) because the fetcher ended before installing them.
+    pub pages_poisoned: AtomicU64,
+    /// Total lazy pages announced by the images of received tasks.
+    pub lazy_pages: AtomicU64,
+    /// Microseconds from spawn to the first fault, +1 (0 = none yet).
+    pub first_fault_us: AtomicU64,
+    /// Microseconds from spawn to the restore-finished marker, +1 (0 = not yet).
+    pub restore_finished_us: AtomicU64,
+    /// Microseconds from spawn to the end of the background fill, +1 (0 = not yet).
+    pub fill_complete_us: AtomicU64,
+    /// Set when the fetcher thread has ended.
+    pub finished: AtomicBool,
+    /// Fault service latency.
+    pub fault_latency: LatencyHistogram,
+}
+
+fn opt(v: u64) -> Option<u64> {
+    v.checked_sub(1)
+}
+
+impl FetchCounters {
+    /// Sets a "+1" timestamp once.
+    pub fn mark_once(cell: &AtomicU64, us: u64) {
+        let _ = cell.compare_exchange(0, us.saturating_add(1), Relaxed, Relaxed);
+    }
+
+    /// A consistent-enough snapshot.
+    pub fn snapshot(&self) -> FetchStats {
+        FetchStats {
+            faults: self.faults.load(Relaxed),
+            pages_faulted: self.pages_faulted.load(Relaxed),
+            pages_prefetched: self.pages_prefetched.load(Relaxed),
+            pages_filled: self.pages_filled.load(Relaxed),
+            zero_pages: self.zero_pages.load(Relaxed),
+            pages_already_present: self.pages_already_present.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            tasks: self.tasks.load(Relaxed),
+            tasks_exited: self.tasks_exited.load(Relaxed),
+            zombies: self.zombies.load(Relaxed),
+            pages_poisoned: self.pages_poisoned.load(Relaxed),
+            lazy_pages: self.lazy_pages.load(Relaxed),
+            time_to_first_fault_us: opt(self.first_fault_us.load(Relaxed)),
+            restore_finished_us: opt(self.restore_finished_us.load(Relaxed)),
+            fill_complete_us: opt(self.fill_complete_us.load(Relaxed)),
+            finished: self.finished.load(Relaxed),
+            fault_latency_us: self.fault_latency.summary(),
+        }
+    }
+}
+
+/// A snapshot of a fetcher's counters. Times are microseconds since `LazyPagesServer::spawn`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FetchStats {
+    /// Page-fault events served.
+    pub faults: u64,
+    /// Pages installed because a task faulted on them.
+    pub pages_faulted: u64,
+    /// Pages installed around faults.
+    pub pages_prefetched: u64,
+    /// Pages installed by the background fill.
+    pub pages_filled: u64,
+    /// Pages installed with UFFDIO_ZEROPAGE.
+    pub zero_pages: u64,
+    /// Pages found already present (EEXIST).
+    pub pages_already_present: u64,
+    /// Bytes copied with UFFDIO_COPY.
+    pub bytes: u64,
+    /// Tasks served (forks included).
+    pub tasks: u64,
+    /// Tasks that went away.
+    pub tasks_exited: u64,
+    /// Zombies announced by restore.
+    pub zombies: u64,
+    /// Pages poisoned on an abnormal end.
+    pub pages_poisoned: u64,
+    /// Lazy pages announced by the images of the received tasks.
+    pub lazy_pages: u64,
+    /// Time to the first fault.
+    pub time_to_first_fault_us: Option<u64>,
+    /// Time to the restore-finished marker.
+    pub restore_finished_us: Option<u64>,
+    /// Time to the end of the background fill.
+    pub fill_complete_us: Option<u64>,
+    /// The fetcher thread has ended.
+    pub finished: bool,
+    /// Fault service time: from reading the fault event to the page being installed.
+    pub fault_latency_us: LatencySummary,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_cover_their_values() {
+        let mut prev = 0;
+        for v in (0..100_000u64).chain([1 << 30, 1 << 39, u64::MAX]) {
+            let b = bucket_of(v);
+            assert!(b >= prev || v > 100_000);
+            prev = b;
+            if b < BUCKETS - 1 {
+                assert!(bucket_high(b) >= v, "v={v} b={b} high={}", bucket_high(b));
+                assert!(bucket_high(b) as f64 <= v as f64 * 1.126 + 1.0, "v={v}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantiles() {
+        let h = LatencyHistogram::default();
+        assert_eq!(h.summary(), LatencySummary::default());
+        for v in 1..=1000 {
+            h.record(v);
+        }
+        let s = h.summary();
+        assert_eq!(s.count, 1000);
+        assert!((480..=560).contains(&s.p50), "{s:?}");
+        assert!((980..=1000).contains(&s.p99), "{s:?}");
+        assert_eq!(s.max, 1000);
+        assert_eq!(s.p999, 1000);
+    }
+}
