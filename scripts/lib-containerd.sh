@@ -10,7 +10,8 @@
 #                              (default /opt/distriproc/containerd/usr/bin)
 #   DISTRIPROC_SHIM_BIN        containerd-shim-distriproc-v2 binary to put first on containerd's
 #                              PATH (optional; without it only the runc runtime is available)
-#   CTD_NS                     namespace (default distriproc)
+#   CTD_NS                     namespace (default distriproc-<pid>; make it unique per instance:
+#                              container cgroups /<ns>/<id> are cleaned up by this name)
 # Outputs: CTD_DIR CTD_SOCK CTD_PID CTD_LOG CTD_ROOT CTD_STATE CTD_BIN_DIR CTD_VERSION
 
 ctd_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -19,7 +20,7 @@ ctd() { "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"; }
 
 ctd_start() {
     CTD_BIN_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd/usr/bin}
-    CTD_NS=${CTD_NS:-distriproc}
+    CTD_NS=${CTD_NS:-distriproc-$$}
     local bin
     for bin in containerd ctr containerd-shim-runc-v2; do
         if [[ ! -x $CTD_BIN_DIR/$bin ]]; then
@@ -123,6 +124,19 @@ ctd_stop() {
     for p in $(ctd_shim_pids); do
         kill -KILL "$p" 2>/dev/null || true
     done
+    # Container processes left in this namespace's cgroups (runc puts them in /<ns>/<id>).
+    local d
+    for d in /sys/fs/cgroup/"$CTD_NS" /sys/fs/cgroup/*/"$CTD_NS"; do
+        [[ -d $d ]] || continue
+        find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r p; do
+            kill -KILL "$p" 2>/dev/null || true
+        done
+    done
+    sleep 0.1
+    for d in /sys/fs/cgroup/"$CTD_NS" /sys/fs/cgroup/*/"$CTD_NS"; do
+        [[ -d $d ]] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    done
+    rm -rf "/run/containerd/runc/$CTD_NS"
     # Mounts under our root (rootfs overlays, snapshots), deepest first.
     awk -v d="$CTD_DIR/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null || true; done

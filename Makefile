@@ -1,0 +1,58 @@
+# DistriProc: the front door.
+#
+#   make demo    lazy vs eager restore of a 1 GiB container, side by side (MIB=... to change)
+#   make test    everything: deps, test images, unit tests, real-stack e2e on containerd 2.1 and 1.7
+#
+# Other targets: deps build install test-images e2e lint clean.
+SHELL        := /bin/bash
+CARGO        ?= cargo
+PREFIX       ?= /usr/local
+OPT          ?= /opt/distriproc
+CTD_2        ?= $(OPT)/containerd-2.1/usr/bin
+CTD_1        ?= $(OPT)/containerd-1.7/usr/bin
+RELEASE_BINS := containerd-shim-distriproc-v2 distriproc-pageserver
+
+.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo lint clean
+
+all: build
+
+deps:
+	bash scripts/deps.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(addprefix target/release/,$(RELEASE_BINS)) $(DESTDIR)$(PREFIX)/bin/
+
+test-images:
+	$(MAKE) -C test-images
+
+# Unit and crate tests plus every real-stack test against containerd 2.1 (one at a time:
+# they share runc/CRIU and /run/containerd), then the e2e test targets again against 1.7.
+test: deps test-images
+	@bash scripts/test.sh all
+
+unit:
+	@bash scripts/test.sh unit
+
+e2e: test-images
+	@bash scripts/test.sh e2e
+
+e2e-2: test-images
+	@bash scripts/test.sh e2e-2
+
+e2e-1: test-images
+	@bash scripts/test.sh e2e-1
+
+demo: deps build test-images
+	bash scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(MAKE) -C test-images clean
+	$(CARGO) clean

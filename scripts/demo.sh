@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# DistriProc demo: lazy restore (our shim, embedded default: pages served from the local
+# checkpoint by the in-shim fetcher) next to an eager restore (containerd's runc shim) of the
+# same kind of checkpoint, on a private containerd. Prints a small comparison table.
+#
+#   scripts/demo.sh                 1 GiB memhog (make demo runs this after deps + build)
+#   MIB=4096 scripts/demo.sh        another size
+#
+# Environment: MIB (default 1024), PROCS (1), THREADS (2), DISTRIPROC_SHIM_BIN (default
+# target/release/containerd-shim-distriproc-v2), DISTRIPROC_CONTAINERD_DIR (default
+# /opt/distriproc/containerd/usr/bin = 2.1), ONLY=lazy|eager (run one half).
+# The containerd log (with the shim's lines) is copied to /tmp/distriproc-demo-containerd.log.
+#
+# Everything it starts (containerd, shims, containers) is stopped by pid at exit and its temp
+# dir under /tmp is removed.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+MIB=${MIB:-1024}
+PROCS=${PROCS:-1}
+THREADS=${THREADS:-2}
+ONLY=${ONLY:-}
+PORT=7070
+export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$PWD/target/release/containerd-shim-distriproc-v2}
+export CTD_NS=demo-$$
+MEMHOG=$PWD/test-images/out/memhog
+IMAGE=localhost/distriproc/memhog:latest
+
+# shellcheck source=scripts/lib-containerd.sh
+. scripts/lib-containerd.sh
+
+die() {
+    ctd_log "error: $*"
+    exit 1
+}
+now_ns() { date +%s%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", (b - a) / 1e9}'; }
+
+[[ $(id -u) == 0 ]] || die "the demo needs root (containerd, runc, CRIU)"
+if [[ $ONLY != eager && ! -x $DISTRIPROC_SHIM_BIN ]]; then
+    die "shim binary $DISTRIPROC_SHIM_BIN not found: run 'make build' (or ONLY=eager)"
+fi
+[[ -x $DISTRIPROC_SHIM_BIN ]] || unset DISTRIPROC_SHIM_BIN
+if [[ ! -x $MEMHOG || ! -f test-images/out/memhog.oci.tar ]]; then
+    make -s -C test-images >/dev/null || die "building test images failed (make -C test-images)"
+fi
+command -v criu >/dev/null || die "criu not found: run 'make deps'"
+command -v python3 >/dev/null || die "python3 not found: run 'make deps'"
+
+cleanup() {
+    local rc=$?
+    if [[ -n ${CTD_DIR:-} && -f ${CTD_LOG:-} ]]; then
+        cp "$CTD_LOG" /tmp/distriproc-demo-containerd.log 2>/dev/null || true
+    fi
+    ctd_stop
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ctr with a timeout (seconds) so a hung call cannot hang the demo.
+ctr_t() {
+    local t=$1
+    shift
+    timeout --kill-after=5 "$t" "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"
+}
+task_pid() { ctr_t 30 tasks ls | awk -v id="$1" '$1 == id {print $2}'; }
+task_status() { ctr_t 30 tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
+query() { # query PID TIMEOUT_MS CMD...
+    local pid=$1 t=$2
+    shift 2
+    "$MEMHOG" query --pid "$pid" --port "$PORT" --timeout-ms "$t" "$@" 2>/dev/null
+}
+stats_file() { echo "$CTD_STATE/io.containerd.runtime.v2.task/$CTD_NS/$1/distriproc-lazy-stats.json"; }
+stat_field() { # stat_field FILE KEY[.SUB]: prints the value or "-"
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+try:
+    v = json.load(open(sys.argv[1]))
+    for k in sys.argv[2].split("."):
+        v = v[k]
+    print("-" if v is None else v)
+except Exception:
+    print("-")
+EOF
+}
+
+declare -A R
+
+# run_case LABEL RUNTIME: run memhog, checkpoint it, remove it, restore it, measure.
+run_case() {
+    local label=$1 runtime=$2 id="memhog-$1" ref="localhost/distriproc/checkpoint-$1:demo"
+    local pid t0 t1 t2 reply expect
+
+    ctd_log "[$label] starting memhog ($MIB MiB, $PROCS procs x $THREADS threads) with runtime $runtime"
+    ctr_t 120 run -d --runtime "$runtime" "$IMAGE" "$id" /memhog serve --mib "$MIB" \
+        --procs "$PROCS" --threads "$THREADS" --port "$PORT" >/dev/null ||
+        { R[$label.error]="ctr run failed"; return 1; }
+    pid=$(task_pid "$id")
+    [[ -n $pid ]] || { R[$label.error]="no task pid after ctr run"; return 1; }
+    reply=$(query "$pid" 300000 PING) || { R[$label.error]="memhog did not answer after start"; return 1; }
+    expect=$(query "$pid" 300000 EXPECT) || { R[$label.error]="EXPECT failed"; return 1; }
+    ctd_log "[$label] memhog ready (pid $pid): $expect"
+
+    ctd_log "[$label] checkpointing: ctr containers checkpoint --task $id $ref"
+    t0=$(now_ns)
+    ctr_t 600 containers checkpoint --task "$id" "$ref" >/dev/null ||
+        { R[$label.error]="checkpoint failed"; return 1; }
+    t1=$(now_ns)
+    R[$label.checkpoint]=$(secs "$t0" "$t1")
+    ctr_t 60 tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    for _ in $(seq 1 100); do
+        [[ $(task_status "$id") == STOPPED || -z $(task_status "$id") ]] && break
+        sleep 0.1
+    done
+    ctr_t 60 tasks rm -f "$id" >/dev/null 2>&1 || true
+    ctr_t 60 containers rm "$id" >/dev/null || { R[$label.error]="container rm failed"; return 1; }
+
+    ctd_log "[$label] restoring: ctr containers restore --live $id $ref"
+    t0=$(now_ns)
+    ctr_t 600 containers restore --live "$id" "$ref" </dev/null >/dev/null ||
+        { R[$label.error]="restore failed (see $CTD_LOG)"; return 1; }
+    t1=$(now_ns)
+    R[$label.restore_cmd]=$(secs "$t0" "$t1")
+    pid=$(task_pid "$id")
+    [[ -n $pid ]] || { R[$label.error]="no task pid after restore"; return 1; }
+    reply=$(query "$pid" 120000 PING) || { R[$label.error]="no PONG after restore"; return 1; }
+    t2=$(now_ns)
+    R[$label.ttfr]=$(secs "$t0" "$t2")
+    [[ $reply == PONG ]] || { R[$label.error]="unexpected reply '$reply'"; return 1; }
+    ctd_log "[$label] first response after $(secs "$t0" "$t2") s; checking memory"
+
+    t1=$(now_ns)
+    reply=$(query "$pid" 600000 SUM) || { R[$label.error]="SUM failed after restore"; return 1; }
+    t2=$(now_ns)
+    R[$label.sum_time]=$(secs "$t1" "$t2")
+    if [[ $reply == "$expect" ]]; then R[$label.sum_ok]=yes; else R[$label.sum_ok]="NO ($reply)"; fi
+    R[$label.verify]=$(query "$pid" 600000 VERIFY || echo failed)
+
+    local f
+    f=$(stats_file "$id")
+    if [[ $label == lazy ]]; then
+        ctd_log "[$label] waiting for the background fill to complete ($f)"
+        for _ in $(seq 1 600); do
+            [[ $(stat_field "$f" fill_complete_us) != - ]] && break
+            sleep 0.2
+        done
+        R[$label.stats]=$f
+        [[ -f $f ]] && cp "$f" "/tmp/distriproc-demo-lazy-stats.json"
+    fi
+    ctd_log "[$label] done: SUM matches EXPECT: ${R[$label.sum_ok]}; VERIFY: ${R[$label.verify]}"
+}
+
+ctd_start
+ctd_log "importing test images"
+ctr_t 120 images import test-images/out/memhog.oci.tar >/dev/null
+
+status=0
+if [[ -z $ONLY || $ONLY == lazy ]]; then
+    run_case lazy io.containerd.distriproc.v2 || { ctd_log "[lazy] ${R[lazy.error]}"; status=1; }
+fi
+if [[ -z $ONLY || $ONLY == eager ]]; then
+    run_case eager io.containerd.runc.v2 || { ctd_log "[eager] ${R[eager.error]}"; status=1; }
+fi
+
+v() { echo "${R[$1]:--}"; }
+us_to_s() { [[ $1 == - ]] && echo - || awk -v u="$1" 'BEGIN {printf "%.3f", u / 1e6}'; }
+f=${R[lazy.stats]:-/nonexistent}
+echo
+echo "DistriProc demo: memhog $MIB MiB ($PROCS procs x $THREADS threads), containerd $CTD_VERSION"
+printf '%-44s %-22s %-22s\n' "" "lazy (distriproc)" "eager (runc shim)"
+printf '%-44s %-22s %-22s\n' "checkpoint (ctr c checkpoint --task) [s]" "$(v lazy.checkpoint)" "$(v eager.checkpoint)"
+printf '%-44s %-22s %-22s\n' "ctr c restore --live returned after [s]" "$(v lazy.restore_cmd)" "$(v eager.restore_cmd)"
+printf '%-44s %-22s %-22s\n' "time to first response (PONG) [s]" "$(v lazy.ttfr)" "$(v eager.ttfr)"
+printf '%-44s %-22s %-22s\n' "SUM over all memory after restore [s]" "$(v lazy.sum_time)" "$(v eager.sum_time)"
+printf '%-44s %-22s %-22s\n' "SUM == EXPECT" "$(v lazy.sum_ok)" "$(v eager.sum_ok)"
+printf '%-44s %-22s %-22s\n' "VERIFY" "$(v lazy.verify)" "$(v eager.verify)"
+printf '%-44s %-22s %-22s\n' "time to full fill (fetcher start) [s]" \
+    "$(us_to_s "$(stat_field "$f" fill_complete_us)")" "before resume"
+printf '%-44s %-22s %-22s\n' "time to first fault [s]" "$(us_to_s "$(stat_field "$f" time_to_first_fault_us)")" "-"
+for k in faults pages_faulted pages_prefetched pages_filled zero_pages bytes tasks \
+    fault_latency_us.p50 fault_latency_us.p99 fault_latency_us.max; do
+    printf '%-44s %-22s %-22s\n' "fetcher $k" "$(stat_field "$f" "$k")" "-"
+done
+for c in lazy eager; do
+    [[ -n ${R[$c.error]:-} ]] && echo "$c: FAILED: ${R[$c.error]}"
+done
+[[ -f /tmp/distriproc-demo-lazy-stats.json ]] && echo "lazy stats: /tmp/distriproc-demo-lazy-stats.json"
+echo "Note: both restores include containerd untarring the checkpoint (all $MIB MiB of pages) into a temp dir before the shim runs."
+exit $status

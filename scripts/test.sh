@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Runs the test suite in steps and prints a summary (used by `make test`, `make e2e`, ...).
+#
+#   scripts/test.sh all     unit + doc tests, e2e on containerd 2.1, e2e again on containerd 1.7
+#   scripts/test.sh unit    unit tests (lib and bin targets) and doc tests, in parallel
+#   scripts/test.sh e2e     integration test targets (<crate>/tests/*.rs) on 2.1, then on 1.7
+#   scripts/test.sh e2e-2 | e2e-1    one containerd series only
+#
+# Integration tests run with --test-threads=1: they share runc, CRIU, /run/containerd and the
+# two cores of the machine. Real-stack tests skip with a "SKIPPED:" reason when the stack is
+# missing, and fail instead when CI=true. Logs: target/test-logs/<step>.log.
+# Environment: CARGO (default cargo), CTD_2 / CTD_1 (containerd bin dirs), CARGO_TEST_ARGS
+# (extra args after `--`, e.g. a test name filter).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+CARGO=${CARGO:-cargo}
+OPT=${DISTRIPROC_OPT:-/opt/distriproc}
+CTD_2=${CTD_2:-$OPT/containerd-2.1/usr/bin}
+CTD_1=${CTD_1:-$OPT/containerd-1.7/usr/bin}
+LOGS=target/test-logs
+mkdir -p "$LOGS"
+what=${1:-all}
+
+declare -a names=() results=() times=() counts=()
+failed=0
+
+# step NAME ENV... -- CMD...: runs CMD with ENV, logs it, records pass/fail and test counts.
+step() {
+    local name=$1
+    shift
+    local -a envs=()
+    while [[ $1 != -- ]]; do
+        envs+=("$1")
+        shift
+    done
+    shift
+    local log=$LOGS/$name.log start rc=0
+    echo
+    echo "==> [$name] ${envs[*]} $*"
+    start=$(date +%s)
+    env "${envs[@]}" "$@" 2>&1 | tee "$log" || rc=$?
+    local took=$(($(date +%s) - start))
+    local passed fail ignored skipped
+    passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+    fail=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+    ignored=$(grep -Eo '[0-9]+ ignored' "$log" | awk '{s+=$1} END {print s+0}')
+    skipped=$(grep -c '^SKIPPED' "$log" || true)
+    names+=("$name")
+    times+=("${took}s")
+    counts+=("passed $passed, failed $fail, ignored $ignored, skipped(no stack) $skipped")
+    if [[ $rc == 0 ]]; then
+        results+=(PASS)
+    else
+        results+=(FAIL)
+        failed=1
+    fi
+}
+
+e2e_step() { # e2e_step NAME CONTAINERD_DIR
+    if [[ ! -x $2/containerd ]]; then
+        names+=("$1")
+        results+=(FAIL)
+        times+=(0s)
+        counts+=("containerd not found in $2 (run: make deps)")
+        failed=1
+        return
+    fi
+    # shellcheck disable=SC2086
+    step "$1" DISTRIPROC_CONTAINERD_DIR="$2" -- \
+        "$CARGO" test --workspace --test '*' -- --test-threads=1 ${CARGO_TEST_ARGS:-}
+}
+
+case "$what" in
+all | unit)
+    # shellcheck disable=SC2086
+    step unit DISTRIPROC_CONTAINERD_DIR="$CTD_2" -- \
+        "$CARGO" test --workspace --lib --bins -- ${CARGO_TEST_ARGS:-}
+    step doc DISTRIPROC_CONTAINERD_DIR="$CTD_2" -- "$CARGO" test --workspace --doc
+    ;;&
+all | e2e | e2e-2)
+    e2e_step e2e-containerd-2.1 "$CTD_2"
+    ;;&
+all | e2e | e2e-1)
+    e2e_step e2e-containerd-1.7 "$CTD_1"
+    ;;
+all | unit | e2e-2) ;;
+*)
+    echo "usage: scripts/test.sh all|unit|e2e|e2e-2|e2e-1" >&2
+    exit 2
+    ;;
+esac
+
+echo
+echo "================================ test summary ================================"
+for i in "${!names[@]}"; do
+    printf '  %-22s %-4s %6s  %s\n' "${names[$i]}" "${results[$i]}" "${times[$i]}" "${counts[$i]}"
+done
+echo "  logs: $LOGS/"
+if [[ $failed == 0 ]]; then
+    echo "  RESULT: PASS"
+else
+    echo "  RESULT: FAIL"
+fi
+echo "=============================================================================="
+exit "$failed"
