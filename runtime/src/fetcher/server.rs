@@ -633,16 +633,13 @@ impl Loop {
                 }
             }
             Event::Remove { start, end } => {
-                let mut gone = false;
+                // MADV_DONTNEED/REMOVE: the range is no longer served from the images; later
+                // faults in it get UFFDIO_ZEROPAGE, which is what the kernel would do. Unlike
+                // criu/uffd.c we do not UFFDIO_UNREGISTER the range: that splits the VMA, and a
+                // later mremap() of the whole region then fails with EFAULT (seen in
+                // tests/lazy_restore.rs).
                 if let Some(t) = self.tasks.get_mut(slot).and_then(Option::as_mut) {
                     t.space.drop_range(start as u64, end as u64);
-                    let len = (end as usize).saturating_sub(start as usize);
-                    if let Err(userfaultfd::Error::SystemError(e)) = t.uffd.unregister(start, len) {
-                        gone = e as i32 == libc::ENOMEM;
-                    }
-                }
-                if gone {
-                    self.task_gone(slot);
                 }
             }
             Event::Unmap { start, end } => {

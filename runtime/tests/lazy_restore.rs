@@ -1,0 +1,250 @@
+//! Lazy restore on the real stack without containerd: a workload is dumped with `criu dump`,
+//! our fetcher listens on the work dir's lazy-pages.socket, and `criu restore --lazy-pages`
+//! hands it the userfaultfds. Each test uses its own ports and directory.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use common::*;
+use distriproc_config::FillPolicy;
+use distriproc_runtime::fetcher::{FetchStats, FetcherHandle, FetcherOptions, LazyPagesServer};
+use distriproc_runtime::source::LocalImages;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Restored {
+    handle: Option<FetcherHandle>,
+    pids: KillOnDrop,
+    work: PathBuf,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+            let _ = h.wait();
+        }
+    }
+}
+
+impl Restored {
+    fn handle(&self) -> &FetcherHandle {
+        self.handle.as_ref().expect("fetcher handle")
+    }
+    fn wait(&mut self) -> Result<FetchStats> {
+        Ok(self.handle.take().expect("fetcher handle").wait()?)
+    }
+}
+
+fn lazy_restore(
+    name: &str,
+    port: u16,
+    mib: u32,
+    procs: u16,
+    threads: u16,
+    zombie: bool,
+    opts: FetcherOptions,
+) -> Result<Restored> {
+    let dir = scratch(name);
+    let img = dir.join("img");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&img)?;
+    std::fs::create_dir_all(&work)?;
+    let mut w = Workload::start(&dir, port, mib, procs, threads, zombie)?;
+    let pids = dump(&mut w, &img)?;
+    let source = Arc::new(LocalImages::open(&img)?);
+    let server = LazyPagesServer::bind(&work, &img, source, opts)?;
+    let handle = server.spawn()?;
+    let r = Restored {
+        handle: Some(handle),
+        pids: KillOnDrop(pids),
+        work: work.clone(),
+    };
+    let t0 = Instant::now();
+    let out = restore(&img, &work)?;
+    let log = restore_log(&work);
+    if !out.status.success() {
+        r.handle().stop();
+        bail!("criu restore failed: {:?}\n{}", out.status, tail(&log, 40));
+    }
+    eprintln!("{name}: criu restore took {:?}", t0.elapsed());
+    ensure!(
+        log.contains("Lazy restore skips"),
+        "restore.log has no lazy path:\n{}",
+        tail(&log, 40)
+    );
+    Ok(r)
+}
+
+fn verify(port: u16) -> Result<()> {
+    let v = query(port, "VERIFY", T)?;
+    ensure!(v.starts_with("OK"), "port {port}: VERIFY said {v}");
+    Ok(())
+}
+
+fn installed(s: &FetchStats) -> u64 {
+    s.pages_faulted + s.pages_prefetched + s.pages_filled
+}
+
+fn report(name: &str, s: &FetchStats) {
+    let fill_ms = match (s.fill_complete_us, s.restore_finished_us) {
+        (Some(f), Some(r)) if f > r => Some((f - r) as f64 / 1000.0),
+        _ => None,
+    };
+    let mibps = fill_ms.map(|ms| (s.pages_filled * 4096) as f64 / (1 << 20) as f64 / (ms / 1000.0));
+    eprintln!("{name}: {s:?}\n{name}: fill {fill_ms:?} ms, {mibps:?} MiB/s");
+}
+
+#[test]
+fn single_process_full_fill() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let mut r = lazy_restore("single", 17101, 32, 1, 0, false, FetcherOptions::default())?;
+    verify(17101)?;
+    let s = r.wait()?;
+    report("single", &s);
+    ensure!(s.tasks == 1, "{s:?}");
+    ensure!(s.faults > 0, "no faults served: {s:?}");
+    ensure!(
+        installed(&s) == s.lazy_pages,
+        "not every lazy page was installed: {s:?}"
+    );
+    ensure!(s.fill_complete_us.is_some());
+    verify(17101)?;
+    let _ = &r.work;
+    Ok(())
+}
+
+#[test]
+fn several_processes() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let mut r = lazy_restore("procs", 17111, 16, 3, 0, false, FetcherOptions::default())?;
+    for i in 0..3 {
+        verify(17111 + i)?;
+    }
+    let s = r.wait()?;
+    report("procs", &s);
+    ensure!(s.tasks == 3, "{s:?}");
+    ensure!(installed(&s) == s.lazy_pages, "{s:?}");
+    for i in 0..3 {
+        verify(17111 + i)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn several_threads() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let opts = FetcherOptions {
+        fill: FillPolicy::None,
+        ..Default::default()
+    };
+    let r = lazy_restore("threads", 17121, 16, 1, 4, false, opts)?;
+    std::thread::sleep(Duration::from_millis(300));
+    verify(17121)?;
+    let s = r.handle().stats();
+    report("threads", &s);
+    ensure!(s.faults > 0 && s.pages_filled == 0, "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn fork_munmap_madvise_mremap_after_restore() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let opts = FetcherOptions {
+        fill: FillPolicy::None,
+        ..Default::default()
+    };
+    // Three processes so that each action meets memory that is still lazy (fill none):
+    // 0 forks (the child verifies through its own uffd) and unmaps, 1 moves its region,
+    // 2 drops pages with MADV_DONTNEED.
+    let r = lazy_restore("events", 17131, 16, 3, 2, false, opts)?;
+    let plan: [(u16, &[&str]); 3] = [
+        (0, &["FORK", "MUNMAP", "VERIFY", "FORK"]),
+        (1, &["MREMAP", "VERIFY"]),
+        (2, &["DONTNEED", "VERIFY"]),
+    ];
+    for (i, cmds) in plan {
+        for cmd in cmds {
+            let v = query(17131 + i, cmd, T)?;
+            ensure!(v.starts_with("OK"), "proc {i}: {cmd} said {v}");
+        }
+    }
+    let s = r.handle().stats();
+    report("events", &s);
+    ensure!(s.tasks >= 5, "fork children were not tracked: {s:?}");
+    ensure!(s.pages_filled == 0, "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn zombie_at_dump_time() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let mut r = lazy_restore("zombie", 17141, 8, 1, 0, true, FetcherOptions::default())?;
+    verify(17141)?;
+    let s = r.wait()?;
+    report("zombie", &s);
+    ensure!(s.zombies == 1 && s.tasks == 1, "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn fill_none_moves_only_touched_pages() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let opts = FetcherOptions {
+        fill: FillPolicy::None,
+        ..Default::default()
+    };
+    let mut r = lazy_restore("none", 17151, 64, 1, 0, false, opts)?;
+    let v = query(17151, "TOUCH 20", T)?;
+    ensure!(v == "OK", "TOUCH said {v}");
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(query(17151, "PING", T)? == "PONG");
+    let s = r.handle().stats();
+    report("none", &s);
+    ensure!(s.pages_filled == 0, "{s:?}");
+    ensure!(s.faults >= 20, "{s:?}");
+    ensure!(installed(&s) < s.lazy_pages / 4, "too much moved: {s:?}");
+    ensure!(!r.handle().is_finished());
+    // Once the task is gone, wait() returns (exit probe), without stop().
+    kill_pids(&r.pids.0);
+    let t0 = Instant::now();
+    let s = r.wait()?;
+    ensure!(
+        t0.elapsed() < Duration::from_secs(5),
+        "wait took {:?}",
+        t0.elapsed()
+    );
+    ensure!(s.tasks_exited == 1, "{s:?}");
+    Ok(())
+}
+
+#[test]
+fn fill_full_completes_and_wait_returns() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let mut r = lazy_restore("full", 17161, 128, 1, 0, false, FetcherOptions::default())?;
+    let s = r.wait()?;
+    report("full", &s);
+    ensure!(s.fill_complete_us.is_some(), "{s:?}");
+    ensure!(installed(&s) == s.lazy_pages, "{s:?}");
+    ensure!(s.pages_filled > s.lazy_pages / 2, "{s:?}");
+    verify(17161)?;
+    Ok(())
+}
