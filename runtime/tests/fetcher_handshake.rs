@@ -1,0 +1,319 @@
+//! The fetcher against a fake `criu restore` in this process: synthetic images, a real
+//! userfaultfd over a region of this test process, the real socket protocol. Covers the
+//! handshake's failure modes (timeouts, early close, bad marker, unknown pid, stop) and the
+//! fault/fill path without criu.
+
+use std::io::{IoSlice, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distriproc_config::FillPolicy;
+use distriproc_runtime::fetcher::{FetchError, FetcherOptions, LazyPagesServer, RESTORE_FINISHED};
+use distriproc_runtime::images::testutil::{header, pm, push, write_inventory, write_pagemap};
+use distriproc_runtime::images::{
+    MmEntry, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY, PE_PRESENT, PSTREE_MAGIC,
+};
+use distriproc_runtime::source::LocalImages;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+const PID: u32 = 4242;
+const PAGES: usize = 64;
+
+fn uffd_available() -> bool {
+    let ok = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .create()
+        .is_ok();
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("userfaultfd unavailable in CI");
+        }
+        eprintln!("SKIP: userfaultfd unavailable (needs root or vm.unprivileged_userfaultfd=1)");
+    }
+    ok
+}
+
+fn page_byte(i: usize) -> u8 {
+    u8::try_from(i % 251).unwrap() + 1
+}
+
+/// Images of one task whose only lazy VMA is `[base, base + PAGES pages)`: pages 0..8 and
+/// 10..64 are lazy with data, 8..10 are a hole (zero).
+fn write_images(dir: &Path, base: u64, pids: &[u32]) {
+    write_inventory(dir).unwrap();
+    let mut b = header(PSTREE_MAGIC);
+    for &p in pids {
+        push(
+            &mut b,
+            &PstreeEntry {
+                pid: p,
+                ppid: 0,
+                pgid: p,
+                sid: p,
+                threads: vec![p],
+            },
+        );
+    }
+    std::fs::write(dir.join("pstree.img"), b).unwrap();
+    let mut b = header(MM_MAGIC);
+    let vma = VmaEntry {
+        start: base,
+        end: base + (PAGES as u64) * 4096,
+        flags: 0x22,
+        status: 1 | (1 << 9),
+        prot: 3,
+        fd: -1,
+        ..Default::default()
+    };
+    push(&mut b, &MmEntry { vmas: vec![vma] });
+    std::fs::write(dir.join(format!("mm-{PID}.img")), b).unwrap();
+    let f = PE_LAZY | PE_PRESENT;
+    write_pagemap(
+        dir,
+        PID,
+        1,
+        &[pm(base, 8, f), pm(base + 10 * 4096, (PAGES - 10) as u64, f)],
+    )
+    .unwrap();
+    let mut pages = Vec::new();
+    for i in (0..8).chain(10..PAGES) {
+        pages.extend(std::iter::repeat_n(page_byte(i), 4096));
+    }
+    std::fs::write(dir.join("pages-1.img"), pages).unwrap();
+}
+
+struct Region {
+    ptr: *mut u8,
+}
+
+impl Region {
+    fn new() -> Region {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Region { ptr: p.cast() }
+    }
+    fn base(&self) -> u64 {
+        self.ptr as u64
+    }
+    fn read(&self, page: usize) -> u8 {
+        // SAFETY: `page < PAGES`, inside our mapping; a missing page is served by the fetcher.
+        unsafe { std::ptr::read_volatile(self.ptr.add(page * 4096 + 17)) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr.cast(), PAGES * 4096) };
+    }
+}
+
+fn send_task(s: &UnixStream, pid: i32, uffd: &userfaultfd::Uffd) {
+    (&*s).write_all(&pid.to_le_bytes()).unwrap();
+    let fds = [uffd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        s.as_raw_fd(),
+        &[IoSlice::new(&[0u8])],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+}
+
+fn quick(fill: FillPolicy) -> FetcherOptions {
+    FetcherOptions {
+        fill,
+        fill_batch_pages: 16,
+        accept_timeout: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(5),
+        restore_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn serves_faults_then_fills_everything() {
+    if !uffd_available() {
+        return;
+    }
+    let region = Region::new();
+    let img = tempfile::tempdir().unwrap();
+    // A work dir path longer than sun_path (108 bytes): bind goes through /proc/self/fd.
+    let work = img.path().join("w".repeat(120));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("lazy-pages.socket"), b"stale").unwrap();
+    write_images(img.path(), region.base(), &[PID, 4243]);
+    let src = Arc::new(LocalImages::open(img.path()).unwrap());
+    let server = LazyPagesServer::bind(&work, img.path(), src, quick(FillPolicy::Full)).unwrap();
+    let h = server.spawn().unwrap();
+
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .create()
+        .unwrap();
+    uffd.register(region.ptr.cast(), PAGES * 4096).unwrap();
+    // Connect through /proc/self/cwd-free short path: a symlink to the long dir.
+    let link = img.path().join("l");
+    std::os::unix::fs::symlink(&work, &link).unwrap();
+    let s = UnixStream::connect(link.join("lazy-pages.socket")).unwrap();
+    send_task(&s, i32::try_from(PID).unwrap(), &uffd);
+    (&s).write_all(&(-4243i32).to_le_bytes()).unwrap(); // a zombie
+    drop(uffd); // like the restorer: only the fetcher holds the uffd now
+
+    // Faults are served before the restore-finished marker.
+    assert_eq!(region.read(20), page_byte(20));
+    assert_eq!(region.read(9), 0, "hole must read as zero");
+    assert_eq!(region.read(0), page_byte(0));
+    let st = h.stats();
+    assert!(st.faults >= 3, "{st:?}");
+    assert_eq!(st.pages_filled, 0, "fill before the marker: {st:?}");
+    assert!(st.pages_prefetched > 0, "fault-around: {st:?}");
+
+    (&s).write_all(&RESTORE_FINISHED.to_le_bytes()).unwrap();
+    let st = h.wait().unwrap();
+    for i in 0..PAGES {
+        let want = if (8..10).contains(&i) {
+            0
+        } else {
+            page_byte(i)
+        };
+        assert_eq!(region.read(i), want, "page {i}");
+    }
+    assert_eq!(st.lazy_pages, (PAGES - 2) as u64, "{st:?}");
+    assert_eq!(
+        st.pages_faulted + st.pages_prefetched + st.pages_filled,
+        st.lazy_pages,
+        "{st:?}"
+    );
+    assert_eq!(st.zombies, 1);
+    assert!(st.fill_complete_us.is_some());
+    assert!(st.fault_latency_us.count >= 2);
+}
+
+#[test]
+fn accept_timeout_and_stop() {
+    let region = Region::new();
+    let img = tempfile::tempdir().unwrap();
+    write_images(img.path(), region.base(), &[PID]);
+    let src = Arc::new(LocalImages::open(img.path()).unwrap());
+    let mut o = quick(FillPolicy::Full);
+    o.accept_timeout = Duration::from_millis(200);
+    let h = LazyPagesServer::bind(img.path(), img.path(), src.clone(), o)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let e = h.wait().unwrap_err();
+    assert!(matches!(e, FetchError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let h = LazyPagesServer::bind(img.path(), img.path(), src, quick(FillPolicy::Full))
+        .unwrap()
+        .spawn()
+        .unwrap();
+    h.stop();
+    let e = h.wait().unwrap_err();
+    assert!(matches!(e, FetchError::Stopped), "{e}");
+}
+
+#[test]
+fn handshake_errors() {
+    let region = Region::new();
+    let img = tempfile::tempdir().unwrap();
+    write_images(img.path(), region.base(), &[PID, 4243]);
+    let src = Arc::new(LocalImages::open(img.path()).unwrap());
+    let start = |o| {
+        let h = LazyPagesServer::bind(img.path(), img.path(), src.clone(), o)
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let s = UnixStream::connect(img.path().join("lazy-pages.socket")).unwrap();
+        (h, s)
+    };
+
+    // Closed before the pid is complete.
+    let (h, s) = start(quick(FillPolicy::Full));
+    (&s).write_all(&[1, 2]).unwrap();
+    drop(s);
+    let e = h.wait().unwrap_err();
+    assert!(matches!(e, FetchError::Closed { .. }), "{e}");
+
+    // A pid that is not in pstree.img.
+    let (h, s) = start(quick(FillPolicy::Full));
+    let uffd = userfaultfd::UffdBuilder::new()
+        .user_mode_only(true)
+        .create();
+    if let Ok(uffd) = uffd {
+        send_task(&s, 999, &uffd);
+        let e = h.wait().unwrap_err();
+        assert!(matches!(e, FetchError::UnknownPid { pid: 999 }), "{e}");
+    } else {
+        h.stop();
+        let _ = h.wait();
+    }
+
+    // Two zombies, then a wrong marker.
+    let (h, s) = start(quick(FillPolicy::Full));
+    (&s).write_all(&(-1i32).to_le_bytes()).unwrap();
+    (&s).write_all(&(-2i32).to_le_bytes()).unwrap();
+    (&s).write_all(&0xdead_beef_u32.to_le_bytes()).unwrap();
+    let e = h.wait().unwrap_err();
+    assert!(
+        matches!(e, FetchError::BadMarker { value: 0xdead_beef }),
+        "{e}"
+    );
+
+    // Silence after the last task: the restore timeout fires.
+    let mut o = quick(FillPolicy::Full);
+    o.restore_timeout = Duration::from_millis(200);
+    let (h, s) = start(o);
+    (&s).write_all(&(-1i32).to_le_bytes()).unwrap();
+    (&s).write_all(&(-2i32).to_le_bytes()).unwrap();
+    let e = h.wait().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FetchError::Timeout {
+                what: "the restore-finished marker",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    drop(s);
+
+    // Only zombies and the marker: nothing to serve, wait() returns Ok.
+    let (h, s) = start(quick(FillPolicy::Full));
+    (&s).write_all(&(-1i32).to_le_bytes()).unwrap();
+    (&s).write_all(&(-2i32).to_le_bytes()).unwrap();
+    (&s).write_all(&RESTORE_FINISHED.to_le_bytes()).unwrap();
+    let st = h.wait().unwrap();
+    assert_eq!(st.zombies, 2);
+
+    // Bad options are refused at bind.
+    let mut o = quick(FillPolicy::Full);
+    o.fault_around_pages = 3;
+    assert!(matches!(
+        LazyPagesServer::bind(img.path(), img.path(), src.clone(), o),
+        Err(FetchError::BadOption { .. })
+    ));
+}
