@@ -317,3 +317,60 @@ fn handshake_errors() {
         Err(FetchError::BadOption { .. })
     ));
 }
+
+#[test]
+fn stop_poisons_what_was_never_installed() {
+    if !uffd_available() {
+        return;
+    }
+    let region = Region::new();
+    let img = tempfile::tempdir().unwrap();
+    write_images(img.path(), region.base(), &[PID]);
+    let src = Arc::new(LocalImages::open(img.path()).unwrap());
+    let mut o = quick(FillPolicy::None);
+    o.fault_around_pages = 1;
+    let h = LazyPagesServer::bind(img.path(), img.path(), src, o)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let uffd = userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .create()
+        .unwrap();
+    uffd.register(region.ptr.cast(), PAGES * 4096).unwrap();
+    let s = UnixStream::connect(img.path().join("lazy-pages.socket")).unwrap();
+    send_task(&s, i32::try_from(PID).unwrap(), &uffd);
+    drop(uffd);
+    (&s).write_all(&RESTORE_FINISHED.to_le_bytes()).unwrap();
+    assert_eq!(region.read(3), page_byte(3));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!h.is_finished(), "fill none keeps serving");
+    h.stop();
+    let st = h.wait().unwrap();
+    assert_eq!(st.pages_filled, 0);
+    assert_eq!(st.pages_faulted, 1, "{st:?}");
+    assert_eq!(st.pages_poisoned, st.lazy_pages - 1, "{st:?}");
+    // A never-installed page must not read as zero now that the fetcher is gone: SIGBUS.
+    // SAFETY: the child only reads memory and calls _exit.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let v = region.read(30);
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(i32::from(v)) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let st = nix::sys::wait::waitpid(child, None).unwrap();
+            assert!(
+                matches!(
+                    st,
+                    nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGBUS, _)
+                ),
+                "{st:?}"
+            );
+        }
+    }
+    // Installed pages are still fine.
+    assert_eq!(region.read(3), page_byte(3));
+}

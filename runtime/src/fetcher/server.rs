@@ -201,6 +201,7 @@ struct Loop {
     deadline: Option<(Instant, &'static str, Duration)>,
     evbuf: EventBuffer,
     batch: Vec<Event>,
+    faults: Vec<(u64, Instant)>,
     deferred: Vec<(usize, u64, Instant)>,
     deferred_spare: Vec<(usize, u64, Instant)>,
     fault_buf: Vec<u8>,
@@ -261,6 +262,7 @@ impl Loop {
             deadline: Some((t0 + accept, "criu to connect to lazy-pages.socket", accept)),
             evbuf: EventBuffer::new(EVENT_BATCH),
             batch: Vec::with_capacity(EVENT_BATCH),
+            faults: Vec::with_capacity(EVENT_BATCH),
             deferred: Vec::with_capacity(EVENT_BATCH),
             deferred_spare: Vec::with_capacity(EVENT_BATCH),
             fault_buf: vec![0; fa * PAGE],
@@ -592,26 +594,43 @@ impl Loop {
                 self.batch = batch;
                 return Ok(());
             }
+            // The kernel hands out pending faults before events in one read, but a fault may
+            // have been raised after the event it follows (e.g. on the new address of an
+            // mremap, or in the parent after a fork). So apply the address-space events of the
+            // batch first, then serve its faults.
+            let mut faults = std::mem::take(&mut self.faults);
             let mut r = Ok(());
             for ev in batch.drain(..) {
-                if r.is_ok() {
-                    r = self.handle_event(slot, ev);
+                match ev {
+                    Event::Pagefault { addr, .. } => faults.push((addr as u64, Instant::now())),
+                    other => {
+                        if r.is_ok() {
+                            r = self.handle_event(slot, other);
+                        }
+                    }
                 }
             }
             self.batch = batch;
+            for (addr, t0) in faults.drain(..) {
+                if r.is_ok() {
+                    r = self.fault(slot, addr, t0);
+                }
+            }
+            self.faults = faults;
             r?;
         }
     }
 
+    fn fault(&mut self, slot: usize, addr: u64, t0: Instant) -> Result<(), FetchError> {
+        if self.c.faults.fetch_add(1, Relaxed) == 0 {
+            FetchCounters::mark_once(&self.c.first_fault_us, self.elapsed_us());
+        }
+        self.serve(slot, addr, t0)
+    }
+
     fn handle_event(&mut self, slot: usize, ev: Event) -> Result<(), FetchError> {
         match ev {
-            Event::Pagefault { addr, .. } => {
-                let t0 = Instant::now();
-                if self.c.faults.fetch_add(1, Relaxed) == 0 {
-                    FetchCounters::mark_once(&self.c.first_fault_us, self.elapsed_us());
-                }
-                self.serve(slot, addr as u64, t0)?;
-            }
+            Event::Pagefault { addr, .. } => self.fault(slot, addr as u64, Instant::now())?,
             Event::Fork { uffd } => {
                 // SAFETY: borrowing the fd only to set a flag; `uffd` keeps owning it.
                 let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(uffd.as_raw_fd()) };
@@ -662,8 +681,14 @@ impl Loop {
             None => {
                 let r = zero_run(&t.uffd, page, 1, c)
                     .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, page, e))?;
-                if r == Install::Done {
-                    c.zero_pages.fetch_add(1, Relaxed);
+                match r {
+                    Install::Done => {
+                        c.zero_pages.fetch_add(1, Relaxed);
+                    }
+                    Install::Vanished => {
+                        let _ = t.uffd.wake(page as *mut c_void, PAGE);
+                    }
+                    _ => {}
                 }
                 r
             }
@@ -672,6 +697,10 @@ impl Loop {
                 let lo = page & !(w - 1);
                 let (s, e) = t.space.uncopied_run(k, page, lo, lo + w);
                 let (r, _) = fetch(t, &*self.p.source, &mut self.fault_buf, c, k, page, 1)?;
+                if r == Install::Vanished {
+                    // Unmapped under us: let the thread retry its access.
+                    let _ = t.uffd.wake(page as *mut c_void, PAGE);
+                }
                 if r == Install::Done || r == Install::Vanished {
                     c.pages_faulted.fetch_add(1, Relaxed);
                     record_latency(c, t0);
