@@ -68,15 +68,15 @@ e2e_step() { # e2e_step NAME CONTAINERD_DIR
     fi
     # shellcheck disable=SC2086
     step "$1" DISTRIPROC_CONTAINERD_DIR="$2" -- \
-        "$CARGO" test --workspace --test '*' -- --test-threads=1 ${CARGO_TEST_ARGS:-}
+        "$CARGO" test --no-fail-fast --workspace --test '*' -- --test-threads=1 ${CARGO_TEST_ARGS:-}
 }
 
 case "$what" in
 all | unit)
     # shellcheck disable=SC2086
     step unit DISTRIPROC_CONTAINERD_DIR="$CTD_2" -- \
-        "$CARGO" test --workspace --lib --bins -- ${CARGO_TEST_ARGS:-}
-    step doc DISTRIPROC_CONTAINERD_DIR="$CTD_2" -- "$CARGO" test --workspace --doc
+        "$CARGO" test --no-fail-fast --workspace --lib --bins -- ${CARGO_TEST_ARGS:-}
+    step doc DISTRIPROC_CONTAINERD_DIR="$CTD_2" -- "$CARGO" test --no-fail-fast --workspace --doc
     ;;&
 all | e2e | e2e-2)
     e2e_step e2e-containerd-2.1 "$CTD_2"
