@@ -18,6 +18,24 @@
 //!   close                                        (the fetcher never writes to the socket)
 //! ```
 //!
+//! # What is served how
+//!
+//! * Lazy iovs: `PE_LAZY` pagemap entries ∩ the VMAs of `mm-<pid>.img`, split at VMA ends (as
+//!   criu/uffd.c `collect_iovs`). A fault inside one is served from the source at its dump-time
+//!   address, with an aligned window of `fault_around_pages` around it (only pages of the same
+//!   iov not installed yet, per the task's bitmap). A fault outside gets `UFFDIO_ZEROPAGE`, as
+//!   do pages the source reports as zero.
+//! * Events, applied before the faults read in the same batch: `FORK` adds the child's uffd
+//!   with a copy of the parent's remaining state (same pid for the source); `REMAP` shifts the
+//!   iovs (requests keep dump-time addresses); `UNMAP` and `REMOVE` drop the range. Deviation
+//!   from criu: `REMOVE` does not `UFFDIO_UNREGISTER` (that splits the VMA and a later mremap of
+//!   the region fails); later faults there get zero pages, as the kernel would give.
+//! * Copy errors: `EEXIST` counts the page as present and wakes it; `EAGAIN` re-queues the fault
+//!   until the pending events are drained; `ESRCH`/`ENOSPC` mean the task is gone; `ENOENT`
+//!   (range unmapped meanwhile) is skipped and the faulting thread woken.
+//! * Idle tasks do not report their exit; a harmless `UFFDIO_WRITEPROTECT` probe once a second
+//!   (`ESRCH` when the mm is gone) lets `wait()` return when every task has exited.
+//!
 //! One dedicated OS thread runs an epoll loop over the stop eventfd, the socket and every uffd.
 //! Demand faults are served first (with a small aligned fault-around window); the background
 //! fill copies `fill_batch_pages` at a time and only when no uffd is readable. The fault path
@@ -184,7 +202,7 @@ pub struct LazyPagesServer {
 }
 
 impl LazyPagesServer {
-    /// Binds and listens on `<work_dir>/lazy-pages.socket` (via /proc/self/fd/<dirfd>/ so long
+    /// Binds and listens on `<work_dir>/lazy-pages.socket` (via `/proc/self/fd/<dirfd>/` so long
     /// paths work; a stale socket is removed first) before returning, so `criu restore
     /// --lazy-pages` can connect right after. Reads pstree, mm and pagemap images of `images`.
     pub fn bind(

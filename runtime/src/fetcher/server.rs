@@ -61,7 +61,7 @@ impl StopFd {
 pub(crate) struct Prepared {
     pub socket_path: PathBuf,
     dirfd: OwnedFd,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
     plans: HashMap<u32, Vec<(u64, u64)>>,
     expected: usize,
     source: Arc<dyn PageSource>,
@@ -119,7 +119,7 @@ impl Prepared {
         Ok(Prepared {
             socket_path,
             dirfd,
-            listener,
+            listener: Some(listener),
             plans,
             expected: tree.len(),
             source,
@@ -220,7 +220,7 @@ fn sys(what: &'static str) -> impl Fn(nix::Error) -> FetchError {
 
 impl Loop {
     fn new(
-        p: Prepared,
+        mut p: Prepared,
         stop: Arc<StopFd>,
         c: Arc<FetchCounters>,
         t0: Instant,
@@ -232,9 +232,9 @@ impl Loop {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
             )
             .map_err(sys("epoll_ctl"))?;
-        let listener = p.listener.try_clone().map_err(|source| FetchError::Sys {
-            what: "dup the listening socket",
-            source,
+        let listener = p.listener.take().ok_or(FetchError::Sys {
+            what: "take the listening socket",
+            source: io::Error::from(io::ErrorKind::NotFound),
         })?;
         epoll
             .add(
@@ -380,7 +380,7 @@ impl Loop {
                 if let Some(l) = self.listener.take() {
                     let _ = self.epoll.delete(&l);
                 }
-                // The listener is closed now (ours and the clone in `p` below); criu accepts one.
+                // The listener is closed now: criu connects once.
                 let _ = nix::unistd::unlinkat(
                     Some(self.p.dirfd.as_raw_fd()),
                     LAZY_PAGES_SOCKET,

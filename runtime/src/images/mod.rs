@@ -42,9 +42,9 @@ pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
 /// Type magic of pstree.img.
 pub const PSTREE_MAGIC: u32 = 0x5027_3030;
-/// Type magic of mm-<pid>.img.
+/// Type magic of `mm-<pid>.img`.
 pub const MM_MAGIC: u32 = 0x5749_2820;
-/// Type magic of pagemap-<pid>.img.
+/// Type magic of `pagemap-<pid>.img`.
 pub const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 /// The only inventory `img_version` we read (`CRTOOLS_IMAGES_V1_1`).
 pub const IMG_VERSION: u32 = 2;
@@ -355,7 +355,7 @@ impl ImageDir {
         Ok(out)
     }
 
-    /// The VMAs of task `pid` from mm-<pid>.img, checked to be sorted and non-overlapping.
+    /// The VMAs of task `pid` from `mm-<pid>.img`, checked to be sorted and non-overlapping.
     pub fn vmas(&self, pid: u32) -> Result<Vec<VmaEntry>, ImageError> {
         let path = self.dir.join(format!("mm-{pid}.img"));
         let mut r = EntryReader::open(&path, MM_MAGIC)?;
@@ -381,7 +381,7 @@ impl ImageDir {
         Ok(mm.vmas)
     }
 
-    /// The entries of pagemap-<pid>.img in this directory only, without touching pages files or
+    /// The entries of `pagemap-<pid>.img` in this directory only, without touching pages files or
     /// parents. Enough to know which ranges are lazy (lazy ranges never live in a parent).
     pub fn pagemap_entries(&self, pid: u32) -> Result<(u32, Vec<PageRange>), ImageError> {
         read_pagemap(&self.dir.join(format!("pagemap-{pid}.img")))
@@ -742,7 +742,7 @@ pub mod testutil {
         std::fs::write(dir.join("inventory.img"), b)
     }
 
-    /// Writes pagemap-<pid>.img into `dir`.
+    /// Writes `pagemap-<pid>.img` into `dir`.
     pub fn write_pagemap(
         dir: &Path,
         pid: u32,

@@ -77,7 +77,7 @@ pub struct MmEntry {
     pub vmas: Vec<VmaEntry>,
 }
 
-/// `pagemap_head` (images/pagemap.proto): first entry of pagemap-<pid>.img.
+/// `pagemap_head` (images/pagemap.proto): first entry of `pagemap-<pid>.img`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PagemapHead {
     /// Names `pages-<pages_id>.img`.
