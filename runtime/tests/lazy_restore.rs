@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,11 +51,21 @@ fn lazy_restore(
     opts: FetcherOptions,
 ) -> Result<Restored> {
     let dir = scratch(name);
+    let w = Workload::start(&dir, port, mib, procs, threads, zombie)?;
+    restore_workload(name, &dir, w, opts)
+}
+
+/// Dumps the running workload `w` and restores it lazily with our fetcher.
+fn restore_workload(
+    name: &str,
+    dir: &Path,
+    mut w: Workload,
+    opts: FetcherOptions,
+) -> Result<Restored> {
     let img = dir.join("img");
     let work = dir.join("work");
     std::fs::create_dir_all(&img)?;
     std::fs::create_dir_all(&work)?;
-    let mut w = Workload::start(&dir, port, mib, procs, threads, zombie)?;
     let pids = dump(&mut w, &img)?;
     let source = Arc::new(LocalImages::open(&img)?);
     let server = LazyPagesServer::bind(&work, &img, source, opts)?;
@@ -246,5 +257,57 @@ fn fill_full_completes_and_wait_returns() -> Result<()> {
     ensure!(installed(&s) == s.lazy_pages, "{s:?}");
     ensure!(s.pages_filled > s.lazy_pages / 2, "{s:?}");
     verify(17161)?;
+    Ok(())
+}
+
+/// The infra workload (test-images/memhog): several processes and threads, checksums.
+#[test]
+fn memhog_checksum_after_lazy_restore() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("test-images/out/memhog");
+    if !bin.exists() {
+        let _ = Command::new("make")
+            .arg("-C")
+            .arg(root.join("test-images"))
+            .arg("memhog")
+            .status();
+    }
+    if !bin.exists() {
+        ensure!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{} missing in CI",
+            bin.display()
+        );
+        eprintln!(
+            "SKIP: {} not built (make -C test-images memhog)",
+            bin.display()
+        );
+        return Ok(());
+    }
+    let dir = scratch("memhog");
+    let args: Vec<String> = "serve --mib 48 --procs 2 --threads 2 --port 17171 --zero-pct 10"
+        .split(' ')
+        .map(String::from)
+        .collect();
+    let w = Workload::spawn(&dir, &bin, &args, 17171, 1)?;
+    let opts = FetcherOptions {
+        fill: FillPolicy::None,
+        ..Default::default()
+    };
+    let r = restore_workload("memhog", &dir, w, opts)?;
+    let expect = query(17171, "EXPECT", T)?;
+    let sum = query(17171, "SUM", T)?;
+    ensure!(
+        sum.starts_with("SUM ") && sum == expect,
+        "SUM {sum} vs EXPECT {expect}"
+    );
+    let v = query(17171, "VERIFY", T)?;
+    ensure!(v.starts_with("OK"), "VERIFY said {v}");
+    let s = r.handle().stats();
+    report("memhog", &s);
+    ensure!(s.tasks == 2 && s.faults > 0 && s.pages_filled == 0, "{s:?}");
     Ok(())
 }

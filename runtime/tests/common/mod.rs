@@ -85,18 +85,31 @@ impl Workload {
         threads: u16,
         zombie: bool,
     ) -> Result<Workload> {
-        let mut cmd = Command::new(lazyhog());
-        cmd.args([
+        let args = [
             port.to_string(),
             mib.to_string(),
             procs.to_string(),
             threads.to_string(),
             u8::from(zombie).to_string(),
-        ])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        ];
+        Workload::spawn(dir, lazyhog(), &args, port, procs)
+    }
+
+    /// Starts `bin args` in `dir` in a new session with stdio on /dev/null and waits until each
+    /// of `procs` ports from `port` answers PING with PONG.
+    pub fn spawn(
+        dir: &Path,
+        bin: &Path,
+        args: &[String],
+        port: u16,
+        procs: u16,
+    ) -> Result<Workload> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // SAFETY: setsid() is async-signal-safe and touches no memory of the parent.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -105,7 +118,9 @@ impl Workload {
                     .map_err(std::io::Error::from)
             });
         }
-        let child = cmd.spawn().context("spawn lazyhog")?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
         let pid = i32::try_from(child.id())?;
         let w = Workload {
             child: Some(child),
@@ -116,7 +131,7 @@ impl Workload {
         for i in 0..procs {
             let r = query(port + i, "PING", Duration::from_secs(20))?;
             if r != "PONG" {
-                bail!("lazyhog proc {i} answered {r:?}");
+                bail!("{} proc {i} answered {r:?}", bin.display());
             }
         }
         Ok(w)
