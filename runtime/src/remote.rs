@@ -1,0 +1,875 @@
+//! [`RemotePages`]: a [`PageSource`] that fetches pages from `distriproc-pageserver` over the
+//! native protocol ([`crate::protocol`]), on TCP or a unix socket.
+//!
+//! It owns the client side of sessions: connecting, the hello (checkpoint id and token), a
+//! small pool of connections so that concurrent callers (fault threads, several restores
+//! sharing one source) do not wait on each other, pipelining of batched requests on one
+//! connection, timeouts on every step, and reconnection with exponential backoff when a
+//! connection breaks. It does not install pages (that is the fetcher) and does not cache them.
+//!
+//! Errors that come from what the server said (unknown checkpoint, wrong token, unknown pid,
+//! address out of range) are final and reported at once. Transport errors (reset, EOF,
+//! timeout) close that connection and the request is retried on a new one, with backoff,
+//! until [`RemoteOptions::retry_timeout`] has passed since the first failure; then the call
+//! fails with [`RemoteError::GaveUp`] naming the endpoint, the attempts and the last error.
+//! A call therefore never blocks longer than about `io_timeout + retry_timeout`.
+//!
+//! Through the [`PageSource`] trait, errors map onto [`SourceError`]: `UnknownPid`, `NotHere`
+//! (also for not-lazy pages), `BadRequest` (out of range), and `Io` for everything else, with
+//! `path` naming the endpoint and checkpoint and the [`RemoteError`] as the source.
+
+use std::fmt;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
+    HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
+    MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE, REQ_FIRST_RUN, VERSION,
+};
+use crate::source::{PageKind, PageRead, PageSource, SourceError};
+
+/// Where the page server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `HOST:PORT` (resolved at each connect; IPv6 as `[::1]:PORT`).
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("{s:?}: empty unix socket path"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(p)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Endpoint::Tcp(s.to_string()))
+            }
+            _ => Err(format!(
+                "{s:?} is not HOST:PORT or unix:PATH (e.g. 10.0.0.5:7060, unix:/run/ps.sock)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// The checkpoint to read (a directory name in the server's store).
+    pub checkpoint: String,
+    /// The shared token (empty if the server needs none).
+    pub token: String,
+    /// Who is restoring (recorded in the server's access log), e.g. the container id.
+    pub client: String,
+    /// Limit on establishing a connection (TCP connect and hello).
+    pub connect_timeout: Duration,
+    /// Limit on each read or write of a request/response.
+    pub io_timeout: Duration,
+    /// How long to keep retrying after a transport failure before giving up.
+    pub retry_timeout: Duration,
+    /// First backoff delay between retries (doubles up to `backoff_max`).
+    pub backoff_initial: Duration,
+    /// Largest backoff delay.
+    pub backoff_max: Duration,
+    /// Most connections open at once (1..=64): concurrent callers beyond it wait.
+    pub max_connections: usize,
+    /// Most requests outstanding on one connection in [`RemotePages::read_batch`].
+    pub pipeline_depth: usize,
+}
+
+impl RemoteOptions {
+    /// Defaults for a checkpoint id: 5 s connect, 10 s I/O, 30 s of retries, 8 connections.
+    pub fn new(checkpoint: &str) -> RemoteOptions {
+        RemoteOptions {
+            checkpoint: checkpoint.to_string(),
+            token: String::new(),
+            client: format!("pid-{}", std::process::id()),
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+            retry_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+            max_connections: 8,
+            pipeline_depth: 8,
+        }
+    }
+}
+
+/// Most connections a [`RemotePages`] may open.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Errors of the page-server client. Each names the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// An option is out of range.
+    #[error("invalid page-server client option {name}: {why}")]
+    BadOption {
+        /// The option.
+        name: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The connection could not be established.
+    #[error("cannot connect to page server {endpoint}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The session broke or the server said something invalid.
+    #[error("page server {endpoint}, checkpoint {checkpoint:?}")]
+    Protocol {
+        /// The endpoint.
+        endpoint: String,
+        /// The checkpoint.
+        checkpoint: String,
+        /// What went wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The server refused a range.
+    #[error("page server {endpoint}, checkpoint {checkpoint:?}: {status} for pid {pid}, {nr_pages} pages at {vaddr:#x}")]
+    Range {
+        /// The endpoint.
+        endpoint: String,
+        /// The checkpoint.
+        checkpoint: String,
+        /// Why.
+        status: RangeStatus,
+        /// Task.
+        pid: u32,
+        /// Dump-time address.
+        vaddr: u64,
+        /// Pages asked for.
+        nr_pages: u32,
+    },
+    /// Every connection stayed busy longer than the I/O timeout.
+    #[error("page server {endpoint}: no free connection within {after:?} ({max} in use)")]
+    PoolTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The wait.
+        after: Duration,
+        /// The pool size.
+        max: usize,
+    },
+    /// Transport failures persisted past the retry timeout.
+    #[error(
+        "page server {endpoint} unreachable: gave up after {attempts} attempts in {elapsed:?}"
+    )]
+    GaveUp {
+        /// The endpoint.
+        endpoint: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time since the first failure.
+        elapsed: Duration,
+        /// The last failure.
+        #[source]
+        last: Box<RemoteError>,
+    },
+}
+
+impl RemoteError {
+    fn is_transport(&self) -> bool {
+        match self {
+            RemoteError::Connect { .. } => true,
+            RemoteError::Protocol { source, .. } => source.is_transport(),
+            _ => false,
+        }
+    }
+}
+
+/// Counters of a [`RemotePages`] (cheap snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Pages answered (data and zero).
+    pub pages: u64,
+    /// Data bytes received.
+    pub bytes: u64,
+    /// Connections opened (the first included).
+    pub connects: u64,
+    /// Transport failures that led to a retry.
+    pub retries: u64,
+}
+
+/// The answer for one range of [`RemotePages::read_batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeAnswer {
+    /// Outcome.
+    pub status: RangeStatus,
+    /// Pages answered from the range start (0 on error).
+    pub pages: u32,
+    /// Kind bitmap (bit set = data, written into the caller's buffer; clear = zero page, the
+    /// buffer is left untouched).
+    pub bitmap: Vec<u8>,
+}
+
+impl RangeAnswer {
+    /// Whether page `i` of the range is data.
+    pub fn is_data(&self, i: usize) -> bool {
+        bitmap_get(&self.bitmap, i)
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
+            }
+        }
+    }
+}
+
+struct Conn {
+    r: BufReader<Stream>,
+    wbuf: Vec<u8>,
+    max_ranges: usize,
+    max_pages: u32,
+}
+
+struct Pool {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+/// A [`PageSource`] over `distriproc-pageserver`'s native protocol. Share it with `Arc`; all
+/// methods take `&self` and may be called from any number of threads.
+pub struct RemotePages {
+    endpoint: Endpoint,
+    endpoint_text: String,
+    opts: RemoteOptions,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    next_id: AtomicU32,
+    requests: AtomicU64,
+    pages: AtomicU64,
+    bytes: AtomicU64,
+    connects: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl fmt::Debug for RemotePages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemotePages")
+            .field("endpoint", &self.endpoint_text)
+            .field("checkpoint", &self.opts.checkpoint)
+            .finish()
+    }
+}
+
+impl RemotePages {
+    /// Checks the options and opens a first session, so that an unreachable server, a wrong
+    /// token or an unknown checkpoint is reported here rather than at the first fault.
+    pub fn connect(endpoint: Endpoint, opts: RemoteOptions) -> Result<RemotePages, RemoteError> {
+        let bad = |name, why: &str| RemoteError::BadOption {
+            name,
+            why: why.to_string(),
+        };
+        if opts.max_connections == 0 || opts.max_connections > MAX_CONNECTIONS {
+            return Err(bad("max_connections", "must be 1..=64"));
+        }
+        if opts.pipeline_depth == 0 || opts.pipeline_depth > 64 {
+            return Err(bad("pipeline_depth", "must be 1..=64"));
+        }
+        if opts.io_timeout.is_zero() || opts.connect_timeout.is_zero() {
+            return Err(bad("io_timeout/connect_timeout", "must be greater than 0"));
+        }
+        if opts.backoff_initial.is_zero() || opts.backoff_max < opts.backoff_initial {
+            return Err(bad("backoff", "need 0 < backoff_initial <= backoff_max"));
+        }
+        let rp = RemotePages {
+            endpoint_text: endpoint.to_string(),
+            endpoint,
+            opts,
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+            next_id: AtomicU32::new(1),
+            requests: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        };
+        let c = rp.open_conn()?;
+        let mut p = rp.lock();
+        p.open += 1;
+        p.idle.push(c);
+        drop(p);
+        Ok(rp)
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The checkpoint id.
+    pub fn checkpoint(&self) -> &str {
+        &self.opts.checkpoint
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> RemoteStats {
+        RemoteStats {
+            requests: self.requests.load(Relaxed),
+            pages: self.pages.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            connects: self.connects.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn proto(&self, source: ProtocolError) -> RemoteError {
+        RemoteError::Protocol {
+            endpoint: self.endpoint_text.clone(),
+            checkpoint: self.opts.checkpoint.clone(),
+            source,
+        }
+    }
+
+    fn open_conn(&self) -> Result<Conn, RemoteError> {
+        let cerr = |source| RemoteError::Connect {
+            endpoint: self.endpoint_text.clone(),
+            source,
+        };
+        let stream = match &self.endpoint {
+            Endpoint::Tcp(addr) => {
+                let addrs: Vec<_> = addr.to_socket_addrs().map_err(cerr)?.collect();
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
+                let mut got = None;
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, self.opts.connect_timeout) {
+                        Ok(s) => {
+                            got = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = got.ok_or_else(|| cerr(last))?;
+                s.set_nodelay(true).map_err(cerr)?;
+                Stream::Tcp(s)
+            }
+            Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(cerr)?),
+        };
+        stream
+            .set_timeouts(self.opts.connect_timeout)
+            .map_err(cerr)?;
+        self.connects.fetch_add(1, Relaxed);
+        let mut r = BufReader::with_capacity(64 * 1024, stream);
+        let hello = Hello {
+            version: VERSION,
+            checkpoint: self.opts.checkpoint.clone(),
+            token: self.opts.token.clone(),
+            client: self.opts.client.clone(),
+        }
+        .encode()
+        .map_err(|e| self.proto(e))?;
+        r.get_mut().write_all(&hello).map_err(|source| {
+            self.proto(ProtocolError::Io {
+                what: "send hello",
+                source,
+            })
+        })?;
+        let reply = HelloReply::read(&mut r).map_err(|e| self.proto(e))?;
+        if reply.status != HelloStatus::Ok {
+            return Err(self.proto(ProtocolError::Refused {
+                status: reply.status,
+                message: reply.message,
+            }));
+        }
+        r.get_ref()
+            .set_timeouts(self.opts.io_timeout)
+            .map_err(cerr)?;
+        Ok(Conn {
+            r,
+            wbuf: Vec::with_capacity(4096),
+            max_ranges: usize::from(reply.max_ranges).min(MAX_RANGES),
+            max_pages: reply.max_request_pages.min(MAX_REQUEST_PAGES),
+        })
+    }
+
+    /// Takes an idle connection, or opens one if under the limit, or waits for one.
+    fn checkout(&self) -> Result<Conn, RemoteError> {
+        let until = Instant::now() + self.opts.io_timeout;
+        let mut p = self.lock();
+        loop {
+            if let Some(c) = p.idle.pop() {
+                return Ok(c);
+            }
+            if p.open < self.opts.max_connections {
+                p.open += 1;
+                drop(p);
+                return self.open_conn().inspect_err(|_| {
+                    self.lock().open -= 1;
+                    self.freed.notify_one();
+                });
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(RemoteError::PoolTimeout {
+                    endpoint: self.endpoint_text.clone(),
+                    after: self.opts.io_timeout,
+                    max: self.opts.max_connections,
+                });
+            }
+            p = self
+                .freed
+                .wait_timeout(p, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn checkin(&self, c: Option<Conn>) {
+        let mut p = self.lock();
+        match c {
+            Some(c) => p.idle.push(c),
+            None => p.open -= 1,
+        }
+        drop(p);
+        self.freed.notify_one();
+    }
+
+    /// Runs `op` on a pooled connection; on a transport failure the connection is dropped and
+    /// `op` is retried on a new one with exponential backoff until the retry timeout.
+    fn with_retry<T>(
+        &self,
+        mut op: impl FnMut(&mut Conn) -> Result<T, RemoteError>,
+    ) -> Result<T, RemoteError> {
+        let mut first_failure: Option<Instant> = None;
+        let mut delay = self.opts.backoff_initial;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let res = self.checkout().and_then(|mut c| {
+                let r = op(&mut c);
+                // A connection that failed in any way may be mid-message: never reuse it.
+                self.checkin(if r.is_ok() { Some(c) } else { None });
+                r
+            });
+            match res {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transport() => {
+                    let start = *first_failure.get_or_insert_with(Instant::now);
+                    let elapsed = start.elapsed();
+                    if elapsed >= self.opts.retry_timeout {
+                        return Err(RemoteError::GaveUp {
+                            endpoint: self.endpoint_text.clone(),
+                            attempts,
+                            elapsed,
+                            last: Box::new(e),
+                        });
+                    }
+                    self.retries.fetch_add(1, Relaxed);
+                    std::thread::sleep(delay.min(self.opts.retry_timeout - elapsed));
+                    delay = (delay * 2).min(self.opts.backoff_max);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send(&self, c: &mut Conn, what: &'static str) -> Result<(), RemoteError> {
+        let r = c.r.get_mut().write_all(&c.wbuf);
+        c.wbuf.clear();
+        r.map_err(|source| self.proto(ProtocolError::Io { what, source }))
+    }
+
+    fn next_id(&self) -> u32 {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        if id == 0 {
+            self.next_id.fetch_add(1, Relaxed)
+        } else {
+            id
+        }
+    }
+
+    /// Reads a response header for `id` and fails on a request-level error.
+    fn expect_response(&self, c: &mut Conn, id: u32, nr: usize) -> Result<(), RemoteError> {
+        let h = read_response_header(&mut c.r).map_err(|e| self.proto(e))?;
+        if h.request_id != id {
+            return Err(self.proto(ProtocolError::OutOfOrder {
+                expected: id,
+                got: h.request_id,
+            }));
+        }
+        if h.status != RequestStatus::Ok {
+            return Err(self.proto(ProtocolError::RequestFailed {
+                request_id: id,
+                status: h.status,
+                message: h.message,
+            }));
+        }
+        if usize::from(h.nr_ranges) != nr {
+            return Err(self.proto(ProtocolError::Invalid {
+                what: "response range count",
+                value: u64::from(h.nr_ranges),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Reads one range reply; data pages go to their page positions in `buf`.
+    fn read_range(
+        &self,
+        c: &mut Conn,
+        range: &Range,
+        buf: &mut [u8],
+        bitmap: &mut Vec<u8>,
+    ) -> Result<(RangeStatus, u32), RemoteError> {
+        let h = read_range_reply_header(&mut c.r, range.nr_pages).map_err(|e| self.proto(e))?;
+        bitmap.clear();
+        if h.status != RangeStatus::Ok {
+            return Ok((h.status, 0));
+        }
+        bitmap.resize(h.bitmap_len(), 0);
+        c.r.read_exact(bitmap).map_err(|source| {
+            self.proto(ProtocolError::Io {
+                what: "read kind bitmap",
+                source,
+            })
+        })?;
+        check_bitmap(bitmap, h.nr_pages, h.data_pages).map_err(|e| self.proto(e))?;
+        let n = h.nr_pages as usize;
+        let mut i = 0;
+        while i < n {
+            if !bitmap_get(bitmap, i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < n && bitmap_get(bitmap, i) {
+                i += 1;
+            }
+            c.r.read_exact(&mut buf[start * PAGE_SIZE..i * PAGE_SIZE])
+                .map_err(|source| {
+                    self.proto(ProtocolError::Io {
+                        what: "read page data",
+                        source,
+                    })
+                })?;
+        }
+        self.requests.fetch_add(1, Relaxed);
+        self.pages.fetch_add(u64::from(h.nr_pages), Relaxed);
+        self.bytes
+            .fetch_add(u64::from(h.data_pages) * PAGE_SIZE as u64, Relaxed);
+        Ok((RangeStatus::Ok, h.nr_pages))
+    }
+
+    /// Reads many ranges at once: `buf` holds the ranges' pages back to back (its length must
+    /// be the sum of their sizes). Requests are cut to the server's limits and pipelined on one
+    /// connection. Per-range errors are returned in the answers, not as `Err`.
+    pub fn read_batch(
+        &self,
+        ranges: &[Range],
+        buf: &mut [u8],
+    ) -> Result<Vec<RangeAnswer>, RemoteError> {
+        let total: u64 = ranges.iter().map(|r| u64::from(r.nr_pages)).sum();
+        if total * PAGE_SIZE as u64 != buf.len() as u64 {
+            return Err(RemoteError::BadOption {
+                name: "read_batch buffer",
+                why: format!("{} bytes for {total} pages", buf.len()),
+            });
+        }
+        if let Some(r) = ranges.iter().find(|r| r.check().is_err()) {
+            return Err(RemoteError::Range {
+                endpoint: self.endpoint_text.clone(),
+                checkpoint: self.opts.checkpoint.clone(),
+                status: RangeStatus::OutOfRange,
+                pid: r.pid,
+                vaddr: r.vaddr,
+                nr_pages: r.nr_pages,
+            });
+        }
+        self.with_retry(|c| {
+            // Cut into requests within the server's limits.
+            let mut chunks: Vec<(usize, usize)> = Vec::new();
+            let mut start = 0;
+            while start < ranges.len() {
+                let mut end = start;
+                let mut pages = 0u32;
+                while end < ranges.len()
+                    && end - start < c.max_ranges
+                    && pages + ranges[end].nr_pages <= c.max_pages
+                {
+                    pages += ranges[end].nr_pages;
+                    end += 1;
+                }
+                if end == start {
+                    // A range larger than the server's request limit.
+                    return Err(self.proto(ProtocolError::Limit {
+                        what: "range pages vs server request limit",
+                        value: u64::from(ranges[start].nr_pages),
+                        limit: u64::from(c.max_pages),
+                    }));
+                }
+                chunks.push((start, end));
+                start = end;
+            }
+            let mut answers = Vec::with_capacity(ranges.len());
+            let mut offsets = Vec::with_capacity(ranges.len());
+            let mut off = 0usize;
+            for r in ranges {
+                offsets.push(off);
+                off += r.nr_pages as usize * PAGE_SIZE;
+            }
+            let mut sent: Vec<(u32, usize, usize)> = Vec::new();
+            let mut next = 0;
+            let mut done = 0;
+            while done < chunks.len() {
+                while next < chunks.len() && sent.len() - done < self.opts.pipeline_depth {
+                    let (s, e) = chunks[next];
+                    let id = self.next_id();
+                    encode_request(id, RequestKind::ReadPages, 0, &ranges[s..e], &mut c.wbuf)
+                        .map_err(|e| self.proto(e))?;
+                    sent.push((id, s, e));
+                    next += 1;
+                }
+                self.send(c, "send request")?;
+                let (id, s, e) = sent[done];
+                self.expect_response(c, id, e - s)?;
+                for k in s..e {
+                    let r = &ranges[k];
+                    let len = r.nr_pages as usize * PAGE_SIZE;
+                    let mut bitmap = Vec::new();
+                    let (status, pages) =
+                        self.read_range(c, r, &mut buf[offsets[k]..offsets[k] + len], &mut bitmap)?;
+                    answers.push(RangeAnswer {
+                        status,
+                        pages,
+                        bitmap,
+                    });
+                }
+                done += 1;
+            }
+            Ok(answers)
+        })
+    }
+
+    /// One range with `REQ_FIRST_RUN`: the server answers only the leading run of one kind.
+    fn read_first_run(&self, range: Range, buf: &mut [u8]) -> Result<PageRead, RemoteError> {
+        self.with_retry(|c| {
+            let pages = range.nr_pages.min(c.max_pages).min(MAX_RANGE_PAGES);
+            let r = Range {
+                nr_pages: pages,
+                ..range
+            };
+            let id = self.next_id();
+            encode_request(id, RequestKind::ReadPages, REQ_FIRST_RUN, &[r], &mut c.wbuf)
+                .map_err(|e| self.proto(e))?;
+            self.send(c, "send request")?;
+            self.expect_response(c, id, 1)?;
+            let mut bm = Vec::new();
+            let (status, n) = self.read_range(c, &r, buf, &mut bm)?;
+            if status != RangeStatus::Ok {
+                return Err(RemoteError::Range {
+                    endpoint: self.endpoint_text.clone(),
+                    checkpoint: self.opts.checkpoint.clone(),
+                    status,
+                    pid: r.pid,
+                    vaddr: r.vaddr,
+                    nr_pages: r.nr_pages,
+                });
+            }
+            let data = bitmap_get(&bm, 0);
+            if (0..n as usize).any(|i| bitmap_get(&bm, i) != data) {
+                return Err(self.proto(ProtocolError::Invalid {
+                    what: "mixed kinds in a first-run reply",
+                    value: u64::from(n),
+                }));
+            }
+            Ok(PageRead {
+                pages: n as usize,
+                kind: if data { PageKind::Data } else { PageKind::Zero },
+            })
+        })
+    }
+
+    /// Ends every idle session politely (Goodbye). Busy connections close when dropped.
+    pub fn close(&self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        for mut c in idle {
+            if encode_request(0, RequestKind::Goodbye, 0, &[], &mut c.wbuf).is_ok()
+                && self.send(&mut c, "send goodbye").is_ok()
+            {
+                let _ = read_response_header(&mut c.r);
+            }
+            self.lock().open -= 1;
+        }
+    }
+}
+
+impl Drop for RemotePages {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl PageSource for RemotePages {
+    fn read_pages(&self, pid: u32, vaddr: u64, buf: &mut [u8]) -> Result<PageRead, SourceError> {
+        if buf.is_empty() || buf.len() % PAGE_SIZE != 0 || vaddr % PAGE_SIZE as u64 != 0 {
+            return Err(SourceError::BadRequest {
+                pid,
+                vaddr,
+                len: buf.len(),
+            });
+        }
+        let want = u32::try_from(buf.len() / PAGE_SIZE)
+            .unwrap_or(u32::MAX)
+            .min(MAX_RANGE_PAGES);
+        let range = Range {
+            pid,
+            vaddr,
+            nr_pages: want,
+        };
+        if range.check().is_err() {
+            return Err(SourceError::BadRequest {
+                pid,
+                vaddr,
+                len: buf.len(),
+            });
+        }
+        match self.read_first_run(range, buf) {
+            Ok(r) => Ok(r),
+            Err(RemoteError::Range { status, .. }) if status == RangeStatus::UnknownPid => {
+                Err(SourceError::UnknownPid { pid })
+            }
+            Err(RemoteError::Range { status, .. })
+                if matches!(status, RangeStatus::NotHere | RangeStatus::NotLazy) =>
+            {
+                Err(SourceError::NotHere { pid, vaddr })
+            }
+            Err(RemoteError::Range { status, .. }) if status == RangeStatus::OutOfRange => {
+                Err(SourceError::BadRequest {
+                    pid,
+                    vaddr,
+                    len: buf.len(),
+                })
+            }
+            Err(e) => Err(SourceError::Io {
+                path: PathBuf::from(format!(
+                    "{} checkpoint {}",
+                    self.endpoint_text, self.opts.checkpoint
+                )),
+                offset: vaddr,
+                source: io::Error::other(e),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "127.0.0.1:7060".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("127.0.0.1:7060".into())
+        );
+        assert_eq!(
+            "[::1]:7060".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("[::1]:7060".into())
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix("/run/x.sock".into())
+        );
+        for bad in ["", "unix:", "host", "host:", ":7060", "h:99999"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            Endpoint::Unix("/a".into()).to_string(),
+            "unix:/a".to_string()
+        );
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = RemoteOptions::new("c");
+        o.max_connections = 0;
+        assert!(matches!(
+            RemotePages::connect(Endpoint::Unix("/nonexistent".into()), o),
+            Err(RemoteError::BadOption { .. })
+        ));
+    }
+
+    #[test]
+    fn unreachable_server_is_a_connect_error() {
+        let d = tempfile::tempdir().unwrap();
+        let e = RemotePages::connect(
+            Endpoint::Unix(d.path().join("none.sock")),
+            RemoteOptions::new("c"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, RemoteError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains("none.sock"), "{e}");
+    }
+}
