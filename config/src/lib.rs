@@ -19,6 +19,8 @@
 //! criu = ""                    # criu binary for runc (empty: runc's default, from PATH)
 //! ```
 
+pub mod pageserver;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

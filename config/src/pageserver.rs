@@ -1,0 +1,310 @@
+//! The page server's configuration file (`distriproc-pageserver --config FILE`), its defaults
+//! and validation, and the rule for checkpoint ids. Command-line flags override file values;
+//! the binary applies them and validates the result once.
+//!
+//! ```toml
+//! # /etc/distriproc/pageserver.toml (every key optional; these are the defaults)
+//! store = "/var/lib/distriproc/checkpoints"  # each subdirectory is a checkpoint
+//! listen = ["0.0.0.0:7060"]                  # HOST:PORT or unix:PATH, one or more
+//! criu_default = ""                          # checkpoint served to plain CRIU clients ("" = none)
+//! criu_push = true                           # accept `criu dump --page-server` pushes
+//! criu_push_prefix = "push-"                 # pushed checkpoints are named PREFIX<time>-<n>
+//! criu_header = "auto"                       # auto | 4.1 | 4.2 (CRIU header layout)
+//! criu_unauthenticated = false               # allow CRIU clients (no token) when a token is set
+//! token_file = ""                            # shared token; "" = no authentication
+//! metrics = ""                               # ADDR:PORT for Prometheus /metrics ("" = off)
+//! access_log = true                          # append-only access log per checkpoint
+//! lazy_only = false                          # refuse native reads of non-lazy pages
+//! max_clients = 1024                         # concurrent connections
+//! io_timeout_ms = 60000                      # idle/IO limit per connection
+//! max_cached_checkpoints = 64                # checkpoint indexes kept in memory
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+/// Where the page server looks for its configuration file when none is named.
+pub const DEFAULT_PAGESERVER_CONFIG_PATH: &str = "/etc/distriproc/pageserver.toml";
+/// Default store directory.
+pub const DEFAULT_STORE: &str = "/var/lib/distriproc/checkpoints";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7060";
+/// Longest checkpoint id (also the native protocol's limit).
+pub const MAX_CHECKPOINT_ID_LEN: usize = 128;
+/// Upper bound of `max_clients`.
+pub const MAX_CLIENTS: u32 = 65_536;
+
+/// Which CRIU page-server header layout to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CriuHeader {
+    /// Detect per connection from the first header (4.2 when undecidable).
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// CRIU ≤ 4.1: 24-byte headers.
+    #[serde(rename = "4.1")]
+    V41,
+    /// CRIU ≥ 4.2: 32-byte headers.
+    #[serde(rename = "4.2")]
+    V42,
+}
+
+impl std::str::FromStr for CriuHeader {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "4.1" => Ok(Self::V41),
+            "4.2" => Ok(Self::V42),
+            other => Err(format!(
+                "unknown CRIU header layout {other:?} (expected auto, 4.1 or 4.2)"
+            )),
+        }
+    }
+}
+
+/// The page server's configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PageServerConfig {
+    /// The checkpoint store.
+    pub store: PathBuf,
+    /// Listen addresses: `HOST:PORT` or `unix:PATH`.
+    pub listen: Vec<String>,
+    /// Checkpoint served to plain CRIU clients (empty: CRIU GET sessions are refused).
+    pub criu_default: String,
+    /// Accept `criu dump --page-server` pushes into new checkpoints.
+    pub criu_push: bool,
+    /// Name prefix of pushed checkpoints.
+    pub criu_push_prefix: String,
+    /// CRIU header layout.
+    pub criu_header: CriuHeader,
+    /// Whether CRIU clients (which cannot present a token) are served when a token is set.
+    pub criu_unauthenticated: bool,
+    /// File holding the shared token (empty: no authentication).
+    pub token_file: PathBuf,
+    /// Prometheus endpoint (empty: off).
+    pub metrics: String,
+    /// Write the per-checkpoint access log.
+    pub access_log: bool,
+    /// Refuse native reads of pages that were not dumped as lazy.
+    pub lazy_only: bool,
+    /// Most concurrent connections.
+    pub max_clients: u32,
+    /// Per-connection I/O and idle timeout.
+    pub io_timeout_ms: u64,
+    /// Checkpoint indexes kept in memory.
+    pub max_cached_checkpoints: u32,
+}
+
+impl Default for PageServerConfig {
+    fn default() -> Self {
+        PageServerConfig {
+            store: PathBuf::from(DEFAULT_STORE),
+            listen: vec![DEFAULT_LISTEN.to_string()],
+            criu_default: String::new(),
+            criu_push: true,
+            criu_push_prefix: "push-".into(),
+            criu_header: CriuHeader::Auto,
+            criu_unauthenticated: false,
+            token_file: PathBuf::new(),
+            metrics: String::new(),
+            access_log: true,
+            lazy_only: false,
+            max_clients: 1024,
+            io_timeout_ms: 60_000,
+            max_cached_checkpoints: 64,
+        }
+    }
+}
+
+/// Checks that `id` names a checkpoint directly inside the store: 1..=128 characters from
+/// `[A-Za-z0-9._-]`, not starting with `.` or `-` (so no `..`, no `/`, no hidden or option-like
+/// names). Returns why not.
+pub fn validate_checkpoint_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty checkpoint id".into());
+    }
+    if id.len() > MAX_CHECKPOINT_ID_LEN {
+        return Err(format!(
+            "checkpoint id is {} bytes, limit is {MAX_CHECKPOINT_ID_LEN}",
+            id.len()
+        ));
+    }
+    if id.starts_with('.') || id.starts_with('-') {
+        return Err(format!("checkpoint id {id:?} starts with '.' or '-'"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "checkpoint id {id:?} contains {c:?} (allowed: A-Z a-z 0-9 . _ -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a listen address: `HOST:PORT` or `unix:PATH` (absolute).
+pub fn validate_listen(addr: &str) -> Result<(), String> {
+    if let Some(p) = addr.strip_prefix("unix:") {
+        if !Path::new(p).is_absolute() {
+            return Err(format!("{addr:?}: unix socket path must be absolute"));
+        }
+        return Ok(());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{addr:?} is not HOST:PORT or unix:PATH")),
+    }
+}
+
+impl PageServerConfig {
+    /// Parses and validates TOML text; `origin` names the file in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: PageServerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Checks every value; the error names the key and `origin` (a file, or "command line").
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        if !self.store.is_absolute() {
+            return Err(invalid(
+                "store",
+                format!("{} is not an absolute path", self.store.display()),
+            ));
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "needs at least one address".into()));
+        }
+        for a in &self.listen {
+            validate_listen(a).map_err(|m| invalid("listen", m))?;
+        }
+        if !self.criu_default.is_empty() {
+            validate_checkpoint_id(&self.criu_default).map_err(|m| invalid("criu_default", m))?;
+        }
+        validate_checkpoint_id(&format!("{}x", self.criu_push_prefix))
+            .map_err(|m| invalid("criu_push_prefix", m))?;
+        if self.criu_push_prefix.len() > 64 {
+            return Err(invalid(
+                "criu_push_prefix",
+                "longer than 64 characters".into(),
+            ));
+        }
+        if !self.metrics.is_empty() && self.metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics",
+                format!("{:?} is not IP:PORT", self.metrics),
+            ));
+        }
+        if self.max_clients == 0 || self.max_clients > MAX_CLIENTS {
+            return Err(invalid(
+                "max_clients",
+                format!("{} is out of range 1..={MAX_CLIENTS}", self.max_clients),
+            ));
+        }
+        if self.io_timeout_ms == 0 {
+            return Err(invalid("io_timeout_ms", "must be greater than 0".into()));
+        }
+        if self.max_cached_checkpoints == 0 {
+            return Err(invalid(
+                "max_cached_checkpoints",
+                "must be greater than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = PageServerConfig::from_toml_str("", "p.toml").unwrap();
+        assert_eq!(c, PageServerConfig::default());
+        assert_eq!(c.listen, vec![DEFAULT_LISTEN.to_string()]);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = PageServerConfig::from_toml_str(
+            "store = \"/srv/ck\"\nlisten = [\"127.0.0.1:1\", \"unix:/run/p.sock\"]\n\
+             criu_default = \"a-1\"\ncriu_header = \"4.1\"\ntoken_file = \"/etc/t\"\n\
+             metrics = \"127.0.0.1:9\"\naccess_log = false\nmax_clients = 3\n\
+             io_timeout_ms = 5\ncriu_push = false\nlazy_only = true\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(c.criu_header, CriuHeader::V41);
+        assert_eq!(c.listen.len(), 2);
+        assert!(!c.access_log && c.lazy_only && !c.criu_push);
+    }
+
+    #[test]
+    fn errors_name_key_and_file() {
+        let e = PageServerConfig::from_toml_str("stor = \"/x\"\n", "/etc/p.toml").unwrap_err();
+        assert!(e.to_string().contains("/etc/p.toml") && e.to_string().contains("stor"));
+        for (text, key) in [
+            ("store = \"rel\"", "store"),
+            ("listen = []", "listen"),
+            ("listen = [\"nope\"]", "listen"),
+            ("listen = [\"unix:rel.sock\"]", "listen"),
+            ("criu_default = \"../x\"", "criu_default"),
+            ("metrics = \"x\"", "metrics"),
+            ("max_clients = 0", "max_clients"),
+            ("io_timeout_ms = 0", "io_timeout_ms"),
+            ("criu_push_prefix = \"a/\"", "criu_push_prefix"),
+        ] {
+            let e = PageServerConfig::from_toml_str(text, "p.toml").unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+        let e = PageServerConfig::from_toml_str("criu_header = \"5\"", "p.toml").unwrap_err();
+        assert!(e.to_string().contains("5"), "{e}");
+    }
+
+    #[test]
+    fn checkpoint_ids() {
+        for ok in ["a", "ckpt-1", "A.b_c-9", &"x".repeat(128)] {
+            assert!(validate_checkpoint_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "/abs",
+            ".hidden",
+            "-opt",
+            "a b",
+            "a\0b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(validate_checkpoint_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}
