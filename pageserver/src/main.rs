@@ -1,15 +1,198 @@
-//! `distriproc-pageserver`: the page server daemon that sits beside the checkpoint store.
-//!
-//! Not built yet: the page server, its native protocol and CRIU wire compatibility are
-//! tracked by the page-server issue. Until then this binary says so and exits non-zero, and
-//! the shim serves pages from the local checkpoint directory (the embedded default).
+//! `distriproc-pageserver`: the page server daemon beside the checkpoint store (see the
+//! library's documentation), and its `stats` subcommand.
 
-use std::process::ExitCode;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-fn main() -> ExitCode {
-    eprintln!(
-        "distriproc-pageserver: not available in this build; lazy restores use the embedded \
-         default (pages served from the local checkpoint directory by the shim)"
-    );
-    ExitCode::from(2)
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use distriproc_config::pageserver::{CriuHeader, PageServerConfig, DEFAULT_PAGESERVER_CONFIG_PATH};
+use distriproc_pageserver::{Server, ServerOptions};
+use nix::sys::signal::{SigSet, Signal};
+
+/// Serves the memory of CRIU checkpoints to lazy restores, over DistriProc's native protocol
+/// and CRIU's own page-server protocol.
+///
+/// Each subdirectory of the store is a checkpoint (a CRIU images directory; `parent` chains of
+/// pre-dumps are followed). Checkpoints are indexed on first use; pages are read with pread.
+/// Any number of clients are served at once, each connection on its own thread.
+///
+/// Native clients (the shim's fetcher) name the checkpoint and present the shared token in
+/// their hello. Unmodified `criu lazy-pages --page-server --address A --port P` is served the
+/// checkpoint named by --criu-default; `criu dump --page-server --address A --port P` pushes
+/// into a new checkpoint named <prefix><time>-<n> (logged). The CRIU header layout (4.1: 24
+/// bytes, 4.2: 32 bytes) is detected per connection.
+///
+/// Every flag overrides the same key of the configuration file (--config, default
+/// /etc/distriproc/pageserver.toml when it exists). SIGTERM or SIGINT stops the server.
+#[derive(Parser, Debug)]
+#[command(
+    name = "distriproc-pageserver",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Prints hot/cold statistics from the access logs of the store: sessions, pages read per
+    /// task, hot pages (read by at least half of the sessions), cold pages (never read), the
+    /// hottest runs and the first session's read order.
+    Stats {
+        /// The checkpoint store.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// One checkpoint (default: every checkpoint with an access log).
+        id: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Configuration file (TOML; unknown keys are errors).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The checkpoint store: each subdirectory is a checkpoint [config: store].
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Listen on HOST:PORT or unix:PATH; repeat for several [config: listen; default
+    /// 0.0.0.0:7060].
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Checkpoint served to plain CRIU lazy-pages clients [config: criu_default].
+    #[arg(long, value_name = "ID")]
+    criu_default: Option<String>,
+    /// CRIU header layout: auto (detect per connection), 4.1 or 4.2 [config: criu_header].
+    #[arg(long, value_name = "LAYOUT")]
+    criu_header: Option<CriuHeader>,
+    /// Refuse `criu dump --page-server` pushes [config: criu_push = false].
+    #[arg(long)]
+    no_criu_push: bool,
+    /// Name prefix of pushed checkpoints [config: criu_push_prefix; default "push-"].
+    #[arg(long, value_name = "PREFIX")]
+    criu_push_prefix: Option<String>,
+    /// Serve plain CRIU clients (which cannot present a token) even with --token-file
+    /// [config: criu_unauthenticated].
+    #[arg(long)]
+    criu_unauthenticated: bool,
+    /// File holding the shared token native clients must present [config: token_file].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+    /// Do not write access logs (<store>/.distriproc/access/<id>.log) [config: access_log].
+    #[arg(long)]
+    no_access_log: bool,
+    /// Refuse native reads of pages not dumped as lazy [config: lazy_only].
+    #[arg(long)]
+    lazy_only: bool,
+    /// Most concurrent connections [config: max_clients; default 1024].
+    #[arg(long, value_name = "N")]
+    max_clients: Option<u32>,
+    /// Per-connection I/O and idle timeout in ms [config: io_timeout_ms; default 60000].
+    #[arg(long, value_name = "MS")]
+    io_timeout_ms: Option<u64>,
+}
+
+fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
+    let (mut cfg, origin) = match &a.config {
+        Some(p) => (PageServerConfig::load(p)?, p.display().to_string()),
+        None if Path::new(DEFAULT_PAGESERVER_CONFIG_PATH).exists() => (
+            PageServerConfig::load(Path::new(DEFAULT_PAGESERVER_CONFIG_PATH))?,
+            DEFAULT_PAGESERVER_CONFIG_PATH.to_string(),
+        ),
+        None => (PageServerConfig::default(), "defaults".to_string()),
+    };
+    if let Some(s) = &a.store {
+        cfg.store = std::path::absolute(s).with_context(|| format!("--store {}", s.display()))?;
+    }
+    if !a.listen.is_empty() {
+        cfg.listen = a.listen.clone();
+    }
+    if let Some(v) = &a.criu_default {
+        cfg.criu_default = v.clone();
+    }
+    if let Some(v) = a.criu_header {
+        cfg.criu_header = v;
+    }
+    if a.no_criu_push {
+        cfg.criu_push = false;
+    }
+    if let Some(v) = &a.criu_push_prefix {
+        cfg.criu_push_prefix = v.clone();
+    }
+    if a.criu_unauthenticated {
+        cfg.criu_unauthenticated = true;
+    }
+    if let Some(v) = &a.token_file {
+        cfg.token_file = v.clone();
+    }
+    if let Some(v) = &a.metrics {
+        cfg.metrics = v.clone();
+    }
+    if a.no_access_log {
+        cfg.access_log = false;
+    }
+    if a.lazy_only {
+        cfg.lazy_only = true;
+    }
+    if let Some(v) = a.max_clients {
+        cfg.max_clients = v;
+    }
+    if let Some(v) = a.io_timeout_ms {
+        cfg.io_timeout_ms = v;
+    }
+    let origin = format!("{origin} + command line");
+    cfg.validate(&origin)?;
+    Ok((cfg, origin))
+}
+
+fn serve(a: &ServeArgs) -> Result<()> {
+    let (cfg, origin) = load_config(a)?;
+    let opts = ServerOptions::from_config(&cfg)?;
+    // Block the stop signals before any thread starts, so that only sigwait sees them.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGTERM);
+    sigs.add(Signal::SIGINT);
+    sigs.thread_block().context("block SIGTERM/SIGINT")?;
+    let handle = Server::start(opts).with_context(|| format!("start page server ({origin})"))?;
+    {
+        let mut out = std::io::stdout().lock();
+        for a in handle.addrs() {
+            writeln!(out, "listening on {a}")?;
+        }
+        if let Some(m) = handle.metrics_addr() {
+            writeln!(out, "metrics on http://{m}/metrics")?;
+        }
+        out.flush()?;
+    }
+    let sig = sigs.wait().context("wait for a stop signal")?;
+    tracing::info!("{sig:?}: stopping");
+    handle.shutdown();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Stats { store, id }) => {
+            let text = distriproc_pageserver::stats::run(&store, id.as_deref())?;
+            print!("{text}");
+            Ok(())
+        }
+        None => serve(&cli.serve),
+    }
 }

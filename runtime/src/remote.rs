@@ -427,6 +427,7 @@ impl RemotePages {
             checkpoint: self.opts.checkpoint.clone(),
             token: self.opts.token.clone(),
             client: self.opts.client.clone(),
+            criu_mode: false,
         }
         .encode()
         .map_err(|e| self.proto(e))?;

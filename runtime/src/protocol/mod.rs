@@ -32,7 +32,7 @@
 //! |---|---|---|---|
 //! | 0 | 4 | magic | [`MAGIC`] `b"DPPS"` |
 //! | 4 | 2 | version | highest version the client speaks ([`VERSION`]) |
-//! | 6 | 2 | flags | 0 (reserved) |
+//! | 6 | 2 | flags | [`HELLO_CRIU`]; other bits must be 0 |
 //! | 8 | 2 | checkpoint_len | 1..=[`MAX_CHECKPOINT_ID_LEN`] |
 //! | 10 | 2 | token_len | 0..=[`MAX_TOKEN_LEN`] |
 //! | 12 | 2 | client_len | 0..=[`MAX_CLIENT_LABEL_LEN`] |
@@ -135,6 +135,12 @@ pub const MAX_RANGE_PAGES: u32 = 1024;
 pub const MAX_REQUEST_PAGES: u32 = 4096;
 /// Highest user-space address + 1 accepted in a range (x86_64 with 5-level paging).
 pub const MAX_USER_ADDRESS: u64 = 1 << 57;
+
+/// Hello flag: after an `Ok` reply the connection speaks CRIU's page-server protocol (GET
+/// requests, [`criu`]) for the named checkpoint, so that `criu lazy-pages --page-server
+/// --ps-socket FD` can run on a connection the shim opened and authenticated.
+pub const HELLO_CRIU: u16 = 1;
+const HELLO_KNOWN_FLAGS: u16 = HELLO_CRIU;
 
 /// Request flag: answer only the first run of one kind of each range.
 pub const REQ_FIRST_RUN: u32 = 1;
@@ -426,6 +432,8 @@ pub struct Hello {
     pub token: String,
     /// Who is restoring (container id, host): recorded in the access log.
     pub client: String,
+    /// [`HELLO_CRIU`]: switch to CRIU's protocol after the reply.
+    pub criu_mode: bool,
 }
 
 /// The server's answer to a [`Hello`].
@@ -598,7 +606,8 @@ impl Hello {
         let mut b = Vec::with_capacity(HELLO_LEN + self.checkpoint.len() + self.token.len());
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&0u16.to_le_bytes());
+        let flags = if self.criu_mode { HELLO_CRIU } else { 0 };
+        b.extend_from_slice(&flags.to_le_bytes());
         b.extend_from_slice(&c.to_le_bytes());
         b.extend_from_slice(&t.to_le_bytes());
         b.extend_from_slice(&l.to_le_bytes());
@@ -640,7 +649,13 @@ impl Hello {
                 value: 0,
             });
         }
-        zero("hello flags", u64::from(u16_at(b, 6)))?;
+        let flags = u16_at(b, 6);
+        if flags & !HELLO_KNOWN_FLAGS != 0 {
+            return Err(ProtocolError::Invalid {
+                what: "hello flags",
+                value: u64::from(flags),
+            });
+        }
         zero("hello reserved field", u64::from(u16_at(b, 14)))?;
         let clen = usize::from(u16_at(b, 8));
         let tlen = usize::from(u16_at(b, 10));
@@ -662,6 +677,7 @@ impl Hello {
             checkpoint,
             token,
             client,
+            criu_mode: flags & HELLO_CRIU != 0,
         })
     }
 }
@@ -1010,6 +1026,7 @@ mod tests {
             checkpoint: "ckpt-1".into(),
             token: "s3cret".into(),
             client: "node-a/ctr-1".into(),
+            criu_mode: false,
         }
     }
 
@@ -1059,6 +1076,17 @@ mod tests {
         let mut b = hello().encode().unwrap();
         b[14] = 1;
         assert!(Hello::read(&mut Cursor::new(&b)).is_err());
+        let mut b = hello().encode().unwrap();
+        b[6] = 2;
+        assert!(Hello::read(&mut Cursor::new(&b)).is_err());
+        let h = Hello {
+            criu_mode: true,
+            ..hello()
+        };
+        assert_eq!(
+            Hello::read(&mut Cursor::new(h.encode().unwrap())).unwrap(),
+            h
+        );
         let b = hello().encode().unwrap();
         for cut in 0..b.len() {
             assert!(

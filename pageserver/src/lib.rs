@@ -1,0 +1,108 @@
+//! `distriproc-pageserver`: the long-running page server beside the checkpoint store.
+//!
+//! It owns serving checkpoint memory: the store of checkpoint directories and their page
+//! indexes ([`checkpoint`]), the native protocol sessions of DistriProc's fetchers
+//! ([`native`]), CRIU's own page-server protocol for unmodified `criu lazy-pages` and
+//! `criu dump --page-server` ([`criu`], [`push`]), the per-checkpoint access log and its
+//! hot/cold statistics ([`access`], [`stats`]) and Prometheus metrics ([`metrics`]).
+//!
+//! It deliberately does not define wire formats or parse CRIU images: both live in
+//! `distriproc_runtime` (`protocol`, `images`) and are shared with the client side. It does
+//! not restore anything either; restores run in the shim.
+//!
+//! Threads, not async: one acceptor thread per listen address and one thread per connection.
+//! A connection reads a request, answers it with `pread`s into one reusable buffer, and writes
+//! the answer; clients pipeline by sending several requests before reading answers, and run
+//! several connections at once for parallelism.
+
+pub mod access;
+pub mod checkpoint;
+pub mod criu;
+pub mod metrics;
+pub mod native;
+pub mod push;
+pub mod server;
+pub mod stats;
+mod stream;
+
+use std::path::PathBuf;
+
+use distriproc_runtime::images::ImageError;
+use distriproc_runtime::protocol::ProtocolError;
+
+pub use server::{Server, ServerHandle, ServerOptions};
+
+/// Errors of the page server. Each names the checkpoint, file, address or peer concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum PageServerError {
+    /// A checkpoint id that is not a plain name inside the store.
+    #[error("bad checkpoint id {id:?}: {why}")]
+    BadCheckpointId {
+        /// The id as received.
+        id: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No such checkpoint directory in the store.
+    #[error("unknown checkpoint {id:?} (no directory {})", dir.display())]
+    UnknownCheckpoint {
+        /// The id.
+        id: String,
+        /// Where it was looked for.
+        dir: PathBuf,
+    },
+    /// The checkpoint's images cannot be read.
+    #[error("checkpoint {id:?} is unreadable")]
+    Images {
+        /// The id.
+        id: String,
+        /// The reader's error.
+        #[source]
+        source: ImageError,
+    },
+    /// A file or directory operation failed.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Binding a listen address failed.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer broke the protocol or the connection failed.
+    #[error("session with {peer}")]
+    Protocol {
+        /// The peer.
+        peer: String,
+        /// What went wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// A CRIU session asked for something the server cannot do.
+    #[error("criu session with {peer}: {what}")]
+    Criu {
+        /// The peer.
+        peer: String,
+        /// What was refused.
+        what: String,
+    },
+    /// An invalid option.
+    #[error("invalid option {name}: {why}")]
+    BadOption {
+        /// The option.
+        name: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}

@@ -1,0 +1,302 @@
+//! Native protocol sessions (`distriproc_runtime::protocol`): hello, token and checkpoint
+//! checks, then requests answered in order from the checkpoint's index.
+//!
+//! A range is answered from its start until the first page that cannot be served (data not
+//! in the store, or not lazy under `lazy_only`) — or, with `REQ_FIRST_RUN`, until the first
+//! change of kind. If the very first page cannot be served the range gets an error status.
+//! A malformed or oversized request gets a request-level error and the connection is closed.
+
+use std::io::{BufReader, Write};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use distriproc_runtime::protocol::{
+    self, bitmap_set, encode_range_reply_header, encode_response_header, read_ranges,
+    read_request_header, Hello, HelloReply, HelloStatus, ProtocolError, Range, RangeReplyHeader,
+    RangeStatus, RequestKind, RequestStatus, MAX_RANGES, MAX_REQUEST_PAGES, PAGE_SIZE,
+    REQ_FIRST_RUN, VERSION,
+};
+
+use crate::checkpoint::{Checkpoint, RunKind};
+use crate::server::Ctx;
+use crate::stream::Stream;
+use crate::PageServerError;
+
+/// Constant-time comparison of two tokens (length leaks, content does not).
+pub fn token_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn perr(peer: &str) -> impl Fn(ProtocolError) -> PageServerError + '_ {
+    move |source| PageServerError::Protocol {
+        peer: peer.to_string(),
+        source,
+    }
+}
+
+fn send(w: &mut Stream, b: &[u8], peer: &str) -> Result<(), PageServerError> {
+    w.write_all(b).map_err(|source| PageServerError::Protocol {
+        peer: peer.to_string(),
+        source: ProtocolError::Io {
+            what: "write reply",
+            source,
+        },
+    })
+}
+
+/// Serves one native session; the 4 magic bytes were already read from `r`.
+pub(crate) fn serve(
+    ctx: &Ctx,
+    mut r: BufReader<Stream>,
+    mut w: Stream,
+    peer: &str,
+) -> Result<(), PageServerError> {
+    let hello = match Hello::read_after_magic(&mut r) {
+        Ok(h) => h,
+        Err(e) => {
+            let reply = HelloReply::refuse(HelloStatus::Malformed, &e.to_string());
+            let _ = send(&mut w, &reply.encode(), peer);
+            return Err(perr(peer)(e));
+        }
+    };
+    let refuse = |w: &mut Stream, status, msg: String| {
+        let _ = send(w, &HelloReply::refuse(status, &msg).encode(), peer);
+        Err(PageServerError::Criu {
+            peer: peer.to_string(),
+            what: format!("hello refused ({status}): {msg}"),
+        })
+    };
+    if let Some(t) = &ctx.opts.token {
+        if !token_eq(&hello.token, t) {
+            ctx.metrics.errors_auth.fetch_add(1, Relaxed);
+            return refuse(
+                &mut w,
+                HelloStatus::Unauthorized,
+                "wrong or missing token".into(),
+            );
+        }
+    }
+    let ck = match ctx.store.get(&hello.checkpoint) {
+        Ok(c) => c,
+        Err(e @ PageServerError::BadCheckpointId { .. }) => {
+            return refuse(&mut w, HelloStatus::BadCheckpointId, e.to_string())
+        }
+        Err(PageServerError::UnknownCheckpoint { id, .. }) => {
+            return refuse(
+                &mut w,
+                HelloStatus::UnknownCheckpoint,
+                format!("no checkpoint {id:?} in the store"),
+            )
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            return refuse(&mut w, HelloStatus::BadCheckpoint, msg);
+        }
+    };
+    let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
+    let version = hello.version.min(VERSION);
+    send(
+        &mut w,
+        &HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode(),
+        peer,
+    )?;
+    ctx.metrics.sessions_native.fetch_add(1, Relaxed);
+    if hello.criu_mode {
+        return crate::criu::serve(ctx, r, w, peer, None, Some(ck), &hello.client);
+    }
+    let mut log = ctx.logs.session(ck.id(), "native", peer, &hello.client);
+    tracing::debug!(peer, checkpoint = ck.id(), session = log.session(), client = %hello.client, "native session");
+    let mut ranges: Vec<Range> = Vec::with_capacity(MAX_RANGES);
+    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    loop {
+        let h = match read_request_header(&mut r, MAX_RANGES) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(e) if e.is_transport() => return Err(perr(peer)(e)),
+            Err(e) => {
+                out.clear();
+                encode_response_header(0, RequestStatus::Malformed, 0, &e.to_string(), &mut out);
+                let _ = send(&mut w, &out, peer);
+                return Err(perr(peer)(e));
+            }
+        };
+        if h.kind == RequestKind::Goodbye {
+            out.clear();
+            encode_response_header(h.request_id, RequestStatus::Ok, 0, "", &mut out);
+            return send(&mut w, &out, peer);
+        }
+        if let Err(e) = read_ranges(&mut r, h.nr_ranges, MAX_REQUEST_PAGES, &mut ranges) {
+            if e.is_transport() {
+                return Err(perr(peer)(e));
+            }
+            out.clear();
+            encode_response_header(
+                h.request_id,
+                RequestStatus::TooLarge,
+                0,
+                &e.to_string(),
+                &mut out,
+            );
+            let _ = send(&mut w, &out, peer);
+            return Err(perr(peer)(e));
+        }
+        let t0 = Instant::now();
+        out.clear();
+        encode_response_header(h.request_id, RequestStatus::Ok, h.nr_ranges, "", &mut out);
+        for range in &ranges {
+            let (status, pages, data) = answer_range(
+                &ck,
+                range,
+                h.flags & REQ_FIRST_RUN != 0,
+                ctx.opts.lazy_only,
+                &mut out,
+            );
+            if status == RangeStatus::Ok {
+                log.range(range.pid, range.vaddr, pages, data);
+                ctx.metrics.pages_data.fetch_add(data, Relaxed);
+                ctx.metrics.pages_zero.fetch_add(pages - data, Relaxed);
+                ctx.metrics
+                    .bytes
+                    .fetch_add(data * PAGE_SIZE as u64, Relaxed);
+            } else {
+                ctx.metrics.errors_range.fetch_add(1, Relaxed);
+            }
+        }
+        send(&mut w, &out, peer)?;
+        ctx.metrics.requests_native.fetch_add(1, Relaxed);
+        ctx.metrics.observe(t0.elapsed());
+    }
+}
+
+/// The runs answering `range`, stopping at the first page that cannot be served (or at the
+/// first change of kind with `first_run`). `Err` if the very first page cannot be served.
+pub(crate) fn plan(
+    ck: &Checkpoint,
+    range: &Range,
+    first_run: bool,
+    lazy_only: bool,
+    runs: &mut Vec<(u64, RunKind)>,
+) -> Result<u64, RangeStatus> {
+    range.check()?;
+    runs.clear();
+    if !ck.has_pid(range.pid) {
+        return Err(RangeStatus::UnknownPid);
+    }
+    let want = u64::from(range.nr_pages);
+    let mut done = 0u64;
+    while done < want {
+        let vaddr = range.vaddr + done * PAGE_SIZE as u64;
+        let Some((n, kind)) = ck.run_at(range.pid, vaddr, want - done) else {
+            return Err(RangeStatus::UnknownPid);
+        };
+        let bad = match kind {
+            RunKind::Absent => Some(RangeStatus::NotHere),
+            RunKind::Data { lazy: false, .. } if lazy_only => Some(RangeStatus::NotLazy),
+            _ => None,
+        };
+        if let Some(status) = bad {
+            if done == 0 {
+                return Err(status);
+            }
+            break;
+        }
+        if first_run {
+            if let Some((_, k0)) = runs.first() {
+                let same = matches!(
+                    (k0, kind),
+                    (RunKind::Zero, RunKind::Zero) | (RunKind::Data { .. }, RunKind::Data { .. })
+                );
+                if !same {
+                    break;
+                }
+            }
+        }
+        runs.push((n, kind));
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Appends the reply to one range to `out`; returns (status, pages, data pages).
+fn answer_range(
+    ck: &Checkpoint,
+    range: &Range,
+    first_run: bool,
+    lazy_only: bool,
+    out: &mut Vec<u8>,
+) -> (RangeStatus, u64, u64) {
+    let mut runs = Vec::new();
+    let fail = |out: &mut Vec<u8>, status| {
+        encode_range_reply_header(
+            &RangeReplyHeader {
+                status,
+                nr_pages: 0,
+                data_pages: 0,
+            },
+            out,
+        );
+        (status, 0, 0)
+    };
+    let pages = match plan(ck, range, first_run, lazy_only, &mut runs) {
+        Ok(p) => p,
+        Err(status) => return fail(out, status),
+    };
+    let data: u64 = runs
+        .iter()
+        .filter(|(_, k)| matches!(k, RunKind::Data { .. }))
+        .map(|(n, _)| n)
+        .sum();
+    let mark = out.len();
+    encode_range_reply_header(
+        &RangeReplyHeader {
+            status: RangeStatus::Ok,
+            nr_pages: u32::try_from(pages).unwrap_or(0),
+            data_pages: u32::try_from(data).unwrap_or(0),
+        },
+        out,
+    );
+    let bm_at = out.len();
+    out.resize(
+        bm_at + protocol::bitmap_len(u32::try_from(pages).unwrap_or(0)),
+        0,
+    );
+    let mut i = 0usize;
+    for (n, kind) in &runs {
+        let n = usize::try_from(*n).unwrap_or(0);
+        if let RunKind::Data { .. } = kind {
+            for k in i..i + n {
+                bitmap_set(&mut out[bm_at..], k);
+            }
+        }
+        i += n;
+    }
+    for (n, kind) in &runs {
+        if let RunKind::Data { file, offset, .. } = *kind {
+            let at = out.len();
+            let len = usize::try_from(*n).unwrap_or(0) * PAGE_SIZE;
+            out.resize(at + len, 0);
+            if let Err(e) = ck.read(file, offset, &mut out[at..]) {
+                tracing::warn!("checkpoint {}: {}", ck.id(), error_chain(&e));
+                out.truncate(mark);
+                return fail(out, RangeStatus::ReadFailed);
+            }
+        }
+    }
+    (RangeStatus::Ok, pages, data)
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
