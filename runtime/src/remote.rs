@@ -714,6 +714,7 @@ impl RemotePages {
     }
 
     /// One range with `REQ_FIRST_RUN`: the server answers only the leading run of one kind.
+    /// A refused range is not a connection failure: the connection stays in the pool.
     fn read_first_run(&self, range: Range, buf: &mut [u8]) -> Result<PageRead, RemoteError> {
         self.with_retry(|c| {
             let pages = range.nr_pages.min(c.max_pages).min(MAX_RANGE_PAGES);
@@ -729,14 +730,14 @@ impl RemotePages {
             let mut bm = Vec::new();
             let (status, n) = self.read_range(c, &r, buf, &mut bm)?;
             if status != RangeStatus::Ok {
-                return Err(RemoteError::Range {
+                return Ok(Err(RemoteError::Range {
                     endpoint: self.endpoint_text.clone(),
                     checkpoint: self.opts.checkpoint.clone(),
                     status,
                     pid: r.pid,
                     vaddr: r.vaddr,
                     nr_pages: r.nr_pages,
-                });
+                }));
             }
             let data = bitmap_get(&bm, 0);
             if (0..n as usize).any(|i| bitmap_get(&bm, i) != data) {
@@ -745,11 +746,11 @@ impl RemotePages {
                     value: u64::from(n),
                 }));
             }
-            Ok(PageRead {
+            Ok(Ok(PageRead {
                 pages: n as usize,
                 kind: if data { PageKind::Data } else { PageKind::Zero },
-            })
-        })
+            }))
+        })?
     }
 
     /// Ends every idle session politely (Goodbye). Busy connections close when dropped.
