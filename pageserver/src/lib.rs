@@ -97,6 +97,14 @@ pub enum PageServerError {
         /// What was refused.
         what: String,
     },
+    /// A connection that speaks neither protocol.
+    #[error("connection from {peer} speaks neither protocol (first bytes {first}); closed")]
+    UnknownProtocol {
+        /// The peer.
+        peer: String,
+        /// The first bytes received, in hex.
+        first: String,
+    },
     /// An invalid option.
     #[error("invalid option {name}: {why}")]
     BadOption {

@@ -392,13 +392,13 @@ fn connection(ctx: &Ctx, s: Stream) {
         // Neither protocol: drop the connection without answering.
         let mut rest = [0u8; 12];
         let n = r.read(&mut rest).unwrap_or(0);
-        Err(PageServerError::Criu {
+        Err(PageServerError::UnknownProtocol {
             peer: peer.clone(),
-            what: format!(
-                "unknown protocol (first bytes {:02x?}{:02x?}); closed",
-                first,
-                &rest[..n]
-            ),
+            first: first
+                .iter()
+                .chain(&rest[..n])
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         })
     })();
     if let Err(e) = res {
