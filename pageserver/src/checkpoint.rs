@@ -226,11 +226,14 @@ impl Checkpoint {
     }
 }
 
+/// Cached indexes by id, and ids in insertion order (oldest first) for eviction.
+type Cache = (HashMap<String, Arc<Checkpoint>>, VecDeque<String>);
+
 /// The store: checkpoint directories and a cache of their indexes.
 pub struct Store {
     root: PathBuf,
     max_cached: usize,
-    cache: Mutex<(HashMap<String, Arc<Checkpoint>>, VecDeque<String>)>,
+    cache: Mutex<Cache>,
 }
 
 impl Store {
@@ -327,9 +330,7 @@ impl Store {
         v
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (HashMap<String, Arc<Checkpoint>>, VecDeque<String>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -185,7 +185,7 @@ impl Push {
         }
         let len = h.nr_pages.checked_mul(PAGE_SIZE);
         let end = len.and_then(|l| h.vaddr.checked_add(l));
-        let Some(end) = end.filter(|_| h.nr_pages > 0 && h.vaddr % PAGE_SIZE == 0) else {
+        let Some(end) = end.filter(|_| h.nr_pages > 0 && h.vaddr.is_multiple_of(PAGE_SIZE)) else {
             return Err(self.bad(format!("bad range: {} pages at {:#x}", h.nr_pages, h.vaddr)));
         };
         let peer = self.peer.clone();

@@ -103,7 +103,7 @@ fn checkpoint(dir: &Path) {
     );
     std::fs::write(dir.join("pstree.img"), b).unwrap();
     write_pagemap(dir, 3, 1, &[pm(0x40_0000, 8, PE_PRESENT | PE_LAZY)]).unwrap();
-    let pages: Vec<u8> = (0..8 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
+    let pages: Vec<u8> = (1..=8u8).flat_map(|b| [b; 4096]).collect();
     std::fs::write(dir.join("pages-1.img"), pages).unwrap();
 }
 
@@ -232,7 +232,7 @@ fn daemon_serves_checks_tokens_survives_garbage_and_stops_on_sigterm() {
         let mut buf = vec![0u8; 16 * 4096];
         let r = rp.read_pages(3, 0x40_0000, &mut buf).unwrap();
         assert_eq!((r.pages, r.kind), (8, PageKind::Data));
-        assert!((0..8).all(|i| buf[i * 4096] == i as u8 + 1));
+        assert!((1..=8u8).all(|b| buf[usize::from(b - 1) * 4096] == b));
         let r = rp.read_pages(3, 0x40_8000, &mut buf).unwrap();
         assert_eq!(r.kind, PageKind::Zero);
     }

@@ -775,7 +775,10 @@ impl Drop for RemotePages {
 
 impl PageSource for RemotePages {
     fn read_pages(&self, pid: u32, vaddr: u64, buf: &mut [u8]) -> Result<PageRead, SourceError> {
-        if buf.is_empty() || buf.len() % PAGE_SIZE != 0 || vaddr % PAGE_SIZE as u64 != 0 {
+        if buf.is_empty()
+            || !buf.len().is_multiple_of(PAGE_SIZE)
+            || !vaddr.is_multiple_of(PAGE_SIZE as u64)
+        {
             return Err(SourceError::BadRequest {
                 pid,
                 vaddr,
@@ -799,21 +802,22 @@ impl PageSource for RemotePages {
         }
         match self.read_first_run(range, buf) {
             Ok(r) => Ok(r),
-            Err(RemoteError::Range { status, .. }) if status == RangeStatus::UnknownPid => {
-                Err(SourceError::UnknownPid { pid })
-            }
-            Err(RemoteError::Range { status, .. })
-                if matches!(status, RangeStatus::NotHere | RangeStatus::NotLazy) =>
-            {
-                Err(SourceError::NotHere { pid, vaddr })
-            }
-            Err(RemoteError::Range { status, .. }) if status == RangeStatus::OutOfRange => {
-                Err(SourceError::BadRequest {
-                    pid,
-                    vaddr,
-                    len: buf.len(),
-                })
-            }
+            Err(RemoteError::Range {
+                status: RangeStatus::UnknownPid,
+                ..
+            }) => Err(SourceError::UnknownPid { pid }),
+            Err(RemoteError::Range {
+                status: RangeStatus::NotHere | RangeStatus::NotLazy,
+                ..
+            }) => Err(SourceError::NotHere { pid, vaddr }),
+            Err(RemoteError::Range {
+                status: RangeStatus::OutOfRange,
+                ..
+            }) => Err(SourceError::BadRequest {
+                pid,
+                vaddr,
+                len: buf.len(),
+            }),
             Err(e) => Err(SourceError::Io {
                 path: PathBuf::from(format!(
                     "{} checkpoint {}",

@@ -63,8 +63,8 @@ fn make_store(root: &Path) {
     }
     // Parent: pid 1, pages [0,64) present.
     let mut pages = vec![0u8; 64 * 4096];
-    for p in 0..64 {
-        fill(1, p, &mut pages[p as usize * 4096..(p as usize + 1) * 4096]);
+    for (p, page) in pages.chunks_mut(4096).enumerate() {
+        fill(1, p as u64, page);
     }
     write_pagemap(&parent, 1, 1, &[pm(BASE, 64, PE_PRESENT)]).unwrap();
     std::fs::write(parent.join("pages-1.img"), pages).unwrap();
@@ -144,7 +144,7 @@ fn check_region(src: &dyn PageSource, pid: u32, chunk: usize) -> Result<(u64, u6
             p += 1;
             continue;
         }
-        let n = (chunk as u64).min(PAGES - p) as usize;
+        let n = usize::try_from((chunk as u64).min(PAGES - p))?;
         let r = src.read_pages(pid, BASE + p * 4096, &mut buf[..n * 4096])?;
         ensure!(r.pages >= 1 && r.pages <= n, "{r:?}");
         for i in 0..r.pages {
@@ -494,7 +494,7 @@ fn criu_get_sessions_without_criu() -> Result<()> {
             } else {
                 fill(2, page, &mut want);
             }
-            let o = i as usize * 4096;
+            let o = usize::try_from(i)? * 4096;
             ensure!(data[o..o + 4096] == want[..], "{layout}: page {page}");
         }
         let n = PsIov::new(Command::Close, 0, 0, 0).encode(layout, &mut b)?;

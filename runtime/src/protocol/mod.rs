@@ -470,7 +470,7 @@ impl Range {
             .and_then(|len| self.vaddr.checked_add(len));
         if self.nr_pages == 0
             || self.nr_pages > MAX_RANGE_PAGES
-            || self.vaddr % PAGE_SIZE as u64 != 0
+            || !self.vaddr.is_multiple_of(PAGE_SIZE as u64)
             || end.is_none_or(|e| e > MAX_USER_ADDRESS)
         {
             return Err(RangeStatus::OutOfRange);
