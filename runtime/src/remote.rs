@@ -757,6 +757,10 @@ impl RemotePages {
     pub fn close(&self) {
         let idle = std::mem::take(&mut self.lock().idle);
         for mut c in idle {
+            // A dead or hung server must not hold up a drop for the full I/O timeout.
+            let _ =
+                c.r.get_ref()
+                    .set_timeouts(self.opts.io_timeout.min(Duration::from_secs(1)));
             if encode_request(0, RequestKind::Goodbye, 0, &[], &mut c.wbuf).is_ok()
                 && self.send(&mut c, "send goodbye").is_ok()
             {

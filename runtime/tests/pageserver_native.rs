@@ -513,3 +513,99 @@ fn criu_get_sessions_without_criu() -> Result<()> {
     ensure!(rb.is_empty());
     Ok(())
 }
+
+#[test]
+fn client_reconnects_with_backoff_and_gives_up_in_bounded_time() -> Result<()> {
+    let d = tempfile::tempdir()?;
+    make_store(d.path());
+    let h1 = start(d.path(), |o| o.listen = vec!["127.0.0.1:0".into()]);
+    let addr = h1.addrs()[0].clone();
+    let mut o = opts("ck");
+    o.retry_timeout = Duration::from_secs(10);
+    o.backoff_initial = Duration::from_millis(10);
+    o.backoff_max = Duration::from_millis(200);
+    let rp = RemotePages::connect(Endpoint::Tcp(addr.clone()), o.clone())?;
+    let mut short = o.clone();
+    short.retry_timeout = Duration::from_secs(1);
+    let rp_short = RemotePages::connect(Endpoint::Tcp(addr.clone()), short)?;
+    let mut buf = vec![0u8; 8 * 4096];
+    ensure!(rp.read_pages(1, BASE, &mut buf)?.kind == PageKind::Data);
+    ensure!(rp_short.read_pages(1, BASE, &mut buf)?.kind == PageKind::Data);
+
+    // The server goes away and comes back on the same port: the read retries until it is up.
+    h1.shutdown();
+    let root = d.path().to_path_buf();
+    let a2 = addr.clone();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        start(&root, |o| o.listen = vec![a2])
+    });
+    let t0 = Instant::now();
+    check_region(&rp, 1, 64)?;
+    let h2 = restart.join().expect("restart thread");
+    let st = rp.stats();
+    eprintln!("reconnected after {:?}: {st:?}", t0.elapsed());
+    ensure!(st.retries > 0 && st.connects >= 2, "{st:?}");
+
+    // Gone for good: the call fails after the retry timeout, naming the endpoint.
+    h2.shutdown();
+    let t0 = Instant::now();
+    let e = rp_short.read_pages(1, BASE, &mut buf).unwrap_err();
+    let el = t0.elapsed();
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    eprintln!("gave up after {el:?}: {chain}");
+    ensure!(el < Duration::from_secs(4), "took {el:?}");
+    ensure!(
+        chain.contains("unreachable") && chain.contains(&addr),
+        "{chain}"
+    );
+    Ok(())
+}
+
+#[test]
+fn hung_server_times_out() -> Result<()> {
+    // Accepts and answers the hello, then never answers a request.
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    l.set_nonblocking(true)?;
+    let fake = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    if Hello::read(&mut s).is_ok() {
+                        let _ = s.write_all(&HelloReply::ok(VERSION, 16, 1024).encode());
+                    }
+                    held.push(s);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let mut o = opts("ck");
+    o.io_timeout = Duration::from_millis(300);
+    o.retry_timeout = Duration::from_secs(1);
+    let rp = RemotePages::connect(Endpoint::Tcp(addr.clone()), o)?;
+    let mut buf = vec![0u8; 4096];
+    let t0 = Instant::now();
+    let e = rp.read_pages(1, BASE, &mut buf).unwrap_err();
+    let el = t0.elapsed();
+    eprintln!("hung server: failed after {el:?}: {e}");
+    ensure!(
+        el >= Duration::from_millis(300) && el < Duration::from_secs(3),
+        "{el:?}"
+    );
+    ensure!(matches!(e, SourceError::Io { .. }), "{e}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(rp);
+    fake.join().expect("fake server");
+    Ok(())
+}
