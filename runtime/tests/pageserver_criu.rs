@@ -64,8 +64,16 @@ impl Drop for Reaped {
     }
 }
 
-/// `criu lazy-pages --page-server` against 127.0.0.1:port, ready (status fd) on return.
-fn criu_lazy_pages(img: &Path, work: &Path, port: u16) -> Result<Reaped> {
+/// Where `criu lazy-pages --page-server` gets its pages.
+enum PageServerArg {
+    /// `--address 127.0.0.1 --port P`.
+    Port(u16),
+    /// `--ps-socket FD`: a connection this test opened (and authenticated).
+    Socket(i32),
+}
+
+/// `criu lazy-pages --page-server`, ready (status fd) on return.
+fn criu_lazy_pages(img: &Path, work: &Path, ps: PageServerArg) -> Result<Reaped> {
     let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe()?;
     let wfd = w.as_raw_fd();
     let mut cmd = Command::new(CRIU);
@@ -73,24 +81,36 @@ fn criu_lazy_pages(img: &Path, work: &Path, port: u16) -> Result<Reaped> {
         .arg(img)
         .arg("-W")
         .arg(work)
-        .args(["--page-server", "--address", "127.0.0.1", "--port"])
-        .arg(port.to_string())
-        .args([
-            "--status-fd",
-            &wfd.to_string(),
-            "-o",
-            "lazy-pages.log",
-            "-v4",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .arg("--page-server");
+    let sfd = match ps {
+        PageServerArg::Port(port) => {
+            cmd.args(["--address", "127.0.0.1", "--port"])
+                .arg(port.to_string());
+            -1
+        }
+        PageServerArg::Socket(fd) => {
+            cmd.args(["--ps-socket", &fd.to_string()]);
+            fd
+        }
+    };
+    cmd.args([
+        "--status-fd",
+        &wfd.to_string(),
+        "-o",
+        "lazy-pages.log",
+        "-v4",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
     // SAFETY: only async-signal-safe fcntl in the child, on an fd we own and keep open.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             // Keep the write end across exec (pipe() fds are not CLOEXEC in nix, but be sure).
-            if libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for fd in [wfd, sfd] {
+                if fd >= 0 && libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -167,7 +187,7 @@ fn a_criu_lazy_pages_restores_from_our_server() -> Result<()> {
     let pids = dump(&mut w, &img)?;
     let h = server(&store, Some("ck"))?;
     let p = port(&h)?;
-    let mut lp = criu_lazy_pages(&img, &work, p)?;
+    let mut lp = criu_lazy_pages(&img, &work, PageServerArg::Port(p))?;
     let _kill = KillOnDrop(pids);
     let t0 = Instant::now();
     let out = restore(&img, &work)?;
@@ -395,5 +415,57 @@ fn d_sixteen_clients_read_a_real_checkpoint() -> Result<()> {
         "d: 16 clients x {total} pages in {el:?} ({:.1} MiB/s), slowest read {worst:?}",
         (16 * total * 4096) as f64 / (1 << 20) as f64 / el.as_secs_f64()
     );
+    Ok(())
+}
+
+#[test]
+fn e_criu_lazy_pages_on_an_authenticated_socket() -> Result<()> {
+    // The shim's `criu` fetcher mode: the shim connects, says hello with the token, the
+    // checkpoint and HELLO_CRIU, and hands the socket to `criu lazy-pages --ps-socket FD`.
+    if !ready() {
+        return Ok(());
+    }
+    let dir = scratch("ps-criu-socket");
+    let store = dir.join("store");
+    let img = store.join("ck");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&img)?;
+    std::fs::create_dir_all(&work)?;
+    let mut w = Workload::start(&dir, 17341, 16, 1, 0, false)?;
+    let pids = dump(&mut w, &img)?;
+    let mut o = ServerOptions::for_store(store.clone());
+    o.token = Some("tok".into());
+    let h = Server::start(o)?;
+    let mut s = std::net::TcpStream::connect(&h.addrs()[0])?;
+    let hello = distriproc_runtime::protocol::Hello {
+        version: distriproc_runtime::protocol::VERSION,
+        checkpoint: "ck".into(),
+        token: "tok".into(),
+        client: "criu-mode-test".into(),
+        criu_mode: true,
+    };
+    std::io::Write::write_all(&mut s, &hello.encode()?)?;
+    let r = distriproc_runtime::protocol::HelloReply::read(&mut s)?;
+    ensure!(
+        r.status == distriproc_runtime::protocol::HelloStatus::Ok,
+        "{r:?}"
+    );
+    let mut lp = criu_lazy_pages(&img, &work, PageServerArg::Socket(s.as_raw_fd()))?;
+    drop(s);
+    let _kill = KillOnDrop(pids);
+    let out = restore(&img, &work)?;
+    ensure!(
+        out.status.success(),
+        "criu restore failed: {:?}\n{}",
+        out.status,
+        tail(&restore_log(&work), 30)
+    );
+    verify(17341)?;
+    let st = lp.wait_timeout(Duration::from_secs(60))?;
+    let log = std::fs::read_to_string(work.join("lazy-pages.log")).unwrap_or_default();
+    ensure!(st.success(), "criu lazy-pages: {st:?}\n{}", tail(&log, 30));
+    verify(17341)?;
+    let m = h.metrics_text();
+    ensure!(!m.contains("requests_total{proto=\"criu\"} 0"), "{m}");
     Ok(())
 }
