@@ -13,6 +13,10 @@
 //! "Remote side closed connection". Zero pages inside a GET are sent as zero bytes (CRIU
 //! copies what it receives). A GET for more than [`MAX_GET_PAGES`] pages is answered with
 //! fewer pages, which CRIU accepts (it re-targets the read to the count in the reply).
+//!
+//! CRIU sessions have no idle timeout once their first header has arrived (CRIU cannot
+//! reconnect, and it may stay silent while a long restore runs); TCP keepalive detects
+//! vanished peers instead.
 
 use std::io::{BufReader, Read, Write};
 use std::sync::atomic::Ordering::Relaxed;
@@ -133,6 +137,10 @@ pub(crate) fn serve(
         })?,
     );
     tracing::debug!(peer, %layout, "criu session");
+    // CRIU cannot reconnect: an idle session (restore still running, no faults yet) must not
+    // be dropped by the idle timeout. Dead peers are found by TCP keepalive instead.
+    w.wait_forever_with_keepalive()
+        .map_err(io_err(peer, "set keepalive"))?;
     let mut s = Session {
         ctx,
         peer,

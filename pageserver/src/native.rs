@@ -167,6 +167,10 @@ pub(crate) fn serve(
             }
         }
         send(&mut w, &out, peer)?;
+        if out.capacity() > 4 << 20 {
+            // Do not keep a 16 MiB buffer per idle connection after one large request.
+            out = Vec::with_capacity(1 << 20);
+        }
         ctx.metrics.requests_native.fetch_add(1, Relaxed);
         ctx.metrics.observe(t0.elapsed());
     }

@@ -34,6 +34,23 @@ impl Stream {
         }
     }
 
+    /// For sessions whose client cannot reconnect (CRIU): no idle limit on reads, but TCP
+    /// keepalive (idle 30 s, then 3 probes 10 s apart) so a vanished peer is still noticed.
+    pub(crate) fn wait_forever_with_keepalive(&self) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(None)?;
+                setsockopt(s, sockopt::KeepAlive, &true)?;
+                setsockopt(s, sockopt::TcpKeepIdle, &30)?;
+                setsockopt(s, sockopt::TcpKeepInterval, &10)?;
+                setsockopt(s, sockopt::TcpKeepCount, &3)?;
+                Ok(())
+            }
+            Stream::Unix(s) => s.set_read_timeout(None),
+        }
+    }
+
     pub(crate) fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
