@@ -1,6 +1,7 @@
 //! placeholder
 pub mod fetcher;
 pub mod images;
+pub mod profile;
 pub mod protocol;
 pub mod remote;
 pub mod runc_cmd;
