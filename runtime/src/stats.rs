@@ -1,7 +1,7 @@
 //! Fetcher counters and a fixed-bucket latency histogram, all atomics: the fault path updates
 //! them without locks or allocation, and [`crate::fetcher::FetcherHandle::stats`] snapshots them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use serde::Serialize;
 
@@ -113,9 +113,9 @@ pub struct LatencySummary {
 pub struct FetchCounters {
     /// Page-fault events served.
     pub faults: AtomicU64,
-    /// Pages installed because a task faulted on them.
+    /// Pages installed for a faulting address (distinct).
     pub pages_faulted: AtomicU64,
-    /// Pages installed around a fault (fault-around window).
+    /// Pages installed ahead of a fault (fault-around, sequential/stride prefetch, profile).
     pub pages_prefetched: AtomicU64,
     /// Pages installed by the background fill.
     pub pages_filled: AtomicU64,
@@ -143,6 +143,15 @@ pub struct FetchCounters {
     pub fill_complete_us: AtomicU64,
     /// Set when the fetcher thread has ended.
     pub finished: AtomicBool,
+    /// [`ProfileState`] as a number.
+    pub profile_state: AtomicU8,
+    /// Pages in the profile being replayed, or recorded so far.
+    pub profile_pages: AtomicU64,
+    /// Pages installed by the profile prefetch (also counted in `pages_prefetched`).
+    pub profile_prefetched: AtomicU64,
+    /// Pages demand-faulted (installed for a faulting address) during the profile window of a
+    /// replay: the working set the profile did not cover in time.
+    pub profile_misses: AtomicU64,
     /// Fault service latency.
     pub fault_latency: LatencyHistogram,
 }
@@ -177,12 +186,77 @@ impl FetchCounters {
             fill_complete_us: opt(self.fill_complete_us.load(Relaxed)),
             finished: self.finished.load(Relaxed),
             fault_latency_us: self.fault_latency.summary(),
+            profile_state: ProfileState::from_u8(self.profile_state.load(Relaxed)),
+            profile_pages: self.profile_pages.load(Relaxed),
+            profile_prefetched: self.profile_prefetched.load(Relaxed),
+            profile_misses: self.profile_misses.load(Relaxed),
+            profile_hit_rate: hit_rate(
+                self.profile_state.load(Relaxed),
+                self.profile_prefetched.load(Relaxed),
+                self.profile_misses.load(Relaxed),
+            ),
+        }
+    }
+}
+
+fn hit_rate(state: u8, prefetched: u64, misses: u64) -> Option<f64> {
+    if ProfileState::from_u8(state) != ProfileState::Replayed || prefetched + misses == 0 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    Some(prefetched as f64 / (prefetched + misses) as f64)
+}
+
+/// What the fetcher does with working-set profiles (fill policy `profile`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileState {
+    /// Not the `profile` policy.
+    #[default]
+    Off,
+    /// No (valid) profile for this checkpoint: recording one during the profile window.
+    Recording,
+    /// A profile was recorded and saved.
+    Recorded,
+    /// Recording ended but the profile could not be saved (logged).
+    SaveFailed,
+    /// The checkpoint's profile was loaded and is replayed (prefetched first).
+    Replayed,
+    /// A profile file existed but was refused (corrupt or unreadable, logged); recording anew.
+    Refused,
+}
+
+impl ProfileState {
+    /// The stored number.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            ProfileState::Off => 0,
+            ProfileState::Recording => 1,
+            ProfileState::Recorded => 2,
+            ProfileState::SaveFailed => 3,
+            ProfileState::Replayed => 4,
+            ProfileState::Refused => 5,
+        }
+    }
+
+    fn from_u8(v: u8) -> ProfileState {
+        match v {
+            1 => ProfileState::Recording,
+            2 => ProfileState::Recorded,
+            3 => ProfileState::SaveFailed,
+            4 => ProfileState::Replayed,
+            5 => ProfileState::Refused,
+            _ => ProfileState::Off,
         }
     }
 }
 
 /// A snapshot of a fetcher's counters. Times are microseconds since `LazyPagesServer::spawn`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+///
+/// Page counters count distinct pages: a page is counted by whoever installed it (the kernel
+/// accepts one `UFFDIO_COPY`/`UFFDIO_ZEROPAGE` per page and task), so `pages_faulted +
+/// pages_prefetched + pages_filled` is the number of lazy pages installed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct FetchStats {
     /// Page-fault events served.
     pub faults: u64,
@@ -218,6 +292,19 @@ pub struct FetchStats {
     pub finished: bool,
     /// Fault service time: from reading the fault event to the page being installed.
     pub fault_latency_us: LatencySummary,
+    /// Profile recording / replay state.
+    pub profile_state: ProfileState,
+    /// Pages of the replayed profile (replay) or recorded so far (recording).
+    pub profile_pages: u64,
+    /// Pages installed by the profile prefetch.
+    pub profile_prefetched: u64,
+    /// Distinct pages demand-faulted during the profile window of a replay.
+    pub profile_misses: u64,
+    /// Replay only: `profile_prefetched / (profile_prefetched + profile_misses)`, the fraction of
+    /// the demand-touched working set that was already prefetched. Touches of installed pages
+    /// are invisible to userfaultfd, so this assumes the recorded set is touched again (true for
+    /// a repeatable start-up); it is an upper bound when the workload touches less.
+    pub profile_hit_rate: Option<f64>,
 }
 
 #[cfg(test)]
