@@ -22,9 +22,12 @@
 //!
 //! * Lazy iovs: `PE_LAZY` pagemap entries ∩ the VMAs of `mm-<pid>.img`, split at VMA ends (as
 //!   criu/uffd.c `collect_iovs`). A fault inside one is served from the source at its dump-time
-//!   address, with an aligned window of `fault_around_pages` around it (only pages of the same
-//!   iov not installed yet, per the task's bitmap). A fault outside gets `UFFDIO_ZEROPAGE`, as
-//!   do pages the source reports as zero.
+//!   address: the faulting page first (its thread is woken at once), then a prefetch chosen by
+//!   the task's access-pattern detector (`prefetch.rs`): the aligned `fault_around_pages`
+//!   window on random access, a window doubling up to `prefetch_max_pages` on a forward
+//!   scan, the next pages of a constant stride. Only pages nobody claimed in the task's shared
+//!   atomic bitmap are prefetched. A fault outside the iovs gets `UFFDIO_ZEROPAGE`, as do pages
+//!   the source reports as zero.
 //! * Events, applied before the faults read in the same batch: `FORK` adds the child's uffd
 //!   with a copy of the parent's remaining state (same pid for the source); `REMAP` shifts the
 //!   iovs (requests keep dump-time addresses); `UNMAP` and `REMOVE` drop the range. Deviation
@@ -36,15 +39,45 @@
 //! * Idle tasks do not report their exit; a harmless `UFFDIO_WRITEPROTECT` probe once a second
 //!   (`ESRCH` when the mm is gone) lets `wait()` return when every task has exited.
 //!
-//! One dedicated OS thread runs an epoll loop over the stop eventfd, the socket and every uffd.
-//! Demand faults are served first (with a small aligned fault-around window); the background
-//! fill copies `fill_batch_pages` at a time and only when no uffd is readable. The fault path
-//! does no allocation and no logging; one summary line is logged at the end. On an abnormal
-//! end (error or `stop()`), pages never installed are poisoned (`UFFDIO_POISON`, SIGBUS on
-//! access) so that no task silently reads zeros after the uffds close.
+//! # Threads
+//!
+//! One dedicated OS thread (the fault thread) runs an epoll loop over the stop eventfd, the
+//! socket, every uffd and the workers' eventfd: it serves faults and address-space events only.
+//! `fill_threads` fill workers (`fill.rs`) install everything else: first the runs of a replayed
+//! working-set profile, then the background fill, in `fill_batch_pages` runs claimed in the
+//! task's bitmap, each read from the source in one call and installed with one `UFFDIO_COPY`
+//! per contiguous piece (DONTWAKE, then one wake). So a demand fault never waits behind a fill
+//! batch or a slow source read of the fill; the workers read-lock a task's layout only while
+//! installing. Every lazy page has one bit: whoever claims it installs it, so fill, prefetch and
+//! faults do not duplicate work (a faulting page is installed by the fault thread regardless;
+//! `EEXIST` is harmless), and page counters count distinct pages. The fault path does no
+//! allocation and no logging; one summary line is logged at the end. On an abnormal end (error
+//! or `stop()`), the workers are stopped and pages never installed are poisoned
+//! (`UFFDIO_POISON`, SIGBUS on access) so that no task silently reads zeros after the uffds
+//! close.
+//!
+//! # Fill policies
+//!
+//! * `full`: the workers fill everything once restore finished.
+//! * `none`: only faulted (and prefetched) pages move; the fetcher serves until every task
+//!   exited or `stop()`.
+//! * `profile`: the checkpoint's working-set profile ([`crate::profile`], under
+//!   `profile_dir`, keyed by the checkpoint identity) is prefetched first as soon as restore
+//!   finished, then everything else. Without a usable profile, the pages installed for demand
+//!   faults (with their prefetch) are recorded, in first-touch order, until `profile_window`
+//!   after restore finished; the profile is then saved and the fill starts. A corrupt profile
+//!   is refused with a warning and a new one is recorded.
+//!
+//! Known gap: a fork child's bitmap is a snapshot of its parent's when the fork event is read;
+//! a page the fill installed in the parent between the fork and that moment counts as present
+//! in the child although it is not (the child's fault on it is still served; only its fill
+//! and poisoning skip it).
 
+mod fill;
+mod prefetch;
 mod server;
 mod space;
+mod task;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,7 +89,7 @@ use distriproc_config::FillPolicy;
 use crate::images::ImageError;
 use crate::source::{PageSource, SourceError};
 use crate::stats::FetchCounters;
-pub use crate::stats::{FetchStats, LatencySummary};
+pub use crate::stats::{FetchStats, LatencySummary, ProfileState};
 
 /// The socket name criu restore connects to, relative to its work dir.
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
@@ -66,17 +99,32 @@ pub const RESTORE_FINISHED: u32 = 0x5253_5446;
 pub const MAX_FILL_BATCH_PAGES: usize = 4096;
 /// Upper bound of `fault_around_pages`.
 pub const MAX_FAULT_AROUND_PAGES: usize = 512;
+/// Upper bound of `prefetch_max_pages`.
+pub const MAX_PREFETCH_PAGES: usize = 2048;
+/// Upper bound of `fill_threads`.
+pub const MAX_FILL_THREADS: usize = 16;
 
 /// Fetcher tuning.
 #[derive(Debug, Clone)]
 pub struct FetcherOptions {
     /// What happens to pages nobody touched: `Full` fills them after restore finishes, `None`
-    /// never moves them, `Profile` behaves like `Full` for now.
+    /// never moves them, `Profile` prefetches the recorded working set first, then fills.
     pub fill: FillPolicy,
-    /// Pages per background copy (1..=[`MAX_FILL_BATCH_PAGES`]); faults are checked between.
+    /// Pages per background-fill run (1..=[`MAX_FILL_BATCH_PAGES`]).
     pub fill_batch_pages: usize,
-    /// Aligned window installed around a fault, in pages (power of two, 1 = off).
+    /// Fill worker threads (1..=[`MAX_FILL_THREADS`]).
+    pub fill_threads: usize,
+    /// Aligned window installed around a random fault, in pages (power of two, 1 = off).
     pub fault_around_pages: usize,
+    /// Largest window of the sequential/stride prefetch, in pages: 0 turns detection off (only
+    /// the fault-around window), else a power of two from `fault_around_pages` up to
+    /// [`MAX_PREFETCH_PAGES`].
+    pub prefetch_max_pages: usize,
+    /// Where working-set profiles live (policy `profile`).
+    pub profile_dir: PathBuf,
+    /// How long after restore finished a recording restore records demand faults (and holds
+    /// back the fill), and how long a replay counts profile misses.
+    pub profile_window: Duration,
     /// How long to wait for criu to connect after `spawn`.
     pub accept_timeout: Duration,
     /// How long to wait for each pid / uffd message.
@@ -90,11 +138,50 @@ impl Default for FetcherOptions {
         FetcherOptions {
             fill: FillPolicy::Full,
             fill_batch_pages: 256,
+            fill_threads: 2,
             fault_around_pages: 16,
+            prefetch_max_pages: 256,
+            profile_dir: PathBuf::from(crate::profile::DEFAULT_PROFILE_DIR),
+            profile_window: Duration::from_secs(10),
             accept_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(300),
         }
+    }
+}
+
+impl FetcherOptions {
+    /// The options the shim's configuration sets (`[fetcher]`: fill, fault_around_pages,
+    /// fill_batch_pages, handshake_timeout_ms); everything else keeps its default.
+    pub fn from_config(cfg: &distriproc_config::FetcherConfig) -> FetcherOptions {
+        FetcherOptions {
+            fill: cfg.fill,
+            fill_batch_pages: cfg.fill_batch_pages as usize,
+            fault_around_pages: cfg.fault_around_pages as usize,
+            handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+            ..FetcherOptions::default()
+        }
+    }
+
+    fn check(&self) -> Result<(), FetchError> {
+        let bad = |name, value| Err(FetchError::BadOption { name, value });
+        if self.fill_batch_pages == 0 || self.fill_batch_pages > MAX_FILL_BATCH_PAGES {
+            return bad("fill_batch_pages", self.fill_batch_pages);
+        }
+        if !self.fault_around_pages.is_power_of_two()
+            || self.fault_around_pages > MAX_FAULT_AROUND_PAGES
+        {
+            return bad("fault_around_pages", self.fault_around_pages);
+        }
+        if self.fill_threads == 0 || self.fill_threads > MAX_FILL_THREADS {
+            return bad("fill_threads", self.fill_threads);
+        }
+        let p = self.prefetch_max_pages;
+        if p != 0 && (!p.is_power_of_two() || p < self.fault_around_pages || p > MAX_PREFETCH_PAGES)
+        {
+            return bad("prefetch_max_pages", p);
+        }
+        Ok(())
     }
 }
 
@@ -211,20 +298,7 @@ impl LazyPagesServer {
         source: Arc<dyn PageSource>,
         opts: FetcherOptions,
     ) -> Result<LazyPagesServer, FetchError> {
-        if opts.fill_batch_pages == 0 || opts.fill_batch_pages > MAX_FILL_BATCH_PAGES {
-            return Err(FetchError::BadOption {
-                name: "fill_batch_pages",
-                value: opts.fill_batch_pages,
-            });
-        }
-        if !opts.fault_around_pages.is_power_of_two()
-            || opts.fault_around_pages > MAX_FAULT_AROUND_PAGES
-        {
-            return Err(FetchError::BadOption {
-                name: "fault_around_pages",
-                value: opts.fault_around_pages,
-            });
-        }
+        opts.check()?;
         Ok(LazyPagesServer {
             inner: server::Prepared::new(work_dir, images, source, opts)?,
         })
@@ -235,7 +309,8 @@ impl LazyPagesServer {
         &self.inner.socket_path
     }
 
-    /// Runs the fetcher on a dedicated OS thread; returns at once.
+    /// Runs the fetcher on dedicated OS threads (the fault thread and the fill workers);
+    /// returns at once.
     pub fn spawn(self) -> Result<FetcherHandle, FetchError> {
         let counters = Arc::new(FetchCounters::default());
         let (stop, thread) = self.inner.spawn(counters.clone())?;

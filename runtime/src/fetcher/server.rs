@@ -1,5 +1,7 @@
-//! The fetcher thread: the socket handshake as a non-blocking state machine, the epoll loop,
-//! the fault path (with fault-around) and the background fill.
+//! The fault thread: the socket handshake as a non-blocking state machine, the epoll loop over
+//! the uffds, the address-space events, the fault path (with fault-around and prefetch) and
+//! the profile recorder. The background fill and the profile prefetch run on the fill workers
+//! ([`super::fill`]).
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut, Read};
@@ -17,15 +19,20 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
-use super::space::{lazy_ranges, Space};
+use super::fill::Pool;
+use super::prefetch::{Detector, Plan};
+use super::space::{lazy_ranges, Bits, Space};
+use super::task::{fetch_bits, poison, uffd_err, zero_run, Install, Task, PAGE};
 use super::{FetchError, FetcherOptions, LAZY_PAGES_SOCKET, RESTORE_FINISHED};
 use crate::images::{ImageDir, PAGE_SIZE};
-use crate::source::{PageKind, PageSource, SourceError};
-use crate::stats::FetchCounters;
+use crate::profile::{checkpoint_key, Profile, Recorder};
+use crate::source::PageSource;
+use crate::stats::{FetchCounters, ProfileState};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_LISTEN: u64 = 1;
 const TOKEN_CONN: u64 = 2;
+const TOKEN_FILL: u64 = 3;
 const TOKEN_TASK: u64 = 16;
 /// uffd messages read per `read(2)`.
 const EVENT_BATCH: usize = 64;
@@ -33,7 +40,8 @@ const EVENT_BATCH: usize = 64;
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// An address no task maps, used for the exit probe (at `mmap_min_addr`).
 const PROBE_ADDR: u64 = 0x10000;
-const PAGE: usize = 4096;
+/// Runs reserved for the profile recorder (16 bytes each).
+const RECORD_RUNS: usize = 1 << 16;
 
 /// The fetcher thread's handle.
 pub(crate) type FetcherThread = JoinHandle<Result<(), FetchError>>;
@@ -55,6 +63,21 @@ impl StopFd {
     pub(crate) fn signal(&self) {
         let _ = nix::unistd::write(&self.0, &1u64.to_ne_bytes());
     }
+
+    fn drain(&self) {
+        let mut b = [0u8; 8];
+        let _ = nix::unistd::read(self.0.as_raw_fd(), &mut b);
+    }
+}
+
+/// What the `profile` policy found at bind.
+pub(crate) enum ProfilePlan {
+    /// Not the `profile` policy (or no key could be computed).
+    Off,
+    /// No usable profile: record one under this key.
+    Record { key: String, refused: bool },
+    /// Replay this profile.
+    Replay(Profile),
 }
 
 /// Everything `bind` prepares: the listening socket and the lazy ranges of every task.
@@ -66,6 +89,7 @@ pub(crate) struct Prepared {
     expected: usize,
     source: Arc<dyn PageSource>,
     opts: FetcherOptions,
+    profile: ProfilePlan,
 }
 
 impl Prepared {
@@ -86,6 +110,11 @@ impl Prepared {
             let (_, entries) = img.pagemap_entries(e.pid)?;
             plans.insert(e.pid, lazy_ranges(&entries, &vmas));
         }
+        let profile = if opts.fill == FillPolicy::Profile {
+            load_profile(images, &opts.profile_dir)
+        } else {
+            ProfilePlan::Off
+        };
         let socket_path = work_dir.join(LAZY_PAGES_SOCKET);
         let sock_err = |what, source| FetchError::Socket {
             what,
@@ -124,6 +153,7 @@ impl Prepared {
             expected: tree.len(),
             source,
             opts,
+            profile,
         })
     }
 
@@ -160,6 +190,27 @@ impl Prepared {
     }
 }
 
+fn load_profile(images: &Path, dir: &Path) -> ProfilePlan {
+    let key = match checkpoint_key(images) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "no checkpoint identity: profile policy acts as full");
+            return ProfilePlan::Off;
+        }
+    };
+    match Profile::load(dir, &key) {
+        Ok(Some(p)) => ProfilePlan::Replay(p),
+        Ok(None) => ProfilePlan::Record {
+            key,
+            refused: false,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "working-set profile refused; restoring without it");
+            ProfilePlan::Record { key, refused: true }
+        }
+    }
+}
+
 enum Conn {
     Pid { buf: [u8; 4], got: usize },
     Fd { pid: i32 },
@@ -167,22 +218,22 @@ enum Conn {
     Done,
 }
 
-/// The outcome of installing a run of pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Install {
-    Done,
-    /// The mm is changing (events pending): retry after draining events.
-    Again,
-    /// The task is gone.
-    Gone,
-    /// The range is no longer mapped or registered; nothing to install.
-    Vanished,
+struct Entry {
+    task: Arc<Task>,
+    det: Detector,
 }
 
-struct Tracked {
-    pid: u32,
-    uffd: Uffd,
-    space: Space,
+/// A piece of a prefetch window: lazy bits `[lo, hi)` of one iov, or a hole `(address, pages)`.
+#[derive(Debug, Clone, Copy)]
+enum Span {
+    Bits(usize, usize),
+    Zero(u64, u64),
+}
+
+/// Profile recording (policy `profile` without a usable profile).
+struct Recording {
+    key: String,
+    rec: Recorder,
 }
 
 struct Loop {
@@ -195,7 +246,16 @@ struct Loop {
     state: Conn,
     received: usize,
     finished: bool,
-    tasks: Vec<Option<Tracked>>,
+    tasks: Vec<Option<Entry>>,
+    pool: Pool,
+    notify: Arc<StopFd>,
+    fill_on: bool,
+    /// End of the profile window (restore finished + `profile_window`), once known.
+    window_end: Option<Instant>,
+    recording: Option<Recording>,
+    replay: Option<Profile>,
+    pieces: Vec<(u64, usize, usize)>,
+    spans: Vec<Span>,
     c: Arc<FetchCounters>,
     t0: Instant,
     deadline: Option<(Instant, &'static str, Duration)>,
@@ -205,8 +265,6 @@ struct Loop {
     deferred: Vec<(usize, u64, Instant)>,
     deferred_spare: Vec<(usize, u64, Instant)>,
     fault_buf: Vec<u8>,
-    fill_buf: Vec<u8>,
-    fill_next: usize,
     last_probe: Instant,
     stopped: bool,
 }
@@ -242,9 +300,53 @@ impl Loop {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTEN),
             )
             .map_err(sys("epoll_ctl"))?;
-        let fa = p.opts.fault_around_pages.max(1);
-        let fb = p.opts.fill_batch_pages.max(1);
+        let fa = p
+            .opts
+            .fault_around_pages
+            .max(p.opts.prefetch_max_pages)
+            .max(16);
         let accept = p.opts.accept_timeout;
+        let notify = Arc::new(StopFd::new().map_err(|source| FetchError::Sys {
+            what: "eventfd",
+            source,
+        })?);
+        epoll
+            .add(
+                notify.0.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_FILL),
+            )
+            .map_err(sys("epoll_ctl"))?;
+        let pool = Pool::new(
+            p.opts.fill_threads,
+            p.source.clone(),
+            c.clone(),
+            p.opts.fill_batch_pages,
+            notify.clone(),
+        )?;
+        let (recording, replay) = match std::mem::replace(&mut p.profile, ProfilePlan::Off) {
+            ProfilePlan::Off => (None, None),
+            ProfilePlan::Record { key, refused } => {
+                let st = if refused {
+                    ProfileState::Refused
+                } else {
+                    ProfileState::Recording
+                };
+                c.profile_state.store(st.as_u8(), Relaxed);
+                (
+                    Some(Recording {
+                        key,
+                        rec: Recorder::with_capacity(RECORD_RUNS),
+                    }),
+                    None,
+                )
+            }
+            ProfilePlan::Replay(prof) => {
+                c.profile_state
+                    .store(ProfileState::Replayed.as_u8(), Relaxed);
+                c.profile_pages.store(prof.pages(), Relaxed);
+                (None, Some(prof))
+            }
+        };
         Ok(Loop {
             epoll,
             _stop: stop,
@@ -266,9 +368,15 @@ impl Loop {
             deferred: Vec::with_capacity(EVENT_BATCH),
             deferred_spare: Vec::with_capacity(EVENT_BATCH),
             fault_buf: vec![0; fa * PAGE],
-            fill_buf: vec![0; fb * PAGE],
-            fill_next: 0,
             last_probe: Instant::now(),
+            pool,
+            notify,
+            fill_on: false,
+            window_end: None,
+            recording,
+            replay,
+            pieces: Vec::with_capacity(16),
+            spans: Vec::with_capacity(2 * fa + 2),
             stopped: false,
             p,
         })
@@ -278,30 +386,90 @@ impl Loop {
         u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    fn fill_enabled(&self) -> bool {
-        self.finished && self.p.opts.fill != FillPolicy::None
+    fn has_fill_work(&self) -> bool {
+        self.tasks
+            .iter()
+            .flatten()
+            .any(|e| e.task.remaining.load(Relaxed) > 0)
     }
 
-    fn has_fill_work(&self) -> bool {
-        self.tasks.iter().flatten().any(|t| t.space.remaining > 0)
+    /// Whether demand faults count as profile misses now (replay, inside the window).
+    fn in_window(&self) -> bool {
+        self.replay.is_some() && self.window_end.is_none_or(|w| Instant::now() < w)
+    }
+
+    /// Starts the profile prefetch and the fill when their time has come.
+    fn update_policy(&mut self) {
+        if !self.finished {
+            return;
+        }
+        let now = Instant::now();
+        if self.window_end.is_none() {
+            self.window_end = Some(now + self.p.opts.profile_window);
+            if let Some(p) = &self.replay {
+                self.pool.push_profile(&p.runs);
+            }
+        }
+        if self.recording.is_some() && self.window_end.is_some_and(|w| now >= w) {
+            self.save_profile();
+        }
+        if !self.fill_on {
+            let on = match self.p.opts.fill {
+                FillPolicy::None => false,
+                FillPolicy::Full => true,
+                FillPolicy::Profile => self.recording.is_none(),
+            };
+            if on {
+                self.fill_on = true;
+                self.pool.enable_fill();
+            }
+        }
+    }
+
+    fn save_profile(&mut self) {
+        let Some(r) = self.recording.take() else {
+            return;
+        };
+        let pages = r.rec.pages();
+        if pages == 0 {
+            tracing::info!(key = %r.key, "no demand faults in the profile window: no profile saved");
+            return;
+        }
+        let prof = r.rec.into_profile(r.key);
+        match prof.save(&self.p.opts.profile_dir) {
+            Ok(path) => {
+                self.c
+                    .profile_state
+                    .store(ProfileState::Recorded.as_u8(), Relaxed);
+                tracing::info!(path = %path.display(), pages, runs = prof.runs.len(), "working-set profile saved");
+            }
+            Err(e) => {
+                self.c
+                    .profile_state
+                    .store(ProfileState::SaveFailed.as_u8(), Relaxed);
+                tracing::warn!(error = %e, "cannot save the working-set profile");
+            }
+        }
     }
 
     fn run(&mut self) -> Result<(), FetchError> {
         let mut evs = [EpollEvent::empty(); 32];
         loop {
-            let fill_ready = self.fill_enabled() && self.has_fill_work();
-            let timeout = if fill_ready {
-                EpollTimeout::ZERO
-            } else if !self.deferred.is_empty() {
+            let timeout = if !self.deferred.is_empty() {
                 EpollTimeout::from(1u16)
             } else {
+                let now = Instant::now();
                 let mut wait = if self.finished {
                     Some(PROBE_INTERVAL)
                 } else {
                     None
                 };
                 if let Some((at, _, _)) = self.deadline {
-                    let left = at.saturating_duration_since(Instant::now());
+                    let left = at.saturating_duration_since(now);
+                    wait = Some(wait.map_or(left, |w| w.min(left)));
+                }
+                if let (Some(_), Some(at)) = (&self.recording, self.window_end) {
+                    let left = at.saturating_duration_since(now);
                     wait = Some(wait.map_or(left, |w| w.min(left)));
                 }
                 match wait {
@@ -329,6 +497,20 @@ impl Loop {
                     }
                     TOKEN_LISTEN => self.accept()?,
                     TOKEN_CONN => self.conn_readable()?,
+                    TOKEN_FILL => {
+                        self.notify.drain();
+                        if let Some(e) = self.pool.take_error() {
+                            return Err(e);
+                        }
+                        for slot in 0..self.tasks.len() {
+                            if self.tasks[slot]
+                                .as_ref()
+                                .is_some_and(|e| e.task.gone.load(Relaxed))
+                            {
+                                self.task_gone(slot);
+                            }
+                        }
+                    }
                     t => {
                         let slot = usize::try_from(t - TOKEN_TASK).unwrap_or(usize::MAX);
                         self.drain(slot)?;
@@ -336,18 +518,20 @@ impl Loop {
                 }
             }
             self.retry_deferred()?;
-            if n == 0 && fill_ready {
-                self.fill_step()?;
-            }
+            self.update_policy();
             if self.received == self.p.expected && self.finished {
                 if self.tasks.iter().all(Option::is_none) {
                     return Ok(());
                 }
-                if self.fill_enabled() && !self.has_fill_work() && self.deferred.is_empty() {
+                if self.fill_on
+                    && self.deferred.is_empty()
+                    && !self.has_fill_work()
+                    && self.pool.idle()
+                {
                     FetchCounters::mark_once(&self.c.fill_complete_us, self.elapsed_us());
                     return Ok(());
                 }
-                if !fill_ready && self.last_probe.elapsed() >= PROBE_INTERVAL {
+                if self.last_probe.elapsed() >= PROBE_INTERVAL {
                     self.probe_exits();
                 }
             }
@@ -526,19 +710,16 @@ impl Loop {
         let Some(ranges) = self.p.plans.get(&vpid) else {
             return Err(FetchError::UnknownPid { pid });
         };
-        let space = Space::new(ranges);
-        self.c.lazy_pages.fetch_add(space.remaining, Relaxed);
+        let (space, nbits) = Space::new(ranges);
         set_nonblocking(&fd)?;
         // SAFETY: `fd` is an owned userfaultfd; `Uffd` takes the ownership and closes it on drop.
         let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
-        self.insert(Tracked {
-            pid: vpid,
-            uffd,
-            space,
-        })
+        let task = Task::new(vpid, uffd, space, Bits::new(nbits), false);
+        self.c.lazy_pages.fetch_add(nbits as u64, Relaxed);
+        self.insert(task)
     }
 
-    fn insert(&mut self, t: Tracked) -> Result<(), FetchError> {
+    fn insert(&mut self, t: Task) -> Result<(), FetchError> {
         let slot = self.tasks.len();
         self.epoll
             .add(
@@ -546,14 +727,21 @@ impl Loop {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_TASK + slot as u64),
             )
             .map_err(sys("epoll_ctl"))?;
-        self.tasks.push(Some(t));
+        let task = Arc::new(t);
+        self.pool.add_task(task.clone());
+        self.tasks.push(Some(Entry {
+            task,
+            det: Detector::default(),
+        }));
         self.c.tasks.fetch_add(1, Relaxed);
         Ok(())
     }
 
     fn task_gone(&mut self, slot: usize) {
-        if let Some(t) = self.tasks.get_mut(slot).and_then(Option::take) {
-            let _ = self.epoll.delete(&t.uffd);
+        if let Some(e) = self.tasks.get_mut(slot).and_then(Option::take) {
+            let _ = self.epoll.delete(&e.task.uffd);
+            e.task.gone.store(true, Relaxed);
+            self.pool.remove_task(&e.task);
             self.c.tasks_exited.fetch_add(1, Relaxed);
         }
         self.deferred.retain(|d| d.0 != slot);
@@ -568,7 +756,7 @@ impl Loop {
                     self.batch = batch;
                     return Ok(());
                 }
-                Some(t) => match t.uffd.read_events(&mut self.evbuf) {
+                Some(e) => match e.task.uffd.read_events(&mut self.evbuf) {
                     Ok(it) => {
                         // Unknown event types are skipped.
                         batch.extend(it.flatten());
@@ -638,123 +826,243 @@ impl Loop {
                 let Some(parent) = self.tasks.get(slot).and_then(Option::as_ref) else {
                     return Ok(());
                 };
-                let child = Tracked {
-                    pid: parent.pid,
-                    uffd,
-                    space: parent.space.clone(),
-                };
-                self.c.lazy_pages.fetch_add(child.space.remaining, Relaxed);
+                // The child's memory is the parent's as of the fork: what was installed there
+                // is present in the child too.
+                let p = &parent.task;
+                let child = Task::new(p.pid, uffd, p.space().clone(), p.bits.snapshot(), true);
+                self.c
+                    .lazy_pages
+                    .fetch_add(child.remaining.load(Relaxed), Relaxed);
                 self.insert(child)?;
             }
             Event::Remap { from, to, len } => {
-                if let Some(t) = self.tasks.get_mut(slot).and_then(Option::as_mut) {
-                    t.space.remap(from as u64, to as u64, len as u64);
+                if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
+                    e.task.space_mut().remap(from as u64, to as u64, len as u64);
                 }
             }
-            Event::Remove { start, end } => {
-                // MADV_DONTNEED/REMOVE: the range is no longer served from the images; later
-                // faults in it get UFFDIO_ZEROPAGE, which is what the kernel would do. Unlike
-                // criu/uffd.c we do not UFFDIO_UNREGISTER the range: that splits the VMA, and a
-                // later mremap() of the whole region then fails with EFAULT (seen in
-                // tests/lazy_restore.rs).
-                if let Some(t) = self.tasks.get_mut(slot).and_then(Option::as_mut) {
-                    t.space.drop_range(start as u64, end as u64);
-                }
-            }
-            Event::Unmap { start, end } => {
-                if let Some(t) = self.tasks.get_mut(slot).and_then(Option::as_mut) {
-                    t.space.drop_range(start as u64, end as u64);
+            Event::Remove { start, end } | Event::Unmap { start, end } => {
+                // The range is no longer served from the images; later faults in it get
+                // UFFDIO_ZEROPAGE, which is what the kernel would do. Unlike criu/uffd.c we do
+                // not UFFDIO_UNREGISTER on REMOVE: that splits the VMA, and a later mremap() of
+                // the whole region then fails with EFAULT (seen in tests/lazy_restore.rs).
+                if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
+                    let t = &e.task;
+                    let n = t.space_mut().drop_range(start as u64, end as u64, &t.bits);
+                    t.remaining.fetch_sub(n, Relaxed);
                 }
             }
         }
         Ok(())
     }
 
-    /// Serves one fault; on EAGAIN it is queued and retried after the events are drained.
+    /// Serves one fault: the faulting page first (woken at once), then the prefetch plan.
+    /// On EAGAIN the fault is queued and retried after the events are drained.
     fn serve(&mut self, slot: usize, addr: u64, t0: Instant) -> Result<(), FetchError> {
         let page = addr & !(PAGE_SIZE - 1);
-        let Some(t) = self.tasks.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) else {
             return Ok(());
         };
-        let c = &*self.c;
-        let out = match t.space.lookup(page) {
-            None => {
-                let r = zero_run(&t.uffd, page, 1, c)
-                    .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, page, e))?;
-                match r {
-                    Install::Done => {
-                        c.zero_pages.fetch_add(1, Relaxed);
-                    }
-                    Install::Vanished => {
-                        let _ = t.uffd.wake(page as *mut c_void, PAGE);
-                    }
-                    _ => {}
+        let task = e.task.clone();
+        let found = {
+            let sp = task.space();
+            sp.lookup(page).map(|k| sp.bit_of(k, page))
+        };
+        let Some(bit) = found else {
+            let (r, n) = zero_run(&task.uffd, page, 1, true, &self.c)
+                .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", task.pid, page, e))?;
+            self.c.zero_pages.fetch_add(n, Relaxed);
+            match r {
+                Install::Done => record_latency(&self.c, t0),
+                Install::Vanished => {
+                    let _ = task.uffd.wake(page as *mut c_void, PAGE);
                 }
-                r
+                Install::Again => self.deferred.push((slot, addr, t0)),
+                Install::Gone => self.task_gone(slot),
             }
-            Some(k) => {
-                let w = self.p.opts.fault_around_pages.max(1) as u64 * PAGE_SIZE;
-                let lo = page & !(w - 1);
-                let (s, e) = t.space.uncopied_run(k, page, lo, lo + w);
-                let (r, _) = fetch(t, &*self.p.source, &mut self.fault_buf, c, k, page, 1)?;
-                if r == Install::Vanished {
-                    // Unmapped under us: let the thread retry its access.
-                    let _ = t.uffd.wake(page as *mut c_void, PAGE);
+            return Ok(());
+        };
+        // The faulting page is installed even when someone else claimed it (it may be mid-copy
+        // on a fill worker); EEXIST then just wakes the thread.
+        let newly = task.claim(bit, 1, bit + 1) == 1;
+        let f = fetch_bits(
+            &task,
+            &*self.p.source,
+            &mut self.fault_buf,
+            &self.c,
+            bit,
+            1,
+            true,
+            &mut self.pieces,
+            None,
+        )?;
+        match f.outcome {
+            Install::Again => {
+                if newly {
+                    task.release(bit, 1);
                 }
-                if r == Install::Done || r == Install::Vanished {
-                    c.pages_faulted.fetch_add(1, Relaxed);
-                    record_latency(c, t0);
-                    let mut extra = 0;
-                    if s < page {
-                        let (r2, n) = fetch(
-                            t,
-                            &*self.p.source,
-                            &mut self.fault_buf,
-                            c,
-                            k,
-                            s,
-                            (page - s) / PAGE_SIZE,
-                        )?;
-                        extra += n;
-                        if r2 == Install::Gone {
-                            self.task_gone(slot);
-                            return Ok(());
+                self.deferred.push((slot, addr, t0));
+                return Ok(());
+            }
+            Install::Gone => {
+                self.task_gone(slot);
+                return Ok(());
+            }
+            Install::Vanished => {
+                // Unmapped under us: let the thread retry its access.
+                let _ = task.uffd.wake(page as *mut c_void, PAGE);
+            }
+            Install::Done => {}
+        }
+        self.c.pages_faulted.fetch_add(f.installed, Relaxed);
+        if self.in_window() {
+            self.c.profile_misses.fetch_add(f.installed, Relaxed);
+        }
+        if newly {
+            self.record(&task, bit, 1);
+        }
+        record_latency(&self.c, t0);
+        // Prefetch around the fault, after the faulting thread was woken.
+        let around = self.p.opts.fault_around_pages.max(1) as u64;
+        let max = self.p.opts.prefetch_max_pages as u64;
+        let plan = match self.tasks.get_mut(slot).and_then(Option::as_mut) {
+            Some(e) => e.det.on_fault(page, around, max),
+            None => return Ok(()),
+        };
+        let gone = match plan {
+            Plan::Window { start, pages } => {
+                // The window may span several iovs; the holes between them (pages never dumped,
+                // or dropped) get zero pages, as a fault there would (ENOENT where nothing is
+                // registered).
+                let end = start + pages * PAGE_SIZE;
+                let mut spans = std::mem::take(&mut self.spans);
+                spans.clear();
+                {
+                    let sp = task.space();
+                    let mut i = sp.iovs.partition_point(|v| v.end <= start);
+                    let mut prev: Option<u64> = None;
+                    while i < sp.iovs.len() && sp.iovs[i].start < end {
+                        let iov = sp.iovs[i];
+                        if let Some(pe) = prev.filter(|&pe| pe < iov.start) {
+                            spans.push(Span::Zero(pe, (iov.start - pe) / PAGE_SIZE));
+                        }
+                        let (a, z) = (start.max(iov.start), end.min(iov.end));
+                        let b = sp.bit_of(i, a);
+                        spans.push(Span::Bits(b, b + ((z - a) / PAGE_SIZE) as usize));
+                        prev = Some(iov.end);
+                        i += 1;
+                    }
+                }
+                let mut gone = false;
+                let mut r = Ok(());
+                for &span in &spans {
+                    let g = match span {
+                        Span::Bits(lo, hi) => match self.prefetch_bits(&task, lo, hi) {
+                            Ok(g) => g,
+                            Err(e) => {
+                                r = Err(e);
+                                break;
+                            }
+                        },
+                        Span::Zero(addr, n) => match zero_run(&task.uffd, addr, n, true, &self.c) {
+                            Ok((res, k)) => {
+                                self.c.zero_pages.fetch_add(k, Relaxed);
+                                res == Install::Gone
+                            }
+                            Err(e) => {
+                                r = Err(uffd_err("UFFDIO_ZEROPAGE", task.pid, addr, e));
+                                break;
+                            }
+                        },
+                    };
+                    if g {
+                        gone = true;
+                        break;
+                    }
+                }
+                self.spans = spans;
+                r?;
+                gone
+            }
+            Plan::Stride {
+                first,
+                stride,
+                count,
+            } => {
+                let mut gone = false;
+                for i in 0..count {
+                    let a = first.wrapping_add((stride * i as i64) as u64);
+                    let b = {
+                        let sp = task.space();
+                        sp.lookup(a).map(|k| sp.bit_of(k, a))
+                    };
+                    if let Some(b) = b {
+                        if self.prefetch_bits(&task, b, b + 1)? {
+                            gone = true;
+                            break;
                         }
                     }
-                    if page + PAGE_SIZE < e {
-                        let from = page + PAGE_SIZE;
-                        let (r3, n) = fetch(
-                            t,
-                            &*self.p.source,
-                            &mut self.fault_buf,
-                            c,
-                            k,
-                            from,
-                            (e - from) / PAGE_SIZE,
-                        )?;
-                        extra += n;
-                        if r3 == Install::Gone {
-                            self.c.pages_prefetched.fetch_add(extra, Relaxed);
-                            self.task_gone(slot);
-                            return Ok(());
-                        }
-                    }
-                    self.c.pages_prefetched.fetch_add(extra, Relaxed);
-                    return Ok(());
                 }
-                r
+                gone
             }
         };
-        match out {
-            Install::Done | Install::Vanished => {
-                if out == Install::Done && t0.elapsed() > Duration::ZERO {
-                    record_latency(&self.c, t0);
-                }
-            }
-            Install::Again => self.deferred.push((slot, addr, t0)),
-            Install::Gone => self.task_gone(slot),
+        if gone {
+            self.task_gone(slot);
         }
         Ok(())
+    }
+
+    /// Installs the unclaimed pages among bits `[lo, hi)` (one current iov). True if the task
+    /// is gone.
+    fn prefetch_bits(&mut self, task: &Task, lo: usize, hi: usize) -> Result<bool, FetchError> {
+        let mut b = lo;
+        while b < hi {
+            let n = task.claim(b, hi - b, hi);
+            if n == 0 {
+                b += 1;
+                continue;
+            }
+            let f = fetch_bits(
+                task,
+                &*self.p.source,
+                &mut self.fault_buf,
+                &self.c,
+                b,
+                n,
+                true,
+                &mut self.pieces,
+                None,
+            )?;
+            self.c.pages_prefetched.fetch_add(f.installed, Relaxed);
+            self.record(task, b, f.done);
+            match f.outcome {
+                Install::Done | Install::Vanished => {}
+                Install::Again => {
+                    // Events are pending: leave the rest to later faults or the fill.
+                    task.release(b + f.done, n - f.done);
+                    return Ok(false);
+                }
+                Install::Gone => return Ok(true),
+            }
+            b += n;
+        }
+        Ok(false)
+    }
+
+    /// Appends bits to the profile being recorded (the demand-touched set, with its prefetch).
+    fn record(&mut self, task: &Task, b: usize, n: usize) {
+        if n == 0 || task.forked {
+            return;
+        }
+        let Some(r) = self.recording.as_mut() else {
+            return;
+        };
+        if self.window_end.is_some_and(|w| Instant::now() >= w) {
+            return;
+        }
+        let img = task.space().img_of(b);
+        r.rec
+            .push(task.pid, img, u32::try_from(n).unwrap_or(u32::MAX));
+        self.c.profile_pages.store(r.rec.pages(), Relaxed);
     }
 
     fn retry_deferred(&mut self) -> Result<(), FetchError> {
@@ -773,64 +1081,39 @@ impl Loop {
         r
     }
 
-    fn fill_step(&mut self) -> Result<(), FetchError> {
-        let n = self.tasks.len();
-        let batch = self.p.opts.fill_batch_pages as u64;
-        for i in 0..n {
-            let slot = (self.fill_next + i) % n;
-            let Some(t) = self.tasks[slot].as_mut() else {
-                continue;
-            };
-            let Some((k, addr, pages)) = t.space.next_unfilled(batch) else {
-                continue;
-            };
-            self.fill_next = slot;
-            let (r, done) = fetch(
-                t,
-                &*self.p.source,
-                &mut self.fill_buf,
-                &self.c,
-                k,
-                addr,
-                pages,
-            )?;
-            self.c.pages_filled.fetch_add(done, Relaxed);
-            if r == Install::Gone {
-                self.task_gone(slot);
-            }
-            return Ok(());
-        }
-        Ok(())
-    }
-
     /// Idle tasks do not report their exit: probe each uffd's mm with a harmless ioctl.
     fn probe_exits(&mut self) {
         self.last_probe = Instant::now();
         for slot in 0..self.tasks.len() {
-            let Some(t) = self.tasks[slot].as_ref() else {
+            let Some(e) = self.tasks[slot].as_ref() else {
                 continue;
             };
-            let r = t
+            let r = e
+                .task
                 .uffd
                 .remove_write_protection(PROBE_ADDR as *mut c_void, PAGE, false);
-            if let Err(userfaultfd::Error::SystemError(e)) = r {
-                if e as i32 == libc::ESRCH {
+            if let Err(userfaultfd::Error::SystemError(err)) = r {
+                if err as i32 == libc::ESRCH {
                     self.task_gone(slot);
                 }
             }
         }
     }
 
-    /// Summary line; on an abnormal end, poison what was never installed.
+    /// Stops the workers, saves a recorded profile, logs the summary line; on an abnormal end,
+    /// poisons what was never installed.
     fn finish(&mut self, r: &Result<(), FetchError>) {
         let abnormal = r.is_err() || self.stopped;
+        self.pool.shutdown(abnormal);
+        if !abnormal {
+            self.save_profile();
+        }
         let mut poisoned = 0u64;
         if abnormal {
-            for t in self.tasks.iter().flatten() {
-                for (addr, pages) in t.space.uncopied_runs() {
-                    if poison(&t.uffd, addr, pages) {
-                        poisoned += pages;
-                    }
+            for e in self.tasks.iter().flatten() {
+                let runs = e.task.space().unclaimed_runs(&e.task.bits);
+                for (addr, pages) in runs {
+                    poisoned += poison(&e.task.uffd, addr, pages);
                 }
             }
             self.c.pages_poisoned.fetch_add(poisoned, Relaxed);
@@ -855,6 +1138,8 @@ impl Loop {
             p50_us = s.fault_latency_us.p50,
             p99_us = s.fault_latency_us.p99,
             max_us = s.fault_latency_us.max,
+            profile = ?s.profile_state,
+            profile_hit_rate = ?s.profile_hit_rate,
             "lazy-pages fetcher finished"
         );
     }
@@ -865,15 +1150,6 @@ fn record_latency(c: &FetchCounters, t0: Instant) {
         .record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
 }
 
-fn uffd_err(op: &'static str, pid: u32, addr: u64, source: io::Error) -> FetchError {
-    FetchError::Uffd {
-        op,
-        pid,
-        addr,
-        source,
-    }
-}
-
 fn set_nonblocking(fd: &impl AsFd) -> Result<(), FetchError> {
     nix::fcntl::fcntl(
         fd.as_fd().as_raw_fd(),
@@ -881,177 +1157,4 @@ fn set_nonblocking(fd: &impl AsFd) -> Result<(), FetchError> {
     )
     .map(|_| ())
     .map_err(sys("fcntl(O_NONBLOCK) on a userfaultfd"))
-}
-
-/// Reads `pages` pages at `addr` (inside iov `k`) from the source and installs them.
-/// Returns the outcome and how many pages were dealt with.
-fn fetch(
-    t: &mut Tracked,
-    src: &dyn PageSource,
-    buf: &mut [u8],
-    c: &FetchCounters,
-    k: usize,
-    addr: u64,
-    pages: u64,
-) -> Result<(Install, u64), FetchError> {
-    let iov = t.space.iovs[k];
-    let img = iov.img + (addr - iov.start);
-    let cap = (buf.len() / PAGE) as u64;
-    let mut done = 0u64;
-    while done < pages {
-        let want = (pages - done).min(cap);
-        let want_bytes = usize::try_from(want).unwrap_or(0) * PAGE;
-        let vaddr = img + done * PAGE_SIZE;
-        let r = src
-            .read_pages(t.pid, vaddr, &mut buf[..want_bytes])
-            .map_err(|source| FetchError::Source {
-                pid: t.pid,
-                vaddr,
-                source,
-            })?;
-        if r.pages == 0 {
-            return Err(FetchError::Source {
-                pid: t.pid,
-                vaddr,
-                source: SourceError::NotHere { pid: t.pid, vaddr },
-            });
-        }
-        let got = (r.pages as u64).min(want);
-        let dst = addr + done * PAGE_SIZE;
-        let res = match r.kind {
-            PageKind::Data => copy_run(
-                &t.uffd,
-                dst,
-                &buf[..usize::try_from(got).unwrap_or(0) * PAGE],
-                c,
-            )
-            .map_err(|e| uffd_err("UFFDIO_COPY", t.pid, dst, e))?,
-            PageKind::Zero => {
-                let r = zero_run(&t.uffd, dst, got, c)
-                    .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, dst, e))?;
-                if r == Install::Done {
-                    c.zero_pages.fetch_add(got, Relaxed);
-                }
-                r
-            }
-        };
-        match res {
-            Install::Done | Install::Vanished => {
-                t.space.mark(k, dst, got);
-                done += got;
-            }
-            other => return Ok((other, done)),
-        }
-    }
-    Ok((Install::Done, done))
-}
-
-fn errno_outcome(e: i32) -> Option<Install> {
-    match e {
-        libc::EAGAIN => Some(Install::Again),
-        libc::ESRCH | libc::ENOSPC => Some(Install::Gone),
-        libc::ENOENT => Some(Install::Vanished),
-        _ => None,
-    }
-}
-
-/// UFFDIO_COPY of `src` to `dst`, page by page past EEXIST.
-fn copy_run(uffd: &Uffd, dst: u64, src: &[u8], c: &FetchCounters) -> io::Result<Install> {
-    let len = src.len();
-    let mut off = 0usize;
-    while off < len {
-        let rest = len - off;
-        // SAFETY: `src[off..]` is a live buffer of `rest` bytes we own for the call; `dst` is an
-        // address in the target task's registered range, checked by the kernel, and the ioctl
-        // writes only into the target mm, never into our memory.
-        let r = unsafe {
-            uffd.copy(
-                src[off..].as_ptr().cast::<c_void>(),
-                (dst + off as u64) as *mut c_void,
-                rest,
-                true,
-            )
-        };
-        match r {
-            Ok(n) if n > 0 => {
-                c.bytes.fetch_add(n as u64, Relaxed);
-                off += n;
-            }
-            Ok(_) => return Ok(Install::Again),
-            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < rest => {
-                c.bytes.fetch_add(n as u64, Relaxed);
-                off += n;
-            }
-            Err(userfaultfd::Error::PartiallyCopied(_)) => return Ok(Install::Again),
-            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
-                c.pages_already_present.fetch_add(1, Relaxed);
-                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
-                off += PAGE;
-            }
-            Err(userfaultfd::Error::CopyFailed(e)) => {
-                return errno_outcome(e as i32)
-                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
-            }
-            Err(e) => return Err(io::Error::other(e)),
-        }
-    }
-    Ok(Install::Done)
-}
-
-/// UFFDIO_ZEROPAGE of `pages` pages at `dst`, page by page past EEXIST.
-fn zero_run(uffd: &Uffd, dst: u64, pages: u64, c: &FetchCounters) -> io::Result<Install> {
-    let len = usize::try_from(pages).unwrap_or(0) * PAGE;
-    let mut off = 0usize;
-    while off < len {
-        // SAFETY: the ioctl only maps zero pages into the target task's registered range; the
-        // kernel validates the range. No memory of ours is touched.
-        let r = unsafe { uffd.zeropage((dst + off as u64) as *mut c_void, len - off, true) };
-        match r {
-            Ok(n) if n > 0 => off += n,
-            Ok(_) => return Ok(Install::Again),
-            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-                c.pages_already_present.fetch_add(1, Relaxed);
-                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
-                off += PAGE;
-            }
-            Err(userfaultfd::Error::ZeropageFailed(e)) => {
-                return errno_outcome(e as i32)
-                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
-            }
-            Err(e) => return Err(io::Error::other(e)),
-        }
-    }
-    Ok(Install::Done)
-}
-
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioPoison {
-    range: UffdioRange,
-    mode: u64,
-    updated: i64,
-}
-
-const _: () = assert!(std::mem::size_of::<UffdioPoison>() == 32);
-
-nix::ioctl_readwrite!(uffdio_poison, 0xAA, 0x08, UffdioPoison);
-
-/// UFFDIO_POISON (Linux 6.6+): later accesses get SIGBUS instead of silently reading zeros
-/// once our uffd is closed. Best effort.
-fn poison(uffd: &Uffd, addr: u64, pages: u64) -> bool {
-    let mut arg = UffdioPoison {
-        range: UffdioRange {
-            start: addr,
-            len: pages * PAGE_SIZE,
-        },
-        mode: 0,
-        updated: 0,
-    };
-    // SAFETY: `arg` is a live, correctly laid out uffdio_poison for the duration of the call.
-    unsafe { uffdio_poison(uffd.as_raw_fd(), &mut arg) }.is_ok()
 }

@@ -1,7 +1,17 @@
 //! The lazy address space of one task as the fetcher tracks it: which ranges are still served
-//! from the images (iovs), where they are now (after mremap), and which pages were installed.
+//! from the images (iovs), where they are now (after mremap), and which pages were claimed.
+//!
+//! Every lazy page of a task gets one bit at creation, in dump-time order (`orig`). A bit never
+//! moves: mremap changes the current address of an iov, not its bits or dump-time address. The
+//! bitmap ([`Bits`]) is atomic and shared by the fault thread and the fill workers: a set bit
+//! means "claimed" (installed, being installed, or no longer lazy), so fill, prefetch and faults
+//! never fetch the same page twice; a demand fault still installs its own page even when the
+//! bit is set (another thread may be mid-copy; `EEXIST` is harmless).
 //!
 //! Pure bookkeeping, no syscalls: unit-tested on its own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::images::{PageRange, VmaEntry, PAGE_SIZE};
 
@@ -16,8 +26,12 @@ pub(crate) struct Iov {
 }
 
 impl Iov {
-    fn pages(&self) -> u64 {
+    pub fn pages(&self) -> u64 {
         (self.end - self.start) / PAGE_SIZE
+    }
+
+    fn bit_end(&self) -> usize {
+        self.bit + usize::try_from(self.pages()).unwrap_or(0)
     }
 }
 
@@ -44,20 +58,98 @@ pub(crate) fn lazy_ranges(entries: &[PageRange], vmas: &[VmaEntry]) -> Vec<(u64,
     out
 }
 
-/// One task's lazy ranges and installed-page bitmap.
+/// An atomic bitmap: one bit per lazy page, set = claimed.
+#[derive(Debug, Default)]
+pub(crate) struct Bits {
+    words: Box<[AtomicU64]>,
+    len: usize,
+}
+
+impl Bits {
+    pub fn new(len: usize) -> Bits {
+        Bits {
+            words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            len,
+        }
+    }
+
+    /// A copy of the current state (for a forked child).
+    pub fn snapshot(&self) -> Bits {
+        Bits {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
+                .collect(),
+            len: self.len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn test(&self, b: usize) -> bool {
+        self.words[b / 64].load(Ordering::Acquire) & (1 << (b % 64)) != 0
+    }
+
+    /// Sets bit `b`; true if it was clear (this caller claimed it).
+    pub fn claim(&self, b: usize) -> bool {
+        let m = 1u64 << (b % 64);
+        self.words[b / 64].fetch_or(m, Ordering::AcqRel) & m == 0
+    }
+
+    /// Claims consecutive clear bits from `b0`, at most `max` and below `end`; stops at the first
+    /// bit that is already set. Returns how many were claimed (0 if `b0` was set).
+    pub fn claim_run(&self, b0: usize, max: usize, end: usize) -> usize {
+        let mut n = 0;
+        while n < max && b0 + n < end && self.claim(b0 + n) {
+            n += 1;
+        }
+        n
+    }
+
+    /// Clears `n` bits from `b0`; returns how many were set.
+    pub fn release_run(&self, b0: usize, n: usize) -> u64 {
+        let mut cleared = 0;
+        for b in b0..b0 + n {
+            let m = 1u64 << (b % 64);
+            if self.words[b / 64].fetch_and(!m, Ordering::AcqRel) & m != 0 {
+                cleared += 1;
+            }
+        }
+        cleared
+    }
+
+    /// The first clear bit in `[from, end)`.
+    pub fn next_clear(&self, from: usize, end: usize) -> Option<usize> {
+        let end = end.min(self.len);
+        let mut b = from;
+        while b < end {
+            let w = self.words[b / 64].load(Ordering::Acquire) | ((1u64 << (b % 64)) - 1);
+            if w == u64::MAX {
+                b = (b / 64 + 1) * 64;
+                continue;
+            }
+            let found = (b / 64) * 64 + w.trailing_ones() as usize;
+            return (found < end).then_some(found);
+        }
+        None
+    }
+}
+
+/// One task's current lazy ranges, plus the dump-time layout of its bits.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Space {
     /// Sorted by `start`, non-overlapping.
     pub iovs: Vec<Iov>,
-    copied: Vec<u64>,
-    /// Pages in `iovs` not installed yet.
-    pub remaining: u64,
-    /// Fill cursor: iov index and page offset in it.
-    cursor: (usize, u64),
+    /// The iovs as created (dump-time layout), sorted by `bit` and by `img`. Never changes.
+    orig: Arc<[Iov]>,
 }
 
 impl Space {
-    pub fn new(ranges: &[(u64, u64)]) -> Space {
+    /// The space and its number of pages (bits).
+    pub fn new(ranges: &[(u64, u64)]) -> (Space, usize) {
         let mut iovs = Vec::with_capacity(ranges.len());
         let mut bit = 0usize;
         for &(start, end) in ranges {
@@ -70,12 +162,8 @@ impl Space {
             bit += usize::try_from(iov.pages()).unwrap_or(0);
             iovs.push(iov);
         }
-        Space {
-            iovs,
-            copied: vec![0; bit.div_ceil(64)],
-            remaining: bit as u64,
-            cursor: (0, 0),
-        }
+        let orig: Arc<[Iov]> = iovs.clone().into();
+        (Space { iovs, orig }, bit)
     }
 
     /// Index of the iov containing `addr`.
@@ -84,92 +172,45 @@ impl Space {
         (i < self.iovs.len() && self.iovs[i].start <= addr).then_some(i)
     }
 
-    fn bit_of(&self, k: usize, addr: u64) -> usize {
+    pub fn bit_of(&self, k: usize, addr: u64) -> usize {
         self.iovs[k].bit + usize::try_from((addr - self.iovs[k].start) / PAGE_SIZE).unwrap_or(0)
     }
 
-    fn test(&self, b: usize) -> bool {
-        self.copied[b / 64] & (1 << (b % 64)) != 0
+    /// Dump-time address of bit `b`.
+    pub fn img_of(&self, b: usize) -> u64 {
+        let i = self.orig.partition_point(|v| v.bit_end() <= b);
+        let o = self.orig[i.min(self.orig.len().saturating_sub(1))];
+        o.img + (b - o.bit) as u64 * PAGE_SIZE
     }
 
-    /// Whether the page at `addr` (inside iov `k`) was installed.
-    pub fn is_copied(&self, k: usize, addr: u64) -> bool {
-        self.test(self.bit_of(k, addr))
+    /// The end (exclusive) of the dump-time iov holding bit `b`: runs never cross it, so their
+    /// dump-time addresses stay contiguous.
+    pub fn orig_end(&self, b: usize) -> usize {
+        let i = self.orig.partition_point(|v| v.bit_end() <= b);
+        self.orig.get(i).map_or(b, Iov::bit_end)
     }
 
-    /// Marks `n` pages from `addr` (inside iov `k`) installed.
-    pub fn mark(&mut self, k: usize, addr: u64, n: u64) {
-        let b0 = self.bit_of(k, addr);
-        for b in b0..b0 + usize::try_from(n).unwrap_or(0) {
-            let w = &mut self.copied[b / 64];
-            if *w & (1 << (b % 64)) == 0 {
-                *w |= 1 << (b % 64);
-                self.remaining = self.remaining.saturating_sub(1);
+    /// Bit of the dump-time address `img`, if it is lazy.
+    pub fn bit_of_img(&self, img: u64) -> Option<usize> {
+        let i = self
+            .orig
+            .partition_point(|v| v.img + v.pages() * PAGE_SIZE <= img);
+        let o = self.orig.get(i)?;
+        (o.img <= img).then(|| o.bit + usize::try_from((img - o.img) / PAGE_SIZE).unwrap_or(0))
+    }
+
+    /// Where bits `[b0, b0 + n)` are now: `(address, first bit, pages)` pieces in bit order.
+    /// Bits of dropped ranges have no piece.
+    pub fn pieces(&self, b0: usize, n: usize, out: &mut Vec<(u64, usize, usize)>) {
+        out.clear();
+        let b1 = b0 + n;
+        for iov in &self.iovs {
+            let (s, e) = (iov.bit.max(b0), iov.bit_end().min(b1));
+            if s < e {
+                out.push((iov.start + (s - iov.bit) as u64 * PAGE_SIZE, s, e - s));
             }
         }
-    }
-
-    /// The run of not-installed pages around `addr` within `[lo, hi)` (clipped to iov `k`).
-    pub fn uncopied_run(&self, k: usize, addr: u64, lo: u64, hi: u64) -> (u64, u64) {
-        let iov = self.iovs[k];
-        let (lo, hi) = (lo.max(iov.start), hi.min(iov.end));
-        let mut s = addr;
-        while s > lo && !self.is_copied(k, s - PAGE_SIZE) {
-            s -= PAGE_SIZE;
-        }
-        let mut e = addr + PAGE_SIZE;
-        while e < hi && !self.is_copied(k, e) {
-            e += PAGE_SIZE;
-        }
-        (s, e)
-    }
-
-    /// The next run of at most `max` not-installed pages for the background fill:
-    /// `(iov index, address, pages)`.
-    pub fn next_unfilled(&mut self, max: u64) -> Option<(usize, u64, u64)> {
-        if self.remaining == 0 {
-            return None;
-        }
-        let (mut k, mut off) = self.cursor;
-        if k >= self.iovs.len() {
-            (k, off) = (0, 0);
-        }
-        let mut wrapped = false;
-        loop {
-            if k >= self.iovs.len() {
-                if wrapped {
-                    self.remaining = 0;
-                    return None;
-                }
-                wrapped = true;
-                (k, off) = (0, 0);
-                continue;
-            }
-            let iov = self.iovs[k];
-            let pages = iov.pages();
-            while off < pages && self.test(iov.bit + usize::try_from(off).unwrap_or(0)) {
-                off += 1;
-            }
-            if off < pages {
-                let mut n = 1;
-                while n < max
-                    && off + n < pages
-                    && !self.test(iov.bit + usize::try_from(off + n).unwrap_or(0))
-                {
-                    n += 1;
-                }
-                self.cursor = (k, off + n);
-                return Some((k, iov.start + off * PAGE_SIZE, n));
-            }
-            k += 1;
-            off = 0;
-        }
-    }
-
-    fn count_uncopied(&self, iov: &Iov) -> u64 {
-        (0..iov.pages())
-            .filter(|&p| !self.test(iov.bit + usize::try_from(p).unwrap_or(0)))
-            .count() as u64
+        out.sort_unstable_by_key(|p| p.1);
     }
 
     /// Cuts `[start, end)` out of the iovs; returns the removed pieces (with their bits).
@@ -204,19 +245,22 @@ impl Space {
             }
         }
         self.iovs = out;
-        self.cursor = (0, 0);
         removed
     }
 
-    /// UNMAP / REMOVE: the range is no longer served from the images.
-    pub fn drop_range(&mut self, start: u64, end: u64) {
+    /// UNMAP / REMOVE: the range is no longer served from the images. Its bits are set (so
+    /// nobody fills them); returns how many of them were still unclaimed.
+    pub fn drop_range(&mut self, start: u64, end: u64, bits: &Bits) -> u64 {
+        let mut n = 0;
         for iov in self.cut(start, end) {
-            let n = self.count_uncopied(&iov);
-            self.remaining = self.remaining.saturating_sub(n);
+            for b in iov.bit..iov.bit_end() {
+                n += u64::from(bits.claim(b));
+            }
         }
+        n
     }
 
-    /// REMAP: `[from, from+len)` now lives at `to`; dump-time addresses stay.
+    /// REMAP: `[from, from+len)` now lives at `to`; dump-time addresses and bits stay.
     pub fn remap(&mut self, from: u64, to: u64, len: u64) {
         let moved = self.cut(from, from + len);
         for iov in moved {
@@ -230,18 +274,18 @@ impl Space {
         self.iovs.sort_unstable_by_key(|v| v.start);
     }
 
-    /// All not-installed runs, for poisoning on abnormal exit: `(address, pages)`.
-    pub fn uncopied_runs(&self) -> Vec<(u64, u64)> {
+    /// All unclaimed runs, for poisoning on abnormal exit: `(address, pages)`.
+    pub fn unclaimed_runs(&self, bits: &Bits) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         for iov in &self.iovs {
             let mut p = 0;
             while p < iov.pages() {
-                if self.test(iov.bit + usize::try_from(p).unwrap_or(0)) {
+                if bits.test(iov.bit + usize::try_from(p).unwrap_or(0)) {
                     p += 1;
                     continue;
                 }
                 let s = p;
-                while p < iov.pages() && !self.test(iov.bit + usize::try_from(p).unwrap_or(0)) {
+                while p < iov.pages() && !bits.test(iov.bit + usize::try_from(p).unwrap_or(0)) {
                     p += 1;
                 }
                 out.push((iov.start + s * PAGE_SIZE, p - s));
@@ -305,50 +349,64 @@ mod tests {
     }
 
     #[test]
-    fn fill_cursor_marks_and_remaining() {
-        let mut s = Space::new(&[(0, 4 * P), (10 * P, 12 * P)]);
-        assert_eq!(s.remaining, 6);
-        s.mark(0, P, 1);
-        assert_eq!(s.remaining, 5);
-        assert_eq!(s.next_unfilled(8), Some((0, 0, 1)));
-        assert_eq!(s.next_unfilled(8), Some((0, 2 * P, 2)));
-        s.mark(0, 0, 1);
-        s.mark(0, 2 * P, 2);
-        assert_eq!(s.next_unfilled(1), Some((1, 10 * P, 1)));
-        s.mark(1, 10 * P, 2);
-        assert_eq!(s.remaining, 0);
-        assert_eq!(s.next_unfilled(8), None);
-        assert_eq!(s.uncopied_run(0, 0, 0, 4 * P), (0, P));
+    fn bits_claim_release_and_scan() {
+        let b = Bits::new(200);
+        assert_eq!(b.next_clear(0, 200), Some(0));
+        assert_eq!(b.claim_run(0, 70, 200), 70);
+        assert!(!b.claim(3));
+        assert_eq!(b.next_clear(0, 200), Some(70));
+        assert!(b.claim(72));
+        assert_eq!(b.claim_run(70, 10, 200), 2, "stops at the claimed bit 72");
+        assert_eq!(b.next_clear(64, 200), Some(73));
+        assert_eq!(b.release_run(70, 3), 3);
+        assert_eq!(b.next_clear(0, 200), Some(70));
+        assert_eq!(b.claim_run(190, 100, 200), 10);
+        assert_eq!(b.next_clear(190, 200), None);
+        assert_eq!(b.next_clear(199, 300), None);
+        let s = b.snapshot();
+        assert!(s.test(0) && !s.test(70) && s.len() == 200);
     }
 
     #[test]
-    fn fault_around_run_skips_copied() {
-        let mut s = Space::new(&[(0, 16 * P)]);
-        s.mark(0, 2 * P, 1);
-        s.mark(0, 9 * P, 1);
-        assert_eq!(s.uncopied_run(0, 5 * P, 0, 16 * P), (3 * P, 9 * P));
-        assert_eq!(s.uncopied_run(0, 5 * P, 4 * P, 8 * P), (4 * P, 8 * P));
+    fn dump_time_addresses_of_bits() {
+        let (s, n) = Space::new(&[(0, 4 * P), (10 * P, 12 * P)]);
+        assert_eq!(n, 6);
+        assert_eq!(s.img_of(0), 0);
+        assert_eq!(s.img_of(5), 11 * P);
+        assert_eq!(s.orig_end(1), 4);
+        assert_eq!(s.orig_end(4), 6);
+        assert_eq!(s.bit_of_img(11 * P), Some(5));
+        assert_eq!(s.bit_of_img(5 * P), None);
+        assert_eq!(s.bit_of_img(12 * P), None);
     }
 
     #[test]
     fn unmap_remove_and_remap() {
-        let mut s = Space::new(&[(0, 8 * P)]);
-        s.mark(0, 0, 1);
-        s.drop_range(2 * P, 4 * P);
+        let (mut s, n) = Space::new(&[(0, 8 * P)]);
+        let bits = Bits::new(n);
+        assert!(bits.claim(0));
+        assert_eq!(s.drop_range(2 * P, 4 * P, &bits), 2);
         assert_eq!(s.iovs.len(), 2);
-        assert_eq!(s.remaining, 5);
         assert_eq!(s.lookup(3 * P), None);
         let k = s.lookup(5 * P).unwrap();
         assert_eq!(s.iovs[k].img, 4 * P);
-        // move pages 4..6 to 100..102; dump-time addresses stay.
+        // move pages 4..6 to 100..102; dump-time addresses and bits stay.
         s.remap(4 * P, 100 * P, 2 * P);
         assert_eq!(s.lookup(4 * P), None);
         let k = s.lookup(101 * P).unwrap();
         assert_eq!(s.iovs[k].img + (101 * P - s.iovs[k].start), 5 * P);
-        s.mark(k, 101 * P, 1);
-        assert_eq!(s.remaining, 4);
-        assert_eq!(s.uncopied_runs(), vec![(P, 1), (6 * P, 2), (100 * P, 1)]);
-        let c = s.clone();
-        assert_eq!(c.remaining, 4);
+        assert_eq!(s.bit_of(k, 101 * P), 5);
+        assert!(bits.claim(5));
+        assert_eq!(
+            s.unclaimed_runs(&bits),
+            vec![(P, 1), (6 * P, 2), (100 * P, 1)]
+        );
+        let mut out = Vec::new();
+        s.pieces(1, 7, &mut out);
+        assert_eq!(
+            out,
+            vec![(P, 1, 1), (100 * P, 4, 2), (6 * P, 6, 2)],
+            "dropped bits 2..4 have no piece"
+        );
     }
 }

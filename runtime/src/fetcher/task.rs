@@ -1,0 +1,360 @@
+//! One tracked task (a restored process or a fork child) as shared by the fault thread and the
+//! fill workers, and the install path both use: read a run of pages from the source by
+//! dump-time address, then `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` each contiguous piece at its
+//! current address with one ioctl.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use libc::c_void;
+use userfaultfd::Uffd;
+
+use super::space::{Bits, Space};
+use super::FetchError;
+use crate::images::PAGE_SIZE;
+use crate::source::{PageKind, PageSource, SourceError};
+use crate::stats::FetchCounters;
+
+pub(crate) const PAGE: usize = 4096;
+
+/// The outcome of installing a run of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Install {
+    Done,
+    /// The mm is changing (events pending): retry after draining events.
+    Again,
+    /// The task is gone.
+    Gone,
+    /// The range is no longer mapped or registered; nothing to install.
+    Vanished,
+}
+
+/// What [`fetch_bits`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fetched {
+    pub outcome: Install,
+    /// Pages newly installed (not counting `EEXIST`).
+    pub installed: u64,
+    /// Bits dealt with from the start of the run (all of them unless `Again`/`Gone`/abort).
+    pub done: usize,
+}
+
+pub(crate) struct Task {
+    /// Virtual pid (the source's key); fork children share their parent's.
+    pub pid: u32,
+    pub uffd: Uffd,
+    /// Whether this is a fork child (profile replay targets the restored processes only).
+    pub forked: bool,
+    space: RwLock<Space>,
+    pub bits: Bits,
+    /// Unclaimed bits.
+    pub remaining: AtomicU64,
+    /// Set by whoever sees ESRCH/ENOSPC; the fault thread then drops the task.
+    pub gone: AtomicBool,
+    /// Fill cursor (a bit index).
+    cursor: AtomicUsize,
+}
+
+impl Task {
+    pub fn new(pid: u32, uffd: Uffd, space: Space, bits: Bits, forked: bool) -> Task {
+        let clear = (0..bits.len()).filter(|&b| !bits.test(b)).count() as u64;
+        Task {
+            pid,
+            uffd,
+            forked,
+            space: RwLock::new(space),
+            bits,
+            remaining: AtomicU64::new(clear),
+            gone: AtomicBool::new(false),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn space(&self) -> RwLockReadGuard<'_, Space> {
+        self.space.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn space_mut(&self) -> RwLockWriteGuard<'_, Space> {
+        self.space.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims up to `max` consecutive bits from `b0` (below `end`).
+    pub fn claim(&self, b0: usize, max: usize, end: usize) -> usize {
+        let n = self.bits.claim_run(b0, max, end);
+        self.remaining.fetch_sub(n as u64, AcqRel);
+        n
+    }
+
+    /// Gives back `n` claimed bits from `b0` (an install that has to be retried or abandoned).
+    pub fn release(&self, b0: usize, n: usize) {
+        let c = self.bits.release_run(b0, n);
+        self.remaining.fetch_add(c, AcqRel);
+    }
+
+    /// Claims the next unclaimed run for the background fill: `(first bit, pages)`. The run
+    /// stays inside one dump-time iov, so its dump-time addresses are contiguous.
+    pub fn claim_next(&self, space: &Space, max: usize) -> Option<(usize, usize)> {
+        let len = self.bits.len();
+        let mut from = self.cursor.load(Relaxed).min(len);
+        let mut wrapped = false;
+        loop {
+            if self.remaining.load(Relaxed) == 0 {
+                return None;
+            }
+            let Some(b) = self.bits.next_clear(from, len) else {
+                if wrapped || from == 0 {
+                    return None;
+                }
+                wrapped = true;
+                from = 0;
+                continue;
+            };
+            let n = self.claim(b, max, space.orig_end(b));
+            if n > 0 {
+                self.cursor.store(b + n, Relaxed);
+                return Some((b, n));
+            }
+            from = b + 1;
+        }
+    }
+}
+
+/// Reads the `n` pages of bits `[b0, b0 + n)` (claimed by the caller, contiguous in dump-time
+/// addresses) from `src` in `buf`-sized chunks and installs each piece at its current address.
+/// The space is read-locked only while installing a chunk, never during the source read, so
+/// events are not held up by a slow source. `wake = false` installs with DONTWAKE and wakes each
+/// piece once afterwards. `abort` is checked between chunks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fetch_bits(
+    t: &Task,
+    src: &dyn PageSource,
+    buf: &mut [u8],
+    c: &FetchCounters,
+    b0: usize,
+    n: usize,
+    wake: bool,
+    pieces: &mut Vec<(u64, usize, usize)>,
+    abort: Option<&AtomicBool>,
+) -> Result<Fetched, FetchError> {
+    let img0 = t.space().img_of(b0);
+    let cap = buf.len() / PAGE;
+    let mut out = Fetched {
+        outcome: Install::Done,
+        installed: 0,
+        done: 0,
+    };
+    while out.done < n {
+        if abort.is_some_and(|a| a.load(Relaxed)) {
+            out.outcome = Install::Again;
+            return Ok(out);
+        }
+        let want = (n - out.done).min(cap);
+        let vaddr = img0 + out.done as u64 * PAGE_SIZE;
+        let r = src
+            .read_pages(t.pid, vaddr, &mut buf[..want * PAGE])
+            .map_err(|source| FetchError::Source {
+                pid: t.pid,
+                vaddr,
+                source,
+            })?;
+        if r.pages == 0 {
+            return Err(FetchError::Source {
+                pid: t.pid,
+                vaddr,
+                source: SourceError::NotHere { pid: t.pid, vaddr },
+            });
+        }
+        let got = r.pages.min(want);
+        let space = t.space();
+        space.pieces(b0 + out.done, got, pieces);
+        for &(addr, b, len) in pieces.iter() {
+            let off = (b - b0 - out.done) * PAGE;
+            let (res, installed) = match r.kind {
+                PageKind::Data => copy_run(&t.uffd, addr, &buf[off..off + len * PAGE], wake, c)
+                    .map_err(|e| uffd_err("UFFDIO_COPY", t.pid, addr, e))?,
+                PageKind::Zero => {
+                    let (r, k) = zero_run(&t.uffd, addr, len as u64, wake, c)
+                        .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, addr, e))?;
+                    c.zero_pages.fetch_add(k, Relaxed);
+                    (r, k)
+                }
+            };
+            out.installed += installed;
+            if !wake && installed > 0 {
+                let _ = t.uffd.wake(addr as *mut c_void, len * PAGE);
+            }
+            match res {
+                Install::Done | Install::Vanished => {}
+                other => {
+                    // Pieces are in bit order: everything before this one is dealt with.
+                    out.done = b - b0;
+                    out.outcome = other;
+                    return Ok(out);
+                }
+            }
+        }
+        drop(space);
+        out.done += got;
+    }
+    Ok(out)
+}
+
+pub(crate) fn uffd_err(op: &'static str, pid: u32, addr: u64, source: io::Error) -> FetchError {
+    FetchError::Uffd {
+        op,
+        pid,
+        addr,
+        source,
+    }
+}
+
+fn errno_outcome(e: i32) -> Option<Install> {
+    match e {
+        libc::EAGAIN => Some(Install::Again),
+        libc::ESRCH | libc::ENOSPC => Some(Install::Gone),
+        libc::ENOENT => Some(Install::Vanished),
+        _ => None,
+    }
+}
+
+/// UFFDIO_COPY of `src` to `dst` (one ioctl for the whole run), page by page past EEXIST.
+/// Returns the outcome and the pages newly installed.
+pub(crate) fn copy_run(
+    uffd: &Uffd,
+    dst: u64,
+    src: &[u8],
+    wake: bool,
+    c: &FetchCounters,
+) -> io::Result<(Install, u64)> {
+    let len = src.len();
+    let mut off = 0usize;
+    let mut installed = 0u64;
+    while off < len {
+        let rest = len - off;
+        // SAFETY: `src[off..]` is a live buffer of `rest` bytes we own for the call; `dst` is an
+        // address in the target task's registered range, checked by the kernel, and the ioctl
+        // writes only into the target mm, never into our memory.
+        let r = unsafe {
+            uffd.copy(
+                src[off..].as_ptr().cast::<c_void>(),
+                (dst + off as u64) as *mut c_void,
+                rest,
+                wake,
+            )
+        };
+        match r {
+            Ok(n) if n > 0 => {
+                c.bytes.fetch_add(n as u64, Relaxed);
+                installed += (n / PAGE) as u64;
+                off += n;
+            }
+            Ok(_) => return Ok((Install::Again, installed)),
+            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < rest => {
+                c.bytes.fetch_add(n as u64, Relaxed);
+                installed += (n / PAGE) as u64;
+                off += n;
+            }
+            Err(userfaultfd::Error::PartiallyCopied(_)) => return Ok((Install::Again, installed)),
+            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                c.pages_already_present.fetch_add(1, Relaxed);
+                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
+                off += PAGE;
+            }
+            Err(userfaultfd::Error::CopyFailed(e)) => {
+                return errno_outcome(e as i32)
+                    .map(|o| (o, installed))
+                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+    Ok((Install::Done, installed))
+}
+
+/// UFFDIO_ZEROPAGE of `pages` pages at `dst`, page by page past EEXIST. Returns the outcome and
+/// the pages newly installed.
+pub(crate) fn zero_run(
+    uffd: &Uffd,
+    dst: u64,
+    pages: u64,
+    wake: bool,
+    c: &FetchCounters,
+) -> io::Result<(Install, u64)> {
+    let len = usize::try_from(pages).unwrap_or(0) * PAGE;
+    let mut off = 0usize;
+    let mut installed = 0u64;
+    while off < len {
+        // SAFETY: the ioctl only maps zero pages into the target task's registered range; the
+        // kernel validates the range. No memory of ours is touched.
+        let r = unsafe { uffd.zeropage((dst + off as u64) as *mut c_void, len - off, wake) };
+        match r {
+            Ok(n) if n > 0 => {
+                installed += (n / PAGE) as u64;
+                off += n;
+            }
+            Ok(_) => return Ok((Install::Again, installed)),
+            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                c.pages_already_present.fetch_add(1, Relaxed);
+                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
+                off += PAGE;
+            }
+            Err(userfaultfd::Error::ZeropageFailed(e)) => {
+                return errno_outcome(e as i32)
+                    .map(|o| (o, installed))
+                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+    Ok((Install::Done, installed))
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioPoison {
+    range: UffdioRange,
+    mode: u64,
+    updated: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<UffdioPoison>() == 32);
+
+nix::ioctl_readwrite!(uffdio_poison, 0xAA, 0x08, UffdioPoison);
+
+/// UFFDIO_POISON (Linux 6.6+): later accesses get SIGBUS instead of silently reading zeros
+/// once our uffd is closed. Best effort; skips pages that are present (EEXIST). Returns the
+/// pages poisoned.
+pub(crate) fn poison(uffd: &Uffd, addr: u64, pages: u64) -> u64 {
+    let end = addr + pages * PAGE_SIZE;
+    let mut at = addr;
+    let mut done = 0;
+    while at < end {
+        let mut arg = UffdioPoison {
+            range: UffdioRange {
+                start: at,
+                len: end - at,
+            },
+            mode: 0,
+            updated: 0,
+        };
+        // SAFETY: `arg` is a live, correctly laid out uffdio_poison for the duration of the call.
+        let r = unsafe { uffdio_poison(uffd.as_raw_fd(), &mut arg) };
+        let ok = u64::try_from(arg.updated).unwrap_or(0);
+        done += ok / PAGE_SIZE;
+        match r {
+            Ok(_) => break,
+            Err(nix::Error::EEXIST) => at += ok + PAGE_SIZE,
+            Err(_) if ok > 0 => at += ok,
+            Err(_) => break,
+        }
+    }
+    done
+}
