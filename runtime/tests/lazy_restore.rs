@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Result};
 use common::*;
 use distriproc_config::FillPolicy;
-use distriproc_runtime::fetcher::{FetchStats, FetcherHandle, FetcherOptions, LazyPagesServer};
+use distriproc_runtime::fetcher::{
+    FetchStats, FetcherHandle, FetcherOptions, LazyPagesServer, ProfileState,
+};
 use distriproc_runtime::source::LocalImages;
 
 const T: Duration = Duration::from_secs(30);
@@ -67,14 +69,28 @@ fn restore_workload(
     std::fs::create_dir_all(&img)?;
     std::fs::create_dir_all(&work)?;
     let pids = dump(&mut w, &img)?;
-    let source = Arc::new(LocalImages::open(&img)?);
-    let server = LazyPagesServer::bind(&work, &img, source, opts)?;
+    restore_images(name, &img, &work, pids, opts)
+}
+
+/// Restores the images in `img` lazily with our fetcher (work dir `work`); `pids` are the
+/// pids the restored tree will have.
+fn restore_images(
+    name: &str,
+    img: &Path,
+    work: &Path,
+    pids: Vec<i32>,
+    opts: FetcherOptions,
+) -> Result<Restored> {
+    std::fs::create_dir_all(work)?;
+    let source = Arc::new(LocalImages::open(img)?);
+    let server = LazyPagesServer::bind(work, img, source, opts)?;
     let handle = server.spawn()?;
     let r = Restored {
         handle: Some(handle),
         pids: KillOnDrop(pids),
-        work: work.clone(),
+        work: work.to_path_buf(),
     };
+    let (img, work) = (img.to_path_buf(), work.to_path_buf());
     let t0 = Instant::now();
     let out = restore(&img, &work)?;
     let log = restore_log(&work);
@@ -229,7 +245,8 @@ fn fill_none_moves_only_touched_pages() -> Result<()> {
     let s = r.handle().stats();
     report("none", &s);
     ensure!(s.pages_filled == 0, "{s:?}");
-    ensure!(s.faults >= 20, "{s:?}");
+    // 20 pages were touched; a detected stride may serve some of them before they fault.
+    ensure!(s.faults > 0 && installed(&s) >= 20, "{s:?}");
     ensure!(installed(&s) < s.lazy_pages / 4, "too much moved: {s:?}");
     ensure!(!r.handle().is_finished());
     // Once the task is gone, wait() returns (exit probe), without stop().
@@ -309,5 +326,195 @@ fn memhog_checksum_after_lazy_restore() -> Result<()> {
     let s = r.handle().stats();
     report("memhog", &s);
     ensure!(s.tasks == 2 && s.faults > 0 && s.pages_filled == 0, "{s:?}");
+    Ok(())
+}
+
+/// Dumps a fresh lazyhog and returns (dir, images dir, pids of the dumped tree).
+fn dumped(
+    name: &str,
+    port: u16,
+    mib: u32,
+    procs: u16,
+    threads: u16,
+) -> Result<(PathBuf, PathBuf, Vec<i32>)> {
+    let dir = scratch(name);
+    let mut w = Workload::start(&dir, port, mib, procs, threads, false)?;
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img)?;
+    let pids = dump(&mut w, &img)?;
+    Ok((dir, img, pids))
+}
+
+/// Policy `profile`: restore 1 records the pages a TOUCH needs, restore 2 of the same
+/// checkpoint prefetches them before the same TOUCH arrives.
+#[test]
+fn profile_recorded_then_replayed() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let port = 17201;
+    let (dir, img, pids) = dumped("profile", port, 64, 1, 0)?;
+    let profiles = dir.join("profiles");
+    let opts = FetcherOptions {
+        fill: FillPolicy::Profile,
+        profile_dir: profiles.clone(),
+        profile_window: Duration::from_secs(3),
+        ..Default::default()
+    };
+    // Restore 1: no profile yet; record until 3 s after restore finished, then fill.
+    let mut r = restore_images(
+        "profile-1",
+        &img,
+        &dir.join("work1"),
+        pids.clone(),
+        opts.clone(),
+    )?;
+    let v = query(port, "TOUCH 200", T)?;
+    ensure!(v == "OK", "TOUCH said {v}");
+    let s1 = r.wait()?;
+    report("profile-1", &s1);
+    ensure!(s1.profile_state == ProfileState::Recorded, "{s1:?}");
+    ensure!(s1.profile_pages >= 200, "{s1:?}");
+    ensure!(installed(&s1) == s1.lazy_pages, "{s1:?}");
+    verify(port)?;
+    let files: Vec<_> = std::fs::read_dir(&profiles)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    eprintln!("profile-1: profile files {files:?}");
+    ensure!(files.len() == 1, "{files:?}");
+    drop(r); // kills the restored tree
+    wait_gone(&pids, T)?;
+
+    // Restore 2 of the same images: the profile is replayed first.
+    let mut r = restore_images(
+        "profile-2",
+        &img,
+        &dir.join("work2"),
+        pids.clone(),
+        opts.clone(),
+    )?;
+    let v = query(port, "TOUCH 200", T)?;
+    ensure!(v == "OK", "TOUCH said {v}");
+    let s2 = r.wait()?;
+    report("profile-2", &s2);
+    ensure!(s2.profile_state == ProfileState::Replayed, "{s2:?}");
+    ensure!(s2.profile_pages == s1.profile_pages, "{s1:?}\n{s2:?}");
+    let hit = s2.profile_hit_rate.unwrap_or(0.0);
+    eprintln!(
+        "profile-2: hit rate {hit:.3} ({} prefetched, {} demand misses in the window; restore 1 \
+         faulted {} pages)",
+        s2.profile_prefetched, s2.profile_misses, s1.pages_faulted
+    );
+    ensure!(hit > 0.8, "profile hit rate {hit}: {s2:?}");
+    ensure!(s2.pages_faulted < s1.pages_faulted, "{s1:?}\n{s2:?}");
+    ensure!(installed(&s2) == s2.lazy_pages, "{s2:?}");
+    verify(port)?;
+    drop(r);
+    wait_gone(&pids, T)?;
+
+    // A corrupt profile is refused with a warning and recorded anew.
+    let file = &files[0];
+    let mut bytes = std::fs::read(file)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(file, &bytes)?;
+    let mut r = restore_images("profile-3", &img, &dir.join("work3"), pids, opts)?;
+    verify(port)?;
+    let s3 = r.wait()?;
+    report("profile-3", &s3);
+    ensure!(s3.profile_state == ProfileState::Recorded, "{s3:?}");
+    ensure!(installed(&s3) == s3.lazy_pages, "{s3:?}");
+    Ok(())
+}
+
+/// A sequential scan (VERIFY reads every page in order) with fill `none`: the growing prefetch
+/// window serves it with far fewer faults than pages; the same images restored with detection
+/// off (fixed 16-page fault-around) for comparison.
+#[test]
+fn sequential_scan_prefetch() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let port = 17211;
+    let (dir, img, pids) = dumped("seq", port, 64, 1, 0)?;
+    let mut faults = Vec::new();
+    for (i, max) in [(1, 256usize), (2, 0)] {
+        let opts = FetcherOptions {
+            fill: FillPolicy::None,
+            prefetch_max_pages: max,
+            ..Default::default()
+        };
+        let name = format!("seq-{max}");
+        let r = restore_images(
+            &name,
+            &img,
+            &dir.join(format!("work{i}")),
+            pids.clone(),
+            opts,
+        )?;
+        let t0 = Instant::now();
+        verify(port)?;
+        let took = t0.elapsed();
+        let s = r.handle().stats();
+        report(&name, &s);
+        eprintln!(
+            "{name}: VERIFY scan of {} lazy pages took {took:?} with {} faults ({} faulted, {} \
+             prefetched)",
+            s.lazy_pages, s.faults, s.pages_faulted, s.pages_prefetched
+        );
+        ensure!(s.pages_filled == 0, "{s:?}");
+        faults.push(s.faults);
+        if max > 0 {
+            ensure!(
+                s.faults * 20 < s.lazy_pages,
+                "{} faults for {} pages",
+                s.faults,
+                s.lazy_pages
+            );
+        }
+        drop(r);
+        wait_gone(&pids, T)?;
+    }
+    ensure!(
+        faults[0] * 4 < faults[1],
+        "prefetch on/off faults: {faults:?}"
+    );
+    Ok(())
+}
+
+/// Fill workers and demand faults at once: two processes, four threads checking pages
+/// continuously, a VERIFY scan racing the background fill (two fill threads, small batches).
+#[test]
+fn fill_races_multithreaded_faults() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let port = 17221;
+    let (dir, img, pids) = dumped("race", port, 96, 2, 4)?;
+    let opts = FetcherOptions {
+        fill: FillPolicy::Full,
+        fill_threads: 2,
+        fill_batch_pages: 64,
+        ..Default::default()
+    };
+    let mut r = restore_images("race", &img, &dir.join("work"), pids, opts)?;
+    let q = std::thread::spawn(move || -> Result<()> {
+        verify(port + 1)?;
+        Ok(())
+    });
+    verify(port)?;
+    q.join()
+        .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+    let s = r.wait()?;
+    report("race", &s);
+    ensure!(s.tasks == 2, "{s:?}");
+    ensure!(s.faults > 0 && s.pages_filled > 0, "{s:?}");
+    ensure!(
+        installed(&s) == s.lazy_pages,
+        "pages lost or counted twice: {s:?}"
+    );
+    verify(port)?;
+    verify(port + 1)?;
     Ok(())
 }
