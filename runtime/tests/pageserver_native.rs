@@ -609,3 +609,54 @@ fn hung_server_times_out() -> Result<()> {
     fake.join().expect("fake server");
     Ok(())
 }
+
+#[test]
+fn figures_latency_and_throughput() -> Result<()> {
+    // Prints figures only (no timing assertions): sequential 1-page reads on one connection
+    // (round-trip latency), and 64-page pipelined batches (throughput).
+    let d = tempfile::tempdir()?;
+    make_store(d.path());
+    let h = start(d.path(), |_| {});
+    for ep in [tcp(&h), Endpoint::Unix(d.path().join("ps.sock"))] {
+        let rp = RemotePages::connect(ep.clone(), opts("ck"))?;
+        let mut buf = vec![0u8; 4096];
+        let mut lat = Vec::with_capacity(4000);
+        let t0 = Instant::now();
+        for i in 0..4000u64 {
+            let p = 64 + (i * 7) % (PAGES - 64);
+            let s = Instant::now();
+            rp.read_pages(1, BASE + p * 4096, &mut buf)?;
+            lat.push(s.elapsed());
+        }
+        let el = t0.elapsed();
+        lat.sort();
+        eprintln!(
+            "{ep}: 1-page reads: {:.0} requests/s, p50 {:?}, p99 {:?}, max {:?}",
+            4000.0 / el.as_secs_f64(),
+            lat[2000],
+            lat[3960],
+            lat[3999]
+        );
+        let ranges: Vec<Range> = (0..256u64)
+            .map(|i| Range {
+                pid: if i % 2 == 0 { 1 } else { 2 },
+                vaddr: BASE + (i / 2 % 30) * 64 * 4096,
+                nr_pages: 16,
+            })
+            .collect();
+        let mut big = vec![0u8; 256 * 16 * 4096];
+        let t0 = Instant::now();
+        let mut n = 0;
+        while t0.elapsed() < Duration::from_millis(500) {
+            rp.read_batch(&ranges, &mut big)?;
+            n += 1;
+        }
+        let el = t0.elapsed();
+        eprintln!(
+            "{ep}: batches of 256 x 16 pages: {:.0} ranges/s, {:.0} MiB/s",
+            f64::from(n * 256) / el.as_secs_f64(),
+            f64::from(n * 256 * 16 * 4096) / f64::from(1 << 20) / el.as_secs_f64()
+        );
+    }
+    Ok(())
+}
