@@ -202,7 +202,8 @@ impl TaskService {
                 d.wait(IO_DRAIN_LIMIT).await;
             }
             send(events.as_ref(), ev);
-            let _ = exited.send(true);
+            // send_replace: `send` drops the value when no Wait is subscribed yet.
+            exited.send_replace(true);
         });
     }
 

@@ -158,6 +158,8 @@ async fn lifecycle_create_start_kill_wait_delete() {
     })
     .await
     .unwrap();
+    // Let the exit be published before anyone waits (Wait must still see it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let w = tokio::time::timeout(
         Duration::from_secs(10),
         s.task_wait(WaitRequest {
@@ -169,6 +171,18 @@ async fn lifecycle_create_start_kill_wait_delete() {
     .expect("wait returns")
     .unwrap();
     assert_eq!(w.exit_status, 137);
+    // A Wait that arrives after the exit was published returns at once.
+    let w2 = tokio::time::timeout(
+        Duration::from_secs(5),
+        s.task_wait(WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("late wait returns")
+    .unwrap();
+    assert_eq!(w2.exit_status, 137);
     let e = s
         .task_kill(KillRequest {
             id: "c1".into(),

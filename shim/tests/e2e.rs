@@ -1,0 +1,331 @@
+//! End-to-end tests on a private containerd with the real runc and CRIU, through `ctr`.
+//!
+//! Each test runs on containerd 2.1 and 1.7 (`*_ctd21`, `*_ctd17`; the harness's
+//! `DISTRIPROC_CONTAINERD_DIR` only picks the default). They skip with a reason when the stack
+//! is missing and fail instead when `CI=true`. Each containerd instance has its own namespace.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{bail, ensure, Context, Result};
+use distriproc_harness::{
+    require_stack_in, wait_for, Containerd, ContainerdOpts, BUSYBOX_IMAGE, CONTAINERD_1_7_DIR,
+    CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME,
+};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+
+fn start(dir: &str) -> Result<Option<Containerd>> {
+    if !require_stack_in(Path::new(dir)) {
+        return Ok(None);
+    }
+    let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(SHIM))?;
+    ctd.import_test_images()?;
+    Ok(Some(ctd))
+}
+
+fn status(ctd: &Containerd, id: &str) -> Result<String> {
+    Ok(ctd.task_status(id)?.unwrap_or_else(|| "ABSENT".into()))
+}
+
+fn wait_status(ctd: &Containerd, id: &str, want: &str) -> Result<()> {
+    let ok = wait_for(
+        || status(ctd, id).map(|s| s == want).unwrap_or(false),
+        Duration::from_secs(20),
+    );
+    ensure!(
+        ok,
+        "task {id} is {} instead of {want}; log:\n{}",
+        status(ctd, id)?,
+        ctd.log_tail(40)
+    );
+    Ok(())
+}
+
+/// run -d, exec, pause/resume, kill, rm; then a foreground `run --rm` with its exit code.
+fn plain_lifecycle(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let rt = ["--runtime", DISTRIPROC_RUNTIME];
+    ctd.ctr_ok(
+        &[
+            &["run", "-d"][..],
+            &rt,
+            &[BUSYBOX_IMAGE, "p1", "sleep", "1000"],
+        ]
+        .concat(),
+    )?;
+    wait_status(&ctd, "p1", "RUNNING")?;
+    let bundle = ctd.bundle_dir("p1");
+    ensure!(
+        bundle.join("address").is_file(),
+        "no address file in {}",
+        bundle.display()
+    );
+
+    let out = ctd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "p1",
+        "sh",
+        "-c",
+        "echo exec-ok; exit 0",
+    ])?;
+    ensure!(out.contains("exec-ok"), "exec output {out:?}");
+    let out = ctd.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e2",
+        "p1",
+        "sh",
+        "-c",
+        "exit 7",
+    ])?;
+    ensure!(
+        out.status.code() == Some(7),
+        "exec exit status {:?}",
+        out.status
+    );
+
+    ctd.ctr_ok(&["tasks", "pause", "p1"])?;
+    wait_status(&ctd, "p1", "PAUSED")?;
+    ctd.ctr_ok(&["tasks", "resume", "p1"])?;
+    wait_status(&ctd, "p1", "RUNNING")?;
+    let ps = ctd.ctr_ok(&["tasks", "ps", "p1"])?;
+    ensure!(ps.lines().count() >= 2, "ps output {ps:?}");
+    eprintln!("ctr t ps p1:\n{ps}");
+
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "p1"])?;
+    wait_status(&ctd, "p1", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "p1"])?;
+    ensure!(status(&ctd, "p1")? == "ABSENT");
+    ensure!(
+        !bundle.join("rootfs").join("bin").exists(),
+        "rootfs still mounted"
+    );
+    ctd.ctr_ok(&["containers", "rm", "p1"])?;
+
+    let out = ctd.ctr(
+        &[
+            &["run", "--rm"][..],
+            &rt,
+            &[BUSYBOX_IMAGE, "p2", "sh", "-c", "echo fg-out; exit 3"],
+        ]
+        .concat(),
+    )?;
+    ensure!(
+        out.status.code() == Some(3),
+        "run --rm exit {:?}, stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("fg-out"),
+        "run --rm stdout {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Every shim of this instance has exited once its containers are gone.
+    ensure!(
+        wait_for(|| ctd.shim_pids().is_empty(), Duration::from_secs(20)),
+        "shims still running: {:?}",
+        ctd.shim_pids()
+    );
+    Ok(())
+}
+
+#[test]
+fn plain_lifecycle_ctd21() -> Result<()> {
+    plain_lifecycle(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn plain_lifecycle_ctd17() -> Result<()> {
+    plain_lifecycle(CONTAINERD_1_7_DIR)
+}
+
+/// The content-store path of the CRIU tar in checkpoint image `ref_`.
+fn criu_blob(ctd: &Containerd, image: &str) -> Result<std::path::PathBuf> {
+    let ls = ctd.ctr_ok(&["images", "ls"])?;
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(image))
+        .with_context(|| format!("image {image} not in {ls}"))?;
+    let digest = line
+        .split_whitespace()
+        .find(|f| f.starts_with("sha256:"))
+        .context("no digest")?;
+    let index = ctd.ctr_ok(&["content", "get", digest])?;
+    let v: serde_json::Value = serde_json::from_str(&index)?;
+    let manifests = v["manifests"].as_array().context("no manifests")?;
+    for m in manifests {
+        if m["mediaType"] == "application/vnd.containerd.container.criu.checkpoint.criu.tar" {
+            let d = m["digest"].as_str().context("digest")?;
+            let hex = d.trim_start_matches("sha256:");
+            return Ok(ctd
+                .root_dir()
+                .join("io.containerd.content.v1.content/blobs/sha256")
+                .join(hex));
+        }
+    }
+    bail!("no CRIU tar in {index}")
+}
+
+/// Zero the data of `member` inside a tar file, in place (size unchanged).
+fn corrupt_tar_member(tar: &Path, member: &str) -> Result<()> {
+    let mut data = std::fs::read(tar)?;
+    let mut off = 0usize;
+    while off + 512 <= data.len() {
+        let hdr = &data[off..off + 512];
+        if hdr.iter().all(|b| *b == 0) {
+            break;
+        }
+        let name = String::from_utf8_lossy(&hdr[..100])
+            .trim_end_matches('\0')
+            .to_string();
+        let size_txt = String::from_utf8_lossy(&hdr[124..136]);
+        let size = usize::from_str_radix(size_txt.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+            .unwrap_or(0);
+        if name.trim_start_matches("./") == member {
+            for b in &mut data[off + 512..off + 512 + size] {
+                *b = 0xff;
+            }
+            std::fs::write(tar, data)?;
+            return Ok(());
+        }
+        off += 512 + size.div_ceil(512) * 512;
+    }
+    bail!("{member} not found in {}", tar.display())
+}
+
+/// checkpoint (--task) a running busybox, remove it, restore it live and see it running;
+/// then a corrupt checkpoint fails clearly while containerd and the shim stay healthy.
+fn checkpoint_restore(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let rt = ["--runtime", DISTRIPROC_RUNTIME];
+    let cmd = [
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo tick $i > /tmp/ticks; sleep 0.2; done",
+    ];
+    ctd.ctr_ok(&[&["run", "-d"][..], &rt, &[BUSYBOX_IMAGE, "k1"], &cmd].concat())?;
+    wait_status(&ctd, "k1", "RUNNING")?;
+    std::thread::sleep(Duration::from_millis(500));
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "--rw",
+        "k1",
+        "localhost/k1-cp:1",
+    ])?;
+    wait_status(&ctd, "k1", "RUNNING")?;
+    let pid_before = ctd.task_pid("k1")?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k1"])?;
+    wait_status(&ctd, "k1", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "k1"])?;
+    ctd.ctr_ok(&["containers", "rm", "k1"])?;
+
+    let out = ctd.ctr(&[
+        "containers",
+        "restore",
+        "--live",
+        "--rw",
+        "k1r",
+        "localhost/k1-cp:1",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "restore failed: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log_tail(60)
+    );
+    wait_status(&ctd, "k1r", "RUNNING")?;
+    let pid_after = ctd.task_pid("k1r")?;
+    ensure!(
+        pid_after > 0 && pid_after != pid_before,
+        "restored pid {pid_after}"
+    );
+    // The restored loop keeps counting: the tick file changes.
+    let t1 = ctd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "t1",
+        "k1r",
+        "cat",
+        "/tmp/ticks",
+    ])?;
+    std::thread::sleep(Duration::from_millis(700));
+    let t2 = ctd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "t2",
+        "k1r",
+        "cat",
+        "/tmp/ticks",
+    ])?;
+    ensure!(
+        t1.starts_with("tick ") && t1 != t2,
+        "restored loop not running: {t1:?} {t2:?}"
+    );
+    let bundle = ctd.bundle_dir("k1r");
+    ensure!(bundle.join("work").join("restore.log").is_file() || bundle.join("work").exists());
+
+    // Corrupt checkpoint of a fresh container (containerd 1.7 cannot checkpoint a restored
+    // container again: its spec blob already exists), CRIU images corrupted in the store.
+    ctd.ctr_ok(
+        &[
+            &["run", "-d"][..],
+            &rt,
+            &[BUSYBOX_IMAGE, "k2", "sleep", "1000"],
+        ]
+        .concat(),
+    )?;
+    wait_status(&ctd, "k2", "RUNNING")?;
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "k2",
+        "localhost/k2-cp:1",
+    ])?;
+    let blob = criu_blob(&ctd, "localhost/k2-cp:1")?;
+    corrupt_tar_member(&blob, "inventory.img")?;
+    let out = ctd.ctr(&[
+        "containers",
+        "restore",
+        "--live",
+        "k1bad",
+        "localhost/k2-cp:1",
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(!out.status.success(), "corrupt restore succeeded?");
+    ensure!(
+        err.contains("restore of k1bad failed") && err.contains("restore.log"),
+        "unclear error: {err}"
+    );
+    // containerd and the first shim are still fine.
+    ctd.ctr_ok(&["version"])?;
+    wait_status(&ctd, "k1r", "RUNNING")?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k1r"])?;
+    wait_status(&ctd, "k1r", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "k1r"])?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k2"])?;
+    Ok(())
+}
+
+#[test]
+fn checkpoint_restore_ctd21() -> Result<()> {
+    checkpoint_restore(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn checkpoint_restore_ctd17() -> Result<()> {
+    checkpoint_restore(CONTAINERD_1_7_DIR)
+}
