@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use distriproc_config::FillPolicy;
+use distriproc_config::FetcherConfig;
 
 use crate::error::Result;
 
@@ -23,8 +23,14 @@ pub const STATS_FILE: &str = "distriproc-lazy-stats.json";
 pub trait LazyBackend: Send + Sync {
     /// Whether restores through this backend are lazy at all.
     fn is_lazy(&self) -> bool;
-    /// Bind `<work>/lazy-pages.socket` and start serving pages of `images`.
-    fn start(&self, work: &Path, images: &Path, fill: FillPolicy) -> Result<Box<dyn LazySession>>;
+    /// Listen on `<work>/lazy-pages.socket` and start serving pages of `images` as `cfg` says
+    /// (mode, fill policy, tuning).
+    fn start(
+        &self,
+        work: &Path,
+        images: &Path,
+        cfg: &FetcherConfig,
+    ) -> Result<Box<dyn LazySession>>;
 }
 
 /// A running fetcher.
@@ -48,7 +54,7 @@ impl LazyBackend for EagerOnly {
         false
     }
 
-    fn start(&self, _: &Path, _: &Path, _: FillPolicy) -> Result<Box<dyn LazySession>> {
+    fn start(&self, _: &Path, _: &Path, _: &FetcherConfig) -> Result<Box<dyn LazySession>> {
         Err(crate::error::ShimError::Unimplemented("lazy restore"))
     }
 }
@@ -73,6 +79,40 @@ fn write_stats(path: &Path, json: &str) {
     }
 }
 
+/// One line from FetchStats JSON: the counters people look at first.
+pub fn summary(json: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let ms = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .map_or_else(|| "-".to_owned(), |us| format!("{}ms", us / 1000))
+    };
+    if v.get("mode").and_then(|m| m.as_str()) == Some("criu") {
+        return format!(
+            "criu lazy-pages transferred {}/{} pages",
+            n("pages_transferred"),
+            n("pages_total")
+        );
+    }
+    format!(
+        "faults={} pages faulted/prefetched/filled/zero={}/{}/{}/{} bytes={} tasks={} \
+         first_fault={} fill_complete={} fault_p99={}us",
+        n("faults"),
+        n("pages_faulted"),
+        n("pages_prefetched"),
+        n("pages_filled"),
+        n("zero_pages"),
+        n("bytes"),
+        n("tasks"),
+        ms("time_to_first_fault_us"),
+        ms("fill_complete_us"),
+        v.pointer("/fault_latency_us/p99")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0),
+    )
+}
+
 /// Watch a session on its own thread until the fill ends.
 pub fn spawn_waiter(
     id: String,
@@ -91,7 +131,7 @@ pub fn spawn_waiter(
             match session.wait() {
                 Ok(json) => {
                     write_stats(&stats, &json);
-                    log::info!("lazy restore of {id} finished: {json}");
+                    log::info!("lazy restore of {id} finished: {}", summary(&json));
                 }
                 Err(e) => log::error!("lazy restore of {id} ended with an error: {e}"),
             }
@@ -146,6 +186,14 @@ mod tests {
         assert!(!images.exists());
         assert_eq!(std::fs::read_to_string(stats).unwrap(), "{\"faults\":7}");
         remove_if_temp_checkpoint(&keep);
+        let line = summary(
+            r#"{"faults":2,"pages_faulted":2,"time_to_first_fault_us":105610,"fault_latency_us":{"p99":50}}"#,
+        );
+        assert!(
+            line.starts_with("faults=2 pages faulted/prefetched/filled/zero=2/0/0/0"),
+            "{line}"
+        );
+        assert!(line.contains("first_fault=105ms fill_complete=-"), "{line}");
         assert!(keep.exists());
     }
 }

@@ -36,7 +36,7 @@ use containerd_shim::{
     util::convert_to_any,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
-use distriproc_config::FillPolicy;
+use distriproc_config::{FetcherConfig, ShimConfig};
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -511,8 +511,16 @@ impl TaskService {
             Some(cs)
         };
         let session = if self.inner.lazy.is_lazy() {
-            let fill = fill_policy(&c.bundle);
-            let s = self.inner.lazy.start(&plan.work, &plan.images, fill)?;
+            let cfg = fetcher_config(&c.bundle, &c.opts)?;
+            let s = self
+                .inner
+                .lazy
+                .start(&plan.work, &plan.images, &cfg)
+                .map_err(|e| ShimError::Restore {
+                    id: id.clone(),
+                    detail: e.to_string(),
+                    log: restore_log.clone(),
+                })?;
             args = args.lazy_pages(true);
             Some(s)
         } else {
@@ -1090,20 +1098,25 @@ pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> Check
     a
 }
 
-/// Fill policy from the bundle's `io.distriproc.fill-policy` annotation (default full).
-pub fn fill_policy(bundle: &Path) -> FillPolicy {
-    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else {
-        return FillPolicy::default();
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    match v
-        .pointer("/annotations/io.distriproc.fill-policy")
-        .and_then(|x| x.as_str())
-    {
-        Some("profile") => FillPolicy::Profile,
-        Some("none") => FillPolicy::None,
-        _ => FillPolicy::Full,
+/// The fetcher settings for a container: the shim's configuration file (runtime options'
+/// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
+/// overridden by the bundle's `io.distriproc.*` annotations.
+pub fn fetcher_config(bundle: &Path, opts: &ShimOptions) -> Result<FetcherConfig> {
+    let mut cfg = if opts.config_path.is_empty() {
+        ShimConfig::load_default()
+    } else {
+        ShimConfig::load(Path::new(&opts.config_path))
     }
+    .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+    let annotations: HashMap<String, String> = std::fs::read_to_string(bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("annotations").cloned())
+        .and_then(|a| serde_json::from_value(a).ok())
+        .unwrap_or_default();
+    cfg.apply_annotations(&annotations)
+        .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+    Ok(cfg.fetcher)
 }
 
 #[async_trait]
@@ -1335,14 +1348,33 @@ mod tests {
     }
 
     #[test]
-    fn fill_policy_from_annotation() {
+    fn fetcher_config_from_annotations() {
+        use distriproc_config::{FetcherMode, FillPolicy};
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(fill_policy(dir.path()), FillPolicy::Full);
+        let opts = ShimOptions::default();
+        assert_eq!(
+            fetcher_config(dir.path(), &opts).unwrap().fill,
+            FillPolicy::Full
+        );
         std::fs::write(
             dir.path().join("config.json"),
-            r#"{"annotations":{"io.distriproc.fill-policy":"none"}}"#,
+            r#"{"annotations":{"io.distriproc.fill-policy":"none","io.distriproc.fetcher-mode":"criu"}}"#,
         )
         .unwrap();
-        assert_eq!(fill_policy(dir.path()), FillPolicy::None);
+        let cfg = fetcher_config(dir.path(), &opts).unwrap();
+        assert_eq!(cfg.fill, FillPolicy::None);
+        assert_eq!(cfg.mode, FetcherMode::Criu);
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"annotations":{"io.distriproc.fill-policy":"sometimes"}}"#,
+        )
+        .unwrap();
+        let e = fetcher_config(dir.path(), &opts).unwrap_err();
+        assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
+        let bad = ShimOptions {
+            config_path: dir.path().join("missing.toml").display().to_string(),
+            ..Default::default()
+        };
+        assert!(fetcher_config(dir.path(), &bad).is_err());
     }
 }

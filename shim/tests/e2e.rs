@@ -275,7 +275,49 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         "restored loop not running: {t1:?} {t2:?}"
     );
     let bundle = ctd.bundle_dir("k1r");
-    ensure!(bundle.join("work").join("restore.log").is_file() || bundle.join("work").exists());
+    let restore_log = std::fs::read_to_string(bundle.join("work").join("restore.log"))
+        .context("reading restore.log in the work dir")?;
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_none() {
+        // Lazy: CRIU left pages to the fetcher, which served faults and wrote its stats.
+        ensure!(
+            restore_log.contains("Lazy restore skips"),
+            "restore was not lazy; restore.log tail: {}",
+            &restore_log[restore_log.len().saturating_sub(2000)..]
+        );
+        let faulted = wait_for(
+            || {
+                ctd.lazy_stats("k1r")
+                    .map(|v| v["faults"].as_u64().unwrap_or(0) > 0)
+                    .unwrap_or(false)
+            },
+            Duration::from_secs(20),
+        );
+        ensure!(
+            faulted,
+            "no faults in lazy stats: {:?}",
+            ctd.lazy_stats("k1r").ok()
+        );
+        // Once the fill is done the temporary checkpoint dir is removed.
+        let cleaned = wait_for(
+            || {
+                std::fs::read_dir(ctd.tmp_dir())
+                    .map(|d| {
+                        !d.flatten().any(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with("ctrd-checkpoint")
+                        })
+                    })
+                    .unwrap_or(false)
+            },
+            Duration::from_secs(30),
+        );
+        ensure!(
+            cleaned,
+            "ctrd-checkpoint dir left in {}",
+            ctd.tmp_dir().display()
+        );
+    }
 
     // Corrupt checkpoint of a fresh container (containerd 1.7 cannot checkpoint a restored
     // container again: its spec blob already exists), CRIU images corrupted in the store.
