@@ -59,11 +59,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ctr with a timeout (seconds) so a hung call cannot hang the demo.
-ctr_t() {
-    local t=$1
-    shift
-    timeout --kill-after=5 "$t" "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"
-}
+ctr_t() { ctd_t "$@"; }
 task_pid() { ctr_t 30 tasks ls | awk -v id="$1" '$1 == id {print $2}'; }
 task_status() { ctr_t 30 tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
 query() { # query PID TIMEOUT_MS CMD...

@@ -18,6 +18,13 @@ ctd_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 ctd() { "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"; }
 
+# ctd_t SECONDS ctr-args...: ctd with a timeout (the ctr process is killed when it expires).
+ctd_t() {
+    local t=$1
+    shift
+    timeout --kill-after=5 "$t" "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"
+}
+
 ctd_start() {
     CTD_BIN_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd/usr/bin}
     CTD_NS=${CTD_NS:-distriproc-$$}
@@ -71,7 +78,7 @@ EOF
     CTD_PID=$!
     local i
     for i in $(seq 1 200); do
-        if ctd version >/dev/null 2>&1; then
+        if ctd_t 10 version >/dev/null 2>&1; then
             ctd_log "containerd $CTD_VERSION (pid $CTD_PID) ready at $CTD_SOCK"
             return 0
         fi
@@ -101,17 +108,17 @@ ctd_stop() {
     [[ -n ${CTD_DIR:-} && -d $CTD_DIR ]] || return 0
     local t c p i
     if [[ -n ${CTD_PID:-} ]] && kill -0 "$CTD_PID" 2>/dev/null; then
-        for t in $(ctd tasks ls -q 2>/dev/null); do
-            ctd tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+        for t in $(ctd_t 15 tasks ls -q 2>/dev/null); do
+            ctd_t 15 tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
         done
-        for t in $(ctd tasks ls -q 2>/dev/null); do
-            for i in $(seq 1 50); do
-                ctd tasks rm -f "$t" >/dev/null 2>&1 && break
-                sleep 0.1
+        for t in $(ctd_t 15 tasks ls -q 2>/dev/null); do
+            for i in 1 2 3; do
+                ctd_t 15 tasks rm -f "$t" >/dev/null 2>&1 && break
+                sleep 0.2
             done
         done
-        for c in $(ctd containers ls -q 2>/dev/null); do
-            ctd containers rm "$c" >/dev/null 2>&1 || true
+        for c in $(ctd_t 15 containers ls -q 2>/dev/null); do
+            ctd_t 15 containers rm "$c" >/dev/null 2>&1 || true
         done
         kill -TERM "$CTD_PID" 2>/dev/null || true
         for i in $(seq 1 100); do
