@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use distriproc_config::pageserver::{validate_checkpoint_id, CriuHeader, PageServerConfig};
 use distriproc_runtime::protocol::criu::looks_like_criu;
 use distriproc_runtime::protocol::{read_exact_or_eof, HelloReply, HelloStatus, MAGIC};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::access::AccessLogs;
 use crate::checkpoint::Store;
@@ -311,7 +313,13 @@ fn accept_loop(ctx: &Arc<Ctx>, l: Listener) {
         let s = match accepted {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
+                // Sleep until a connection arrives, waking now and then to see `stop`.
+                let fd = match &l {
+                    Listener::Tcp(l) => l.as_fd(),
+                    Listener::Unix(l) => l.as_fd(),
+                };
+                let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
                 continue;
             }
             Err(e) => {

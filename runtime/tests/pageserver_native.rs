@@ -654,8 +654,8 @@ fn figures_latency_and_throughput() -> Result<()> {
         let el = t0.elapsed();
         eprintln!(
             "{ep}: batches of 256 x 16 pages: {:.0} ranges/s, {:.0} MiB/s",
-            f64::from(n * 256) / el.as_secs_f64(),
-            f64::from(n * 256 * 16 * 4096) / f64::from(1 << 20) / el.as_secs_f64()
+            f64::from(n) * 256.0 / el.as_secs_f64(),
+            f64::from(n) * 256.0 * 16.0 * 4096.0 / f64::from(1 << 20) / el.as_secs_f64()
         );
     }
     Ok(())
