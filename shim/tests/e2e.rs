@@ -371,3 +371,82 @@ fn checkpoint_restore_ctd21() -> Result<()> {
 fn checkpoint_restore_ctd17() -> Result<()> {
     checkpoint_restore(CONTAINERD_1_7_DIR)
 }
+
+/// Runs ctr inside a pty (`script`), as `ctr run -t` needs a console.
+fn ctr_in_pty(ctd: &Containerd, args: &str) -> Result<std::process::Output> {
+    let cmdline = format!(
+        "{} -a {} -n {} {args}",
+        ctd.containerd_dir().join("ctr").display(),
+        ctd.socket().display(),
+        ctd.namespace()
+    );
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &cmdline, "/dev/null"])
+        .stdin(std::process::Stdio::null());
+    distriproc_harness::run_with_timeout(cmd, Duration::from_secs(60))?
+        .with_context(|| format!("`{cmdline}` timed out"))
+}
+
+/// `ctr run -t` and `ctr t exec -t`: the pty master comes over the console socket.
+fn terminal(dir: &str) -> Result<()> {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: terminal test needs `script` (util-linux)");
+        return Ok(());
+    }
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let out = ctr_in_pty(
+        &ctd,
+        &format!(
+            "run -t --rm --runtime {DISTRIPROC_RUNTIME} {BUSYBOX_IMAGE} tt1 sh -c 'tty; exit 4'"
+        ),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(4),
+        "run -t exit {:?}: {text}",
+        out.status
+    );
+    ensure!(text.contains("/dev/pts/"), "run -t output {text:?}");
+
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        BUSYBOX_IMAGE,
+        "tt2",
+        "sleep",
+        "1000",
+    ])?;
+    wait_status(&ctd, "tt2", "RUNNING")?;
+    let out = ctr_in_pty(&ctd, "tasks exec -t --exec-id x1 tt2 sh -c 'tty; exit 5'")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(5),
+        "exec -t exit {:?}: {text}",
+        out.status
+    );
+    ensure!(text.contains("/dev/pts/"), "exec -t output {text:?}");
+    let metrics = ctd.ctr_ok(&["tasks", "metrics", "tt2"])?;
+    ensure!(metrics.contains("memory"), "metrics {metrics:?}");
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "tt2"])?;
+    wait_status(&ctd, "tt2", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "tt2"])?;
+    Ok(())
+}
+
+#[test]
+fn terminal_ctd21() -> Result<()> {
+    terminal(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn terminal_ctd17() -> Result<()> {
+    terminal(CONTAINERD_1_7_DIR)
+}
