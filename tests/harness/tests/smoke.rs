@@ -95,3 +95,79 @@ fn containerd_2_1_runs_busybox_and_memhog_with_runc() {
 fn containerd_1_7_runs_busybox_and_memhog_with_runc() {
     smoke(CONTAINERD_1_7_DIR, 2);
 }
+
+/// The eager baseline the lazy shim is compared with: memhog checkpointed and restored by the
+/// runc shim keeps every page (SUM == EXPECT, VERIFY OK) and answers on TCP again.
+fn runc_checkpoint_restore(dir: &str) {
+    if !require_stack_in(Path::new(dir)) {
+        return;
+    }
+    let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir)).expect("start");
+    ctd.import_test_images().expect("import test images");
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNC_RUNTIME,
+        MEMHOG_IMAGE,
+        "cr",
+        "/memhog",
+        "serve",
+        "--mib",
+        "64",
+        "--procs",
+        "2",
+        "--threads",
+        "2",
+        "--zero-pct",
+        "10",
+    ])
+    .expect("memhog run");
+    let pid = ctd.task_pid("cr").unwrap();
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT").unwrap();
+    assert_eq!(memhog_query(pid, MEMHOG_PORT, "SUM").unwrap(), expect);
+
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "cr",
+        "localhost/cr-cp:1",
+    ])
+    .expect("checkpoint");
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "cr"])
+        .unwrap();
+    assert!(wait_for(
+        || ctd.task_status("cr").ok().flatten().as_deref() == Some("STOPPED"),
+        Duration::from_secs(20)
+    ));
+    ctd.ctr_ok(&["tasks", "rm", "cr"]).unwrap();
+    ctd.ctr_ok(&["containers", "rm", "cr"]).unwrap();
+
+    ctd.ctr_ok(&["containers", "restore", "--live", "cr", "localhost/cr-cp:1"])
+        .expect("restore");
+    let pid = ctd.task_pid("cr").unwrap();
+    assert_eq!(memhog_query(pid, MEMHOG_PORT, "PING").unwrap(), "PONG");
+    assert_eq!(memhog_query(pid, MEMHOG_PORT, "SUM").unwrap(), expect);
+    assert_eq!(
+        memhog_query(pid, MEMHOG_PORT, "VERIFY").unwrap(),
+        "OK pages=16384"
+    );
+    // The restored checkpoint was unpacked into the instance's TMPDIR, not /tmp.
+    let unpacked = std::fs::read_dir(ctd.tmp_dir()).unwrap().count();
+    assert!(
+        unpacked >= 1,
+        "no ctrd-checkpoint dir in {}",
+        ctd.tmp_dir().display()
+    );
+}
+
+#[test]
+fn containerd_2_1_runc_checkpoint_restore_keeps_memory() {
+    runc_checkpoint_restore(CONTAINERD_2_1_DIR);
+}
+
+#[test]
+fn containerd_1_7_runc_checkpoint_restore_keeps_memory() {
+    runc_checkpoint_restore(CONTAINERD_1_7_DIR);
+}
