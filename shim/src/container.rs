@@ -99,6 +99,8 @@ pub struct Container {
     pub execs: HashMap<String, Process>,
     pub rootfs_mounted: bool,
     pub restore: Option<RestorePlan>,
+    /// The thread watching a lazy restore's fetcher.
+    pub lazy: Option<crate::lazy::Waiter>,
 }
 
 impl Container {

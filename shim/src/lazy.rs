@@ -9,7 +9,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use distriproc_config::FetcherConfig;
@@ -113,20 +117,54 @@ pub fn summary(json: &str) -> String {
     )
 }
 
-/// Watch a session on its own thread until the fill ends.
+/// The thread watching a lazy restore; [`Waiter::finish`] ends it when the container goes away.
+#[derive(Debug)]
+pub struct Waiter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Waiter {
+    /// Ask the fetcher to end if it still runs (its tasks are gone) and wait up to `limit` for
+    /// the summary line, the final stats and the checkpoint clean-up.
+    pub fn finish(mut self, limit: Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Some(t) = self.thread.take() else { return };
+        let deadline = Instant::now() + limit;
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watch a session on its own thread until the fill ends: stats file every second, one
+/// summary line at the end, then the temporary checkpoint dir is removed.
 pub fn spawn_waiter(
     id: String,
     session: Box<dyn LazySession>,
     bundle: PathBuf,
     images: PathBuf,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
+) -> std::io::Result<Waiter> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
         .name(format!("lazy-{id}"))
         .spawn(move || {
             let stats = bundle.join(STATS_FILE);
+            let mut last = Instant::now() - Duration::from_secs(1);
             while !session.finished() {
-                write_stats(&stats, &session.stats_json());
-                std::thread::sleep(Duration::from_secs(1));
+                if stop2.load(Ordering::SeqCst) {
+                    session.stop();
+                    break;
+                }
+                if last.elapsed() >= Duration::from_secs(1) {
+                    write_stats(&stats, &session.stats_json());
+                    last = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
             match session.wait() {
                 Ok(json) => {
@@ -137,16 +175,16 @@ pub fn spawn_waiter(
             }
             remove_if_temp_checkpoint(&images);
         })?;
-    Ok(())
+    Ok(Waiter {
+        stop,
+        thread: Some(thread),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    };
+    use std::sync::atomic::AtomicU32;
 
     struct Fake(Arc<AtomicU32>);
     impl LazySession for Fake {
@@ -169,13 +207,14 @@ mod tests {
         let keep = dir.path().join("checkpoint");
         std::fs::create_dir(&images).unwrap();
         std::fs::create_dir(&keep).unwrap();
-        spawn_waiter(
+        let w = spawn_waiter(
             "c".into(),
             Box::new(Fake(Arc::new(AtomicU32::new(0)))),
             dir.path().into(),
             images.clone(),
         )
         .unwrap();
+        w.finish(Duration::from_secs(5));
         let stats = dir.path().join(STATS_FILE);
         for _ in 0..100 {
             if !images.exists() {

@@ -55,6 +55,8 @@ use crate::{
 const IO_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How long to wait for runc to send a pty master.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Delete waits for a lazy restore's fetcher to wind down.
+const LAZY_FINISH_LIMIT: Duration = Duration::from_secs(3);
 /// Exits of unknown pids kept for processes whose pid is not recorded yet.
 const MAX_ORPHAN_EXITS: usize = 1024;
 
@@ -359,6 +361,7 @@ impl TaskService {
             execs: HashMap::new(),
             rootfs_mounted,
             restore,
+            lazy: None,
         })
     }
 
@@ -579,8 +582,11 @@ impl TaskService {
         c.init.status = ProcStatus::Running;
         c.restore = None;
         match session {
-            Some(s) => lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
-                .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?,
+            Some(s) => {
+                let w = lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
+                    .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?;
+                c.lazy = Some(w);
+            }
             None => lazy::remove_if_temp_checkpoint(&plan.images),
         }
         Ok(())
@@ -724,7 +730,11 @@ impl TaskService {
         if c.rootfs_mounted {
             unmount(&c.bundle.join("rootfs"));
         }
-        let c = cs.remove(&req.id).expect("checked above");
+        let mut c = cs.remove(&req.id).expect("checked above");
+        if let Some(w) = c.lazy.take() {
+            // The restored tasks are gone: let the fetcher end, log and clean up.
+            let _ = tokio::task::spawn_blocking(move || w.finish(LAZY_FINISH_LIMIT)).await;
+        }
         let at = c.init.exited_at.clone().unwrap_or_else(now);
         send(
             self.events(),

@@ -450,3 +450,96 @@ fn terminal_ctd21() -> Result<()> {
 fn terminal_ctd17() -> Result<()> {
     terminal(CONTAINERD_1_7_DIR)
 }
+
+/// A lazily restored memhog answers VERIFY with every page intact; with fill policy `none`
+/// (annotation) the fetcher serves faults only and never fills in the background.
+fn lazy_memhog(dir: &str) -> Result<()> {
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some() {
+        eprintln!("SKIPPED: lazy test with DISTRIPROC_EAGER_RESTORE set");
+        return Ok(());
+    }
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    use distriproc_harness::{memhog_query, MEMHOG_IMAGE, MEMHOG_PORT};
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        "--annotation",
+        "io.distriproc.fill-policy=none",
+        MEMHOG_IMAGE,
+        "m1",
+        "/memhog",
+        "serve",
+        "--mib",
+        "64",
+        "--procs",
+        "2",
+        "--threads",
+        "2",
+    ])?;
+    wait_status(&ctd, "m1", "RUNNING")?;
+    let pid = ctd.task_pid("m1")?;
+    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "m1",
+        "localhost/m1-cp:1",
+    ])?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1"])?;
+    wait_status(&ctd, "m1", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "m1"])?;
+    ctd.ctr_ok(&["containers", "rm", "m1"])?;
+
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "m1r",
+        "localhost/m1-cp:1",
+    ])?;
+    wait_status(&ctd, "m1r", "RUNNING")?;
+    let pid = ctd.task_pid("m1r")?;
+    let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(
+        verify.starts_with("OK"),
+        "VERIFY after lazy restore: {verify}"
+    );
+    ensure!(
+        memhog_query(pid, MEMHOG_PORT, "SUM")? == sum,
+        "checksum changed"
+    );
+    let stats = ctd.lazy_stats("m1r")?;
+    ensure!(
+        stats["faults"].as_u64().unwrap_or(0) > 0,
+        "no faults: {stats}"
+    );
+    ensure!(
+        stats["pages_filled"].as_u64() == Some(0),
+        "fill policy none filled: {stats}"
+    );
+    let log = std::fs::read_to_string(ctd.bundle_dir("m1r").join("work/restore.log"))?;
+    ensure!(
+        log.contains("Lazy restore skips"),
+        "restore.log does not show a lazy restore"
+    );
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1r"])?;
+    wait_status(&ctd, "m1r", "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", "m1r"])?;
+    Ok(())
+}
+
+#[test]
+fn lazy_memhog_ctd21() -> Result<()> {
+    lazy_memhog(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn lazy_memhog_ctd17() -> Result<()> {
+    lazy_memhog(CONTAINERD_1_7_DIR)
+}
