@@ -10,6 +10,25 @@
 //! `distriproc_runtime` (`protocol`, `images`) and are shared with the client side. It does
 //! not restore anything either; restores run in the shim.
 //!
+//! # Usage
+//!
+//! ```text
+//! distriproc-pageserver --store /srv/ckpt --listen 0.0.0.0:7060 --listen unix:/run/ps.sock \
+//!     --token-file /etc/distriproc/pageserver.token --criu-default web-1 \
+//!     --criu-unauthenticated --metrics 127.0.0.1:9460
+//! # unmodified CRIU, restoring /srv/ckpt/web-1 (local metadata images in IMG):
+//! criu lazy-pages -D IMG --page-server --address HOST --port 7060 &
+//! criu restore -D IMG --lazy-pages
+//! # unmodified CRIU, pushing a dump into the store (logged as push-<time>-<n>):
+//! criu dump -t PID -D IMG --page-server --address HOST --port 7060
+//! # hot/cold pages per checkpoint, from the access logs:
+//! distriproc-pageserver stats --store /srv/ckpt web-1
+//! ```
+//!
+//! The shim reads pages with `distriproc_runtime::remote::RemotePages` (native protocol), or
+//! opens a native session with the `HELLO_CRIU` flag and hands the socket to
+//! `criu lazy-pages --page-server --ps-socket FD`.
+//!
 //! Threads, not async: one acceptor thread per listen address and one thread per connection.
 //! A connection reads a request, answers it with `pread`s into one reusable buffer, and writes
 //! the answer; clients pipeline by sending several requests before reading answers, and run

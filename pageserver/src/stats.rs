@@ -145,14 +145,16 @@ pub fn report(id: &str, s: &LogSummary, ck: Option<&Checkpoint>) -> String {
                 };
                 let _ = writeln!(
                     o,
-                    "  pid {pid}: {data} pages stored ({lazy} lazy); read {touched} ({pct:.1}% of stored); \
-                     hot (read by >= half of the sessions) {hot}; cold (never read) {cold}"
+                    "  pid {pid}: {data} pages stored ({lazy} lazy); served {touched} distinct pages \
+                     (data or zero; {pct:.1}% of stored read); hot (served to >= half of the \
+                     sessions) {hot}; cold (stored, never read) {cold}"
                 );
             }
             None => {
                 let _ = writeln!(
                     o,
-                    "  pid {pid}: read {touched} pages; hot (read by >= half of the sessions) {hot}"
+                    "  pid {pid}: served {touched} distinct pages; hot (served to >= half of the \
+                     sessions) {hot}"
                 );
             }
         }
