@@ -121,6 +121,90 @@ impl Default for PageServerConfig {
     }
 }
 
+/// How a client (the shim) reaches a page server: the `[pageserver]` table a shim
+/// configuration can embed, and the source of `distriproc_runtime::remote::RemoteOptions`.
+///
+/// ```toml
+/// [pageserver]
+/// address = "10.0.0.5:7060"   # HOST:PORT or unix:PATH ("" = no page server: local pages)
+/// token_file = ""             # file with the shared token ("" = none)
+/// connect_timeout_ms = 5000
+/// io_timeout_ms = 10000       # per request read/write
+/// retry_timeout_ms = 30000    # keep reconnecting this long after a failure, then fail
+/// max_connections = 8         # per restore
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PageServerClientConfig {
+    /// `HOST:PORT` or `unix:PATH`; empty means no page server.
+    pub address: String,
+    /// File holding the shared token.
+    pub token_file: PathBuf,
+    /// Limit on connecting and the hello.
+    pub connect_timeout_ms: u64,
+    /// Limit on each request's reads and writes.
+    pub io_timeout_ms: u64,
+    /// How long to retry after a transport failure.
+    pub retry_timeout_ms: u64,
+    /// Most connections per client.
+    pub max_connections: u32,
+}
+
+impl Default for PageServerClientConfig {
+    fn default() -> Self {
+        PageServerClientConfig {
+            address: String::new(),
+            token_file: PathBuf::new(),
+            connect_timeout_ms: 5_000,
+            io_timeout_ms: 10_000,
+            retry_timeout_ms: 30_000,
+            max_connections: 8,
+        }
+    }
+}
+
+impl PageServerClientConfig {
+    /// Checks every value; keys are named with `prefix` (e.g. "pageserver.") in errors.
+    pub fn validate(&self, origin: &str, prefix: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: format!("{prefix}{key}"),
+            message,
+        };
+        if !self.address.is_empty() {
+            validate_listen(&self.address).map_err(|m| invalid("address", m))?;
+        }
+        for (key, v) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("io_timeout_ms", self.io_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        if self.max_connections == 0 || self.max_connections > 64 {
+            return Err(invalid(
+                "max_connections",
+                format!("{} is out of range 1..=64", self.max_connections),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the token file (trimmed); empty when none is configured.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        if self.token_file.as_os_str().is_empty() {
+            return Ok(String::new());
+        }
+        std::fs::read_to_string(&self.token_file)
+            .map(|t| t.trim().to_string())
+            .map_err(|source| ConfigError::Read {
+                path: self.token_file.clone(),
+                source,
+            })
+    }
+}
+
 /// Checks that `id` names a checkpoint directly inside the store: 1..=128 characters from
 /// `[A-Za-z0-9._-]`, not starting with `.` or `-` (so no `..`, no `/`, no hidden or option-like
 /// names). Returns why not.
@@ -283,6 +367,30 @@ mod tests {
         }
         let e = PageServerConfig::from_toml_str("criu_header = \"5\"", "p.toml").unwrap_err();
         assert!(e.to_string().contains("5"), "{e}");
+    }
+
+    #[test]
+    fn client_config() {
+        #[derive(Deserialize)]
+        struct Wrap {
+            pageserver: PageServerClientConfig,
+        }
+        let w: Wrap = toml::from_str("[pageserver]\naddress = \"unix:/run/p.sock\"\n").unwrap();
+        w.pageserver.validate("s.toml", "pageserver.").unwrap();
+        assert_eq!(w.pageserver.io_timeout_ms, 10_000);
+        assert!(toml::from_str::<Wrap>("[pageserver]\nadress = \"x\"\n").is_err());
+        let bad = PageServerClientConfig {
+            address: "nohost".into(),
+            ..Default::default()
+        };
+        let e = bad.validate("s.toml", "pageserver.").unwrap_err();
+        assert!(e.to_string().contains("pageserver.address"), "{e}");
+        let bad = PageServerClientConfig {
+            max_connections: 0,
+            ..Default::default()
+        };
+        assert!(bad.validate("s.toml", "pageserver.").is_err());
+        assert_eq!(PageServerClientConfig::default().token().unwrap(), "");
     }
 
     #[test]

@@ -116,6 +116,35 @@ impl RemoteOptions {
     }
 }
 
+impl RemoteOptions {
+    /// Options for `checkpoint` from the client configuration (timeouts, pool size, token).
+    /// Returns the endpoint too; `None` when no page server is configured.
+    pub fn from_config(
+        cfg: &distriproc_config::pageserver::PageServerClientConfig,
+        checkpoint: &str,
+        client: &str,
+    ) -> Result<Option<(Endpoint, RemoteOptions)>, distriproc_config::ConfigError> {
+        if cfg.address.is_empty() {
+            return Ok(None);
+        }
+        let endpoint = cfg.address.parse::<Endpoint>().map_err(|message| {
+            distriproc_config::ConfigError::Invalid {
+                origin: "page server client".into(),
+                key: "address".into(),
+                message,
+            }
+        })?;
+        let mut o = RemoteOptions::new(checkpoint);
+        o.token = cfg.token()?;
+        o.client = client.to_string();
+        o.connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
+        o.io_timeout = Duration::from_millis(cfg.io_timeout_ms);
+        o.retry_timeout = Duration::from_millis(cfg.retry_timeout_ms);
+        o.max_connections = usize::try_from(cfg.max_connections).unwrap_or(8);
+        Ok(Some((endpoint, o)))
+    }
+}
+
 /// Most connections a [`RemotePages`] may open.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -858,6 +887,31 @@ mod tests {
         assert_eq!(
             Endpoint::Unix("/a".into()).to_string(),
             "unix:/a".to_string()
+        );
+    }
+
+    #[test]
+    fn options_from_config() {
+        use distriproc_config::pageserver::PageServerClientConfig;
+        let d = tempfile::tempdir().unwrap();
+        let tf = d.path().join("t");
+        std::fs::write(&tf, "tok\n").unwrap();
+        let cfg = PageServerClientConfig {
+            address: "10.0.0.5:7060".into(),
+            token_file: tf,
+            io_timeout_ms: 250,
+            ..Default::default()
+        };
+        let (ep, o) = RemoteOptions::from_config(&cfg, "ck", "ctr-1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ep, Endpoint::Tcp("10.0.0.5:7060".into()));
+        assert_eq!((o.token.as_str(), o.client.as_str()), ("tok", "ctr-1"));
+        assert_eq!(o.io_timeout, Duration::from_millis(250));
+        assert!(
+            RemoteOptions::from_config(&PageServerClientConfig::default(), "ck", "c")
+                .unwrap()
+                .is_none()
         );
     }
 
