@@ -47,6 +47,8 @@ pub struct ShimOptions {
     pub criu_work_path: String,
     /// From `runtimeoptions.v1.Options.config_path`: a shim configuration file.
     pub config_path: String,
+    /// CRIU binary for runc's `--criu` ("" = runc's default); from the shim configuration.
+    pub criu: String,
 }
 
 impl ShimOptions {
@@ -67,6 +69,30 @@ impl ShimOptions {
             &self.root
         };
         Path::new(root).join(namespace)
+    }
+
+    /// The shim configuration these options point at (`config_path`), else the default file.
+    pub fn load_config(&self) -> Result<distriproc_config::ShimConfig> {
+        let cfg = if self.config_path.is_empty() {
+            distriproc_config::ShimConfig::load_default()
+        } else {
+            distriproc_config::ShimConfig::load(Path::new(&self.config_path))
+        };
+        cfg.map_err(|e| ShimError::InvalidArgument(e.to_string()))
+    }
+
+    /// Fill what containerd's options left unset from the configuration's `[runc]` table.
+    pub fn with_runc_config(mut self, cfg: &distriproc_config::RuncConfig) -> Self {
+        if self.binary_name.is_empty() {
+            self.binary_name = cfg.binary.clone();
+        }
+        if self.root.is_empty() {
+            self.root = cfg.root.display().to_string();
+        }
+        if self.criu.is_empty() {
+            self.criu = cfg.criu.clone();
+        }
+        self
     }
 
     /// Write the options into `<bundle>/options.json`.
@@ -122,7 +148,7 @@ pub fn decode(any: Option<&Any>) -> Result<ShimOptions> {
                 no_new_keyring: o.no_new_keyring,
                 criu_image_path: o.criu_image_path,
                 criu_work_path: o.criu_work_path,
-                config_path: String::new(),
+                ..Default::default()
             })
         }
         RUNTIME_OPTIONS => {
@@ -227,6 +253,31 @@ mod tests {
         };
         o.save(dir.path()).unwrap();
         assert_eq!(ShimOptions::load(dir.path()).unwrap(), o);
+    }
+
+    #[test]
+    fn runc_config_fills_only_unset_options() {
+        let cfg = distriproc_config::RuncConfig {
+            binary: "/opt/runc".into(),
+            root: "/run/cfg".into(),
+            criu: "/usr/local/sbin/criu".into(),
+        };
+        let o = ShimOptions::default().with_runc_config(&cfg);
+        assert_eq!(o.runc_binary(), "/opt/runc");
+        assert_eq!(o.runc_root("ns"), Path::new("/run/cfg/ns"));
+        assert_eq!(o.criu, "/usr/local/sbin/criu");
+        let o = ShimOptions {
+            binary_name: "/x/runc".into(),
+            ..Default::default()
+        }
+        .with_runc_config(&cfg);
+        assert_eq!(o.runc_binary(), "/x/runc");
+        let bad = ShimOptions {
+            config_path: "/nonexistent/shim.toml".into(),
+            ..Default::default()
+        };
+        let e = bad.load_config().unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/shim.toml"), "{e}");
     }
 
     #[test]

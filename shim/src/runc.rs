@@ -140,7 +140,7 @@ impl RuncClient {
                 log: Some(log),
                 log_json: true,
                 systemd_cgroup: opts.systemd_cgroup,
-                criu: None,
+                criu: (!opts.criu.is_empty()).then(|| PathBuf::from(&opts.criu)),
             },
             bundle: bundle.to_path_buf(),
         })

@@ -36,7 +36,7 @@ use containerd_shim::{
     util::convert_to_any,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
-use distriproc_config::{FetcherConfig, ShimConfig};
+use distriproc_config::FetcherConfig;
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -231,6 +231,8 @@ impl TaskService {
             return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
         }
         let opts = options::decode(req.options.as_ref())?;
+        let cfg = opts.load_config()?;
+        let opts = opts.with_runc_config(&cfg.runc);
         let bundle = PathBuf::from(&req.bundle);
         let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
         let rootfs = bundle.join("rootfs");
@@ -1112,12 +1114,7 @@ pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> Check
 /// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
 /// overridden by the bundle's `io.distriproc.*` annotations.
 pub fn fetcher_config(bundle: &Path, opts: &ShimOptions) -> Result<FetcherConfig> {
-    let mut cfg = if opts.config_path.is_empty() {
-        ShimConfig::load_default()
-    } else {
-        ShimConfig::load(Path::new(&opts.config_path))
-    }
-    .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+    let mut cfg = opts.load_config()?;
     let annotations: HashMap<String, String> = std::fs::read_to_string(bundle.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
