@@ -302,7 +302,7 @@ impl Profile {
                 pages: u32_at(o + 4),
                 vaddr: u64_at(o + 8),
             };
-            if r.pages == 0 || r.vaddr % 4096 != 0 {
+            if r.pages == 0 || !r.vaddr.is_multiple_of(4096) {
                 return Err(bad(format!(
                     "run {i} (pid {} at {:#x}, {} pages) is empty or unaligned",
                     r.pid, r.vaddr, r.pages

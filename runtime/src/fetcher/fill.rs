@@ -53,6 +53,12 @@ impl Shared {
     }
 }
 
+/// A worker's buffers, allocated once.
+struct Scratch {
+    buf: Vec<u8>,
+    pieces: Vec<(u64, usize, usize)>,
+}
+
 enum Job {
     Fill(Arc<Task>),
     Profile(Arc<Task>, ProfileRun),
@@ -187,16 +193,18 @@ fn next_job(sh: &Shared) -> Option<Job> {
 }
 
 fn worker(sh: &Shared) {
-    let mut buf = vec![0u8; sh.batch * PAGE];
-    let mut pieces = Vec::with_capacity(16);
+    let mut sc = Scratch {
+        buf: vec![0u8; sh.batch * PAGE],
+        pieces: Vec::with_capacity(16),
+    };
     while let Some(job) = next_job(sh) {
         let (t, r) = match job {
             Job::Fill(t) => {
-                let r = fill_once(sh, &t, &mut buf, &mut pieces);
+                let r = fill_once(sh, &t, &mut sc);
                 (t, r)
             }
             Job::Profile(t, run) => {
-                let r = profile_run(sh, &t, run, &mut buf, &mut pieces);
+                let r = profile_run(sh, &t, run, &mut sc);
                 (t, r)
             }
         };
@@ -234,20 +242,19 @@ fn install(
     t: &Task,
     b0: usize,
     n: usize,
-    buf: &mut [u8],
-    pieces: &mut Vec<(u64, usize, usize)>,
+    sc: &mut Scratch,
     counter: &AtomicU64,
     profile: bool,
 ) -> Result<bool, FetchError> {
     let r = fetch_bits(
         t,
         &*sh.src,
-        buf,
+        &mut sc.buf,
         &sh.c,
         b0,
         n,
         false,
-        pieces,
+        &mut sc.pieces,
         Some(&sh.abort),
     );
     let f = match r {
@@ -274,12 +281,7 @@ fn install(
     }
 }
 
-fn fill_once(
-    sh: &Shared,
-    t: &Task,
-    buf: &mut [u8],
-    pieces: &mut Vec<(u64, usize, usize)>,
-) -> Result<bool, FetchError> {
+fn fill_once(sh: &Shared, t: &Task, sc: &mut Scratch) -> Result<bool, FetchError> {
     let claimed = {
         let space = t.space();
         t.claim_next(&space, sh.batch)
@@ -287,7 +289,7 @@ fn fill_once(
     let Some((b0, n)) = claimed else {
         return Ok(false);
     };
-    install(sh, t, b0, n, buf, pieces, &sh.c.pages_filled, false)
+    install(sh, t, b0, n, sc, &sh.c.pages_filled, false)
 }
 
 /// Prefetches one profile run: the bits of its dump-time pages that nobody claimed yet.
@@ -295,8 +297,7 @@ fn profile_run(
     sh: &Shared,
     t: &Task,
     run: ProfileRun,
-    buf: &mut [u8],
-    pieces: &mut Vec<(u64, usize, usize)>,
+    sc: &mut Scratch,
 ) -> Result<bool, FetchError> {
     let end_img = run.vaddr + u64::from(run.pages) * PAGE_SIZE;
     let mut img = run.vaddr;
@@ -327,7 +328,7 @@ fn profile_run(
                 i += 1;
                 continue;
             }
-            if install(sh, t, b + i, n, buf, pieces, &sh.c.pages_prefetched, true)? {
+            if install(sh, t, b + i, n, sc, &sh.c.pages_prefetched, true)? {
                 // Events pending: the released bits are claimed again after a pause.
                 std::thread::sleep(AGAIN_PAUSE);
                 continue;

@@ -352,3 +352,58 @@ impl FetcherHandle {
         r.map(|()| self.counters.snapshot())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_from_config_and_checks() {
+        let cfg = distriproc_config::FetcherConfig {
+            fill: FillPolicy::Profile,
+            fault_around_pages: 32,
+            fill_batch_pages: 1024,
+            handshake_timeout_ms: 1500,
+            ..Default::default()
+        };
+        let o = FetcherOptions::from_config(&cfg);
+        assert_eq!(o.fill, FillPolicy::Profile);
+        assert_eq!(o.fault_around_pages, 32);
+        assert_eq!(o.fill_batch_pages, 1024);
+        assert_eq!(o.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(o.fill_threads, FetcherOptions::default().fill_threads);
+        assert!(o.check().is_ok());
+        assert!(FetcherOptions::from_config(&Default::default())
+            .check()
+            .is_ok());
+        let bad = [
+            FetcherOptions {
+                fill_threads: 0,
+                ..Default::default()
+            },
+            FetcherOptions {
+                prefetch_max_pages: 100,
+                ..Default::default()
+            },
+            FetcherOptions {
+                prefetch_max_pages: 8, // below fault_around_pages
+                ..Default::default()
+            },
+            FetcherOptions {
+                prefetch_max_pages: MAX_PREFETCH_PAGES * 2,
+                ..Default::default()
+            },
+        ];
+        for o in bad {
+            assert!(
+                matches!(o.check(), Err(FetchError::BadOption { .. })),
+                "{o:?}"
+            );
+        }
+        let off = FetcherOptions {
+            prefetch_max_pages: 0,
+            ..Default::default()
+        };
+        assert!(off.check().is_ok());
+    }
+}

@@ -89,6 +89,16 @@ impl Bits {
         self.len
     }
 
+    /// Number of clear bits.
+    pub fn count_clear(&self) -> u64 {
+        let set: u64 = self
+            .words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum();
+        self.len as u64 - set
+    }
+
     pub fn test(&self, b: usize) -> bool {
         self.words[b / 64].load(Ordering::Acquire) & (1 << (b % 64)) != 0
     }
@@ -145,6 +155,9 @@ pub(crate) struct Space {
     pub iovs: Vec<Iov>,
     /// The iovs as created (dump-time layout), sorted by `bit` and by `img`. Never changes.
     orig: Arc<[Iov]>,
+    /// Whether `iovs` are also sorted by `bit` (true until an mremap reorders them): then
+    /// [`Space::pieces`] binary-searches instead of scanning every iov.
+    bit_ordered: bool,
 }
 
 impl Space {
@@ -163,7 +176,14 @@ impl Space {
             iovs.push(iov);
         }
         let orig: Arc<[Iov]> = iovs.clone().into();
-        (Space { iovs, orig }, bit)
+        (
+            Space {
+                iovs,
+                orig,
+                bit_ordered: true,
+            },
+            bit,
+        )
     }
 
     /// Index of the iov containing `addr`.
@@ -204,6 +224,16 @@ impl Space {
     pub fn pieces(&self, b0: usize, n: usize, out: &mut Vec<(u64, usize, usize)>) {
         out.clear();
         let b1 = b0 + n;
+        if self.bit_ordered {
+            let first = self.iovs.partition_point(|v| v.bit_end() <= b0);
+            for iov in self.iovs[first..].iter().take_while(|v| v.bit < b1) {
+                let (s, e) = (iov.bit.max(b0), iov.bit_end().min(b1));
+                if s < e {
+                    out.push((iov.start + (s - iov.bit) as u64 * PAGE_SIZE, s, e - s));
+                }
+            }
+            return;
+        }
         for iov in &self.iovs {
             let (s, e) = (iov.bit.max(b0), iov.bit_end().min(b1));
             if s < e {
@@ -272,6 +302,7 @@ impl Space {
             self.iovs.push(shifted);
         }
         self.iovs.sort_unstable_by_key(|v| v.start);
+        self.bit_ordered = self.iovs.windows(2).all(|w| w[0].bit < w[1].bit);
     }
 
     /// All unclaimed runs, for poisoning on abnormal exit: `(address, pages)`.
@@ -402,6 +433,10 @@ mod tests {
             vec![(P, 1), (6 * P, 2), (100 * P, 1)]
         );
         let mut out = Vec::new();
+        let (fresh, _) = Space::new(&[(0, 2 * P), (5 * P, 9 * P)]);
+        fresh.pieces(1, 3, &mut out);
+        assert_eq!(out, vec![(P, 1, 1), (5 * P, 2, 2)]);
+        assert_eq!(bits.count_clear(), 4);
         s.pieces(1, 7, &mut out);
         assert_eq!(
             out,

@@ -60,7 +60,7 @@ pub(crate) struct Task {
 
 impl Task {
     pub fn new(pid: u32, uffd: Uffd, space: Space, bits: Bits, forked: bool) -> Task {
-        let clear = (0..bits.len()).filter(|&b| !bits.test(b)).count() as u64;
+        let clear = bits.count_clear();
         Task {
             pid,
             uffd,
