@@ -518,3 +518,37 @@ fn fill_races_multithreaded_faults() -> Result<()> {
     verify(port + 1)?;
     Ok(())
 }
+
+/// Background fill of the same 256 MiB checkpoint with one and with two fill workers (and a
+/// plain full fill check each time). Prints the throughput; no timing is asserted.
+#[test]
+fn fill_throughput_one_and_two_workers() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let port = 17231;
+    let (dir, img, pids) = dumped("fillrate", port, 256, 1, 0)?;
+    for (i, threads) in [(1, 1usize), (2, 2), (3, 1), (4, 2)] {
+        let opts = FetcherOptions {
+            fill: FillPolicy::Full,
+            fill_threads: threads,
+            fill_batch_pages: 512,
+            ..Default::default()
+        };
+        let name = format!("fill-{threads}w-{i}");
+        let mut r = restore_images(
+            &name,
+            &img,
+            &dir.join(format!("work{i}")),
+            pids.clone(),
+            opts,
+        )?;
+        let s = r.wait()?;
+        report(&name, &s);
+        ensure!(installed(&s) == s.lazy_pages, "{s:?}");
+        verify(port)?;
+        drop(r);
+        wait_gone(&pids, T)?;
+    }
+    Ok(())
+}
