@@ -10,7 +10,10 @@ use std::{
 };
 
 use containerd_shim::{
-    api::{CreateTaskRequest, DeleteRequest, KillRequest, StartRequest, StateRequest, WaitRequest},
+    api::{
+        CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, KillRequest, StartRequest,
+        StateRequest, WaitRequest,
+    },
     protos::protobuf::{well_known_types::any::Any, Message, MessageDyn, MessageField},
     ExitSignal,
 };
@@ -38,7 +41,9 @@ while [ $# -gt 0 ]; do
     --log) log="$2"; shift 2;;
     --root|--log-format) shift 2;;
     --pid-file) pidfile="$2"; shift 2;;
-    create|start|kill|delete|restore|state|pause|resume) [ -z "$verb" ] && verb="$1"; shift;;
+    --work-path) work="$2"; shift 2;;
+    --image-path) shift 2;;
+    create|start|kill|delete|restore|state|pause|resume|checkpoint) [ -z "$verb" ] && verb="$1"; shift;;
     *) last="$1"; shift;;
   esac
 done
@@ -48,6 +53,7 @@ case "$verb" in
   start) ;;
   kill) kill -"$last" "$(cat "$dir/fake.pid")";;
   delete) ;;
+  checkpoint) echo 'Error (criu/cr-dump.c:2100): fake dump failure' > "$work/dump.log"; echo '{"level":"error","msg":"criu failed: type DUMP errno 0"}' >> "$log"; exit 1;;
   restore) echo '{"level":"error","msg":"criu failed: type RESTORE errno 0"}' >> "$log"; echo boom >&2; exit 1;;
 esac
 "#;
@@ -151,6 +157,23 @@ async fn lifecycle_create_start_kill_wait_delete() {
         .await
         .unwrap_err();
     assert!(matches!(e, ShimError::FailedPrecondition { .. }), "{e}");
+    // A failed dump: dump.log is kept as <bundle>/criu-dump.log and named in the error.
+    let e = s
+        .task_checkpoint(CheckpointTaskRequest {
+            id: "c1".into(),
+            path: dir.path().join("img").display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ShimError::Checkpoint { .. }), "{msg}");
+    assert!(msg.contains("criu failed: type DUMP"), "{msg}");
+    let copy = dir.path().join("criu-dump.log");
+    assert!(msg.contains(&copy.display().to_string()), "{msg}");
+    assert!(std::fs::read_to_string(&copy)
+        .unwrap()
+        .contains("fake dump failure"));
     s.task_kill(KillRequest {
         id: "c1".into(),
         signal: 9,
