@@ -81,6 +81,26 @@ except Exception:
 EOF
 }
 
+# shim_connect_ns ID: epoch ns of the last "connecting to shim ID" line in the containerd log,
+# i.e. when containerd, done unpacking the checkpoint, reached the restored task's shim.
+shim_connect_ns() {
+    python3 - "$CTD_LOG" "$1" <<'EOF'
+import datetime, re, sys
+last = None
+pat = re.compile(r'time="([0-9T:.\-]+)Z" .*msg="connecting to shim ' + re.escape(sys.argv[2]) + '"')
+for line in open(sys.argv[1], errors="replace"):
+    m = pat.search(line)
+    if m:
+        last = m.group(1)
+if last is None:
+    print(0)
+else:
+    base, _, frac = last.partition(".")
+    t = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    print(int(t.timestamp()) * 10**9 + int((frac + "000000000")[:9]))
+EOF
+}
+
 declare -A R
 
 # run_case LABEL RUNTIME: run memhog, checkpoint it, remove it, restore it, measure.
@@ -125,6 +145,12 @@ run_case() {
     R[$label.ttfr]=$(secs "$t0" "$t2")
     [[ $reply == PONG ]] || { R[$label.error]="unexpected reply '$reply'"; return 1; }
     ctd_log "[$label] first response after $(secs "$t0" "$t2") s; checking memory"
+    local tc
+    tc=$(shim_connect_ns "$id")
+    if [[ $tc != 0 ]]; then
+        R[$label.unpack]=$(secs "$t0" "$tc")
+        R[$label.shim_ttfr]=$(secs "$tc" "$t2")
+    fi
 
     t1=$(now_ns)
     reply=$(query "$pid" 600000 SUM) || { R[$label.error]="SUM failed after restore"; return 1; }
@@ -168,6 +194,8 @@ printf '%-44s %-22s %-22s\n' "" "lazy (distriproc)" "eager (runc shim)"
 printf '%-44s %-22s %-22s\n' "checkpoint (ctr c checkpoint --task) [s]" "$(v lazy.checkpoint)" "$(v eager.checkpoint)"
 printf '%-44s %-22s %-22s\n' "ctr c restore --live returned after [s]" "$(v lazy.restore_cmd)" "$(v eager.restore_cmd)"
 printf '%-44s %-22s %-22s\n' "time to first response (PONG) [s]" "$(v lazy.ttfr)" "$(v eager.ttfr)"
+printf '%-44s %-22s %-22s\n' "  containerd: unpack checkpoint, reach shim" "$(v lazy.unpack)" "$(v eager.unpack)"
+printf '%-44s %-22s %-22s\n' "  shim: restore until first response [s]" "$(v lazy.shim_ttfr)" "$(v eager.shim_ttfr)"
 printf '%-44s %-22s %-22s\n' "SUM over all memory after restore [s]" "$(v lazy.sum_time)" "$(v eager.sum_time)"
 printf '%-44s %-22s %-22s\n' "SUM == EXPECT" "$(v lazy.sum_ok)" "$(v eager.sum_ok)"
 printf '%-44s %-22s %-22s\n' "VERIFY" "$(v lazy.verify)" "$(v eager.verify)"
