@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetcher;
 pub mod io;
 pub mod lazy;
+pub mod oom;
 pub mod options;
 pub mod runc;
 pub mod service;

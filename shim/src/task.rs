@@ -218,6 +218,12 @@ impl TaskService {
             .remove(&pid)
     }
 
+    fn watch_oom(&self, id: &str, pid: u32) {
+        if let Err(e) = crate::oom::watch(id.to_owned(), pid, self.inner.events.clone()) {
+            warn!("no oom events for {id}: {e}");
+        }
+    }
+
     fn events(&self) -> &dyn EventSink {
         self.inner.events.as_ref()
     }
@@ -267,6 +273,9 @@ impl TaskService {
                 };
                 cs.insert(req.id.clone(), c);
                 send(self.events(), ev);
+                if pid > 0 {
+                    self.watch_oom(&req.id, pid);
+                }
                 Ok(CreateTaskResponse {
                     pid,
                     ..Default::default()
@@ -379,6 +388,7 @@ impl TaskService {
             }
             if let Some(plan) = c.restore.clone() {
                 self.restore(c, &plan).await?;
+                self.watch_oom(&req.id, c.init.pid);
             } else {
                 c.runc
                     .runc

@@ -543,3 +543,67 @@ fn lazy_memhog_ctd21() -> Result<()> {
 fn lazy_memhog_ctd17() -> Result<()> {
     lazy_memhog(CONTAINERD_1_7_DIR)
 }
+
+/// A container that exceeds its memory limit produces a /tasks/oom event.
+fn oom_event(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let events_out = ctd.dir().join("events.txt");
+    let mut events = std::process::Command::new(ctd.containerd_dir().join("ctr"))
+        .arg("-a")
+        .arg(ctd.socket())
+        .args(["-n", ctd.namespace(), "events"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&events_out)?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        "--memory-limit",
+        "33554432",
+        BUSYBOX_IMAGE,
+        "oom1",
+        "sh",
+        "-c",
+        "a=$(head -c 200000000 /dev/zero | tr '\\000' x); echo survived",
+    ]);
+    let seen = wait_for(
+        || {
+            std::fs::read_to_string(&events_out)
+                .map(|t| t.contains("/tasks/oom"))
+                .unwrap_or(false)
+        },
+        Duration::from_secs(20),
+    );
+    // Our own child, ended by pid.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(events.id())?),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = events.wait();
+    let out = out?;
+    ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("survived"),
+        "the memory limit did not apply"
+    );
+    ensure!(
+        seen,
+        "no /tasks/oom event; events:\n{}",
+        std::fs::read_to_string(&events_out).unwrap_or_default()
+    );
+    Ok(())
+}
+
+#[test]
+fn oom_event_ctd21() -> Result<()> {
+    oom_event(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn oom_event_ctd17() -> Result<()> {
+    oom_event(CONTAINERD_1_7_DIR)
+}
