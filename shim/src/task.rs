@@ -730,6 +730,11 @@ impl TaskService {
         if matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
             return Err(precondition(&req.id, "delete", c.init.status));
         }
+        if c.init.status == ProcStatus::Stopped {
+            // TaskDelete must follow TaskExit, which waits for the output to drain.
+            let mut rx = c.init.exited.subscribe();
+            let _ = tokio::time::timeout(IO_DRAIN_LIMIT * 2, rx.wait_for(|v| *v)).await;
+        }
         if c.restore.is_none() {
             let opts = DeleteOpts::new().force(true);
             if let Err(e) = c.runc.runc.delete(&req.id, Some(&opts)).await {

@@ -233,6 +233,57 @@ async fn lifecycle_create_start_kill_wait_delete() {
         ]
     );
 
+    // Delete right after the exit, before anyone waited: TaskExit still comes first.
+    let r = s
+        .task_create(CreateTaskRequest {
+            id: "c2".into(),
+            bundle: dir.path().display().to_string(),
+            options: MessageField::some(setup(dir.path()).2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.task_start(StartRequest {
+        id: "c2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(r.pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for _ in 0..500 {
+        let st = s
+            .task_state(StateRequest {
+                id: "c2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if st.status.value() == 3 {
+            break; // Status::STOPPED
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.task_delete(DeleteRequest {
+        id: "c2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let topics = ev.0.lock().unwrap().clone();
+    assert_eq!(
+        topics[4..],
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+
     // A restore that runc refuses: clear error naming runc's log and CRIU's restore.log.
     let dir2 = tempfile::tempdir().unwrap();
     let (s2, _ev2, any2) = setup(dir2.path());
