@@ -155,6 +155,7 @@ impl RuncClient {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global.args()).args(args);
         cmd.env_remove("NOTIFY_SOCKET");
+        log::debug!("run {:?}", cmd.as_std());
         match stdio {
             Some((i, o, e)) => {
                 cmd.stdin(i).stdout(o).stderr(e);
