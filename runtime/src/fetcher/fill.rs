@@ -257,6 +257,8 @@ fn install(
         &mut sc.pieces,
         Some(&sh.abort),
     );
+    t.log()
+        .end(b0, n, t.epoch.load(std::sync::atomic::Ordering::Acquire));
     let f = match r {
         Ok(f) => f,
         Err(e) => {
@@ -283,8 +285,13 @@ fn install(
 
 fn fill_once(sh: &Shared, t: &Task, sc: &mut Scratch) -> Result<bool, FetchError> {
     let claimed = {
+        let mut log = t.log();
         let space = t.space();
-        t.claim_next(&space, sh.batch)
+        let c = t.claim_next(&space, sh.batch);
+        if let Some((b0, n)) = c {
+            log.begin(b0, n);
+        }
+        c
     };
     let Some((b0, n)) = claimed else {
         return Ok(false);
@@ -323,7 +330,14 @@ fn profile_run(
             if sh.abort.load(Relaxed) || t.gone.load(Relaxed) {
                 return Ok(false);
             }
-            let n = t.claim(b + i, span - i, b + span);
+            let n = {
+                let mut log = t.log();
+                let n = t.claim(b + i, span - i, b + span);
+                if n > 0 {
+                    log.begin(b + i, n);
+                }
+                n
+            };
             if n == 0 {
                 i += 1;
                 continue;

@@ -68,10 +68,10 @@
 //!   after restore finished; the profile is then saved and the fill starts. A corrupt profile
 //!   is refused with a warning and a new one is recorded.
 //!
-//! Known gap: a fork child's bitmap is a snapshot of its parent's when the fork event is read;
-//! a page the fill installed in the parent between the fork and that moment counts as present
-//! in the child although it is not (the child's fault on it is still served; only its fill
-//! and poisoning skip it).
+//! Forks and the fill race: a fork child's bitmap is its parent's when the fork event is read,
+//! minus the runs a fill worker had in flight or finished since that read began
+//! (`Task::fork_bits`); the kernel holds off installs into the parent between the fork and
+//! the read (EAGAIN), so every page marked present in the child really is there.
 
 mod fill;
 mod prefetch;

@@ -8,7 +8,7 @@ use std::io::{self, IoSliceMut, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -256,6 +256,8 @@ struct Loop {
     replay: Option<Profile>,
     pieces: Vec<(u64, usize, usize)>,
     spans: Vec<Span>,
+    /// Epoch of the uffd read being handled (see `Task::fork_bits`).
+    read_epoch: u64,
     c: Arc<FetchCounters>,
     t0: Instant,
     deadline: Option<(Instant, &'static str, Duration)>,
@@ -377,6 +379,7 @@ impl Loop {
             replay,
             pieces: Vec::with_capacity(16),
             spans: Vec::with_capacity(2 * fa + 2),
+            read_epoch: 0,
             stopped: false,
             p,
         })
@@ -756,22 +759,26 @@ impl Loop {
                     self.batch = batch;
                     return Ok(());
                 }
-                Some(e) => match e.task.uffd.read_events(&mut self.evbuf) {
-                    Ok(it) => {
-                        // Unknown event types are skipped.
-                        batch.extend(it.flatten());
-                        false
+                Some(e) => {
+                    self.read_epoch = e.task.epoch.fetch_add(1, SeqCst) + 1;
+                    let r = e.task.uffd.read_events(&mut self.evbuf);
+                    match r {
+                        Ok(it) => {
+                            // Unknown event types are skipped.
+                            batch.extend(it.flatten());
+                            false
+                        }
+                        Err(userfaultfd::Error::ReadEof) => true,
+                        Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EBADF => true,
+                        Err(e) => {
+                            self.batch = batch;
+                            return Err(FetchError::Sys {
+                                what: "read a userfaultfd",
+                                source: io::Error::other(e),
+                            });
+                        }
                     }
-                    Err(userfaultfd::Error::ReadEof) => true,
-                    Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EBADF => true,
-                    Err(e) => {
-                        self.batch = batch;
-                        return Err(FetchError::Sys {
-                            what: "read a userfaultfd",
-                            source: io::Error::other(e),
-                        });
-                    }
-                },
+                }
             };
             if gone {
                 self.batch = batch;
@@ -829,7 +836,13 @@ impl Loop {
                 // The child's memory is the parent's as of the fork: what was installed there
                 // is present in the child too.
                 let p = &parent.task;
-                let child = Task::new(p.pid, uffd, p.space().clone(), p.bits.snapshot(), true);
+                let child = Task::new(
+                    p.pid,
+                    uffd,
+                    p.space().clone(),
+                    p.fork_bits(self.read_epoch),
+                    true,
+                );
                 self.c
                     .lazy_pages
                     .fetch_add(child.remaining.load(Relaxed), Relaxed);

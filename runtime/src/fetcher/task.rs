@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use libc::c_void;
 use userfaultfd::Uffd;
@@ -42,6 +42,40 @@ pub(crate) struct Fetched {
     pub done: usize,
 }
 
+/// Completed worker installs remembered for fork snapshots.
+const RECENT: usize = 64;
+
+/// The fill workers' runs of one task, for [`Task::fork_bits`]: the runs claimed and not
+/// finished, and the last [`RECENT`] finished ones with the read epoch at completion.
+#[derive(Debug)]
+pub(crate) struct InstallLog {
+    active: Vec<(usize, usize)>,
+    recent: [(u64, usize, usize); RECENT],
+    next: usize,
+    /// Largest completion epoch overwritten in `recent` (+1; 0 = none).
+    dropped: u64,
+}
+
+impl InstallLog {
+    /// Records a run claimed by a worker (call with the log locked around the claim).
+    pub fn begin(&mut self, b0: usize, n: usize) {
+        self.active.push((b0, n));
+    }
+
+    /// Records the end of a run claimed with [`InstallLog::begin`].
+    pub fn end(&mut self, b0: usize, n: usize, epoch: u64) {
+        if let Some(i) = self.active.iter().position(|&r| r == (b0, n)) {
+            self.active.swap_remove(i);
+        }
+        let old = self.recent[self.next];
+        if old.2 > 0 {
+            self.dropped = self.dropped.max(old.0 + 1);
+        }
+        self.recent[self.next] = (epoch, b0, n);
+        self.next = (self.next + 1) % RECENT;
+    }
+}
+
 pub(crate) struct Task {
     /// Virtual pid (the source's key); fork children share their parent's.
     pub pid: u32,
@@ -56,6 +90,9 @@ pub(crate) struct Task {
     pub gone: AtomicBool,
     /// Fill cursor (a bit index).
     cursor: AtomicUsize,
+    /// Incremented by the fault thread before each read of the uffd.
+    pub epoch: AtomicU64,
+    log: Mutex<InstallLog>,
 }
 
 impl Task {
@@ -70,7 +107,42 @@ impl Task {
             remaining: AtomicU64::new(clear),
             gone: AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            log: Mutex::new(InstallLog {
+                active: Vec::with_capacity(16),
+                recent: [(0, 0, 0); RECENT],
+                next: 0,
+                dropped: 0,
+            }),
         }
+    }
+
+    pub fn log(&self) -> MutexGuard<'_, InstallLog> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The bitmap of a child forked from this task, for a fork event read at `epoch`.
+    ///
+    /// A fork holds off installs into the parent (`UFFDIO_COPY` fails with EAGAIN) until the
+    /// event is read, so a page installed in the parent but absent from the child was installed
+    /// by a worker after that read began, or is still being installed. Those runs are cleared
+    /// in the child's copy (a later install there meets EEXIST where the page did exist). If
+    /// the log overflowed meanwhile, the child starts with everything unclaimed.
+    pub fn fork_bits(&self, epoch: u64) -> Bits {
+        let log = self.log();
+        let child = self.bits.snapshot();
+        if log.dropped > epoch {
+            return Bits::new(self.bits.len());
+        }
+        for &(b0, n) in &log.active {
+            child.release_run(b0, n);
+        }
+        for &(e, b0, n) in &log.recent {
+            if n > 0 && e >= epoch {
+                child.release_run(b0, n);
+            }
+        }
+        child
     }
 
     pub fn space(&self) -> RwLockReadGuard<'_, Space> {
@@ -357,4 +429,45 @@ pub(crate) fn poison(uffd: &Uffd, addr: u64, pages: u64) -> u64 {
         }
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_bits_leave_recent_worker_runs_unclaimed() {
+        let Ok(uffd) = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .user_mode_only(true)
+            .create()
+        else {
+            eprintln!("SKIP: userfaultfd unavailable");
+            return;
+        };
+        let (space, n) = Space::new(&[(0x10000, 0x10000 + 128 * PAGE_SIZE)]);
+        let t = Task::new(1, uffd, space, Bits::new(n), false);
+        // Installed long ago (before the fork): present in the child too.
+        assert_eq!(t.claim(0, 8, n), 8);
+        t.log().begin(0, 8);
+        t.log().end(0, 8, 1);
+        // In flight at the fork, and finished after the read of epoch 5 began.
+        assert_eq!(t.claim(20, 4, n), 4);
+        t.log().begin(20, 4);
+        assert_eq!(t.claim(40, 2, n), 2);
+        t.log().begin(40, 2);
+        t.log().end(40, 2, 5);
+        let c = t.fork_bits(5);
+        assert!((0..8).all(|b| c.test(b)));
+        assert!((20..24).chain(40..42).all(|b| !c.test(b)));
+        assert_eq!(c.count_clear(), 128 - 8);
+        assert_eq!(t.remaining.load(Relaxed), 128 - 14);
+        // An overflowing log makes the child start from scratch.
+        for i in 0..=RECENT {
+            t.log().begin(60 + i, 1);
+            t.log().end(60 + i, 1, 7);
+        }
+        assert_eq!(t.fork_bits(6).count_clear(), 128);
+        assert_eq!(t.fork_bits(9).count_clear(), 128 - 14 + 4);
+    }
 }
