@@ -193,6 +193,7 @@ impl Containerd {
             .clone()
             .or_else(|| std::env::var_os("DISTRIPROC_SHIM_BIN").map(PathBuf::from));
 
+        sweep_stale_dirs();
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let namespace = opts
             .namespace
@@ -637,6 +638,46 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     let _ = fs::remove_dir(dir);
+}
+
+/// Removes `/tmp/dpt.*` dirs left by test processes that were killed before their Drop ran:
+/// older than 10 minutes and named in no running process's command line (containerd's
+/// `--config`, the shims' `-address`, ctr's `-a` all carry the dir). Kills nothing.
+fn sweep_stale_dirs() {
+    let Ok(rd) = fs::read_dir("/tmp") else { return };
+    let stale: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("dpt."))
+        .map(|e| e.path())
+        .filter(|d| {
+            fs::metadata(d.join("config.toml"))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(600))
+        })
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let mut cmdlines = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(c) = fs::read(e.path().join("cmdline")) {
+                cmdlines.push(String::from_utf8_lossy(&c).into_owned());
+            }
+        }
+    }
+    for d in stale {
+        let name = format!("{}/", d.display());
+        if cmdlines.iter().any(|c| c.contains(&name)) {
+            continue;
+        }
+        unmount_under(&d);
+        if fs::remove_dir_all(&d).is_ok() {
+            eprintln!("harness: removed stale {}", d.display());
+        }
+    }
 }
 
 /// Lazily unmounts every mount point under `dir`, deepest first.
