@@ -116,14 +116,25 @@ fn start_criu(work: &Path, images: &Path) -> Result<Box<dyn LazySession>> {
         .arg(work)
         .args(["--daemon", "--pidfile"])
         .arg(&pidfile)
-        .args(["-o", "lazy-pages.log", "-v4"])
+        .arg("-o")
+        .arg(work.join("lazy-pages.log"))
+        .arg("-v4")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| ShimError::io("run criu lazy-pages for", images, e))?;
     let deadline = Instant::now() + CRIU_DAEMON_START;
-    while !(socket.exists() && pidfile.exists()) {
+    let read_pid = || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| *p > 0)
+    };
+    let pid = loop {
+        if let (true, Some(pid)) = (socket.exists(), read_pid()) {
+            break pid;
+        }
         if Instant::now() > deadline {
             return Err(ShimError::Other(format!(
                 "criu lazy-pages did not listen on {} within {:?} (see {})",
@@ -133,15 +144,23 @@ fn start_criu(work: &Path, images: &Path) -> Result<Box<dyn LazySession>> {
             )));
         }
         std::thread::sleep(Duration::from_millis(5));
-    }
-    let pid = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .unwrap_or(0);
+    };
     Ok(Box::new(CriuDaemon {
         pid,
         log: work.join("lazy-pages.log"),
     }))
+}
+
+/// The last "UFFD transferred pages: (n/m)" of a `criu lazy-pages` log.
+fn parse_transferred(log: &str) -> Option<(u64, u64)> {
+    let l = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("UFFD transferred pages:"))?;
+    let rest = l.split("UFFD transferred pages:").nth(1)?.trim();
+    let inner = rest.strip_prefix('(')?.split(')').next()?;
+    let (a, b) = inner.split_once('/')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
 struct CriuDaemon {
@@ -161,19 +180,7 @@ impl CriuDaemon {
     /// `{"mode":"criu","pages_transferred":n,"pages_total":m}` from the daemon's log.
     fn stats(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // "UFFD transferred pages: (n/m)"
-        let (mut n, mut m) = (0u64, 0u64);
-        if let Some(l) = text
-            .lines()
-            .rev()
-            .find(|l| l.contains("UFFD transferred pages"))
-        {
-            if let Some(inner) = l.split('(').nth(1).and_then(|r| r.split(')').next()) {
-                let mut it = inner.split('/');
-                n = it.next().and_then(|x| x.trim().parse().ok()).unwrap_or(0);
-                m = it.next().and_then(|x| x.trim().parse().ok()).unwrap_or(0);
-            }
-        }
+        let (n, m) = parse_transferred(&text).unwrap_or((0, 0));
         format!(
             "{{\"mode\":\"criu\",\"pages_transferred\":{n},\"pages_total\":{m},\"finished\":{}}}",
             !self.alive()
@@ -213,6 +220,14 @@ mod tests {
         let inner = std::io::Error::other("inner");
         let e = ShimError::io("open", "/x", inner);
         assert_eq!(chain(&e), "open /x: inner: inner");
+    }
+
+    #[test]
+    fn criu_log_transferred_pages() {
+        let log = "(00.1) uffd: 1-12: uffd_copy: 0x7fff/12288\n\
+                   (00.179580) uffd: 1-12: UFFD transferred pages: (8/8)\n";
+        assert_eq!(parse_transferred(log), Some((8, 8)));
+        assert_eq!(parse_transferred("(00.1) nothing"), None);
     }
 
     #[test]
