@@ -374,3 +374,94 @@ fn stop_poisons_what_was_never_installed() {
     // Installed pages are still fine.
     assert_eq!(region.read(3), page_byte(3));
 }
+
+/// A source that takes `delay` per read and counts how many reads overlap.
+struct SlowSource {
+    inner: LocalImages,
+    delay: Duration,
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl distriproc_runtime::source::PageSource for SlowSource {
+    fn read_pages(
+        &self,
+        pid: u32,
+        vaddr: u64,
+        buf: &mut [u8],
+    ) -> Result<distriproc_runtime::source::PageRead, distriproc_runtime::source::SourceError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.max.fetch_max(n, SeqCst);
+        std::thread::sleep(self.delay);
+        let r = self.inner.read_pages(pid, vaddr, buf);
+        self.now.fetch_sub(1, SeqCst);
+        r
+    }
+}
+
+/// Four threads fault at once on a slow source: with fault helpers their reads overlap, with
+/// the fault thread alone they are served one after the other. Data is right either way.
+#[test]
+fn fault_helpers_serve_concurrent_faults_in_parallel() {
+    if !uffd_available() {
+        return;
+    }
+    for helpers in [4usize, 1] {
+        let region = Region::new();
+        let img = tempfile::tempdir().unwrap();
+        write_images(img.path(), region.base(), &[PID]);
+        let src = Arc::new(SlowSource {
+            inner: LocalImages::open(img.path()).unwrap(),
+            delay: Duration::from_millis(40),
+            now: Default::default(),
+            max: Default::default(),
+        });
+        let mut o = quick(FillPolicy::None);
+        o.fault_around_pages = 1;
+        o.prefetch_max_pages = 0;
+        o.fault_threads = helpers;
+        let h = LazyPagesServer::bind(img.path(), img.path(), src.clone(), o)
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let uffd = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(true)
+            .create()
+            .unwrap();
+        uffd.register(region.ptr.cast(), PAGES * 4096).unwrap();
+        let s = UnixStream::connect(img.path().join("lazy-pages.socket")).unwrap();
+        send_task(&s, i32::try_from(PID).unwrap(), &uffd);
+        drop(uffd);
+        (&s).write_all(&RESTORE_FINISHED.to_le_bytes()).unwrap();
+        let base = usize::try_from(region.base()).unwrap();
+        let t0 = Instant::now();
+        let threads: Vec<_> = [12usize, 24, 36, 48]
+            .into_iter()
+            .map(|p| {
+                std::thread::spawn(move || {
+                    // SAFETY: inside the test's mapping; the fetcher serves the fault.
+                    unsafe { std::ptr::read_volatile((base + p * 4096 + 5) as *const u8) }
+                })
+            })
+            .collect();
+        for (t, p) in threads.into_iter().zip([12usize, 24, 36, 48]) {
+            assert_eq!(t.join().unwrap(), page_byte(p));
+        }
+        let took = t0.elapsed();
+        let max = src.max.load(std::sync::atomic::Ordering::SeqCst);
+        eprintln!(
+            "fault_threads={helpers}: 4 concurrent faults took {took:?}, {max} reads overlapped"
+        );
+        if helpers > 1 {
+            assert!(max >= 2, "reads did not overlap with {helpers} helpers");
+        } else {
+            assert_eq!(max, 1);
+        }
+        h.stop();
+        let st = h.wait().unwrap();
+        assert_eq!(st.pages_faulted, 4, "{st:?}");
+    }
+}

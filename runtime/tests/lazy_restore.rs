@@ -484,7 +484,8 @@ fn sequential_scan_prefetch() -> Result<()> {
 }
 
 /// Fill workers and demand faults at once: two processes, four threads checking pages
-/// continuously, a VERIFY scan racing the background fill (two fill threads, small batches).
+/// continuously, a VERIFY scan racing the background fill (two fill threads, small batches);
+/// the same images restored again with three fault helper threads.
 #[test]
 fn fill_races_multithreaded_faults() -> Result<()> {
     if !ready() {
@@ -492,30 +493,37 @@ fn fill_races_multithreaded_faults() -> Result<()> {
     }
     let port = 17221;
     let (dir, img, pids) = dumped("race", port, 96, 2, 4)?;
-    let opts = FetcherOptions {
-        fill: FillPolicy::Full,
-        fill_threads: 2,
-        fill_batch_pages: 64,
-        ..Default::default()
-    };
-    let mut r = restore_images("race", &img, &dir.join("work"), pids, opts)?;
-    let q = std::thread::spawn(move || -> Result<()> {
+    for fault_threads in [1usize, 3] {
+        let opts = FetcherOptions {
+            fill: FillPolicy::Full,
+            fill_threads: 2,
+            fill_batch_pages: 64,
+            fault_threads,
+            ..Default::default()
+        };
+        let name = format!("race-{fault_threads}");
+        let work = dir.join(format!("work{fault_threads}"));
+        let mut r = restore_images(&name, &img, &work, pids.clone(), opts)?;
+        let q = std::thread::spawn(move || -> Result<()> {
+            verify(port + 1)?;
+            Ok(())
+        });
+        verify(port)?;
+        q.join()
+            .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
+        let s = r.wait()?;
+        report(&name, &s);
+        ensure!(s.tasks == 2, "{s:?}");
+        ensure!(s.faults > 0 && s.pages_filled > 0, "{s:?}");
+        ensure!(
+            installed(&s) == s.lazy_pages,
+            "pages lost or counted twice: {s:?}"
+        );
+        verify(port)?;
         verify(port + 1)?;
-        Ok(())
-    });
-    verify(port)?;
-    q.join()
-        .map_err(|_| anyhow::anyhow!("query thread panicked"))??;
-    let s = r.wait()?;
-    report("race", &s);
-    ensure!(s.tasks == 2, "{s:?}");
-    ensure!(s.faults > 0 && s.pages_filled > 0, "{s:?}");
-    ensure!(
-        installed(&s) == s.lazy_pages,
-        "pages lost or counted twice: {s:?}"
-    );
-    verify(port)?;
-    verify(port + 1)?;
+        drop(r);
+        wait_gone(&pids, T)?;
+    }
     Ok(())
 }
 

@@ -46,7 +46,9 @@
 //! `fill_threads` fill workers (`fill.rs`) install everything else: first the runs of a replayed
 //! working-set profile, then the background fill, in `fill_batch_pages` runs claimed in the
 //! task's bitmap, each read from the source in one call and installed with one `UFFDIO_COPY`
-//! per contiguous piece (DONTWAKE, then one wake). So a demand fault never waits behind a fill
+//! per contiguous piece (DONTWAKE, then one wake). With `fault_threads > 1` the fault thread
+//! only reads the uffds and applies events, and fault helpers (`fault.rs`) serve the faults,
+//! several at once (for a remote source, where each fault waits for a round trip). So a demand fault never waits behind a fill
 //! batch or a slow source read of the fill; the workers read-lock a task's layout only while
 //! installing. Every lazy page has one bit: whoever claims it installs it, so fill, prefetch and
 //! faults do not duplicate work (a faulting page is installed by the fault thread regardless;
@@ -73,6 +75,7 @@
 //! (`Task::fork_bits`); the kernel holds off installs into the parent between the fork and
 //! the read (EAGAIN), so every page marked present in the child really is there.
 
+mod fault;
 mod fill;
 mod prefetch;
 mod server;
@@ -103,6 +106,8 @@ pub const MAX_FAULT_AROUND_PAGES: usize = 512;
 pub const MAX_PREFETCH_PAGES: usize = 2048;
 /// Upper bound of `fill_threads`.
 pub const MAX_FILL_THREADS: usize = 16;
+/// Upper bound of `fault_threads`.
+pub const MAX_FAULT_THREADS: usize = 16;
 
 /// Fetcher tuning.
 #[derive(Debug, Clone)]
@@ -112,8 +117,13 @@ pub struct FetcherOptions {
     pub fill: FillPolicy,
     /// Pages per background-fill run (1..=[`MAX_FILL_BATCH_PAGES`]).
     pub fill_batch_pages: usize,
-    /// Fill worker threads (1..=[`MAX_FILL_THREADS`]).
+    /// Fill worker threads (1..=[`MAX_FILL_THREADS`]); with a remote source more workers keep
+    /// more requests in flight.
     pub fill_threads: usize,
+    /// Threads serving demand faults (1..=[`MAX_FAULT_THREADS`]): 1 serves them on the fault
+    /// thread itself (best for a local source: no hand-off); more hand them to helper threads
+    /// so that the faults of several threads are served concurrently (a remote source).
+    pub fault_threads: usize,
     /// Aligned window installed around a random fault, in pages (power of two, 1 = off).
     pub fault_around_pages: usize,
     /// Largest window of the sequential/stride prefetch, in pages: 0 turns detection off (only
@@ -139,6 +149,7 @@ impl Default for FetcherOptions {
             fill: FillPolicy::Full,
             fill_batch_pages: 256,
             fill_threads: 2,
+            fault_threads: 1,
             fault_around_pages: 16,
             prefetch_max_pages: 256,
             profile_dir: PathBuf::from(crate::profile::DEFAULT_PROFILE_DIR),
@@ -175,6 +186,9 @@ impl FetcherOptions {
         }
         if self.fill_threads == 0 || self.fill_threads > MAX_FILL_THREADS {
             return bad("fill_threads", self.fill_threads);
+        }
+        if self.fault_threads == 0 || self.fault_threads > MAX_FAULT_THREADS {
+            return bad("fault_threads", self.fault_threads);
         }
         let p = self.prefetch_max_pages;
         if p != 0 && (!p.is_power_of_two() || p < self.fault_around_pages || p > MAX_PREFETCH_PAGES)

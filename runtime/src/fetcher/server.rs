@@ -19,12 +19,12 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
+use super::fault::{self, FaultShared, Helpers, Recording, Scratch, Served};
 use super::fill::Pool;
-use super::prefetch::{Detector, Plan};
 use super::space::{lazy_ranges, Bits, Space};
-use super::task::{fetch_bits, poison, uffd_err, zero_run, Install, Task, PAGE};
+use super::task::{poison, Task, PAGE};
 use super::{FetchError, FetcherOptions, LAZY_PAGES_SOCKET, RESTORE_FINISHED};
-use crate::images::{ImageDir, PAGE_SIZE};
+use crate::images::ImageDir;
 use crate::profile::{checkpoint_key, Profile, Recorder};
 use crate::source::PageSource;
 use crate::stats::{FetchCounters, ProfileState};
@@ -220,20 +220,6 @@ enum Conn {
 
 struct Entry {
     task: Arc<Task>,
-    det: Detector,
-}
-
-/// A piece of a prefetch window: lazy bits `[lo, hi)` of one iov, or a hole `(address, pages)`.
-#[derive(Debug, Clone, Copy)]
-enum Span {
-    Bits(usize, usize),
-    Zero(u64, u64),
-}
-
-/// Profile recording (policy `profile` without a usable profile).
-struct Recording {
-    key: String,
-    rec: Recorder,
 }
 
 struct Loop {
@@ -252,10 +238,10 @@ struct Loop {
     fill_on: bool,
     /// End of the profile window (restore finished + `profile_window`), once known.
     window_end: Option<Instant>,
-    recording: Option<Recording>,
     replay: Option<Profile>,
-    pieces: Vec<(u64, usize, usize)>,
-    spans: Vec<Span>,
+    fs: Arc<FaultShared>,
+    sc: Scratch,
+    helpers: Option<Helpers>,
     /// Epoch of the uffd read being handled (see `Task::fork_bits`).
     read_epoch: u64,
     c: Arc<FetchCounters>,
@@ -266,7 +252,6 @@ struct Loop {
     faults: Vec<(u64, Instant)>,
     deferred: Vec<(usize, u64, Instant)>,
     deferred_spare: Vec<(usize, u64, Instant)>,
-    fault_buf: Vec<u8>,
     last_probe: Instant,
     stopped: bool,
 }
@@ -349,6 +334,25 @@ impl Loop {
                 (None, Some(prof))
             }
         };
+        let fs = Arc::new(FaultShared::new(
+            p.source.clone(),
+            c.clone(),
+            p.opts.fault_around_pages.max(1) as u64,
+            p.opts.prefetch_max_pages as u64,
+            replay.is_some(),
+            recording,
+            t0,
+        ));
+        let helpers = if p.opts.fault_threads > 1 {
+            Some(Helpers::new(
+                p.opts.fault_threads,
+                fs.clone(),
+                notify.clone(),
+                fa,
+            )?)
+        } else {
+            None
+        };
         Ok(Loop {
             epoll,
             _stop: stop,
@@ -369,16 +373,15 @@ impl Loop {
             faults: Vec::with_capacity(EVENT_BATCH),
             deferred: Vec::with_capacity(EVENT_BATCH),
             deferred_spare: Vec::with_capacity(EVENT_BATCH),
-            fault_buf: vec![0; fa * PAGE],
             last_probe: Instant::now(),
             pool,
             notify,
             fill_on: false,
             window_end: None,
-            recording,
             replay,
-            pieces: Vec::with_capacity(16),
-            spans: Vec::with_capacity(2 * fa + 2),
+            fs,
+            sc: Scratch::new(fa),
+            helpers,
             read_epoch: 0,
             stopped: false,
             p,
@@ -396,11 +399,6 @@ impl Loop {
             .any(|e| e.task.remaining.load(Relaxed) > 0)
     }
 
-    /// Whether demand faults count as profile misses now (replay, inside the window).
-    fn in_window(&self) -> bool {
-        self.replay.is_some() && self.window_end.is_none_or(|w| Instant::now() < w)
-    }
-
     /// Starts the profile prefetch and the fill when their time has come.
     fn update_policy(&mut self) {
         if !self.finished {
@@ -408,19 +406,21 @@ impl Loop {
         }
         let now = Instant::now();
         if self.window_end.is_none() {
-            self.window_end = Some(now + self.p.opts.profile_window);
+            let end = now + self.p.opts.profile_window;
+            self.window_end = Some(end);
+            self.fs.set_window_end(end);
             if let Some(p) = &self.replay {
                 self.pool.push_profile(&p.runs);
             }
         }
-        if self.recording.is_some() && self.window_end.is_some_and(|w| now >= w) {
+        if self.fs.is_recording() && self.window_end.is_some_and(|w| now >= w) {
             self.save_profile();
         }
         if !self.fill_on {
             let on = match self.p.opts.fill {
                 FillPolicy::None => false,
                 FillPolicy::Full => true,
-                FillPolicy::Profile => self.recording.is_none(),
+                FillPolicy::Profile => !self.fs.is_recording(),
             };
             if on {
                 self.fill_on = true;
@@ -430,7 +430,7 @@ impl Loop {
     }
 
     fn save_profile(&mut self) {
-        let Some(r) = self.recording.take() else {
+        let Some(r) = self.fs.take_recording() else {
             return;
         };
         let pages = r.rec.pages();
@@ -471,7 +471,7 @@ impl Loop {
                     let left = at.saturating_duration_since(now);
                     wait = Some(wait.map_or(left, |w| w.min(left)));
                 }
-                if let (Some(_), Some(at)) = (&self.recording, self.window_end) {
+                if let (true, Some(at)) = (self.fs.is_recording(), self.window_end) {
                     let left = at.saturating_duration_since(now);
                     wait = Some(wait.map_or(left, |w| w.min(left)));
                 }
@@ -503,6 +503,9 @@ impl Loop {
                     TOKEN_FILL => {
                         self.notify.drain();
                         if let Some(e) = self.pool.take_error() {
+                            return Err(e);
+                        }
+                        if let Some(e) = self.helpers.as_ref().and_then(Helpers::take_error) {
                             return Err(e);
                         }
                         for slot in 0..self.tasks.len() {
@@ -732,10 +735,7 @@ impl Loop {
             .map_err(sys("epoll_ctl"))?;
         let task = Arc::new(t);
         self.pool.add_task(task.clone());
-        self.tasks.push(Some(Entry {
-            task,
-            det: Detector::default(),
-        }));
+        self.tasks.push(Some(Entry { task }));
         self.c.tasks.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -868,214 +868,23 @@ impl Loop {
         Ok(())
     }
 
-    /// Serves one fault: the faulting page first (woken at once), then the prefetch plan.
-    /// On EAGAIN the fault is queued and retried after the events are drained.
+    /// Serves one fault (or hands it to a helper); on EAGAIN it is queued and retried after
+    /// the events are drained.
     fn serve(&mut self, slot: usize, addr: u64, t0: Instant) -> Result<(), FetchError> {
-        let page = addr & !(PAGE_SIZE - 1);
         let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) else {
             return Ok(());
         };
         let task = e.task.clone();
-        let found = {
-            let sp = task.space();
-            sp.lookup(page).map(|k| sp.bit_of(k, page))
-        };
-        let Some(bit) = found else {
-            let (r, n) = zero_run(&task.uffd, page, 1, true, &self.c)
-                .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", task.pid, page, e))?;
-            self.c.zero_pages.fetch_add(n, Relaxed);
-            match r {
-                Install::Done => record_latency(&self.c, t0),
-                Install::Vanished => {
-                    let _ = task.uffd.wake(page as *mut c_void, PAGE);
-                }
-                Install::Again => self.deferred.push((slot, addr, t0)),
-                Install::Gone => self.task_gone(slot),
-            }
+        if let Some(h) = &self.helpers {
+            h.push(task, addr, t0);
             return Ok(());
-        };
-        // The faulting page is installed even when someone else claimed it (it may be mid-copy
-        // on a fill worker); EEXIST then just wakes the thread.
-        let newly = task.claim(bit, 1, bit + 1) == 1;
-        let f = fetch_bits(
-            &task,
-            &*self.p.source,
-            &mut self.fault_buf,
-            &self.c,
-            bit,
-            1,
-            true,
-            &mut self.pieces,
-            None,
-        )?;
-        match f.outcome {
-            Install::Again => {
-                if newly {
-                    task.release(bit, 1);
-                }
-                self.deferred.push((slot, addr, t0));
-                return Ok(());
-            }
-            Install::Gone => {
-                self.task_gone(slot);
-                return Ok(());
-            }
-            Install::Vanished => {
-                // Unmapped under us: let the thread retry its access.
-                let _ = task.uffd.wake(page as *mut c_void, PAGE);
-            }
-            Install::Done => {}
         }
-        self.c.pages_faulted.fetch_add(f.installed, Relaxed);
-        if self.in_window() {
-            self.c.profile_misses.fetch_add(f.installed, Relaxed);
-        }
-        if newly {
-            self.record(&task, bit, 1);
-        }
-        record_latency(&self.c, t0);
-        // Prefetch around the fault, after the faulting thread was woken.
-        let around = self.p.opts.fault_around_pages.max(1) as u64;
-        let max = self.p.opts.prefetch_max_pages as u64;
-        let plan = match self.tasks.get_mut(slot).and_then(Option::as_mut) {
-            Some(e) => e.det.on_fault(page, around, max),
-            None => return Ok(()),
-        };
-        let gone = match plan {
-            Plan::Window { start, pages } => {
-                // The window may span several iovs; the holes between them (pages never dumped,
-                // or dropped) get zero pages, as a fault there would (ENOENT where nothing is
-                // registered).
-                let end = start + pages * PAGE_SIZE;
-                let mut spans = std::mem::take(&mut self.spans);
-                spans.clear();
-                {
-                    let sp = task.space();
-                    let mut i = sp.iovs.partition_point(|v| v.end <= start);
-                    let mut prev: Option<u64> = None;
-                    while i < sp.iovs.len() && sp.iovs[i].start < end {
-                        let iov = sp.iovs[i];
-                        if let Some(pe) = prev.filter(|&pe| pe < iov.start) {
-                            spans.push(Span::Zero(pe, (iov.start - pe) / PAGE_SIZE));
-                        }
-                        let (a, z) = (start.max(iov.start), end.min(iov.end));
-                        let b = sp.bit_of(i, a);
-                        spans.push(Span::Bits(b, b + ((z - a) / PAGE_SIZE) as usize));
-                        prev = Some(iov.end);
-                        i += 1;
-                    }
-                }
-                let mut gone = false;
-                let mut r = Ok(());
-                for &span in &spans {
-                    let g = match span {
-                        Span::Bits(lo, hi) => match self.prefetch_bits(&task, lo, hi) {
-                            Ok(g) => g,
-                            Err(e) => {
-                                r = Err(e);
-                                break;
-                            }
-                        },
-                        Span::Zero(addr, n) => match zero_run(&task.uffd, addr, n, true, &self.c) {
-                            Ok((res, k)) => {
-                                self.c.zero_pages.fetch_add(k, Relaxed);
-                                res == Install::Gone
-                            }
-                            Err(e) => {
-                                r = Err(uffd_err("UFFDIO_ZEROPAGE", task.pid, addr, e));
-                                break;
-                            }
-                        },
-                    };
-                    if g {
-                        gone = true;
-                        break;
-                    }
-                }
-                self.spans = spans;
-                r?;
-                gone
-            }
-            Plan::Stride {
-                first,
-                stride,
-                count,
-            } => {
-                let mut gone = false;
-                for i in 0..count {
-                    let a = first.wrapping_add((stride * i as i64) as u64);
-                    let b = {
-                        let sp = task.space();
-                        sp.lookup(a).map(|k| sp.bit_of(k, a))
-                    };
-                    if let Some(b) = b {
-                        if self.prefetch_bits(&task, b, b + 1)? {
-                            gone = true;
-                            break;
-                        }
-                    }
-                }
-                gone
-            }
-        };
-        if gone {
-            self.task_gone(slot);
+        match fault::serve(&self.fs, &task, addr, t0, &mut self.sc)? {
+            Served::Done => {}
+            Served::Again => self.deferred.push((slot, addr, t0)),
+            Served::Gone => self.task_gone(slot),
         }
         Ok(())
-    }
-
-    /// Installs the unclaimed pages among bits `[lo, hi)` (one current iov). True if the task
-    /// is gone.
-    fn prefetch_bits(&mut self, task: &Task, lo: usize, hi: usize) -> Result<bool, FetchError> {
-        let mut b = lo;
-        while b < hi {
-            let n = task.claim(b, hi - b, hi);
-            if n == 0 {
-                b += 1;
-                continue;
-            }
-            let f = fetch_bits(
-                task,
-                &*self.p.source,
-                &mut self.fault_buf,
-                &self.c,
-                b,
-                n,
-                true,
-                &mut self.pieces,
-                None,
-            )?;
-            self.c.pages_prefetched.fetch_add(f.installed, Relaxed);
-            self.record(task, b, f.done);
-            match f.outcome {
-                Install::Done | Install::Vanished => {}
-                Install::Again => {
-                    // Events are pending: leave the rest to later faults or the fill.
-                    task.release(b + f.done, n - f.done);
-                    return Ok(false);
-                }
-                Install::Gone => return Ok(true),
-            }
-            b += n;
-        }
-        Ok(false)
-    }
-
-    /// Appends bits to the profile being recorded (the demand-touched set, with its prefetch).
-    fn record(&mut self, task: &Task, b: usize, n: usize) {
-        if n == 0 || task.forked {
-            return;
-        }
-        let Some(r) = self.recording.as_mut() else {
-            return;
-        };
-        if self.window_end.is_some_and(|w| Instant::now() >= w) {
-            return;
-        }
-        let img = task.space().img_of(b);
-        r.rec
-            .push(task.pid, img, u32::try_from(n).unwrap_or(u32::MAX));
-        self.c.profile_pages.store(r.rec.pages(), Relaxed);
     }
 
     fn retry_deferred(&mut self) -> Result<(), FetchError> {
@@ -1117,6 +926,9 @@ impl Loop {
     /// poisons what was never installed.
     fn finish(&mut self, r: &Result<(), FetchError>) {
         let abnormal = r.is_err() || self.stopped;
+        if let Some(h) = self.helpers.as_mut() {
+            h.shutdown();
+        }
         self.pool.shutdown(abnormal);
         if !abnormal {
             self.save_profile();
@@ -1156,11 +968,6 @@ impl Loop {
             "lazy-pages fetcher finished"
         );
     }
-}
-
-fn record_latency(c: &FetchCounters, t0: Instant) {
-    c.fault_latency
-        .record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
 }
 
 fn set_nonblocking(fd: &impl AsFd) -> Result<(), FetchError> {

@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use libc::c_void;
 use userfaultfd::Uffd;
 
+use super::prefetch::Detector;
 use super::space::{Bits, Space};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
@@ -93,6 +94,8 @@ pub(crate) struct Task {
     /// Incremented by the fault thread before each read of the uffd.
     pub epoch: AtomicU64,
     log: Mutex<InstallLog>,
+    /// Access-pattern detector of the fault path.
+    det: Mutex<Detector>,
 }
 
 impl Task {
@@ -108,6 +111,7 @@ impl Task {
             gone: AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
+            det: Mutex::new(Detector::default()),
             log: Mutex::new(InstallLog {
                 active: Vec::with_capacity(16),
                 recent: [(0, 0, 0); RECENT],
@@ -115,6 +119,10 @@ impl Task {
                 dropped: 0,
             }),
         }
+    }
+
+    pub fn detector(&self) -> MutexGuard<'_, Detector> {
+        self.det.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn log(&self) -> MutexGuard<'_, InstallLog> {
