@@ -359,6 +359,33 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
     wait_status(&ctd, "k1r", "STOPPED")?;
     ctd.ctr_ok(&["tasks", "rm", "k1r"])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k2"])?;
+
+    // containerd 2.x passes `ctr t checkpoint` options to any runtime: --exit and
+    // --image-path reach the shim (1.x drops them for non-runc runtimes).
+    if ctd.version().starts_with('2') {
+        ctd.ctr_ok(
+            &[
+                &["run", "-d"][..],
+                &rt,
+                &[BUSYBOX_IMAGE, "k3", "sleep", "1000"],
+            ]
+            .concat(),
+        )?;
+        wait_status(&ctd, "k3", "RUNNING")?;
+        let img = ctd.dir().join("k3-images");
+        let img_s = img.display().to_string();
+        ctd.ctr_ok(&[
+            "tasks",
+            "checkpoint",
+            "--exit",
+            "--image-path",
+            &img_s,
+            "k3",
+        ])?;
+        ensure!(img.join("inventory.img").is_file(), "no images in {img_s}");
+        wait_status(&ctd, "k3", "STOPPED")?;
+        ctd.ctr_ok(&["tasks", "rm", "k3"])?;
+    }
     Ok(())
 }
 
