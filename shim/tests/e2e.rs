@@ -663,3 +663,66 @@ fn oom_event_ctd21() -> Result<()> {
 fn oom_event_ctd17() -> Result<()> {
     oom_event(CONTAINERD_1_7_DIR)
 }
+
+/// containerd loses the shim (killed by us, by pid): it runs `<shim> delete`, which
+/// force-deletes the runc container and unmounts the rootfs.
+fn shim_killed(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        BUSYBOX_IMAGE,
+        "s1",
+        "sleep",
+        "1000",
+    ])?;
+    wait_status(&ctd, "s1", "RUNNING")?;
+    let task_pid = ctd.task_pid("s1")?;
+    let shims = ctd.shim_pids();
+    ensure!(shims.len() == 1, "expected one shim, found {shims:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(shims[0])?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let gone = wait_for(
+        || !Path::new(&format!("/proc/{task_pid}")).exists(),
+        Duration::from_secs(30),
+    );
+    ensure!(
+        gone,
+        "container process {task_pid} survived its shim; log:\n{}",
+        ctd.log_tail(30)
+    );
+    let root = format!("/run/containerd/runc/{}", ctd.namespace());
+    let list = std::process::Command::new("runc")
+        .args(["--root", &root, "list", "-q"])
+        .output()?;
+    ensure!(
+        !String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .any(|l| l == "s1"),
+        "runc still knows s1"
+    );
+    ensure!(
+        !ctd.bundle_dir("s1").join("rootfs/bin").exists(),
+        "rootfs still mounted"
+    );
+    // The container record is still there and can be removed.
+    let _ = ctd.ctr(&["tasks", "rm", "s1"]);
+    ctd.ctr_ok(&["containers", "rm", "s1"])?;
+    Ok(())
+}
+
+#[test]
+fn shim_killed_ctd21() -> Result<()> {
+    shim_killed(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn shim_killed_ctd17() -> Result<()> {
+    shim_killed(CONTAINERD_1_7_DIR)
+}
