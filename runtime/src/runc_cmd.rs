@@ -374,7 +374,12 @@ mod tests {
             });
         let v = s(a.args("id"));
         assert_eq!(v.last().map(String::as_str), Some("id"));
-        for flag in ["--console-socket", "--lazy-pages", "--no-pivot", "--shell-job"] {
+        for flag in [
+            "--console-socket",
+            "--lazy-pages",
+            "--no-pivot",
+            "--shell-job",
+        ] {
             assert!(v.iter().any(|x| x == flag), "{flag} missing from {v:?}");
         }
         let i = v.iter().position(|x| x == "--console-socket").unwrap();
