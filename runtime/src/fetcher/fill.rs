@@ -6,7 +6,7 @@
 //! round-robin over the tasks in `fill_batch_pages` runs claimed in the shared bitmap. Each run
 //! is read from the source in one call and installed with one `UFFDIO_COPY` per contiguous
 //! piece (DONTWAKE, then one wake per piece). Workers report to the fault thread through an
-//! eventfd: an error, a task that went away, a task whose fill is complete, the profile done.
+//! eventfd: an error, a task that went away, a task with nothing left to claim.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -220,9 +220,8 @@ fn worker(sh: &Shared) {
                 true
             }
             Ok(again) => {
-                let tell = t.gone.load(Relaxed)
-                    || t.remaining.load(Relaxed) == 0
-                    || (st.busy == 0 && st.profile.is_empty());
+                // The fault thread re-checks for completion or reaps the task.
+                let tell = t.gone.load(Relaxed) || t.remaining.load(Relaxed) == 0;
                 if again {
                     drop(st);
                     std::thread::sleep(AGAIN_PAUSE);
