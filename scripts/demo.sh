@@ -25,6 +25,8 @@ export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$PWD/target/release/containerd
 export CTD_NS=demo-$$
 MEMHOG=$PWD/test-images/out/memhog
 IMAGE=localhost/distriproc/memhog:latest
+STATS_COPY=/tmp/distriproc-demo-lazy-stats.json
+rm -f "$STATS_COPY"
 
 # shellcheck source=scripts/lib-containerd.sh
 . scripts/lib-containerd.sh
@@ -167,10 +169,20 @@ run_case() {
             [[ $(stat_field "$f" fill_complete_us) != - ]] && break
             sleep 0.2
         done
-        R[$label.stats]=$f
-        [[ -f $f ]] && cp "$f" "/tmp/distriproc-demo-lazy-stats.json"
+        if [[ -f $f ]]; then
+            cp "$f" "$STATS_COPY"
+            R[$label.stats]=$STATS_COPY
+        fi
     fi
     ctd_log "[$label] done: SUM matches EXPECT: ${R[$label.sum_ok]}; VERIFY: ${R[$label.verify]}"
+    # Free the memory before the next case.
+    ctr_t 60 tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    for _ in $(seq 1 100); do
+        [[ $(task_status "$id") == STOPPED || -z $(task_status "$id") ]] && break
+        sleep 0.1
+    done
+    ctr_t 60 tasks rm -f "$id" >/dev/null 2>&1 || true
+    ctr_t 60 containers rm "$id" >/dev/null 2>&1 || true
 }
 
 ctd_start
@@ -209,6 +221,6 @@ done
 for c in lazy eager; do
     [[ -n ${R[$c.error]:-} ]] && echo "$c: FAILED: ${R[$c.error]}"
 done
-[[ -f /tmp/distriproc-demo-lazy-stats.json ]] && echo "lazy stats: /tmp/distriproc-demo-lazy-stats.json"
+[[ -f $STATS_COPY ]] && echo "lazy stats: $STATS_COPY"
 echo "Note: both restores include containerd untarring the checkpoint (all $MIB MiB of pages) into a temp dir before the shim runs."
 exit $status

@@ -98,7 +98,7 @@ EOF
 ctd_shim_pids() {
     local p
     for p in /proc/[0-9]*; do
-        if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "-address $CTD_SOCK "; then
+        if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "-address $CTD_SOCK "; then
             echo "${p#/proc/}"
         fi
     done
