@@ -53,8 +53,8 @@ pub enum ShimError {
         detail: String,
         log: PathBuf,
     },
-    /// A restore failed; `log` is CRIU's restore.log.
-    #[error("restore of {id} failed: {detail} (criu log: {})", log.display())]
+    /// A restore failed; `log` is CRIU's restore.log (named only if CRIU got to write it).
+    #[error("restore of {id} failed: {detail}{}", log_hint(log))]
     Restore {
         id: String,
         detail: String,
@@ -74,6 +74,14 @@ pub enum ShimError {
     /// Anything else, already phrased.
     #[error("{0}")]
     Other(String),
+}
+
+fn log_hint(log: &std::path::Path) -> String {
+    if log.exists() {
+        format!(" (criu log: {})", log.display())
+    } else {
+        String::new()
+    }
 }
 
 impl ShimError {
@@ -190,10 +198,21 @@ mod tests {
         let e = ShimError::Restore {
             id: "c".into(),
             detail: "runc exited 1".into(),
-            log: "/w/restore.log".into(),
+            log: "/nonexistent/restore.log".into(),
         };
-        assert!(e.to_string().contains("/w/restore.log"));
+        assert_eq!(e.to_string(), "restore of c failed: runc exited 1");
         assert_eq!(code_of(e), Code::INTERNAL);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("restore.log");
+        std::fs::write(&log, "x").unwrap();
+        let e = ShimError::Restore {
+            id: "c".into(),
+            detail: "runc exited 1".into(),
+            log: log.clone(),
+        };
+        assert!(e
+            .to_string()
+            .ends_with(&format!("(criu log: {})", log.display())));
         let e = ShimError::io(
             "open",
             "/x",

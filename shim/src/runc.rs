@@ -194,13 +194,14 @@ impl RuncClient {
                 status,
                 stdout,
                 stderr,
-            } => format!(
-                "{status}; stderr: {:?}; stdout: {:?}",
-                stderr.trim(),
-                stdout.trim()
-            ),
+            } => outcome(status, stdout, stderr),
             other => other.to_string(),
         };
+        self.with_log_tail(base)
+    }
+
+    /// `base` plus the runc log tail, if any.
+    pub fn with_log_tail(&self, base: String) -> String {
         let tail = self.log_tail();
         if tail.is_empty() {
             base
@@ -208,6 +209,17 @@ impl RuncClient {
             format!("{base}; runc log: {tail}")
         }
     }
+}
+
+/// "exit status: 1; stderr: ...; stdout: ..." without the empty parts.
+pub fn outcome(status: &ExitStatus, stdout: &str, stderr: &str) -> String {
+    let mut s = status.to_string();
+    for (name, text) in [("stderr", stderr.trim()), ("stdout", stdout.trim())] {
+        if !text.is_empty() {
+            s.push_str(&format!("; {name}: {text:?}"));
+        }
+    }
+    s
 }
 
 /// Join the `msg` fields of the last `n` lines of a runc JSON log.
@@ -239,6 +251,16 @@ mod tests {
         assert_eq!(exit_status_from_code(3).code(), Some(3));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(exit_status_from_code(137).signal(), Some(9));
+    }
+
+    #[test]
+    fn outcome_skips_empty_output() {
+        let st = exit_status_from_code(1);
+        assert_eq!(outcome(&st, "", " "), "exit status: 1");
+        assert_eq!(
+            outcome(&st, "", "boom\n"),
+            "exit status: 1; stderr: \"boom\""
+        );
     }
 
     #[test]

@@ -561,12 +561,10 @@ impl TaskService {
         }
         let failed = match out {
             Ok(o) if o.status.success() => None,
-            Ok(o) => Some(format!(
-                "runc restore {}; stderr: {:?}; runc log: {}",
-                o.status,
-                o.stderr.trim(),
-                c.runc.log_tail()
-            )),
+            Ok(o) => Some(c.runc.with_log_tail(format!(
+                "runc restore {}",
+                crate::runc::outcome(&o.status, &o.stdout, &o.stderr)
+            ))),
             Err(e) => Some(e.to_string()),
         };
         if let Some(detail) = failed {
@@ -946,12 +944,10 @@ impl TaskService {
             let _ = std::fs::copy(work.join("dump.log"), &copy);
             return Err(ShimError::Checkpoint {
                 id: req.id.clone(),
-                detail: format!(
-                    "runc checkpoint {}; stderr: {:?}; runc log: {}",
-                    out.status,
-                    out.stderr.trim(),
-                    c.runc.log_tail()
-                ),
+                detail: c.runc.with_log_tail(format!(
+                    "runc checkpoint {}",
+                    crate::runc::outcome(&out.status, &out.stdout, &out.stderr)
+                )),
                 log: copy,
             });
         }

@@ -127,6 +127,28 @@ fn plain_lifecycle(dir: &str) -> Result<()> {
         "run --rm stdout {:?}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A create that runc refuses reports runc's own message.
+    let out = ctd.ctr(
+        &[
+            &["run", "-d"][..],
+            &rt,
+            &[BUSYBOX_IMAGE, "p3", "/no/such/binary"],
+        ]
+        .concat(),
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "run of a missing binary succeeded");
+    eprintln!("create error as ctr shows it: {:?}", err.trim());
+    ensure!(
+        err.contains("runc create of p3 failed") && err.contains("no such file"),
+        "unclear create error: {err}"
+    );
+    let _ = ctd.ctr(&["containers", "rm", "p3"]);
+    ensure!(
+        !ctd.bundle_dir("p3").join("rootfs/bin").exists(),
+        "rootfs of the failed create still mounted"
+    );
+
     // Every shim of this instance has exited once its containers are gone.
     ensure!(
         wait_for(|| ctd.shim_pids().is_empty(), Duration::from_secs(20)),
@@ -348,8 +370,10 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
     ])?;
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     ensure!(!out.status.success(), "corrupt restore succeeded?");
+    eprintln!("corrupt restore error as ctr shows it: {:?}", err.trim());
     ensure!(
-        err.contains("restore of k1bad failed") && err.contains("restore.log"),
+        err.contains("restore of k1bad failed")
+            && (err.contains("restore.log") || err.contains("inventory.img")),
         "unclear error: {err}"
     );
     // containerd and the first shim are still fine.
