@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -163,13 +163,15 @@ fn record_latency(c: &FetchCounters, t0: Instant) {
         .record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
 }
 
-/// Serves one fault: the faulting page first (woken at once), then the prefetch plan.
+/// Serves one fault: the faulting page first (woken at once), then the prefetch plan, unless
+/// `queued` says other faults are waiting (demand first; they get their own prefetch).
 pub(crate) fn serve(
     fs: &FaultShared,
     task: &Task,
     addr: u64,
     t0: Instant,
     sc: &mut Scratch,
+    queued: Option<&AtomicUsize>,
 ) -> Result<Served, FetchError> {
     let c = &*fs.c;
     let page = addr & !(PAGE_SIZE - 1);
@@ -230,6 +232,9 @@ pub(crate) fn serve(
         fs.record(task, bit, 1);
     }
     record_latency(c, t0);
+    if queued.is_some_and(|q| q.load(Relaxed) > 0) {
+        return Ok(Served::Done);
+    }
     // Prefetch around the fault, after the faulting thread was woken.
     let plan = task.detector().on_fault(page, fs.around, fs.max);
     let gone = match plan {
@@ -364,6 +369,8 @@ struct HState {
 
 struct HShared {
     st: Mutex<HState>,
+    /// Faults queued and not yet picked up.
+    queued: AtomicUsize,
     cv: Condvar,
     fs: Arc<FaultShared>,
     notify: Arc<StopFd>,
@@ -395,6 +402,7 @@ impl Helpers {
                 ..HState::default()
             }),
             cv: Condvar::new(),
+            queued: AtomicUsize::new(0),
             fs,
             notify,
         });
@@ -419,6 +427,7 @@ impl Helpers {
     /// Queues a fault.
     pub fn push(&self, task: Arc<Task>, addr: u64, t0: Instant) {
         self.sh.lock().jobs.push_back((task, addr, t0));
+        self.sh.queued.fetch_add(1, Relaxed);
         self.sh.cv.notify_one();
     }
 
@@ -431,7 +440,7 @@ impl Helpers {
         {
             let mut st = self.sh.lock();
             st.stop = true;
-            st.jobs.clear();
+            clear_queue(&mut st, &self.sh.queued);
         }
         self.sh.cv.notify_all();
         for t in self.threads.drain(..) {
@@ -446,6 +455,11 @@ impl Drop for Helpers {
     }
 }
 
+fn clear_queue(st: &mut HState, queued: &AtomicUsize) {
+    st.jobs.clear();
+    queued.store(0, Relaxed);
+}
+
 fn helper(sh: &HShared, pages: usize) {
     let mut sc = Scratch::new(pages);
     loop {
@@ -456,6 +470,7 @@ fn helper(sh: &HShared, pages: usize) {
                     return;
                 }
                 if let Some(j) = st.jobs.pop_front() {
+                    sh.queued.fetch_sub(1, Relaxed);
                     break j;
                 }
                 st = sh.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -465,7 +480,7 @@ fn helper(sh: &HShared, pages: usize) {
             if task.gone.load(Relaxed) {
                 break;
             }
-            match serve(&sh.fs, &task, addr, t0, &mut sc) {
+            match serve(&sh.fs, &task, addr, t0, &mut sc, Some(&sh.queued)) {
                 Ok(Served::Done) => break,
                 Ok(Served::Again) => {
                     if sh.lock().stop {

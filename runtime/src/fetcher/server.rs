@@ -879,7 +879,7 @@ impl Loop {
             h.push(task, addr, t0);
             return Ok(());
         }
-        match fault::serve(&self.fs, &task, addr, t0, &mut self.sc)? {
+        match fault::serve(&self.fs, &task, addr, t0, &mut self.sc, None)? {
             Served::Done => {}
             Served::Again => self.deferred.push((slot, addr, t0)),
             Served::Gone => self.task_gone(slot),
