@@ -11,8 +11,8 @@ use std::{
 
 use containerd_shim::{
     api::{
-        CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, KillRequest, StartRequest,
-        StateRequest, WaitRequest,
+        CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest,
+        PauseRequest, ResumeRequest, StartRequest, StateRequest, WaitRequest,
     },
     protos::protobuf::{well_known_types::any::Any, Message, MessageDyn, MessageField},
     ExitSignal,
@@ -42,15 +42,18 @@ while [ $# -gt 0 ]; do
     --root|--log-format) shift 2;;
     --pid-file) pidfile="$2"; shift 2;;
     --work-path) work="$2"; shift 2;;
+    --process) shift 2;;
+    --detach|--all) shift;;
     --image-path) shift 2;;
-    create|start|kill|delete|restore|state|pause|resume|checkpoint) [ -z "$verb" ] && verb="$1"; shift;;
+    create|start|kill|delete|restore|state|pause|resume|checkpoint|exec) [ -z "$verb" ] && verb="$1"; shift;;
     *) last="$1"; shift;;
   esac
 done
 dir=$(dirname "$log")
 case "$verb" in
   create) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile"; echo $! > "$dir/fake.pid";;
-  start) ;;
+  start|pause|resume) ;;
+  exec) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile";;
   kill) kill -"$last" "$(cat "$dir/fake.pid")";;
   delete) ;;
   checkpoint) echo 'Error (criu/cr-dump.c:2100): fake dump failure' > "$work/dump.log"; echo '{"level":"error","msg":"criu failed: type DUMP errno 0"}' >> "$log"; exit 1;;
@@ -157,6 +160,87 @@ async fn lifecycle_create_start_kill_wait_delete() {
         .await
         .unwrap_err();
     assert!(matches!(e, ShimError::FailedPrecondition { .. }), "{e}");
+    // Exec: added, started, killed, waited, deleted.
+    let mut spec = Any::new();
+    spec.value = br#"{"user":{"uid":0,"gid":0},"args":["sleep","1000"],"cwd":"/"}"#.to_vec();
+    s.task_exec(ExecProcessRequest {
+        id: "c1".into(),
+        exec_id: "e1".into(),
+        spec: MessageField::some(spec),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let started = s
+        .task_start(StartRequest {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(started.pid > 0 && started.pid != r.pid);
+    s.task_kill(KillRequest {
+        id: "c1".into(),
+        exec_id: "e1".into(),
+        signal: 15,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let w = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.task_wait(WaitRequest {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("exec wait returns")
+    .unwrap();
+    assert_eq!(w.exit_status, 128 + 15);
+    let d = s
+        .task_delete(DeleteRequest {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.pid, started.pid);
+    let e = s
+        .task_state(StateRequest {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ShimError::ProcessNotFound { .. }), "{e}");
+
+    // Pause and resume, refused twice in a row.
+    s.task_pause(PauseRequest {
+        id: "c1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = s
+        .task_pause(PauseRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ShimError::FailedPrecondition { .. }), "{e}");
+    s.task_resume(ResumeRequest {
+        id: "c1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
     // A failed dump: dump.log is kept as <bundle>/criu-dump.log and named in the error.
     let e = s
         .task_checkpoint(CheckpointTaskRequest {
@@ -228,6 +312,11 @@ async fn lifecycle_create_start_kill_wait_delete() {
         [
             "/tasks/create",
             "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/paused",
+            "/tasks/resumed",
             "/tasks/exit",
             "/tasks/delete"
         ]
@@ -275,7 +364,7 @@ async fn lifecycle_create_start_kill_wait_delete() {
     .unwrap();
     let topics = ev.0.lock().unwrap().clone();
     assert_eq!(
-        topics[4..],
+        topics[9..],
         [
             "/tasks/create",
             "/tasks/start",
