@@ -16,13 +16,15 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::server::StopFd;
-use super::task::{fetch_bits, Install, Task, PAGE};
+use super::task::{fetch_bits, uffd_err, zero_run, Install, Task, PAGE};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
 use crate::profile::ProfileRun;
 use crate::source::PageSource;
 use crate::stats::FetchCounters;
 
+/// Largest hole between two iovs that the fill maps zero pages into.
+pub(crate) const MAX_HOLE_PAGES: u64 = 64;
 /// Pause after an install met `EAGAIN` (the fault thread has events to read first).
 const AGAIN_PAUSE: Duration = Duration::from_micros(200);
 
@@ -295,7 +297,41 @@ fn fill_once(sh: &Shared, t: &Task, sc: &mut Scratch) -> Result<bool, FetchError
     let Some((b0, n)) = claimed else {
         return Ok(false);
     };
-    install(sh, t, b0, n, sc, &sh.c.pages_filled, false)
+    let again = install(sh, t, b0, n, sc, &sh.c.pages_filled, false)?;
+    if !again && !t.gone.load(Relaxed) {
+        fill_hole_after(sh, t, b0 + n - 1, sc)?;
+    }
+    Ok(again)
+}
+
+/// When a fill run ends at the end of its iov and the next iov starts at most
+/// [`MAX_HOLE_PAGES`] later, maps zero pages into the hole between them (pages never dumped:
+/// zero, exactly what a fault there gets), so the task does not fault on each of them. Pages
+/// that exist meanwhile give EEXIST; a hole that is not registered or not mapped gives ENOENT.
+fn fill_hole_after(sh: &Shared, t: &Task, last: usize, sc: &mut Scratch) -> Result<(), FetchError> {
+    let space = t.space();
+    space.pieces(last, 1, &mut sc.pieces);
+    let Some(&(addr, _, _)) = sc.pieces.first() else {
+        return Ok(());
+    };
+    let Some(k) = space.lookup(addr) else {
+        return Ok(());
+    };
+    let (iov, next) = (space.iovs[k], space.iovs.get(k + 1));
+    let Some(next) = next.filter(|_| addr + PAGE_SIZE == iov.end) else {
+        return Ok(());
+    };
+    let gap = (next.start - iov.end) / PAGE_SIZE;
+    if gap == 0 || gap > MAX_HOLE_PAGES {
+        return Ok(());
+    }
+    let (r, k) = zero_run(&t.uffd, iov.end, gap, true, &sh.c)
+        .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, iov.end, e))?;
+    sh.c.zero_pages.fetch_add(k, Relaxed);
+    if r == Install::Gone {
+        t.gone.store(true, Relaxed);
+    }
+    Ok(())
 }
 
 /// Prefetches one profile run: the bits of its dump-time pages that nobody claimed yet.

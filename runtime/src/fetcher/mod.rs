@@ -60,7 +60,8 @@
 //!
 //! # Fill policies
 //!
-//! * `full`: the workers fill everything once restore finished.
+//! * `full`: the workers fill everything once restore finished (and map zero pages into holes
+//!   of up to 64 pages between lazy ranges, which would otherwise fault one by one).
 //! * `none`: only faulted (and prefetched) pages move; the fetcher serves until every task
 //!   exited or `stop()`.
 //! * `profile`: the checkpoint's working-set profile ([`crate::profile`], under
