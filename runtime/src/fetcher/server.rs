@@ -836,13 +836,11 @@ impl Loop {
                 // The child's memory is the parent's as of the fork: what was installed there
                 // is present in the child too.
                 let p = &parent.task;
-                let child = Task::new(
-                    p.pid,
-                    uffd,
-                    p.space().clone(),
-                    p.fork_bits(self.read_epoch),
-                    true,
-                );
+                // Layout first (its read guard ends with the statement), then the bitmap under
+                // the install log's lock: never both locks at once here.
+                let space = p.space().clone();
+                let bits = p.fork_bits(self.read_epoch);
+                let child = Task::new(p.pid, uffd, space, bits, true);
                 self.c
                     .lazy_pages
                     .fetch_add(child.remaining.load(Relaxed), Relaxed);
