@@ -164,14 +164,15 @@ fn record_latency(c: &FetchCounters, t0: Instant) {
 }
 
 /// Serves one fault: the faulting page first (woken at once), then the prefetch plan, unless
-/// `queued` says other faults are waiting (demand first; they get their own prefetch).
+/// `waiting()` says other faults wait (demand first; the detector keeps its state, so a
+/// stream's next fault still grows its window).
 pub(crate) fn serve(
     fs: &FaultShared,
     task: &Task,
     addr: u64,
     t0: Instant,
     sc: &mut Scratch,
-    queued: Option<&AtomicUsize>,
+    waiting: &dyn Fn() -> bool,
 ) -> Result<Served, FetchError> {
     let c = &*fs.c;
     let page = addr & !(PAGE_SIZE - 1);
@@ -232,7 +233,8 @@ pub(crate) fn serve(
         fs.record(task, bit, 1);
     }
     record_latency(c, t0);
-    if queued.is_some_and(|q| q.load(Relaxed) > 0) {
+    if waiting() {
+        let _ = task.detector().on_fault(page, fs.around, fs.max);
         return Ok(Served::Done);
     }
     // Prefetch around the fault, after the faulting thread was woken.
@@ -371,6 +373,8 @@ struct HShared {
     st: Mutex<HState>,
     /// Faults queued and not yet picked up.
     queued: AtomicUsize,
+    /// Helpers waiting for work.
+    idle: AtomicUsize,
     cv: Condvar,
     fs: Arc<FaultShared>,
     notify: Arc<StopFd>,
@@ -403,6 +407,7 @@ impl Helpers {
             }),
             cv: Condvar::new(),
             queued: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
             fs,
             notify,
         });
@@ -473,14 +478,19 @@ fn helper(sh: &HShared, pages: usize) {
                     sh.queued.fetch_sub(1, Relaxed);
                     break j;
                 }
+                sh.idle.fetch_add(1, Relaxed);
                 st = sh.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                sh.idle.fetch_sub(1, Relaxed);
             }
         };
         loop {
             if task.gone.load(Relaxed) {
                 break;
             }
-            match serve(&sh.fs, &task, addr, t0, &mut sc, Some(&sh.queued)) {
+            // Skip the prefetch only when queued faults find no idle helper: a stream's next
+            // fault goes to another helper, which prefetches beyond this window (pipelining).
+            let waiting = || sh.queued.load(Relaxed) > sh.idle.load(Relaxed);
+            match serve(&sh.fs, &task, addr, t0, &mut sc, &waiting) {
                 Ok(Served::Done) => break,
                 Ok(Served::Again) => {
                     if sh.lock().stop {

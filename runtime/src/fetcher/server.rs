@@ -244,6 +244,8 @@ struct Loop {
     helpers: Option<Helpers>,
     /// Epoch of the uffd read being handled (see `Task::fork_bits`).
     read_epoch: u64,
+    /// Faults of the current batch still to serve after this one.
+    batch_left: usize,
     c: Arc<FetchCounters>,
     t0: Instant,
     deadline: Option<(Instant, &'static str, Duration)>,
@@ -383,6 +385,7 @@ impl Loop {
             sc: Scratch::new(fa),
             helpers,
             read_epoch: 0,
+            batch_left: 0,
             stopped: false,
             p,
         })
@@ -806,11 +809,14 @@ impl Loop {
                 }
             }
             self.batch = batch;
-            for (addr, t0) in faults.drain(..) {
+            let n = faults.len();
+            for (i, (addr, t0)) in faults.drain(..).enumerate() {
                 if r.is_ok() {
+                    self.batch_left = n - i - 1;
                     r = self.fault(slot, addr, t0);
                 }
             }
+            self.batch_left = 0;
             self.faults = faults;
             r?;
         }
@@ -877,7 +883,11 @@ impl Loop {
             h.push(task, addr, t0);
             return Ok(());
         }
-        match fault::serve(&self.fs, &task, addr, t0, &mut self.sc, None)? {
+        // Faults of other threads read in the same batch wait for this one. (Not the uffd's
+        // readiness: a scanning thread, woken at once, faults again before its prefetch.)
+        let left = self.batch_left;
+        let waiting = || left > 0;
+        match fault::serve(&self.fs, &task, addr, t0, &mut self.sc, &waiting)? {
             Served::Done => {}
             Served::Again => self.deferred.push((slot, addr, t0)),
             Served::Gone => self.task_gone(slot),
