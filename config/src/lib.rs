@@ -9,9 +9,22 @@
 //! [fetcher]
 //! mode = "native"              # native | criu
 //! fill = "full"                # full | profile | none
-//! fault_around_pages = 16      # pages fetched around a demand fault (1 = exactly the page)
+//! fault_around_pages = 16      # aligned window installed around a random fault (power of two)
+//! prefetch_max_pages = 256     # largest sequential/stride prefetch window (0 = off)
 //! fill_batch_pages = 256       # pages per background-fill step (demand faults pre-empt it)
+//! fill_threads = 2             # background fill workers
+//! fault_threads = 1            # threads serving demand faults (raise to ~4 with a page server)
 //! handshake_timeout_ms = 30000 # CRIU must hand over every task's userfaultfd within this
+//! profile_dir = "/var/lib/distriproc/profiles"  # working-set profiles (fill = "profile")
+//! profile_window_ms = 10000    # how long a first restore records its working set
+//!
+//! [pageserver]                 # optional: where remote checkpoints' pages live
+//! address = ""                 # HOST:PORT or unix:PATH; empty = embedded default (local pages)
+//! token_file = ""              # file holding the shared token
+//! connect_timeout_ms = 5000
+//! io_timeout_ms = 10000
+//! retry_timeout_ms = 30000
+//! max_connections = 8
 //!
 //! [runc]
 //! binary = "runc"              # name or path of the runc binary
@@ -39,6 +52,10 @@ pub const ANNOTATION_MODE: &str = "io.distriproc.fetcher-mode";
 pub const MAX_FAULT_AROUND_PAGES: u32 = 512;
 /// Largest background-fill step.
 pub const MAX_FILL_BATCH_PAGES: u32 = 4096;
+/// Largest prefetch window.
+pub const MAX_PREFETCH_PAGES: u32 = 2048;
+/// Most fill or fault threads.
+pub const MAX_FETCHER_THREADS: u32 = 16;
 
 /// How a lazily restored container's memory is filled after the restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -98,8 +115,13 @@ pub struct FetcherConfig {
     pub mode: FetcherMode,
     pub fill: FillPolicy,
     pub fault_around_pages: u32,
+    pub prefetch_max_pages: u32,
     pub fill_batch_pages: u32,
+    pub fill_threads: u32,
+    pub fault_threads: u32,
     pub handshake_timeout_ms: u64,
+    pub profile_dir: PathBuf,
+    pub profile_window_ms: u64,
 }
 
 impl Default for FetcherConfig {
@@ -108,8 +130,13 @@ impl Default for FetcherConfig {
             mode: FetcherMode::Native,
             fill: FillPolicy::Full,
             fault_around_pages: 16,
+            prefetch_max_pages: 256,
             fill_batch_pages: 256,
+            fill_threads: 2,
+            fault_threads: 1,
             handshake_timeout_ms: 30_000,
+            profile_dir: PathBuf::from("/var/lib/distriproc/profiles"),
+            profile_window_ms: 10_000,
         }
     }
 }
@@ -139,6 +166,7 @@ impl Default for RuncConfig {
 pub struct ShimConfig {
     pub fetcher: FetcherConfig,
     pub runc: RuncConfig,
+    pub pageserver: pageserver::PageServerClientConfig,
 }
 
 /// A configuration that could not be read or is invalid. Always names where it came from.
@@ -200,13 +228,42 @@ impl ShimConfig {
             message,
         };
         let f = &self.fetcher;
-        if f.fault_around_pages == 0 || f.fault_around_pages > MAX_FAULT_AROUND_PAGES {
+        if !f.fault_around_pages.is_power_of_two() || f.fault_around_pages > MAX_FAULT_AROUND_PAGES
+        {
             return Err(invalid(
                 "fetcher.fault_around_pages",
                 format!(
-                    "{} is out of range 1..={MAX_FAULT_AROUND_PAGES}",
+                    "{} is not a power of two in 1..={MAX_FAULT_AROUND_PAGES}",
                     f.fault_around_pages
                 ),
+            ));
+        }
+        let p = f.prefetch_max_pages;
+        if p != 0 && (!p.is_power_of_two() || p < f.fault_around_pages || p > MAX_PREFETCH_PAGES) {
+            return Err(invalid(
+                "fetcher.prefetch_max_pages",
+                format!(
+                    "{p} must be 0 or a power of two between fetcher.fault_around_pages ({}) \
+                     and {MAX_PREFETCH_PAGES}",
+                    f.fault_around_pages
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("fetcher.fill_threads", f.fill_threads),
+            ("fetcher.fault_threads", f.fault_threads),
+        ] {
+            if v == 0 || v > MAX_FETCHER_THREADS {
+                return Err(invalid(
+                    key,
+                    format!("{v} is out of range 1..={MAX_FETCHER_THREADS}"),
+                ));
+            }
+        }
+        if !f.profile_dir.is_absolute() {
+            return Err(invalid(
+                "fetcher.profile_dir",
+                format!("{} is not an absolute path", f.profile_dir.display()),
             ));
         }
         if f.fill_batch_pages == 0 || f.fill_batch_pages > MAX_FILL_BATCH_PAGES {
@@ -233,6 +290,7 @@ impl ShimConfig {
                 format!("{} is not an absolute path", self.runc.root.display()),
             ));
         }
+        self.pageserver.validate(origin, "pageserver.")?;
         Ok(())
     }
 
@@ -301,11 +359,22 @@ mod tests {
     #[test]
     fn out_of_range_value_names_the_key() {
         let err =
-            ShimConfig::from_toml_str("[fetcher]\nfault_around_pages = 0\n", "a.toml").unwrap_err();
+            ShimConfig::from_toml_str("[fetcher]\nfault_around_pages = 3\n", "a.toml").unwrap_err();
         assert!(
             err.to_string().contains("fetcher.fault_around_pages"),
             "{err}"
         );
+        let err =
+            ShimConfig::from_toml_str("[fetcher]\nprefetch_max_pages = 8\n", "a.toml").unwrap_err();
+        assert!(
+            err.to_string().contains("fetcher.prefetch_max_pages"),
+            "{err}"
+        );
+        let err = ShimConfig::from_toml_str("[fetcher]\nfill_threads = 0\n", "a.toml").unwrap_err();
+        assert!(err.to_string().contains("fetcher.fill_threads"), "{err}");
+        let err =
+            ShimConfig::from_toml_str("[pageserver]\naddress = \"nope\"\n", "a.toml").unwrap_err();
+        assert!(err.to_string().contains("pageserver.address"), "{err}");
         let err = ShimConfig::from_toml_str("[runc]\nroot = \"rel\"\n", "a.toml").unwrap_err();
         assert!(err.to_string().contains("runc.root"), "{err}");
     }

@@ -163,14 +163,19 @@ impl Default for FetcherOptions {
 }
 
 impl FetcherOptions {
-    /// The options the shim's configuration sets (`[fetcher]`: fill, fault_around_pages,
-    /// fill_batch_pages, handshake_timeout_ms); everything else keeps its default.
+    /// The options the shim's configuration sets (every `[fetcher]` key); the socket
+    /// timeouts keep their defaults.
     pub fn from_config(cfg: &distriproc_config::FetcherConfig) -> FetcherOptions {
         FetcherOptions {
             fill: cfg.fill,
             fill_batch_pages: cfg.fill_batch_pages as usize,
             fault_around_pages: cfg.fault_around_pages as usize,
+            prefetch_max_pages: cfg.prefetch_max_pages as usize,
+            fill_threads: cfg.fill_threads as usize,
+            fault_threads: cfg.fault_threads as usize,
             handshake_timeout: Duration::from_millis(cfg.handshake_timeout_ms),
+            profile_dir: cfg.profile_dir.clone(),
+            profile_window: Duration::from_millis(cfg.profile_window_ms),
             ..FetcherOptions::default()
         }
     }
