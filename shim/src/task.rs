@@ -57,6 +57,8 @@ const IO_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long Delete waits for a lazy restore's fetcher to wind down.
 const LAZY_FINISH_LIMIT: Duration = Duration::from_secs(3);
+/// How long an exit of an unknown pid is kept.
+const ORPHAN_EXIT_TTL: Duration = Duration::from_secs(60);
 /// Exits of unknown pids kept for processes whose pid is not recorded yet.
 const MAX_ORPHAN_EXITS: usize = 1024;
 
@@ -103,7 +105,7 @@ fn send<E: Event + MessageDyn>(sink: &dyn EventSink, e: E) {
 struct Inner {
     namespace: String,
     containers: Mutex<HashMap<String, Container>>,
-    orphan_exits: StdMutex<HashMap<u32, (u32, Timestamp)>>,
+    orphan_exits: StdMutex<HashMap<u32, (u32, Timestamp, std::time::Instant)>>,
     events: Arc<dyn EventSink>,
     exit: Arc<ExitSignal>,
     lazy: Arc<dyn LazyBackend>,
@@ -170,10 +172,14 @@ impl TaskService {
             }
         }
         let mut orphans = self.inner.orphan_exits.lock().expect("orphans lock");
+        // Mostly runc's own exits; a process whose pid is being recorded claims its exit
+        // within one RPC, so old entries can go.
         if orphans.len() >= MAX_ORPHAN_EXITS {
-            orphans.clear();
+            orphans.retain(|_, e| e.2.elapsed() < ORPHAN_EXIT_TTL);
         }
-        orphans.insert(pid, (code, now()));
+        if orphans.len() < MAX_ORPHAN_EXITS {
+            orphans.insert(pid, (code, now(), std::time::Instant::now()));
+        }
     }
 
     fn mark_exited(&self, id: &str, p: &mut Process, code: u32, at: Timestamp) {
@@ -216,6 +222,7 @@ impl TaskService {
             .lock()
             .expect("orphans lock")
             .remove(&pid)
+            .map(|(code, at, _)| (code, at))
     }
 
     fn watch_oom(&self, id: &str, pid: u32) {
