@@ -1,0 +1,395 @@
+#!/usr/bin/env bash
+# DistriProc benchmark (`make bench`): containers restored through containerd
+# (`ctr containers restore --live`), side by side in one run, at several memory sizes:
+#
+#   eager      containerd's runc shim (io.containerd.runc.v2): CRIU restores every page first
+#   criu       our shim with fetcher mode `criu`: CRIU's own `criu lazy-pages` daemon
+#   ours       our shim, fetcher mode `native`, fill `full`, pages from the local checkpoint
+#   ours-none  our shim, fill `none` (only touched pages move): read-mostly memhog TOUCH test
+#
+# plus (unless REMOTE=0) the runtime-level remote path (bench/remote/: our fetcher with pages
+# from distriproc-pageserver over loopback and over a veth into a netns this script creates,
+# optionally behind bench/delayproxy.py).
+#
+# Every run appends one JSON object to bench/out/runs.jsonl; at the end bench/out/results.json
+# (machine, command, runs) is written and bench/report.py renders docs/BENCHMARKS.md and
+# docs/bench/*.png from it.
+#
+# Environment: SIZES (MiB, default "256 1024 4096"), REPS (default 5), REPS_BIG (repetitions at
+# sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none"), THREADS (memhog
+# threads, default 2), REMOTE (1), DELAYS_US (one-way proxy delays, default "0 250"),
+# REPORT (1: render the doc), DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SIZES=${SIZES:-256 1024 4096}
+REPS=${REPS:-5}
+REPS_BIG=${REPS_BIG:-3}
+SYSTEMS=${SYSTEMS:-eager criu ours ours-none}
+THREADS=${THREADS:-2}
+REMOTE=${REMOTE:-1}
+REPORT=${REPORT:-1}
+OUT=$ROOT/bench/out
+MEMHOG=$ROOT/test-images/out/memhog
+IMAGE=localhost/distriproc/memhog:latest
+export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$ROOT/target/release/containerd-shim-distriproc-v2}
+export DISTRIPROC_CONTAINERD_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd-2.1/usr/bin}
+export CTD_NS=bench-$$
+
+# shellcheck source=scripts/lib-containerd.sh
+. scripts/lib-containerd.sh
+
+log() { ctd_log "$@"; }
+die() {
+    log "error: $*"
+    exit 1
+}
+now_ns() { date +%s%N; }
+
+[[ $(id -u) == 0 ]] || die "the benchmark needs root (containerd, runc, CRIU)"
+command -v criu >/dev/null || die "criu not found: run 'make deps'"
+# Debian's python3 (apt's python3-matplotlib lives there), not a pyenv shim on PATH.
+PY=${PY:-/usr/bin/python3}
+[[ -x $PY ]] || die "$PY not found (apt-get install python3)"
+
+# Idempotent installs: matplotlib for the plots (Debian package).
+if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
+    log "installing python3-matplotlib (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-matplotlib >/dev/null ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-matplotlib >/dev/null; } ||
+        die "apt-get install python3-matplotlib failed"
+fi
+
+log "building the shim (cargo build --release -p containerd-shim-distriproc-v2)"
+cargo build -q --release -p containerd-shim-distriproc-v2 -p distriproc-pageserver ||
+    die "cargo build failed"
+if [[ ! -x $MEMHOG || ! -f test-images/out/memhog.oci.tar ]]; then
+    make -s -C test-images >/dev/null || die "building test images failed (make -C test-images)"
+fi
+
+mkdir -p "$OUT"
+RUNS=$OUT/runs.jsonl
+: >"$RUNS"
+WORK=$(mktemp -d /tmp/dpbench.XXXXXX)
+SHIM_CFG=$WORK/shim.toml
+export DISTRIPROC_CONFIG=$SHIM_CFG
+printf '[fetcher]\nmode = "native"\nfill = "full"\n' >"$SHIM_CFG"
+START_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+UPTIME_START=$(uptime)
+PORT_SEQ=17000
+QPID=
+REMOTE_STATUS=skipped
+
+cleanup() {
+    local rc=$?
+    [[ -n $QPID ]] && kill "$QPID" 2>/dev/null || true
+    if [[ -n ${CTD_DIR:-} && -f ${CTD_LOG:-} ]]; then
+        cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
+    fi
+    ctd_stop || true
+    if declare -F remote_cleanup >/dev/null; then remote_cleanup || true; fi
+    rm -rf "$WORK"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+task_pid() { ctd_t 30 tasks ls | awk -v id="$1" '$1 == id {print $2}'; }
+task_status() { ctd_t 30 tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
+q() { # q PORT TIMEOUT_MS CMD... (host network: the container listens on the host's ports)
+    local port=$1 t=$2
+    shift 2
+    "$MEMHOG" query --port "$port" --timeout-ms "$t" "$@" 2>/dev/null
+}
+bundle_of() { echo "$CTD_STATE/io.containerd.runtime.v2.task/$CTD_NS/$1"; }
+json_get() { # json_get FILE KEY[.SUB] -> value or empty
+    "$PY" - "$1" "$2" <<'EOF'
+import json, sys
+try:
+    v = json.load(open(sys.argv[1]))
+    for k in sys.argv[2].split("."):
+        v = v[k]
+    print("" if v is None else v)
+except Exception:
+    print("")
+EOF
+}
+# Epoch ns of the last "connecting to shim ID" line: containerd is done unpacking the checkpoint.
+shim_connect_ns() {
+    "$PY" - "$CTD_LOG" "$1" <<'EOF'
+import datetime, re, sys
+last = None
+pat = re.compile(r'time="([0-9T:.\-]+)Z" .*msg="connecting to shim ' + re.escape(sys.argv[2]) + '"')
+for line in open(sys.argv[1], errors="replace"):
+    m = pat.search(line)
+    if m:
+        last = m.group(1)
+if last is None:
+    print(0)
+else:
+    base, _, frac = last.partition(".")
+    t = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    print(int(t.timestamp()) * 10**9 + int((frac + "000000000")[:9]))
+EOF
+}
+# Figures from a `criu lazy-pages -v4` log as JSON: end_s (last line, seconds since the daemon
+# started), first_pid_s ("Received PID"), faults, and the daemon-side fault service time per
+# "#PF at ADDR" up to the "uffd_copy: ADDR/" that resolves it (us; log-timestamp resolution).
+criu_log_json() {
+    "$PY" - "$1" <<'EOF'
+import json, re, sys
+ts = re.compile(r"\(\s*([0-9]+\.[0-9]+)\)\s*(.*)")
+pf = re.compile(r"#PF at (0x[0-9a-f]+)")
+cp = re.compile(r"uffd_copy: (0x[0-9a-f]+)/")
+end = first = None
+pending, lat = {}, []
+try:
+    for line in open(sys.argv[1], errors="replace"):
+        m = ts.match(line)
+        if not m:
+            continue
+        t, rest = float(m.group(1)), m.group(2)
+        end = t
+        if first is None and "Received PID" in rest:
+            first = t
+        a = pf.search(rest)
+        if a:
+            pending[int(a.group(1), 16) & ~0xFFF] = t
+            continue
+        a = cp.search(rest)
+        if a:
+            k = int(a.group(1), 16)
+            if k in pending:
+                lat.append((t - pending.pop(k)) * 1e6)
+except OSError:
+    pass
+lat.sort()
+q = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+print(json.dumps({"end_s": end, "first_pid_s": first, "faults": len(lat),
+                  "fault_latency_us": {"p50": q(0.5), "p99": q(0.99), "p999": q(0.999),
+                                       "max": round(lat[-1], 1) if lat else None}}))
+EOF
+}
+
+remove_container() {
+    local id=$1
+    ctd_t 60 tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    for _ in $(seq 1 100); do
+        local s
+        s=$(task_status "$id")
+        [[ $s == STOPPED || -z $s ]] && break
+        sleep 0.1
+    done
+    ctd_t 60 tasks rm -f "$id" >/dev/null 2>&1 || true
+    ctd_t 60 containers rm "$id" >/dev/null 2>&1 || true
+}
+
+# checkpoint RUNTIME MIB PORT REF: run memhog with RUNTIME on the host network, checkpoint it
+# into image REF, remove the container. Prints "EXPECT-reply<TAB>checkpoint-seconds".
+checkpoint() {
+    local runtime=$1 mib=$2 port=$3 ref=$4 id=ck-$RANDOM expect t0 t1
+    ctd_t 120 run -d --net-host --runtime "$runtime" "$IMAGE" "$id" /memhog serve --mib "$mib" \
+        --threads "$THREADS" --port "$port" >/dev/null || die "ctr run ($runtime, $mib MiB) failed"
+    q "$port" 600000 PING >/dev/null || die "memhog ($id) did not answer PING after start"
+    expect=$(q "$port" 600000 EXPECT) || die "memhog ($id) EXPECT failed"
+    t0=$(now_ns)
+    ctd_t 900 containers checkpoint --task "$id" "$ref" >/dev/null ||
+        die "ctr containers checkpoint --task $id $ref failed (see $CTD_LOG)"
+    t1=$(now_ns)
+    remove_container "$id"
+    printf '%s\t%s\n' "$expect" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')"
+}
+
+# restore_run SYSTEM MIB REP REF PORT EXPECT CKPT_S: one restore + measurements, one JSON line.
+restore_run() {
+    local sys=$1 mib=$2 rep=$3 ref=$4 port=$5 expect=$6 ckpt_s=$7
+    local id=r-$sys-$mib-$rep mode=native fill=full
+    case $sys in
+    criu) mode=criu ;;
+    ours-none) fill=none ;;
+    esac
+    printf '[fetcher]\nmode = "%s"\nfill = "%s"\n' "$mode" "$fill" >"$SHIM_CFG"
+    sync
+    local qout=$WORK/q.out t0 t1 tc ttfr_us="" err="" restore_rc=0
+    rm -f "$qout"
+    # The probe starts before the restore command and retries every 1 ms.
+    "$MEMHOG" query --port "$port" --timeout-ms 600000 --time-to-first-response PING >"$qout" 2>/dev/null &
+    QPID=$!
+    t0=$(now_ns)
+    ctd_t 900 containers restore --live "$id" "$ref" </dev/null >"$WORK/restore.out" 2>&1 || restore_rc=$?
+    t1=$(now_ns)
+    if [[ $restore_rc != 0 ]]; then
+        err="ctr containers restore failed: $(tail -c 300 "$WORK/restore.out" | tr '\n"' ' _')"
+        kill "$QPID" 2>/dev/null || true
+    fi
+    wait "$QPID" || true
+    QPID=
+    ttfr_us=$(awk -F= '/^ttfr_us=/ {print $2}' "$qout" 2>/dev/null || true)
+    [[ -z $err && -z $ttfr_us ]] && err="no PONG within 600 s"
+    tc=$(shim_connect_ns "$id")
+
+    local bundle stats="$WORK/stats.json" criu_json="null" criu_log="" touch_cold="" touch_warm=""
+    local sum="" sum_ok=false sum_s="" waited=0
+    bundle=$(bundle_of "$id")
+    rm -f "$stats"
+    if [[ -z $err && $sys != eager ]]; then
+        if [[ $sys == ours-none ]]; then
+            # Read-mostly: TOUCH 50% of the pages with the rest remote, then again (all local).
+            local a b
+            a=$(now_ns)
+            q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
+            b=$(now_ns)
+            touch_cold=$(((b - a) / 1000))
+            a=$(now_ns)
+            q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
+            b=$(now_ns)
+            touch_warm=$(((b - a) / 1000))
+        else
+            # Wait for the fill to finish (the shim rewrites the stats file every second).
+            while ((waited < 6000)); do
+                if [[ $sys == criu ]]; then
+                    [[ $(json_get "$bundle/distriproc-lazy-stats.json" finished) == True ]] && break
+                else
+                    [[ -n $(json_get "$bundle/distriproc-lazy-stats.json" fill_complete_us) ]] && break
+                fi
+                sleep 0.1
+                waited=$((waited + 1))
+            done
+            ((waited < 6000)) || err="fill did not complete within 600 s"
+        fi
+        if [[ $sys == criu ]]; then
+            # <bundle>/work is a symlink to containerd's per-task work dir.
+            criu_log=$bundle/work/lazy-pages.log
+            if [[ -f $criu_log ]]; then
+                criu_json=$(criu_log_json "$criu_log")
+                cp "$criu_log" "$OUT/last-criu-lazy-pages.log" 2>/dev/null || true
+            fi
+        fi
+    fi
+    if [[ -z $err ]]; then
+        local a b
+        a=$(now_ns)
+        sum=$(q "$port" 600000 SUM) || err="SUM failed"
+        b=$(now_ns)
+        sum_s=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
+        [[ $sum == "$expect" ]] && sum_ok=true
+    fi
+    if [[ $sys != eager ]]; then
+        # fill none: the shim rewrites the stats file every second; let it catch up with SUM.
+        [[ $sys == ours-none ]] && sleep 1.2
+        cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
+    fi
+    remove_container "$id"
+
+    "$PY" - "$RUNS" "$stats" <<EOF
+import json, sys
+def num(s):
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+t0, t1, tc = $t0, $t1, ${tc:-0}
+ttfr = num("$ttfr_us")
+run = {
+    "kind": "containerd", "system": "$sys", "mib": $mib, "rep": $rep,
+    "fetcher_mode": "$mode", "fill": "$fill",
+    "checkpoint_s": num("$ckpt_s"),
+    "restore_cmd_s": (t1 - t0) / 1e9,
+    "ttfr_s": None if ttfr is None else ttfr / 1e6,
+    "unpack_s": (tc - t0) / 1e9 if tc else None,
+    "sum_s": num("$sum_s"),
+    "sum_ok": "$sum_ok" == "true",
+    "sum": "$sum", "expect": "$expect",
+    "touch50_cold_us": num("$touch_cold"), "touch50_warm_us": num("$touch_warm"),
+    "criu_log": json.loads(r'''$criu_json''' or "null"),
+    "error": "$err" or None,
+}
+if run["unpack_s"] is not None and run["ttfr_s"] is not None:
+    run["shim_ttfr_s"] = run["ttfr_s"] - run["unpack_s"]
+try:
+    run["stats"] = json.load(open(sys.argv[2]))
+except Exception:
+    run["stats"] = None
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(run) + "\n")
+EOF
+    local shown=${ttfr_us:-?}
+    log "[$sys $mib MiB #$rep] ttfr ${shown} us, restore cmd $(((t1 - t0) / 1000000)) ms, SUM ok: $sum_ok${err:+, error: $err}"
+}
+
+reps_for() { if (($1 >= 4096)); then echo "$REPS_BIG"; else echo "$REPS"; fi; }
+has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+
+ctd_start
+log "importing test images"
+ctd_t 120 images import test-images/out/memhog.oci.tar >/dev/null
+
+for mib in $SIZES; do
+    n=$(reps_for "$mib")
+    if has eager; then
+        port=$((PORT_SEQ++))
+        ref=localhost/bench/eager-$mib:1
+        log "[eager $mib MiB] checkpointing memhog under the runc shim"
+        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.runc.v2 "$mib" "$port" "$ref")
+        for rep in $(seq 1 "$n"); do
+            restore_run eager "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
+        done
+        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
+    fi
+    lazy=()
+    for s in criu ours ours-none; do has "$s" && lazy+=("$s"); done
+    if ((${#lazy[@]})); then
+        port=$((PORT_SEQ++))
+        ref=localhost/bench/lazy-$mib:1
+        log "[lazy $mib MiB] checkpointing memhog under the distriproc shim"
+        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.distriproc.v2 "$mib" "$port" "$ref")
+        for rep in $(seq 1 "$n"); do
+            for s in "${lazy[@]}"; do
+                restore_run "$s" "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
+            done
+        done
+        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
+    fi
+done
+cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
+ctd_stop
+
+if [[ $REMOTE == 1 && -f bench/remote.sh ]]; then
+    # shellcheck source=bench/remote.sh
+    . bench/remote.sh
+    if remote_bench; then REMOTE_STATUS=ran; else REMOTE_STATUS="failed (see log)"; fi
+fi
+
+UPTIME_END=$(uptime)
+"$PY" - "$RUNS" "$OUT/results.json" <<EOF
+import json, os, platform, subprocess, sys
+def sh(c):
+    try:
+        return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return ""
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+meta = {
+    "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in ("SIZES", "REPS", "REPS_BIG", "SYSTEMS") if k in os.environ),
+    "sizes_mib": [int(s) for s in "$SIZES".split()],
+    "reps": $REPS, "reps_big": $REPS_BIG, "threads": $THREADS,
+    "started_utc": "$START_UTC",
+    "finished_utc": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+    "uptime_start": "$UPTIME_START", "uptime_end": "$UPTIME_END",
+    "nproc": sh("nproc"),
+    "cpu_model": sh("awk -F': ' '/model name/ {print \$2; exit}' /proc/cpuinfo"),
+    "kernel": platform.release(),
+    "mem_total": sh("awk '/MemTotal/ {print \$2 \" kB\"}' /proc/meminfo"),
+    "containerd": "$CTD_VERSION",
+    "runc": sh("runc --version | head -n 1"),
+    "criu": sh("criu --version | head -n 1"),
+    "git_head": sh("git rev-parse --short HEAD"),
+    "remote_status": "$REMOTE_STATUS",
+}
+json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
+print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
+EOF
+if [[ $REPORT == 1 ]]; then
+    "$PY" bench/report.py "$OUT/results.json"
+fi
