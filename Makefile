@@ -12,7 +12,7 @@ CTD_2        ?= $(OPT)/containerd-2.1/usr/bin
 CTD_1        ?= $(OPT)/containerd-1.7/usr/bin
 RELEASE_BINS := containerd-shim-distriproc-v2 distriproc-pageserver
 
-.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo lint clean
+.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo bench lint clean
 
 all: build
 
@@ -48,6 +48,10 @@ e2e-1: test-images
 
 demo: deps build test-images
 	bash scripts/demo.sh
+
+# Restore benchmarks through containerd (eager, CRIU lazy-pages, ours; docs/BENCHMARKS.md).
+bench: deps test-images
+	bash bench/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
