@@ -86,7 +86,7 @@ wait_listen() { # wait_listen HOST PORT [NETNS]
 remote_run() {
     local variant=$1 mib=$2 rep=$3 ep=$4 ck=$5 port=$6 expect=$7 rtt=${8:-} delay=${9:-}
     local w=$WORK/rw-$variant-$mib-$rep qout=$WORK/rq.out err="" t0 t1 stats=$WORK/rstats.json
-    local criu_json=null
+    local criu_json=null touch_cold="" touch_warm="" summed=0 sum="" sum_ok=false
     rm -rf "$w" "$stats" "$qout"
     mkdir -p "$w"
     "$MEMHOG" query --port "$port" --timeout-ms 600000 --time-to-first-response PING >"$qout" 2>/dev/null &
@@ -104,19 +104,43 @@ remote_run() {
         [[ -n $err ]] && kill "$lp" 2>/dev/null
         wait "$lp" 2>/dev/null || true
         criu_json=$(criu_log_json "$w/lazy-pages.log")
+    elif [[ $variant == *-none ]]; then
+        # fill none: the fetcher serves faults until the restored tree exits; the workload
+        # reads 50% of its pages (first pass remote, second pass local), then SUM reads all.
+        "$BENCH_REMOTE" --images "$R_STORE/$ck" --work "$w" --endpoint "$ep" --checkpoint "$ck" \
+            --fill none --stats "$stats" 2>"$w/err" &
+        local bp=$!
+        wait "$QPID" || true
+        t1=$(now_ns)
+        local a b
+        a=$(now_ns)
+        q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
+        b=$(now_ns)
+        touch_cold=$(((b - a) / 1000))
+        a=$(now_ns)
+        q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
+        b=$(now_ns)
+        touch_warm=$(((b - a) / 1000))
+        sum=$(q "$port" 600000 SUM) || err="SUM failed"
+        [[ $sum == "$expect" ]] && sum_ok=true
+        summed=1
+        kill -KILL "$(cat "$w/restored.pid" 2>/dev/null || echo 0)" 2>/dev/null || true
+        for _ in $(seq 1 200); do kill -0 "$bp" 2>/dev/null || break; sleep 0.05; done
+        kill -KILL "$bp" 2>/dev/null || true
+        wait "$bp" || err=${err:-"bench-remote failed: $(tail -c 300 "$w/err" | tr '\n"' ' _')"}
     else
         "$BENCH_REMOTE" --images "$R_STORE/$ck" --work "$w" --endpoint "$ep" --checkpoint "$ck" \
             --stats "$stats" 2>"$w/err" || err="bench-remote failed: $(tail -c 300 "$w/err" | tr '\n"' ' _')"
         t1=$(now_ns)
     fi
     [[ -n $err ]] && kill "$QPID" 2>/dev/null
-    wait "$QPID" || true
+    wait "$QPID" 2>/dev/null || true
     QPID=
-    local ttfr_us sum="" sum_ok=false
+    local ttfr_us
     ttfr_us=$(awk -F= '/^ttfr_us=/ {print $2}' "$qout" 2>/dev/null || true)
     [[ -z $err && -z $ttfr_us ]] && err="no PONG"
     R_RESTORED=$(cat "$w/restored.pid" 2>/dev/null || true)
-    if [[ -z $err ]]; then
+    if [[ -z $err && $summed == 0 ]]; then
         sum=$(q "$port" 600000 SUM) || err="SUM failed"
         [[ $sum == "$expect" ]] && sum_ok=true
     fi
@@ -128,7 +152,10 @@ remote_run() {
     "$PY" - "$RUNS" "$stats" <<EOF
 import json, sys
 run = {"kind": "remote", "system": "$variant", "mib": $mib, "rep": $rep, "endpoint": "$ep",
-       "fill": "full", "rtt_connect_us": float("$rtt") if "$rtt" else None,
+       "fill": "none" if "$variant".endswith("-none") else "full",
+       "touch50_cold_us": int("$touch_cold") if "$touch_cold" else None,
+       "touch50_warm_us": int("$touch_warm") if "$touch_warm" else None,
+       "rtt_connect_us": float("$rtt") if "$rtt" else None,
        "proxy_delay_us": int("$delay") if "$delay" else None,
        "ttfr_s": int("$ttfr_us") / 1e6 if "$ttfr_us" else None,
        "restore_cmd_s": ($t1 - $t0) / 1e9,
@@ -202,6 +229,8 @@ remote_bench() {
         for rep in $(seq 1 "$n"); do
             remote_run loopback "$mib" "$rep" "127.0.0.1:$pl" "$ck" "$port" "$expect" "$rtt_lo"
             remote_run veth "$mib" "$rep" "$R_NS_IP:$pn" "$ck" "$port" "$expect" "$rtt_veth"
+            remote_run loopback-none "$mib" "$rep" "127.0.0.1:$pl" "$ck" "$port" "$expect" "$rtt_lo"
+            remote_run veth-none "$mib" "$rep" "$R_NS_IP:$pn" "$ck" "$port" "$expect" "$rtt_veth"
             local x
             for x in "${proxies[@]}"; do
                 IFS=: read -r d pp rt <<<"$x"
