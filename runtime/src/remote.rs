@@ -28,10 +28,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest};
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
     HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
-    MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE, REQ_FIRST_RUN, VERSION,
+    HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE, REQ_FIRST_RUN,
+    VERSION, VERSION_UPLOAD,
 };
 use crate::source::{PageKind, PageRead, PageSource, SourceError};
 
@@ -205,6 +207,15 @@ pub enum RemoteError {
         /// The pool size.
         max: usize,
     },
+    /// A local file of an upload could not be read.
+    #[error("cannot read {} for the upload", path.display())]
+    Upload {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Transport failures persisted past the retry timeout.
     #[error(
         "page server {endpoint} unreachable: gave up after {attempts} attempts in {elapsed:?}"
@@ -293,6 +304,19 @@ impl Write for Stream {
 }
 
 impl Stream {
+    fn set_no_timeouts(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(None)?;
+                s.set_write_timeout(None)
+            }
+        }
+    }
+
     fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
@@ -305,6 +329,190 @@ impl Stream {
             }
         }
     }
+}
+
+/// Connects to `endpoint` (TCP with `timeout` per address tried, TCP_NODELAY; or unix).
+fn dial(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        s.set_nodelay(true)?;
+                        return Ok(Stream::Tcp(s));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+    }
+}
+
+/// Opens a session with `flags` (e.g. [`crate::protocol::HELLO_CRIU`]) and returns the
+/// connected, authenticated socket after an `Ok` hello reply, with `io_timeout` set on it.
+fn open_session(
+    endpoint: &Endpoint,
+    opts: &RemoteOptions,
+    criu_mode: bool,
+    flags: u16,
+) -> Result<(BufReader<Stream>, HelloReply), RemoteError> {
+    let ep = endpoint.to_string();
+    let cerr = |source| RemoteError::Connect {
+        endpoint: ep.clone(),
+        source,
+    };
+    let proto = |source| RemoteError::Protocol {
+        endpoint: ep.clone(),
+        checkpoint: opts.checkpoint.clone(),
+        source,
+    };
+    let stream = dial(endpoint, opts.connect_timeout).map_err(cerr)?;
+    stream.set_timeouts(opts.connect_timeout).map_err(cerr)?;
+    let mut r = BufReader::with_capacity(64 * 1024, stream);
+    let hello = Hello {
+        version: VERSION,
+        checkpoint: opts.checkpoint.clone(),
+        token: opts.token.clone(),
+        client: opts.client.clone(),
+        criu_mode,
+    }
+    .encode_with_flags(flags)
+    .map_err(proto)?;
+    r.get_mut().write_all(&hello).map_err(|source| {
+        proto(ProtocolError::Io {
+            what: "send hello",
+            source,
+        })
+    })?;
+    let reply = HelloReply::read(&mut r).map_err(proto)?;
+    if reply.status != HelloStatus::Ok {
+        return Err(proto(ProtocolError::Refused {
+            status: reply.status,
+            message: reply.message,
+        }));
+    }
+    r.get_ref().set_timeouts(opts.io_timeout).map_err(cerr)?;
+    Ok((r, reply))
+}
+
+/// Opens a `HELLO_CRIU` session for `opts.checkpoint` and returns its socket, for
+/// `criu lazy-pages --page-server --ps-socket FD` (the socket is blocking, without timeouts).
+pub fn open_criu_session(
+    endpoint: &Endpoint,
+    opts: &RemoteOptions,
+) -> Result<std::os::fd::OwnedFd, RemoteError> {
+    let (r, _) = open_session(endpoint, opts, true, 0)?;
+    if !r.buffer().is_empty() {
+        return Err(RemoteError::Protocol {
+            endpoint: endpoint.to_string(),
+            checkpoint: opts.checkpoint.clone(),
+            source: ProtocolError::Invalid {
+                what: "bytes after the hello reply",
+                value: r.buffer().len() as u64,
+            },
+        });
+    }
+    let s = r.into_inner();
+    let _ = s.set_no_timeouts();
+    Ok(match s {
+        Stream::Tcp(t) => t.into(),
+        Stream::Unix(u) => u.into(),
+    })
+}
+
+/// Uploads `files` (plain names) of the images directory `dir` as the new checkpoint
+/// `opts.checkpoint` ([`crate::protocol::upload`]). Returns what the server computed over
+/// what it stored. Every step has the options' timeouts; the final answer (after the server's
+/// fsync) may take up to `max(io_timeout, 120 s)`.
+pub fn upload_checkpoint(
+    endpoint: &Endpoint,
+    opts: &RemoteOptions,
+    dir: &std::path::Path,
+    files: &[String],
+) -> Result<MemoryDigest, RemoteError> {
+    let ep = endpoint.to_string();
+    let proto = |source| RemoteError::Protocol {
+        endpoint: ep.clone(),
+        checkpoint: opts.checkpoint.clone(),
+        source,
+    };
+    let (mut r, reply) = open_session(endpoint, opts, false, HELLO_UPLOAD)?;
+    if reply.version < VERSION_UPLOAD {
+        return Err(proto(ProtocolError::UnsupportedVersion {
+            ours: VERSION,
+            theirs: reply.version,
+        }));
+    }
+    let wio = |what| move |source| ProtocolError::Io { what, source };
+    let mut head = Vec::with_capacity(256);
+    for name in files {
+        let path = dir.join(name);
+        let mut f = std::fs::File::open(&path).map_err(|source| RemoteError::Upload {
+            path: path.clone(),
+            source,
+        })?;
+        let size = f
+            .metadata()
+            .map_err(|source| RemoteError::Upload {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        head.clear();
+        FileHeader {
+            kind: FileKind::File,
+            name: name.clone(),
+            size,
+        }
+        .encode(&mut head)
+        .map_err(proto)?;
+        r.get_mut()
+            .write_all(&head)
+            .map_err(wio("send upload file header"))
+            .map_err(proto)?;
+        let sent = io::copy(&mut (&mut f).take(size), r.get_mut())
+            .map_err(wio("send upload file"))
+            .map_err(proto)?;
+        if sent != size {
+            return Err(RemoteError::Upload {
+                path,
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while sent"),
+            });
+        }
+    }
+    head.clear();
+    FileHeader {
+        kind: FileKind::End,
+        name: String::new(),
+        size: files.len() as u64,
+    }
+    .encode(&mut head)
+    .map_err(proto)?;
+    r.get_mut()
+        .write_all(&head)
+        .map_err(wio("send upload end"))
+        .map_err(proto)?;
+    let _ = r
+        .get_ref()
+        .set_timeouts(opts.io_timeout.max(Duration::from_secs(120)));
+    let h = read_response_header(&mut r).map_err(proto)?;
+    if h.status != RequestStatus::Ok {
+        return Err(proto(ProtocolError::RequestFailed {
+            request_id: h.request_id,
+            status: h.status,
+            message: h.message,
+        }));
+    }
+    MemoryDigest::from_message(&h.message).ok_or_else(|| {
+        proto(ProtocolError::Invalid {
+            what: "upload receipt",
+            value: h.message.len() as u64,
+        })
+    })
 }
 
 struct Conn {
@@ -422,60 +630,8 @@ impl RemotePages {
     }
 
     fn open_conn(&self) -> Result<Conn, RemoteError> {
-        let cerr = |source| RemoteError::Connect {
-            endpoint: self.endpoint_text.clone(),
-            source,
-        };
-        let stream = match &self.endpoint {
-            Endpoint::Tcp(addr) => {
-                let addrs: Vec<_> = addr.to_socket_addrs().map_err(cerr)?.collect();
-                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
-                let mut got = None;
-                for a in addrs {
-                    match TcpStream::connect_timeout(&a, self.opts.connect_timeout) {
-                        Ok(s) => {
-                            got = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                let s = got.ok_or_else(|| cerr(last))?;
-                s.set_nodelay(true).map_err(cerr)?;
-                Stream::Tcp(s)
-            }
-            Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(cerr)?),
-        };
-        stream
-            .set_timeouts(self.opts.connect_timeout)
-            .map_err(cerr)?;
+        let (r, reply) = open_session(&self.endpoint, &self.opts, false, 0)?;
         self.connects.fetch_add(1, Relaxed);
-        let mut r = BufReader::with_capacity(64 * 1024, stream);
-        let hello = Hello {
-            version: VERSION,
-            checkpoint: self.opts.checkpoint.clone(),
-            token: self.opts.token.clone(),
-            client: self.opts.client.clone(),
-            criu_mode: false,
-        }
-        .encode()
-        .map_err(|e| self.proto(e))?;
-        r.get_mut().write_all(&hello).map_err(|source| {
-            self.proto(ProtocolError::Io {
-                what: "send hello",
-                source,
-            })
-        })?;
-        let reply = HelloReply::read(&mut r).map_err(|e| self.proto(e))?;
-        if reply.status != HelloStatus::Ok {
-            return Err(self.proto(ProtocolError::Refused {
-                status: reply.status,
-                message: reply.message,
-            }));
-        }
-        r.get_ref()
-            .set_timeouts(self.opts.io_timeout)
-            .map_err(cerr)?;
         Ok(Conn {
             r,
             wbuf: Vec::with_capacity(4096),
@@ -782,6 +938,37 @@ impl RemotePages {
         })?
     }
 
+    /// What the server holds for the checkpoint ([`RequestKind::Info`], protocol version 2):
+    /// its page bytes and pagemap checksum, to compare with a remote checkpoint's reference.
+    pub fn info(&self) -> Result<MemoryDigest, RemoteError> {
+        self.with_retry(|c| {
+            let id = self.next_id();
+            encode_request(id, RequestKind::Info, 0, &[], &mut c.wbuf)
+                .map_err(|e| self.proto(e))?;
+            self.send(c, "send info request")?;
+            let h = read_response_header(&mut c.r).map_err(|e| self.proto(e))?;
+            if h.request_id != id {
+                return Err(self.proto(ProtocolError::OutOfOrder {
+                    expected: id,
+                    got: h.request_id,
+                }));
+            }
+            if h.status != RequestStatus::Ok {
+                return Err(self.proto(ProtocolError::RequestFailed {
+                    request_id: id,
+                    status: h.status,
+                    message: h.message,
+                }));
+            }
+            MemoryDigest::from_message(&h.message).ok_or_else(|| {
+                self.proto(ProtocolError::Invalid {
+                    what: "info answer",
+                    value: h.message.len() as u64,
+                })
+            })
+        })
+    }
+
     /// Ends every idle session politely (Goodbye). Busy connections close when dropped.
     pub fn close(&self) {
         let idle = std::mem::take(&mut self.lock().idle);
@@ -935,5 +1122,59 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, RemoteError::Connect { .. }), "{e}");
         assert!(e.to_string().contains("none.sock"), "{e}");
+    }
+
+    #[test]
+    fn upload_then_read_and_info() {
+        use crate::images::testutil::{pm, write_inventory, write_pagemap};
+        use crate::images::{PE_LAZY, PE_PRESENT};
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        let img = d.path().join("img");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&img).unwrap();
+        write_inventory(&img).unwrap();
+        write_pagemap(&img, 1, 1, &[pm(0x10000, 2, PE_LAZY | PE_PRESENT)]).unwrap();
+        let mut pages = vec![7u8; 4096];
+        pages.extend_from_slice(&[9u8; 4096]);
+        std::fs::write(img.join("pages-1.img"), &pages).unwrap();
+        let tf = d.path().join("token");
+        std::fs::write(&tf, "sesame\n").unwrap();
+        let mut so = ServerOptions::for_store(store.clone());
+        so.token = Some("sesame".into());
+        let srv = Server::start(so).unwrap();
+        let ep: Endpoint = srv.addrs()[0].parse().unwrap();
+        let mut o = RemoteOptions::new("up-1");
+        o.token = "sesame".into();
+        let files: Vec<String> = ["inventory.img", "pagemap-1.img", "pages-1.img"]
+            .map(String::from)
+            .to_vec();
+        let local = crate::protocol::upload::pagemap_checksum(&img).unwrap();
+        let got = upload_checkpoint(&ep, &o, &img, &files).unwrap();
+        assert_eq!(got, local);
+        assert!(store.join("up-1/pages-1.img").exists());
+        // The same id again is refused; so is a wrong token.
+        let e = upload_checkpoint(&ep, &o, &img, &files).unwrap_err();
+        assert!(
+            e.to_string().contains("exists") || format!("{e:?}").contains("Exists"),
+            "{e:?}"
+        );
+        let mut bad = o.clone();
+        bad.checkpoint = "up-2".into();
+        bad.token = "wrong".into();
+        let e = upload_checkpoint(&ep, &bad, &img, &files).unwrap_err();
+        assert!(format!("{e:?}").contains("Unauthorized"), "{e:?}");
+        assert!(!store.join("up-2").exists());
+        // A file name that would escape the store never leaves the client.
+        let mut o3 = o.clone();
+        o3.checkpoint = "up-3".into();
+        assert!(upload_checkpoint(&ep, &o3, &img, &["../x".to_string()]).is_err());
+        let rp = RemotePages::connect(ep, o).unwrap();
+        assert_eq!(rp.info().unwrap(), local);
+        let mut buf = vec![0u8; 8192];
+        rp.read_pages(1, 0x10000, &mut buf).unwrap();
+        assert_eq!(buf, pages);
+        srv.shutdown();
     }
 }

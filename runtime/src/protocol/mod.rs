@@ -101,7 +101,14 @@
 //! both speak, or `UnsupportedVersion` with its own highest. A version changes whenever any
 //! layout above changes; new kinds and statuses also need a new version (receivers refuse
 //! unknown values). Reserved fields must be 0 and are checked, so that a later version can give
-//! them meaning. There is only version 1.
+//! them meaning.
+//!
+//! - Version 1: reads (`ReadPages`, `Goodbye`), `HELLO_CRIU`.
+//! - Version 2 adds uploads: the hello flag [`HELLO_UPLOAD`] and the file messages of
+//!   [`upload`], the request kind [`RequestKind::Info`] (the stored checkpoint's page bytes and
+//!   pagemap checksum, so that a client detects a store that does not hold what it expects),
+//!   [`HelloStatus::Exists`] and [`RequestStatus::StoreFailed`]. A server refuses them on a
+//!   session that negotiated version 1; v1 clients are served as before.
 //!
 //! # Limits
 //!
@@ -118,7 +125,10 @@ pub const PAGE_SIZE: usize = 4096;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"DPPS";
 /// The protocol version this build speaks (and the highest).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first version with [`HELLO_UPLOAD`], [`RequestKind::Info`], [`HelloStatus::Exists`] and
+/// [`RequestStatus::StoreFailed`].
+pub const VERSION_UPLOAD: u16 = 2;
 /// Longest checkpoint id.
 pub const MAX_CHECKPOINT_ID_LEN: usize = 128;
 /// Longest credential token.
@@ -140,7 +150,10 @@ pub const MAX_USER_ADDRESS: u64 = 1 << 57;
 /// requests, [`criu`]) for the named checkpoint, so that `criu lazy-pages --page-server
 /// --ps-socket FD` can run on a connection the shim opened and authenticated.
 pub const HELLO_CRIU: u16 = 1;
-const HELLO_KNOWN_FLAGS: u16 = HELLO_CRIU;
+/// Hello flag (version 2): the session uploads a new checkpoint under the hello's id
+/// ([`upload`]) instead of reading one.
+pub const HELLO_UPLOAD: u16 = 2;
+const HELLO_KNOWN_FLAGS: u16 = HELLO_CRIU | HELLO_UPLOAD;
 
 /// Request flag: answer only the first run of one kind of each range.
 pub const REQ_FIRST_RUN: u32 = 1;
@@ -358,6 +371,8 @@ macro_rules! wire_enum {
     };
 }
 
+pub mod upload;
+
 wire_enum! {
     /// Outcome of a hello. 0 is reserved.
     HelloStatus {
@@ -377,6 +392,8 @@ wire_enum! {
         Malformed = 7 => "malformed hello",
         /// The server is at its connection limit.
         Busy = 8 => "busy",
+        /// Upload (v2): the store already has a checkpoint with this id.
+        Exists = 9 => "checkpoint exists",
     }
 }
 
@@ -387,6 +404,9 @@ wire_enum! {
         ReadPages = 1 => "read pages",
         /// End the session: the server answers `Ok` with no ranges and closes.
         Goodbye = 2 => "goodbye",
+        /// (v2) No ranges; the server answers `Ok` with no ranges and the message
+        /// `pages_bytes=<n> pagemap_checksum=<16 hex>` ([`upload::pagemap_checksum`]).
+        Info = 3 => "info",
     }
 }
 
@@ -399,6 +419,9 @@ wire_enum! {
         Malformed = 2 => "malformed request",
         /// The request exceeds the server's limits; the server closes.
         TooLarge = 3 => "request too large",
+        /// (v2) An upload could not be stored (disk error, id taken meanwhile); the server
+        /// closes.
+        StoreFailed = 4 => "store failed",
     }
 }
 
@@ -594,6 +617,17 @@ fn text_len(what: &'static str, s: &str, max: usize) -> Result<u16, ProtocolErro
 impl Hello {
     /// Encodes the whole hello (fixed part and strings).
     pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.encode_with_flags(0)
+    }
+
+    /// Encodes the hello with `extra` flags (e.g. [`HELLO_UPLOAD`]) besides `criu_mode`.
+    pub fn encode_with_flags(&self, extra: u16) -> Result<Vec<u8>, ProtocolError> {
+        if extra & !HELLO_KNOWN_FLAGS != 0 {
+            return Err(ProtocolError::Invalid {
+                what: "hello flags",
+                value: u64::from(extra),
+            });
+        }
         if self.checkpoint.is_empty() {
             return Err(ProtocolError::Invalid {
                 what: "checkpoint id length",
@@ -606,7 +640,7 @@ impl Hello {
         let mut b = Vec::with_capacity(HELLO_LEN + self.checkpoint.len() + self.token.len());
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&self.version.to_le_bytes());
-        let flags = if self.criu_mode { HELLO_CRIU } else { 0 };
+        let flags = extra | if self.criu_mode { HELLO_CRIU } else { 0 };
         b.extend_from_slice(&flags.to_le_bytes());
         b.extend_from_slice(&c.to_le_bytes());
         b.extend_from_slice(&t.to_le_bytes());
@@ -621,11 +655,17 @@ impl Hello {
     /// Reads a hello whose 4 magic bytes were already consumed (the server peeks them to tell
     /// native clients from CRIU). Lengths are checked before the strings are read.
     pub fn read_after_magic<R: Read>(r: &mut R) -> Result<Hello, ProtocolError> {
+        Self::read_after_magic_with_flags(r).map(|(h, _)| h)
+    }
+
+    /// As [`Hello::read_after_magic`], also returning all the hello's flags.
+    pub fn read_after_magic_with_flags<R: Read>(r: &mut R) -> Result<(Hello, u16), ProtocolError> {
         let mut b = [0u8; HELLO_LEN];
         b[..4].copy_from_slice(&MAGIC);
         r.read_exact(&mut b[4..])
             .map_err(ProtocolError::io("read hello"))?;
-        Self::read_rest(&b, r)
+        let flags = u16_at(&b, 6);
+        Self::read_rest(&b, r).map(|h| (h, flags))
     }
 
     /// Reads a whole hello.
@@ -821,8 +861,8 @@ pub fn read_request_header<R: Read>(
         usize::from(nr_ranges),
         max_ranges.min(MAX_RANGES),
     )?;
-    if kind == RequestKind::Goodbye {
-        zero("goodbye range count", u64::from(nr_ranges))?;
+    if matches!(kind, RequestKind::Goodbye | RequestKind::Info) {
+        zero("goodbye/info range count", u64::from(nr_ranges))?;
     }
     Ok(Some(RequestHeader {
         request_id,
@@ -1077,8 +1117,11 @@ mod tests {
         b[14] = 1;
         assert!(Hello::read(&mut Cursor::new(&b)).is_err());
         let mut b = hello().encode().unwrap();
-        b[6] = 2;
+        b[6] = 4; // an unknown flag (1 = HELLO_CRIU, 2 = HELLO_UPLOAD)
         assert!(Hello::read(&mut Cursor::new(&b)).is_err());
+        let b = hello().encode_with_flags(HELLO_UPLOAD).unwrap();
+        let (_, flags) = Hello::read_after_magic_with_flags(&mut Cursor::new(&b[4..])).unwrap();
+        assert_eq!(flags, HELLO_UPLOAD);
         let h = Hello {
             criu_mode: true,
             ..hello()
