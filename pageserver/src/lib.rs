@@ -21,6 +21,8 @@
 //! criu restore -D IMG --lazy-pages
 //! # unmodified CRIU, pushing a dump into the store (logged as push-<time>-<n>):
 //! criu dump -t PID -D IMG --page-server --address HOST --port 7060
+//! # the shim's remote Checkpoint uploads images as a new checkpoint (native protocol v2):
+//! #   HELLO_UPLOAD, files, End -> stored atomically as /srv/ckpt/<id> (see `upload`)
 //! # hot/cold pages per checkpoint, from the access logs:
 //! distriproc-pageserver stats --store /srv/ckpt web-1
 //! ```
@@ -43,6 +45,7 @@ pub mod push;
 pub mod server;
 pub mod stats;
 mod stream;
+pub mod upload;
 
 use std::path::PathBuf;
 

@@ -98,6 +98,9 @@ struct ServeArgs {
     /// Per-connection I/O and idle timeout in ms [config: io_timeout_ms; default 60000].
     #[arg(long, value_name = "MS")]
     io_timeout_ms: Option<u64>,
+    /// Largest native upload (remote checkpoint) in bytes [default 4 TiB].
+    #[arg(long, value_name = "BYTES")]
+    max_upload_bytes: Option<u64>,
 }
 
 fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
@@ -155,7 +158,10 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
 
 fn serve(a: &ServeArgs) -> Result<()> {
     let (cfg, origin) = load_config(a)?;
-    let opts = ServerOptions::from_config(&cfg)?;
+    let mut opts = ServerOptions::from_config(&cfg)?;
+    if let Some(v) = a.max_upload_bytes {
+        opts.max_upload_bytes = v;
+    }
     // Block the stop signals before any thread starts, so that only sigwait sees them.
     let mut sigs = SigSet::empty();
     sigs.add(Signal::SIGTERM);

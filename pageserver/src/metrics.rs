@@ -13,6 +13,8 @@
 //! | `distriproc_pageserver_sessions_total` | counter | `proto` |
 //! | `distriproc_pageserver_checkpoints_cached` | gauge | indexes in memory |
 //! | `distriproc_pageserver_checkpoints_pushed_total` | counter | CRIU pushes stored |
+//! | `distriproc_pageserver_checkpoints_uploaded_total` | counter | native uploads stored |
+//! | `distriproc_pageserver_upload_bytes_total` | counter | bytes of stored uploads |
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -54,6 +56,10 @@ pub struct Metrics {
     pub sessions_criu: AtomicU64,
     /// Pushes stored.
     pub pushes: AtomicU64,
+    /// Native uploads stored.
+    pub uploads: AtomicU64,
+    /// Bytes of stored uploads.
+    pub upload_bytes: AtomicU64,
     /// Checkpoint indexes cached (set by the server when it renders).
     pub checkpoints_cached: AtomicU64,
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -164,6 +170,28 @@ impl Metrics {
             o,
             "{p}_checkpoints_pushed_total {}",
             self.pushes.load(Relaxed)
+        );
+        c(
+            &mut o,
+            "checkpoints_uploaded_total",
+            "Checkpoints stored from native uploads (remote checkpoints).",
+            "counter",
+        );
+        let _ = writeln!(
+            o,
+            "{p}_checkpoints_uploaded_total {}",
+            self.uploads.load(Relaxed)
+        );
+        c(
+            &mut o,
+            "upload_bytes_total",
+            "Bytes of stored native uploads.",
+            "counter",
+        );
+        let _ = writeln!(
+            o,
+            "{p}_upload_bytes_total {}",
+            self.upload_bytes.load(Relaxed)
         );
         o
     }

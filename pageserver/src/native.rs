@@ -16,6 +16,7 @@ use distriproc_runtime::protocol::{
     RangeStatus, RequestKind, RequestStatus, MAX_RANGES, MAX_REQUEST_PAGES, PAGE_SIZE,
     REQ_FIRST_RUN, VERSION,
 };
+use distriproc_runtime::protocol::{upload::pagemap_checksum, HELLO_UPLOAD, VERSION_UPLOAD};
 
 use crate::checkpoint::{Checkpoint, RunKind};
 use crate::server::Ctx;
@@ -55,7 +56,7 @@ pub(crate) fn serve(
     mut w: Stream,
     peer: &str,
 ) -> Result<(), PageServerError> {
-    let hello = match Hello::read_after_magic(&mut r) {
+    let (hello, flags) = match Hello::read_after_magic_with_flags(&mut r) {
         Ok(h) => h,
         Err(e) => {
             let reply = HelloReply::refuse(HelloStatus::Malformed, &e.to_string());
@@ -80,6 +81,17 @@ pub(crate) fn serve(
             );
         }
     }
+    let version = hello.version.min(VERSION);
+    if flags & HELLO_UPLOAD != 0 {
+        if version < VERSION_UPLOAD || hello.criu_mode {
+            return refuse(
+                &mut w,
+                HelloStatus::Malformed,
+                format!("upload needs protocol version {VERSION_UPLOAD} and no other flag"),
+            );
+        }
+        return crate::upload::serve(ctx, r, w, peer, &hello, version);
+    }
     let ck = match ctx.store.get(&hello.checkpoint) {
         Ok(c) => c,
         Err(e @ PageServerError::BadCheckpointId { .. }) => {
@@ -98,7 +110,6 @@ pub(crate) fn serve(
         }
     };
     let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
-    let version = hello.version.min(VERSION);
     send(
         &mut w,
         &HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode(),
@@ -124,6 +135,36 @@ pub(crate) fn serve(
                 return Err(perr(peer)(e));
             }
         };
+        if h.kind == RequestKind::Info {
+            out.clear();
+            if version < VERSION_UPLOAD {
+                let msg = "info needs protocol version 2";
+                encode_response_header(h.request_id, RequestStatus::Malformed, 0, msg, &mut out);
+                let _ = send(&mut w, &out, peer);
+                return Err(perr(peer)(ProtocolError::Invalid {
+                    what: "request kind for version 1",
+                    value: u64::from(RequestKind::Info.to_wire()),
+                }));
+            }
+            match pagemap_checksum(ck.dir()) {
+                Ok(d) => encode_response_header(
+                    h.request_id,
+                    RequestStatus::Ok,
+                    0,
+                    &d.to_message(),
+                    &mut out,
+                ),
+                Err(e) => encode_response_header(
+                    h.request_id,
+                    RequestStatus::StoreFailed,
+                    0,
+                    &format!("read {}: {e}", ck.dir().display()),
+                    &mut out,
+                ),
+            }
+            send(&mut w, &out, peer)?;
+            continue;
+        }
         if h.kind == RequestKind::Goodbye {
             out.clear();
             encode_response_header(h.request_id, RequestStatus::Ok, 0, "", &mut out);

@@ -60,6 +60,8 @@ pub struct ServerOptions {
     pub io_timeout: Duration,
     /// Indexes kept in memory.
     pub max_cached: usize,
+    /// Largest native upload (all files together).
+    pub max_upload_bytes: u64,
 }
 
 impl ServerOptions {
@@ -113,6 +115,7 @@ impl ServerOptions {
             max_clients: u64::from(cfg.max_clients),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
             max_cached: usize::try_from(cfg.max_cached_checkpoints).unwrap_or(64),
+            max_upload_bytes: distriproc_runtime::protocol::upload::MAX_UPLOAD_BYTES,
         })
     }
 

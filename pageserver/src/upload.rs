@@ -1,0 +1,198 @@
+//! Upload sessions (native protocol version 2, `distriproc_runtime::protocol::upload`): a
+//! client (the shim's remote Checkpoint) sends a CRIU images directory that becomes the new
+//! checkpoint `<store>/<id>`.
+//!
+//! The files are written into `<store>/.distriproc/incoming/<id>.upload`, each fsynced; after
+//! the `End` message (whose file count must match) the directory is renamed to `<store>/<id>`
+//! and the store directory fsynced, so a checkpoint appears whole or not at all. An id already
+//! taken (or being uploaded) is refused with `Exists` at the hello. A failed or abandoned
+//! upload leaves nothing behind. The total size is limited by `--max-upload-bytes`.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+
+use distriproc_runtime::protocol::upload::{pagemap_checksum, FileHeader, FileKind, MAX_FILES};
+use distriproc_runtime::protocol::{
+    encode_response_header, Hello, HelloReply, HelloStatus, ProtocolError, RequestStatus,
+    MAX_RANGES, MAX_REQUEST_PAGES,
+};
+
+use crate::server::Ctx;
+use crate::stream::Stream;
+use crate::PageServerError;
+
+/// Removes the incoming directory unless the upload was published.
+struct Incoming {
+    tmp: PathBuf,
+    published: bool,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PageServerError {
+    let path = path.to_path_buf();
+    move |source| PageServerError::Io { what, path, source }
+}
+
+/// Serves an upload session whose hello (`version` already negotiated) was read.
+pub(crate) fn serve(
+    ctx: &Ctx,
+    mut r: BufReader<Stream>,
+    mut w: Stream,
+    peer: &str,
+    hello: &Hello,
+    version: u16,
+) -> Result<(), PageServerError> {
+    let refuse = |w: &mut Stream, status, msg: String| {
+        let _ = w.write_all(&HelloReply::refuse(status, &msg).encode());
+        Err(PageServerError::Criu {
+            peer: peer.to_string(),
+            what: format!("upload of {:?} refused ({status}): {msg}", hello.checkpoint),
+        })
+    };
+    let dst = match ctx.store.dir_of(&hello.checkpoint) {
+        Ok(d) => d,
+        Err(e) => return refuse(&mut w, HelloStatus::BadCheckpointId, e.to_string()),
+    };
+    let incoming = ctx.store.state_dir().join("incoming");
+    std::fs::create_dir_all(&incoming).map_err(io("create", &incoming))?;
+    let tmp = incoming.join(format!("{}.upload", hello.checkpoint));
+    if dst.exists() {
+        return refuse(
+            &mut w,
+            HelloStatus::Exists,
+            format!("checkpoint {:?} already exists", hello.checkpoint),
+        );
+    }
+    // create_dir is the lock: a second upload of the same id fails here.
+    if let Err(e) = std::fs::create_dir(&tmp) {
+        return refuse(
+            &mut w,
+            HelloStatus::Exists,
+            format!("checkpoint {:?} is being uploaded ({e})", hello.checkpoint),
+        );
+    }
+    let mut guard = Incoming {
+        tmp: tmp.clone(),
+        published: false,
+    };
+    let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
+    w.write_all(&HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode())
+        .map_err(|source| PageServerError::Protocol {
+            peer: peer.to_string(),
+            source: ProtocolError::Io {
+                what: "write hello reply",
+                source,
+            },
+        })?;
+    tracing::info!(peer, checkpoint = %hello.checkpoint, client = %hello.client, "receiving an upload");
+    let fail = |w: &mut Stream, status: RequestStatus, e: PageServerError| {
+        let mut out = Vec::new();
+        encode_response_header(0, status, 0, &crate::native::error_chain(&e), &mut out);
+        let _ = w.write_all(&out);
+        Err(e)
+    };
+    let perr = |source| PageServerError::Protocol {
+        peer: peer.to_string(),
+        source,
+    };
+    let mut files = 0u64;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let h = match FileHeader::read(&mut r) {
+            Ok(h) => h,
+            Err(e) if e.is_transport() => return Err(perr(e)),
+            Err(e @ ProtocolError::Limit { .. }) => {
+                return fail(&mut w, RequestStatus::TooLarge, perr(e))
+            }
+            Err(e) => return fail(&mut w, RequestStatus::Malformed, perr(e)),
+        };
+        if h.kind == FileKind::End {
+            if h.size != files {
+                let e = perr(ProtocolError::Invalid {
+                    what: "upload file count",
+                    value: h.size,
+                });
+                return fail(&mut w, RequestStatus::Malformed, e);
+            }
+            break;
+        }
+        files += 1;
+        total = total.saturating_add(h.size);
+        if files > MAX_FILES || total > ctx.opts.max_upload_bytes {
+            let e = perr(ProtocolError::Limit {
+                what: "upload bytes",
+                value: total,
+                limit: ctx.opts.max_upload_bytes,
+            });
+            return fail(&mut w, RequestStatus::TooLarge, e);
+        }
+        let path = tmp.join(&h.name);
+        let mut f = match File::options().write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => return fail(&mut w, RequestStatus::Malformed, io("create", &path)(e)),
+        };
+        let mut left = h.size;
+        while left > 0 {
+            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            if let Err(source) = r.read_exact(&mut buf[..n]) {
+                return Err(perr(ProtocolError::Io {
+                    what: "read upload data",
+                    source,
+                }));
+            }
+            if let Err(e) = f.write_all(&buf[..n]) {
+                return fail(&mut w, RequestStatus::StoreFailed, io("write", &path)(e));
+            }
+            left -= n as u64;
+        }
+        if let Err(e) = f.sync_all() {
+            return fail(&mut w, RequestStatus::StoreFailed, io("sync", &path)(e));
+        }
+    }
+    let digest = match pagemap_checksum(&tmp) {
+        Ok(d) => d,
+        Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("read", &tmp)(e)),
+    };
+    if let Err(e) = File::open(&tmp).and_then(|d| d.sync_all()) {
+        return fail(&mut w, RequestStatus::StoreFailed, io("sync", &tmp)(e));
+    }
+    // rename(2) onto an existing non-empty directory fails, so a racing publisher loses cleanly.
+    if dst.exists() {
+        let e = PageServerError::Criu {
+            peer: peer.to_string(),
+            what: format!(
+                "checkpoint {:?} appeared during the upload",
+                hello.checkpoint
+            ),
+        };
+        return fail(&mut w, RequestStatus::StoreFailed, e);
+    }
+    if let Err(e) = std::fs::rename(&tmp, &dst) {
+        return fail(&mut w, RequestStatus::StoreFailed, io("publish", &dst)(e));
+    }
+    guard.published = true;
+    if let Some(root) = dst.parent() {
+        let _ = File::open(root).and_then(|d| d.sync_all());
+    }
+    ctx.metrics.uploads.fetch_add(1, Relaxed);
+    ctx.metrics.upload_bytes.fetch_add(total, Relaxed);
+    tracing::info!(peer, checkpoint = %hello.checkpoint, files, bytes = total, "upload stored");
+    let mut out = Vec::new();
+    encode_response_header(0, RequestStatus::Ok, 0, &digest.to_message(), &mut out);
+    w.write_all(&out).map_err(|source| {
+        perr(ProtocolError::Io {
+            what: "write upload receipt",
+            source,
+        })
+    })
+}
