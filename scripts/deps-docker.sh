@@ -10,7 +10,13 @@
 #    service starts is put in place for the install when none exists, and removed afterwards.
 #    The tests run their own dockerd on a private data root and socket.
 #  - Nothing is done when `/usr/sbin/dockerd --version` already reports 26.x or newer.
+#  - Also installs the Kubernetes manifest validator used by deploy/check.sh: PyPI's
+#    kubernetes-validate (pure Python, ships the Kubernetes JSON schemas) in a venv at
+#    $DISTRIPROC_OPT/k8s-validate (default /opt/distriproc), with Debian's python3.
 set -euo pipefail
+
+OPT=${DISTRIPROC_OPT:-/opt/distriproc}
+K8S_VALIDATE_VERSION=1.37.0
 
 log() { printf '[deps-docker] %s\n' "$*" >&2; }
 
@@ -26,6 +32,25 @@ docker_major() { # prints the major version of /usr/sbin/dockerd, or 0
   v=${v%%.*}
   [[ $v =~ ^[0-9]+$ ]] && echo "$v" || echo 0
 }
+
+install_k8s_validate() {
+  local venv=$OPT/k8s-validate
+  local have=""
+  if [ -x "$venv/bin/kubernetes-validate" ]; then
+    have=$("$venv/bin/kubernetes-validate" --version 2>/dev/null || true)
+  fi
+  if [ "$have" = "$K8S_VALIDATE_VERSION" ]; then
+    return
+  fi
+  log "kubernetes-validate $K8S_VALIDATE_VERSION into $venv"
+  if ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$K8S_VALIDATE_VERSION"
+}
+install_k8s_validate
 
 if [ "$(docker_major)" -ge 26 ] && [ -x /usr/bin/docker ]; then
   log "docker $(/usr/sbin/dockerd --version | awk '{print $3}' | tr -d ,) already installed"
