@@ -561,3 +561,100 @@ fn docker_ctd21() -> Result<()> {
 fn docker_ctd17() -> Result<()> {
     docker_lazy_restore(CONTAINERD_1_7_DIR)
 }
+
+/// The TOML embedded in a Kubernetes ConfigMap under `key: |` (indented block after the key).
+fn configmap_toml(yaml: &str, key: &str) -> Option<String> {
+    let mut lines = yaml.lines();
+    lines.find(|l| l.trim() == format!("{key}: |"))?;
+    let block: Vec<&str> = lines
+        .take_while(|l| l.trim().is_empty() || l.starts_with("    "))
+        .collect();
+    Some(
+        block
+            .iter()
+            .map(|l| l.get(4..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// The configuration files under deploy/ are valid for the shim's and the page server's own
+/// parsers (unknown keys and bad values are errors there), and point at each other.
+#[test]
+fn deploy_config_files_parse() -> Result<()> {
+    use distriproc_config::{pageserver::PageServerConfig, ShimConfig, DEFAULT_SHIM_CONFIG_PATH};
+    let deploy = distriproc_harness::repo_root().join("deploy");
+    let shim = ShimConfig::load(&deploy.join("distriproc/shim.toml"))?;
+    ensure!(
+        shim == ShimConfig::default(),
+        "deploy/distriproc/shim.toml must list the defaults: {shim:?}"
+    );
+    let ps = PageServerConfig::load(&deploy.join("distriproc/pageserver.toml"))?;
+    ensure!(
+        ps == PageServerConfig::default(),
+        "deploy/distriproc/pageserver.toml must list the defaults: {ps:?}"
+    );
+    for (file, key) in [
+        ("kubernetes/pageserver.yaml", "pageserver.toml"),
+        ("kubernetes/pageserver-daemonset.yaml", "pageserver.toml"),
+    ] {
+        let text = fs::read_to_string(deploy.join(file))?;
+        let toml = configmap_toml(&text, key)
+            .ok_or_else(|| anyhow!("deploy/{file}: no ConfigMap key {key}"))?;
+        let cfg = PageServerConfig::from_toml_str(&toml, &format!("deploy/{file}"))?;
+        ensure!(
+            text.contains(&format!("mountPath: {}", cfg.store.display())),
+            "deploy/{file}: the store {} is not a mounted volume",
+            cfg.store.display()
+        );
+    }
+    let daemon: serde_json::Value =
+        serde_json::from_slice(&fs::read(deploy.join("docker/daemon.json"))?)?;
+    ensure!(
+        daemon["runtimes"]["distriproc"]["options"]["ConfigPath"] == DEFAULT_SHIM_CONFIG_PATH,
+        "deploy/docker/daemon.json: ConfigPath is not {DEFAULT_SHIM_CONFIG_PATH}"
+    );
+    for f in [
+        "containerd/distriproc-containerd-1.7.toml",
+        "containerd/distriproc-containerd-2.x.toml",
+    ] {
+        let text = fs::read_to_string(deploy.join(f))?;
+        ensure!(
+            text.contains(&format!("ConfigPath = \"{DEFAULT_SHIM_CONFIG_PATH}\"")),
+            "deploy/{f}: ConfigPath is not {DEFAULT_SHIM_CONFIG_PATH}"
+        );
+    }
+    Ok(())
+}
+
+/// deploy/check.sh: CRI-enabled containerd 1.7 and 2.1 accept the snippets and resolve the
+/// runtime; the Kubernetes manifests parse and pass the schema validator. Runs once, in the
+/// containerd 2.1 pass (it starts both versions itself).
+#[test]
+fn deploy_check_ctd21() -> Result<()> {
+    if !require_stack_in(Path::new(CONTAINERD_2_1_DIR)) {
+        return Ok(());
+    }
+    let script = distriproc_harness::repo_root().join("deploy/check.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).stdin(Stdio::null());
+    let o = run_with_timeout(cmd, Duration::from_secs(300))?
+        .ok_or_else(|| anyhow!("{} timed out", script.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{text}");
+    for line in text.lines().filter(|l| l.starts_with("SKIPPED")) {
+        // Surface the check's own skips in this test's output (scripts/test.sh counts them).
+        println!("{line}");
+    }
+    ensure!(
+        o.status.success(),
+        "{} failed ({})",
+        script.display(),
+        o.status
+    );
+    Ok(())
+}
