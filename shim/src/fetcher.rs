@@ -2,7 +2,11 @@
 //! default) or CRIU's own `criu lazy-pages` daemon (`criu`, the fallback and baseline).
 //!
 //! Both listen on `<work>/lazy-pages.socket` before `runc restore --lazy-pages` runs; pages
-//! come from the local checkpoint directory (the embedded default of DESIGN.md).
+//! come from the local checkpoint directory (the embedded default of DESIGN.md) or, for a
+//! remote checkpoint, from the page server: `RemotePages` in native mode, and in criu mode a
+//! connection the shim opens and authenticates itself (`HELLO_CRIU`) and hands to
+//! `criu lazy-pages --page-server --ps-socket FD`. Either way the server's digest of the
+//! checkpoint must match the reference before the restore goes on.
 
 use std::{
     path::{Path, PathBuf},
@@ -14,12 +18,14 @@ use std::{
 use distriproc_config::{FetcherConfig, FetcherMode};
 use distriproc_runtime::{
     fetcher::{FetcherHandle, FetcherOptions, LazyPagesServer},
-    source::LocalImages,
+    protocol::upload::MemoryDigest,
+    remote::{open_criu_session, Endpoint, RemoteOptions, RemotePages},
+    source::{LocalImages, PageSource},
 };
 
 use crate::{
     error::{Result, ShimError},
-    lazy::{LazyBackend, LazySession},
+    lazy::{LazyBackend, LazySession, PagesFrom},
 };
 
 /// How long `criu lazy-pages --daemon` may take to listen.
@@ -56,15 +62,48 @@ impl LazyBackend for Fetchers {
         work: &Path,
         images: &Path,
         cfg: &FetcherConfig,
+        pages: &PagesFrom,
     ) -> Result<Box<dyn LazySession>> {
         match cfg.mode {
-            FetcherMode::Native => start_native(work, images, cfg),
-            FetcherMode::Criu => start_criu(work, images),
+            FetcherMode::Native => start_native(work, images, cfg, pages),
+            FetcherMode::Criu => start_criu(work, images, pages),
         }
     }
 }
 
-fn start_native(work: &Path, images: &Path, cfg: &FetcherConfig) -> Result<Box<dyn LazySession>> {
+fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Error) -> ShimError {
+    ShimError::Other(format!(
+        "remote checkpoint {:?} at page server {endpoint}: {}",
+        opts.checkpoint,
+        chain(e)
+    ))
+}
+
+/// Fails unless the server's digest of the checkpoint is `expect`.
+fn check_digest(
+    endpoint: &Endpoint,
+    opts: &RemoteOptions,
+    found: MemoryDigest,
+    expect: MemoryDigest,
+) -> Result<()> {
+    if found == expect {
+        return Ok(());
+    }
+    Err(ShimError::Other(format!(
+        "remote checkpoint {:?} at page server {endpoint}: the server holds {}, the reference \
+         file says {}: not the memory of this checkpoint",
+        opts.checkpoint,
+        found.to_message(),
+        expect.to_message()
+    )))
+}
+
+fn start_native(
+    work: &Path,
+    images: &Path,
+    cfg: &FetcherConfig,
+    pages: &PagesFrom,
+) -> Result<Box<dyn LazySession>> {
     let fail = |what: &str, e: &dyn std::error::Error| {
         ShimError::Other(format!(
             "lazy restore from {}: {what}: {}",
@@ -72,44 +111,92 @@ fn start_native(work: &Path, images: &Path, cfg: &FetcherConfig) -> Result<Box<d
             chain(e)
         ))
     };
-    let source = LocalImages::open(images).map_err(|e| fail("open images", &e))?;
+    let (source, remote): (Arc<dyn PageSource>, Option<Arc<RemotePages>>) = match pages {
+        PagesFrom::Local => (
+            Arc::new(LocalImages::open(images).map_err(|e| fail("open images", &e))?),
+            None,
+        ),
+        PagesFrom::Remote {
+            endpoint,
+            opts,
+            expect,
+        } => {
+            let rp = RemotePages::connect(endpoint.clone(), (**opts).clone())
+                .map_err(|e| remote_fail(endpoint, opts, &e))?;
+            let found = rp.info().map_err(|e| remote_fail(endpoint, opts, &e))?;
+            check_digest(endpoint, opts, found, *expect)?;
+            let rp = Arc::new(rp);
+            (rp.clone(), Some(rp))
+        }
+    };
     let opts = FetcherOptions::from_config(cfg);
-    let server = LazyPagesServer::bind(work, images, Arc::new(source), opts)
+    let server = LazyPagesServer::bind(work, images, source, opts)
         .map_err(|e| fail("bind lazy-pages socket", &e))?;
     let handle = server.spawn().map_err(|e| fail("start fetcher", &e))?;
-    Ok(Box::new(Native(handle)))
+    Ok(Box::new(Native { handle, remote }))
 }
 
-struct Native(FetcherHandle);
+struct Native {
+    handle: FetcherHandle,
+    remote: Option<Arc<RemotePages>>,
+}
+
+/// FetchStats as JSON, with a `remote` object when pages come from a page server.
+fn stats_json(
+    stats: &distriproc_runtime::fetcher::FetchStats,
+    remote: Option<&Arc<RemotePages>>,
+) -> String {
+    {
+        let mut v = serde_json::to_value(stats).unwrap_or_default();
+        if let (Some(r), Some(obj)) = (remote, v.as_object_mut()) {
+            let s = r.stats();
+            obj.insert(
+                "remote".into(),
+                serde_json::json!({
+                    "endpoint": r.endpoint().to_string(),
+                    "checkpoint": r.checkpoint(),
+                    "requests": s.requests,
+                    "pages": s.pages,
+                    "bytes": s.bytes,
+                    "connects": s.connects,
+                    "retries": s.retries,
+                }),
+            );
+        }
+        v.to_string()
+    }
+}
 
 impl LazySession for Native {
     fn stats_json(&self) -> String {
-        serde_json::to_string(&self.0.stats()).unwrap_or_default()
+        stats_json(&self.handle.stats(), self.remote.as_ref())
     }
     fn stop(&self) {
-        self.0.stop();
+        self.handle.stop();
     }
     fn finished(&self) -> bool {
-        self.0.is_finished()
+        self.handle.is_finished()
     }
     fn wait(self: Box<Self>) -> std::result::Result<String, String> {
-        match self.0.wait() {
-            Ok(s) => Ok(serde_json::to_string(&s).unwrap_or_default()),
+        let Native { handle, remote } = *self;
+        match handle.wait() {
+            Ok(s) => Ok(stats_json(&s, remote.as_ref())),
             Err(e) => Err(chain(&e)),
         }
     }
 }
 
-/// `criu lazy-pages --daemon` serving from the images directory.
-fn start_criu(work: &Path, images: &Path) -> Result<Box<dyn LazySession>> {
+/// `criu lazy-pages --daemon` serving from the images directory, or from the page server on a
+/// connection the shim opened and authenticated (`--page-server --ps-socket FD`).
+fn start_criu(work: &Path, images: &Path, pages: &PagesFrom) -> Result<Box<dyn LazySession>> {
     let socket = work.join("lazy-pages.socket");
     let _ = std::fs::remove_file(&socket);
     let pidfile = work.join("lazy-pages.pid");
     let _ = std::fs::remove_file(&pidfile);
     // The daemon's parent exits once the socket listens; the shim's reaper collects it, so
     // readiness is judged by the socket and the pid file, not by waiting on the child.
-    Command::new("criu")
-        .arg("lazy-pages")
+    let mut cmd = Command::new("criu");
+    cmd.arg("lazy-pages")
         .arg("--images-dir")
         .arg(images)
         .arg("--work-dir")
@@ -121,8 +208,39 @@ fn start_criu(work: &Path, images: &Path) -> Result<Box<dyn LazySession>> {
         .arg("-v4")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .stderr(Stdio::null());
+    // Keeps the page-server connection open in the shim until the daemon has inherited it.
+    let _socket = match pages {
+        PagesFrom::Local => None,
+        PagesFrom::Remote {
+            endpoint,
+            opts,
+            expect,
+        } => {
+            // The digest check needs a native session; CRIU's own session has no such request.
+            let probe = RemotePages::connect(endpoint.clone(), (**opts).clone())
+                .map_err(|e| remote_fail(endpoint, opts, &e))?;
+            let found = probe.info().map_err(|e| remote_fail(endpoint, opts, &e))?;
+            drop(probe);
+            check_digest(endpoint, opts, found, *expect)?;
+            let fd =
+                open_criu_session(endpoint, opts).map_err(|e| remote_fail(endpoint, opts, &e))?;
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            cmd.args(["--page-server", "--ps-socket", &raw.to_string()]);
+            // SAFETY: only the async-signal-safe fcntl runs in the child, on a descriptor this
+            // function owns and keeps open until after spawn.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            Some(fd)
+        }
+    };
+    cmd.spawn()
         .map_err(|e| ShimError::io("run criu lazy-pages for", images, e))?;
     let deadline = Instant::now() + CRIU_DAEMON_START;
     let read_pid = || {
@@ -237,6 +355,7 @@ mod tests {
             dir.path(),
             &dir.path().join("no-such-checkpoint"),
             &FetcherConfig::default(),
+            &PagesFrom::Local,
         ) {
             Ok(_) => panic!("started on a missing checkpoint"),
             Err(e) => e,

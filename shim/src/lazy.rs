@@ -17,23 +17,42 @@ use std::{
 };
 
 use distriproc_config::FetcherConfig;
+use distriproc_runtime::protocol::upload::MemoryDigest;
+use distriproc_runtime::remote::{Endpoint, RemoteOptions};
 
 use crate::error::Result;
 
 /// File in the bundle with the fetcher's statistics (FetchStats as JSON).
 pub const STATS_FILE: &str = "distriproc-lazy-stats.json";
 
+/// Where a restore's pages come from.
+#[derive(Debug, Clone)]
+pub enum PagesFrom {
+    /// `pages-*.img` of the checkpoint directory (the embedded default).
+    Local,
+    /// The page server (a remote checkpoint, `crate::remote`).
+    Remote {
+        /// The page server.
+        endpoint: Endpoint,
+        /// Checkpoint id, token, timeouts.
+        opts: Box<RemoteOptions>,
+        /// What the server must hold for the checkpoint (from the reference file).
+        expect: MemoryDigest,
+    },
+}
+
 /// Starts page fetchers for lazy restores.
 pub trait LazyBackend: Send + Sync {
     /// Whether restores through this backend are lazy at all.
     fn is_lazy(&self) -> bool;
     /// Listen on `<work>/lazy-pages.socket` and start serving pages of `images` as `cfg` says
-    /// (mode, fill policy, tuning).
+    /// (mode, fill policy, tuning), with page data from `pages`.
     fn start(
         &self,
         work: &Path,
         images: &Path,
         cfg: &FetcherConfig,
+        pages: &PagesFrom,
     ) -> Result<Box<dyn LazySession>>;
 }
 
@@ -58,7 +77,13 @@ impl LazyBackend for EagerOnly {
         false
     }
 
-    fn start(&self, _: &Path, _: &Path, _: &FetcherConfig) -> Result<Box<dyn LazySession>> {
+    fn start(
+        &self,
+        _: &Path,
+        _: &Path,
+        _: &FetcherConfig,
+        _: &PagesFrom,
+    ) -> Result<Box<dyn LazySession>> {
         Err(crate::error::ShimError::Unimplemented("lazy restore"))
     }
 }

@@ -14,6 +14,7 @@ pub mod io;
 pub mod lazy;
 pub mod oom;
 pub mod options;
+pub mod remote;
 pub mod runc;
 pub mod service;
 pub mod task;

@@ -36,7 +36,7 @@ use containerd_shim::{
     util::convert_to_any,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
-use distriproc_config::FetcherConfig;
+use distriproc_config::{FetcherConfig, ShimConfig};
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -532,12 +532,51 @@ impl TaskService {
             c.init.io_done = Some(done);
             Some(cs)
         };
+        let restore_err = |detail: String| ShimError::Restore {
+            id: id.clone(),
+            detail,
+            log: restore_log.clone(),
+        };
+        let reference = crate::remote::read_reference(&plan.images)
+            .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
+        if reference.is_some() && !self.inner.lazy.is_lazy() {
+            return Err(restore_err(format!(
+                "{} is a remote checkpoint (its memory is in a page server) and needs a lazy \
+                 restore, but lazy restore is off",
+                plan.images.display()
+            )));
+        }
         let session = if self.inner.lazy.is_lazy() {
-            let cfg = fetcher_config(&c.bundle, &c.opts)?;
+            let shim_cfg = shim_config(&c.bundle, &c.opts)?;
+            let pages = match &reference {
+                None => lazy::PagesFrom::Local,
+                Some(r) => {
+                    let (endpoint, opts) = crate::remote::client(
+                        &shim_cfg.pageserver,
+                        Some(&r.endpoint),
+                        &r.checkpoint,
+                        &id,
+                    )
+                    .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
+                    let expect = r
+                        .digest()
+                        .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
+                    info!(
+                        "restoring {id} from remote checkpoint {:?} at {endpoint}",
+                        r.checkpoint
+                    );
+                    lazy::PagesFrom::Remote {
+                        endpoint,
+                        opts: Box::new(opts),
+                        expect,
+                    }
+                }
+            };
+            let cfg = shim_cfg.fetcher;
             let s = self
                 .inner
                 .lazy
-                .start(&plan.work, &plan.images, &cfg)
+                .start(&plan.work, &plan.images, &cfg, &pages)
                 .map_err(|e| ShimError::Restore {
                     id: id.clone(),
                     detail: e.to_string(),
@@ -961,6 +1000,39 @@ impl TaskService {
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
         }
+        let cfg = shim_config(&c.bundle, &c.opts)?;
+        let remote = crate::remote::wanted(&cfg.pageserver, &bundle_annotations(&c.bundle))
+            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
+        if remote {
+            let (dir, ps, cid) = (
+                PathBuf::from(&image),
+                cfg.pageserver.clone(),
+                req.id.clone(),
+            );
+            let t0 = std::time::Instant::now();
+            let published =
+                tokio::task::spawn_blocking(move || crate::remote::publish(&dir, &ps, &cid))
+                    .await
+                    .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
+                    .map_err(|e| {
+                        ShimError::Other(format!(
+                            "checkpoint of {}: publishing its memory to the page server failed: {}",
+                            req.id,
+                            crate::fetcher::chain(&e)
+                        ))
+                    })?;
+            if let Some(r) = published {
+                info!(
+                    "checkpoint of {} published as {:?} at {} ({} lazy pages, {} bytes) in {:?}",
+                    req.id,
+                    r.checkpoint,
+                    r.endpoint,
+                    r.lazy_pages,
+                    r.pages_bytes,
+                    t0.elapsed()
+                );
+            }
+        }
         send(
             self.events(),
             TaskCheckpointed {
@@ -1132,16 +1204,25 @@ pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> Check
 /// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
 /// overridden by the bundle's `io.distriproc.*` annotations.
 pub fn fetcher_config(bundle: &Path, opts: &ShimOptions) -> Result<FetcherConfig> {
-    let mut cfg = opts.load_config()?;
-    let annotations: HashMap<String, String> = std::fs::read_to_string(bundle.join("config.json"))
+    Ok(shim_config(bundle, opts)?.fetcher)
+}
+
+/// The OCI annotations of the bundle's config.json (empty if unreadable).
+pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
+    std::fs::read_to_string(bundle.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("annotations").cloned())
         .and_then(|a| serde_json::from_value(a).ok())
-        .unwrap_or_default();
-    cfg.apply_annotations(&annotations)
+        .unwrap_or_default()
+}
+
+/// The whole shim configuration for a container (see [`fetcher_config`]).
+pub fn shim_config(bundle: &Path, opts: &ShimOptions) -> Result<ShimConfig> {
+    let mut cfg = opts.load_config()?;
+    cfg.apply_annotations(&bundle_annotations(bundle))
         .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
-    Ok(cfg.fetcher)
+    Ok(cfg)
 }
 
 #[async_trait]

@@ -1,0 +1,448 @@
+//! Remote checkpoints: memory in the page server, metadata in containerd's checkpoint.
+//!
+//! With a page server configured (`[pageserver] address`), the shim's Checkpoint runs
+//! `runc checkpoint` into the directory containerd gave it as usual, then [`publish`]es it:
+//!
+//! 1. refuses nothing but skips (keeps the checkpoint local) when the directory has a
+//!    `parent` link (pre-dump chains stay local);
+//! 2. uploads every file of the directory to the page server as the new checkpoint
+//!    `<container>-<unix ms>-<shim pid>` (native protocol v2, `protocol::upload`: token,
+//!    limits, stored atomically); the server's receipt must match the local [`MemoryDigest`];
+//! 3. strips the lazy pages locally ([`strip_lazy_pages`]): every `PE_LAZY` pagemap entry loses
+//!    `PE_PRESENT` and its data leaves `pages-<id>.img`, which keeps only the pages CRIU restores
+//!    eagerly (stacks' top pages, file-backed private pages: a few hundred KiB) — the images
+//!    then look like a `criu dump --lazy-pages` and `criu restore --lazy-pages` needs nothing
+//!    else locally;
+//! 4. writes the reference file [`REFERENCE_FILE`].
+//!
+//! containerd then tars a directory without the memory. On restore, a checkpoint directory
+//! holding the reference file is served by `RemotePages` (or `criu lazy-pages --ps-socket`);
+//! the page server's `Info` answer must match the reference's digest, so a store that holds
+//! something else under that id is detected before anything runs.
+//!
+//! # `distriproc-remote.json`
+//!
+//! ```json
+//! {"version":1,"endpoint":"10.0.0.5:7060","checkpoint":"web-1-1763772000123-4242",
+//!  "lazy_pages":65536,"pages_bytes":268582912,"pagemap_checksum":"9f0c3a...16 hex"}
+//! ```
+//!
+//! `endpoint` is where the checkpoint was published; a restoring shim uses its own configured
+//! `[pageserver] address` when it has one (another host may reach the server by another name)
+//! and the reference's endpoint otherwise. `pages_bytes` and `pagemap_checksum` describe the
+//! stored (unstripped) images, as `protocol::upload::pagemap_checksum` computes them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use distriproc_config::pageserver::PageServerClientConfig;
+use distriproc_runtime::images::{
+    ImageDir, PagemapEntry, PagemapHead, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY,
+    PE_PRESENT,
+};
+use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest};
+use distriproc_runtime::remote::{upload_checkpoint, Endpoint, RemoteOptions};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::fetcher::chain;
+
+/// The reference file a remote checkpoint leaves in its directory.
+pub const REFERENCE_FILE: &str = "distriproc-remote.json";
+/// Per-container opt-in/out: `true` or `false` (default: remote when a page server is
+/// configured).
+pub const ANNOTATION_REMOTE: &str = "io.distriproc.remote-checkpoint";
+
+/// Errors of publishing or using a remote checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteCheckpointError {
+    /// A file of the checkpoint directory could not be read or written.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The images could not be parsed.
+    #[error("read the images of {}: {detail}", dir.display())]
+    Images {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The reader's error chain.
+        detail: String,
+    },
+    /// The page server configuration or the reference is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The page server failed or refused.
+    #[error("page server: {0}")]
+    Server(String),
+    /// The page server holds other memory than the reference describes.
+    #[error("page server {endpoint} holds checkpoint {checkpoint:?} with {found}, the reference says {expected}: not the memory of this checkpoint")]
+    Mismatch {
+        /// Where.
+        endpoint: String,
+        /// The id.
+        checkpoint: String,
+        /// The server's digest.
+        found: String,
+        /// The reference's digest.
+        expected: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, RemoteCheckpointError>;
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RemoteCheckpointError {
+    let path = path.to_path_buf();
+    move |source| RemoteCheckpointError::Io { what, path, source }
+}
+
+/// The content of [`REFERENCE_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteReference {
+    /// Format version (1).
+    pub version: u32,
+    /// `HOST:PORT` or `unix:PATH` the checkpoint was published to.
+    pub endpoint: String,
+    /// The checkpoint id in the page server's store.
+    pub checkpoint: String,
+    /// Lazy pages whose data lives only in the page server.
+    pub lazy_pages: u64,
+    /// Bytes of the stored `pages-*.img`.
+    pub pages_bytes: u64,
+    /// Checksum of the stored `pagemap-*.img` (16 hex digits).
+    pub pagemap_checksum: String,
+}
+
+impl RemoteReference {
+    /// The digest the page server must report.
+    pub fn digest(&self) -> Result<MemoryDigest> {
+        let sum = u64::from_str_radix(&self.pagemap_checksum, 16).map_err(|e| {
+            RemoteCheckpointError::Config(format!(
+                "{REFERENCE_FILE}: pagemap_checksum {:?}: {e}",
+                self.pagemap_checksum
+            ))
+        })?;
+        Ok(MemoryDigest {
+            pages_bytes: self.pages_bytes,
+            pagemap_checksum: sum,
+        })
+    }
+}
+
+/// Reads the reference file of `dir`; `None` for a local checkpoint.
+pub fn read_reference(dir: &Path) -> Result<Option<RemoteReference>> {
+    let path = dir.join(REFERENCE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    let r: RemoteReference = serde_json::from_str(&text)
+        .map_err(|e| RemoteCheckpointError::Config(format!("{}: {e}", path.display())))?;
+    if r.version != 1 {
+        return Err(RemoteCheckpointError::Config(format!(
+            "{}: version {} (this shim reads version 1)",
+            path.display(),
+            r.version
+        )));
+    }
+    Ok(Some(r))
+}
+
+/// Whether a checkpoint of a container with `annotations` goes to the page server.
+pub fn wanted(
+    cfg: &PageServerClientConfig,
+    annotations: &HashMap<String, String>,
+) -> std::result::Result<bool, String> {
+    let configured = !cfg.address.is_empty();
+    match annotations.get(ANNOTATION_REMOTE).map(|s| s.trim()) {
+        None => Ok(configured),
+        Some("false") => Ok(false),
+        Some("true") if configured => Ok(true),
+        Some("true") => Err(format!(
+            "annotation {ANNOTATION_REMOTE}=true but no [pageserver] address is configured"
+        )),
+        Some(v) => Err(format!(
+            "annotation {ANNOTATION_REMOTE}={v:?}: expected true or false"
+        )),
+    }
+}
+
+/// The page-server endpoint and client options to reach checkpoint `id` (the configured
+/// address, else `fallback`).
+pub fn client(
+    cfg: &PageServerClientConfig,
+    fallback: Option<&str>,
+    id: &str,
+    label: &str,
+) -> Result<(Endpoint, RemoteOptions)> {
+    let mut cfg = cfg.clone();
+    if cfg.address.is_empty() {
+        cfg.address = fallback.unwrap_or_default().to_string();
+    }
+    RemoteOptions::from_config(&cfg, id, label)
+        .map_err(|e| RemoteCheckpointError::Config(chain(&e)))?
+        .ok_or_else(|| RemoteCheckpointError::Config("no page server address".into()))
+}
+
+/// A checkpoint id for container `container`: its id cut to allowed characters, the time and
+/// the shim's pid.
+pub fn checkpoint_id(container: &str) -> String {
+    let base: String = container
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    let base = base.trim_start_matches(['.', '-']);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(
+        "{}-{ms}-{}",
+        if base.is_empty() { "ckpt" } else { base },
+        std::process::id()
+    )
+}
+
+/// Publishes the checkpoint in `dir` to the page server (see the module documentation).
+/// `Ok(None)`: kept local (a parent chain).
+pub fn publish(
+    dir: &Path,
+    cfg: &PageServerClientConfig,
+    container: &str,
+) -> Result<Option<RemoteReference>> {
+    if std::fs::symlink_metadata(dir.join("parent")).is_ok() {
+        log::warn!(
+            "checkpoint of {container} in {} has a parent chain: kept local",
+            dir.display()
+        );
+        return Ok(None);
+    }
+    let digest = pagemap_checksum(dir).map_err(io("read pagemaps in", dir))?;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let e = e.map_err(io("list", dir))?;
+        let ft = e.file_type().map_err(io("stat in", dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == REFERENCE_FILE {
+            continue;
+        }
+        if !ft.is_file() {
+            return Err(RemoteCheckpointError::Config(format!(
+                "{}: {name} is not a regular file; only flat image directories are published",
+                dir.display()
+            )));
+        }
+        files.push(name);
+    }
+    files.sort();
+    let id = checkpoint_id(container);
+    let (endpoint, opts) = client(cfg, None, &id, container)?;
+    let receipt = upload_checkpoint(&endpoint, &opts, dir, &files)
+        .map_err(|e| RemoteCheckpointError::Server(chain(&e)))?;
+    if receipt != digest {
+        return Err(RemoteCheckpointError::Mismatch {
+            endpoint: endpoint.to_string(),
+            checkpoint: id,
+            found: receipt.to_message(),
+            expected: digest.to_message(),
+        });
+    }
+    let lazy_pages = strip_lazy_pages(dir)?;
+    let r = RemoteReference {
+        version: 1,
+        endpoint: cfg.address.clone(),
+        checkpoint: id,
+        lazy_pages,
+        pages_bytes: digest.pages_bytes,
+        pagemap_checksum: format!("{:016x}", digest.pagemap_checksum),
+    };
+    let path = dir.join(REFERENCE_FILE);
+    let tmp = dir.join(format!(".{REFERENCE_FILE}.tmp"));
+    let json = serde_json::to_string(&r).unwrap_or_default();
+    std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("write", &path))?;
+    Ok(Some(r))
+}
+
+/// Pids of the task pagemaps (`pagemap-<pid>.img`) in `dir`.
+fn task_pagemaps(dir: &Path) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let name = e.map_err(io("list", dir))?.file_name();
+        if let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+fn frame(w: &mut impl Write, m: &impl Message) -> std::io::Result<()> {
+    let body = m.encode_to_vec();
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&body)
+}
+
+/// Removes the data of every lazy page from the task pagemaps and pages files of `dir`
+/// (entries with `PE_LAZY` lose `PE_PRESENT`; the pages file keeps the other present pages in
+/// pagemap order). Returns the lazy pages removed.
+pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
+    let img = ImageDir::open(dir).map_err(|e| RemoteCheckpointError::Images {
+        dir: dir.to_path_buf(),
+        detail: chain(&e),
+    })?;
+    let mut removed = 0u64;
+    for pid in task_pagemaps(dir)? {
+        let (pages_id, entries) =
+            img.pagemap_entries(pid)
+                .map_err(|e| RemoteCheckpointError::Images {
+                    dir: dir.to_path_buf(),
+                    detail: chain(&e),
+                })?;
+        let pages_path = dir.join(format!("pages-{pages_id}.img"));
+        let map_path = dir.join(format!("pagemap-{pid}.img"));
+        let pages_tmp = dir.join(format!(".pages-{pages_id}.img.tmp"));
+        let map_tmp = dir.join(format!(".pagemap-{pid}.img.tmp"));
+        let mut src = File::open(&pages_path).map_err(io("open", &pages_path))?;
+        let mut pages_out =
+            BufWriter::new(File::create(&pages_tmp).map_err(io("create", &pages_tmp))?);
+        let mut map_out = BufWriter::new(File::create(&map_tmp).map_err(io("create", &map_tmp))?);
+        let w = |e| io("write", &map_tmp)(e);
+        map_out
+            .write_all(&IMG_COMMON_MAGIC.to_le_bytes())
+            .map_err(w)?;
+        map_out.write_all(&PAGEMAP_MAGIC.to_le_bytes()).map_err(w)?;
+        frame(&mut map_out, &PagemapHead { pages_id }).map_err(w)?;
+        let mut off = 0u64;
+        for e in &entries {
+            let mut flags = e.flags;
+            if e.flags & PE_PRESENT != 0 {
+                let len = e.nr_pages * PAGE_SIZE;
+                if e.flags & PE_LAZY != 0 {
+                    flags &= !PE_PRESENT;
+                    removed += e.nr_pages;
+                } else {
+                    src.seek(SeekFrom::Start(off))
+                        .map_err(io("read", &pages_path))?;
+                    let n = std::io::copy(&mut (&mut src).take(len), &mut pages_out)
+                        .map_err(io("copy pages from", &pages_path))?;
+                    if n != len {
+                        return Err(io("read", &pages_path)(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "pages file shorter than its pagemap",
+                        )));
+                    }
+                }
+                off += len;
+            }
+            let entry = PagemapEntry {
+                vaddr: e.vaddr,
+                compat_nr_pages: u32::try_from(e.nr_pages).unwrap_or(0),
+                in_parent: None,
+                flags: Some(flags),
+                nr_pages: Some(e.nr_pages),
+            };
+            frame(&mut map_out, &entry).map_err(w)?;
+        }
+        let pages_file = pages_out
+            .into_inner()
+            .map_err(|e| io("write", &pages_tmp)(e.into_error()))?;
+        pages_file.sync_all().map_err(io("sync", &pages_tmp))?;
+        let map_file = map_out
+            .into_inner()
+            .map_err(|e| io("write", &map_tmp)(e.into_error()))?;
+        map_file.sync_all().map_err(io("sync", &map_tmp))?;
+        std::fs::rename(&pages_tmp, &pages_path).map_err(io("replace", &pages_path))?;
+        std::fs::rename(&map_tmp, &map_path).map_err(io("replace", &map_path))?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distriproc_runtime::images::testutil::{pm, write_inventory, write_pagemap};
+
+    #[test]
+    fn strip_keeps_eager_pages_and_marks_lazy_absent() {
+        let d = tempfile::tempdir().unwrap();
+        write_inventory(d.path()).unwrap();
+        write_pagemap(
+            d.path(),
+            1,
+            1,
+            &[
+                pm(0x1000, 1, PE_PRESENT),
+                pm(0x10000, 2, PE_LAZY | PE_PRESENT),
+                pm(0x20000, 1, PE_PRESENT),
+            ],
+        )
+        .unwrap();
+        let mut pages = vec![1u8; 4096];
+        pages.extend_from_slice(&[2u8; 8192]);
+        pages.extend_from_slice(&[3u8; 4096]);
+        std::fs::write(d.path().join("pages-1.img"), &pages).unwrap();
+        assert_eq!(strip_lazy_pages(d.path()).unwrap(), 2);
+        let after = std::fs::read(d.path().join("pages-1.img")).unwrap();
+        assert_eq!(after.len(), 8192);
+        assert!(after[..4096].iter().all(|b| *b == 1));
+        assert!(after[4096..].iter().all(|b| *b == 3));
+        let img = ImageDir::open(d.path()).unwrap();
+        let (_, e) = img.pagemap_entries(1).unwrap();
+        assert_eq!(e[1].flags, PE_LAZY);
+        assert_eq!(e[2].flags, PE_PRESENT);
+        let map = img.pagemap(1).unwrap();
+        assert_eq!(map.present_pages(), 2);
+    }
+
+    #[test]
+    fn annotation_and_reference() {
+        let none = PageServerClientConfig::default();
+        let set = PageServerClientConfig {
+            address: "127.0.0.1:7060".into(),
+            ..Default::default()
+        };
+        let a = |v: &str| HashMap::from([(ANNOTATION_REMOTE.to_string(), v.to_string())]);
+        assert!(!wanted(&none, &HashMap::new()).unwrap());
+        assert!(wanted(&set, &HashMap::new()).unwrap());
+        assert!(!wanted(&set, &a("false")).unwrap());
+        assert!(wanted(&none, &a("true")).is_err());
+        assert!(wanted(&set, &a("yes")).is_err());
+        let id = checkpoint_id("../we ird/id");
+        distriproc_config::pageserver::validate_checkpoint_id(&id).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        assert!(read_reference(d.path()).unwrap().is_none());
+        std::fs::write(
+            d.path().join(REFERENCE_FILE),
+            r#"{"version":1,"endpoint":"h:1","checkpoint":"c","lazy_pages":1,"pages_bytes":4096,"pagemap_checksum":"00000000000000ff"}"#,
+        )
+        .unwrap();
+        let r = read_reference(d.path()).unwrap().unwrap();
+        assert_eq!(r.digest().unwrap().pagemap_checksum, 255);
+        std::fs::write(d.path().join(REFERENCE_FILE), "{}").unwrap();
+        assert!(read_reference(d.path()).is_err());
+    }
+}
