@@ -13,7 +13,8 @@
 # covers the containerd-facing packages ($E2E_1_PACKAGES: the shim and the harness). Real-stack tests skip with a "SKIPPED:" reason when the stack is
 # missing, and fail instead when CI=true. Logs: target/test-logs/<step>.log.
 # Environment: CARGO (default cargo), CTD_2 / CTD_1 (containerd bin dirs), CARGO_TEST_ARGS
-# (extra args after `--`, e.g. a test name filter).
+# (extra args after `--`, e.g. a test name filter), STEP_TIMEOUT (seconds per step, default
+# 1800: a hung test fails its step instead of hanging the run).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ CTD_2=${CTD_2:-$OPT/containerd-2.1/usr/bin}
 CTD_1=${CTD_1:-$OPT/containerd-1.7/usr/bin}
 E2E_1_PACKAGES=${E2E_1_PACKAGES:-containerd-shim-distriproc-v2 distriproc-harness}
 LOGS=target/test-logs
+STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 mkdir -p "$LOGS"
 what=${1:-all}
 
@@ -43,7 +45,7 @@ step() {
     echo
     echo "==> [$name] ${envs[*]} $*"
     start=$(date +%s)
-    env "${envs[@]}" "$@" 2>&1 | tee "$log" || rc=$?
+    timeout --kill-after=30 "$STEP_TIMEOUT" env "${envs[@]}" "$@" 2>&1 | tee "$log" || rc=$?
     local took=$(($(date +%s) - start))
     local passed fail ignored skipped
     passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
@@ -53,6 +55,9 @@ step() {
     names+=("$name")
     times+=("${took}s")
     counts+=("passed $passed, failed $fail, ignored $ignored, skipped(no stack) $skipped")
+    if [[ $rc == 124 || $rc == 137 ]]; then
+        counts[-1]+=" -- TIMED OUT after ${STEP_TIMEOUT}s (hung test: see the log's last lines)"
+    fi
     if [[ $rc == 0 ]]; then
         results+=(PASS)
     else
