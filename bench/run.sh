@@ -17,7 +17,8 @@
 #
 # Environment: SIZES (MiB, default "256 1024 4096"), REPS (default 5), REPS_BIG (repetitions at
 # sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none"), THREADS (memhog
-# threads, default 2), REMOTE (1), DELAYS_US (one-way proxy delays, default "0 250"),
+# threads, default 2), REMOTE (1), DELAYS_US (one-way proxy delays, default "250"), REDIS (1;
+# bench/redis.sh: REDIS_KEYS, REDIS_REPS),
 # REPORT (1: render the doc), DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
 set -euo pipefail
 
@@ -30,7 +31,7 @@ SYSTEMS=${SYSTEMS:-eager criu ours ours-none}
 THREADS=${THREADS:-2}
 REMOTE=${REMOTE:-1}
 REPORT=${REPORT:-1}
-OUT=$ROOT/bench/out
+OUT=${BENCH_OUT:-$ROOT/bench/out}
 MEMHOG=$ROOT/test-images/out/memhog
 IMAGE=localhost/distriproc/memhog:latest
 export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$ROOT/target/release/containerd-shim-distriproc-v2}
@@ -364,6 +365,12 @@ for mib in $SIZES; do
         ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
     fi
 done
+REDIS_STATUS=skipped
+if [[ ${REDIS:-1} == 1 ]]; then
+    # shellcheck source=bench/redis.sh
+    . bench/redis.sh
+    if redis_bench; then REDIS_STATUS=ran; else REDIS_STATUS="failed (see log)"; fi
+fi
 cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
 ctd_stop
 
@@ -399,6 +406,7 @@ meta = {
     "git_head": sh("git rev-parse --short HEAD"),
     "remote_status": "$REMOTE_STATUS",
     "build": "$BUILD_NOTE",
+    "redis_status": "$REDIS_STATUS",
 }
 json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
 print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
