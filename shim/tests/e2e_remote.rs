@@ -1,0 +1,564 @@
+//! End-to-end remote checkpoints on a private containerd (2.1 and 1.7) with the real runc,
+//! CRIU and `distriproc-pageserver` (in-process, on real sockets):
+//!
+//! (a) the page server runs in its own network namespace, reached over a veth pair this test
+//!     creates; a 256 MiB, 2-process memhog is checkpointed as a remote checkpoint whose CRIU tar
+//!     holds no page data, then `ctr c restore --live` restores it lazily with its memory fetched
+//!     over the veth (VERIFY, SUM == EXPECT, remote bytes in the stats);
+//! (c) before that, in the same run: an unknown checkpoint, a store that holds other memory, a
+//!     wrong token, and afterwards an unreachable server each give a clear error at ctr within
+//!     the configured timeouts, and the shim keeps serving;
+//! (b) 16 concurrent `ctr c restore --live` of one remote checkpoint from one page server
+//!     (loopback), each container in its own netns, all VERIFY OK.
+//!
+//! They skip with a reason when the stack is missing and fail instead when `CI=true`. Run with
+//! `--test-threads=1` (2 cores). Everything (namespace, veth, containerd, its shims and
+//! containers) is removed by name or pid at the end, also on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use distriproc_harness::{
+    memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
+    CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
+};
+use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+const TOKEN: &str = "e2e-remote-token";
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn skip(why: &str) -> Result<()> {
+    if in_ci() {
+        bail!("CI=true but: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("run ip")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A network namespace with a veth pair: host side 10.232.N.1, namespace side 10.232.N.2.
+/// Link and namespace are removed by name on drop.
+struct NetNs {
+    name: String,
+    host_if: String,
+    ns_addr: String,
+}
+
+impl NetNs {
+    fn create(n: u8) -> Result<NetNs> {
+        let pid = std::process::id();
+        let name = format!("dper-{pid}-{n}");
+        let host_if = format!("drh{}{n}", pid % 100_000);
+        let ns_if = format!("drn{}{n}", pid % 100_000);
+        let ns = NetNs {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            ns_addr: format!("10.232.{n}.2"),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &name])?;
+        ip(&["addr", "add", &format!("10.232.{n}.1/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        for args in [
+            vec!["addr", "add", &format!("10.232.{n}.2/30"), "dev", &ns_if],
+            vec!["link", "set", &ns_if, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut v = vec!["netns", "exec", &name, "ip"];
+            v.extend(args.iter().map(|s| -> &str { s }));
+            ip(&v)?;
+        }
+        Ok(ns)
+    }
+
+    /// Runs `f` on a thread inside the namespace (its sockets live there).
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || -> Result<T> {
+            let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+fn server(store: &Path, listen: String) -> Result<ServerHandle> {
+    let mut o = ServerOptions::for_store(store.to_path_buf());
+    o.listen = vec![listen];
+    o.token = Some(TOKEN.into());
+    Ok(Server::start(o)?)
+}
+
+/// Writes the shim configuration: the page server and short timeouts (nothing may hang).
+fn write_config(dir: &Path, address: &str, token: &str) -> Result<PathBuf> {
+    let tf = dir.join("token");
+    std::fs::write(&tf, format!("{token}\n"))?;
+    let cfg = dir.join("shim.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pageserver]\naddress = \"{address}\"\ntoken_file = \"{}\"\n\
+             connect_timeout_ms = 2000\nio_timeout_ms = 5000\nretry_timeout_ms = 3000\n",
+            tf.display()
+        ),
+    )?;
+    Ok(cfg)
+}
+
+struct Setup {
+    ctd: Containerd,
+    dir: tempfile::TempDir,
+}
+
+fn start(containerd_dir: &str, tag: &str) -> Result<Option<Setup>> {
+    if !require_stack_in(Path::new(containerd_dir)) {
+        return Ok(None);
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        skip("needs iproute2 `ip` for network namespaces")?;
+        return Ok(None);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("dp-e2e-remote-{tag}-"))
+        .tempdir()?;
+    // A placeholder config; each test writes the page server's address before checkpointing.
+    let cfg = write_config(dir.path(), "", TOKEN)?;
+    let mut opts = ContainerdOpts::with_containerd_dir(containerd_dir).shim(SHIM);
+    opts.env
+        .push(("DISTRIPROC_CONFIG".into(), cfg.display().to_string()));
+    let ctd = Containerd::start(opts)?;
+    ctd.import_test_images()?;
+    Ok(Some(Setup { ctd, dir }))
+}
+
+fn status(ctd: &Containerd, id: &str) -> String {
+    ctd.task_status(id)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "ABSENT".into())
+}
+
+fn wait_status(ctd: &Containerd, id: &str, want: &str) -> Result<()> {
+    let ok = wait_for(|| status(ctd, id) == want, Duration::from_secs(30));
+    ensure!(
+        ok,
+        "task {id} is {} instead of {want}; log:\n{}",
+        status(ctd, id),
+        ctd.log_tail(40)
+    );
+    Ok(())
+}
+
+/// Kills and removes a task and its container, ignoring what is already gone.
+fn remove(ctd: &Containerd, id: &str) {
+    let _ = ctd.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_for(
+        || matches!(status(ctd, id).as_str(), "STOPPED" | "ABSENT" | "CREATED"),
+        Duration::from_secs(10),
+    );
+    let _ = ctd.ctr(&["tasks", "rm", "-f", id]);
+    let _ = ctd.ctr(&["containers", "rm", id]);
+}
+
+fn run_memhog(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        MEMHOG_IMAGE,
+        id,
+        "/memhog",
+        "serve",
+        "--mib",
+        &mib.to_string(),
+        "--procs",
+        "2",
+    ])?;
+    wait_status(ctd, id, "RUNNING")?;
+    let pid = ctd.task_pid(id)?;
+    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+    Ok(pid)
+}
+
+/// The CRIU tar blob of a checkpoint image in the content store.
+fn criu_blob(ctd: &Containerd, image: &str) -> Result<PathBuf> {
+    let ls = ctd.ctr_ok(&["images", "ls"])?;
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with(image))
+        .with_context(|| format!("image {image} not in {ls}"))?;
+    let digest = line
+        .split_whitespace()
+        .find(|f| f.starts_with("sha256:"))
+        .context("no digest")?;
+    let index = ctd.ctr_ok(&["content", "get", digest])?;
+    let v: serde_json::Value = serde_json::from_str(&index)?;
+    for m in v["manifests"].as_array().context("no manifests")? {
+        if m["mediaType"] == "application/vnd.containerd.container.criu.checkpoint.criu.tar" {
+            let hex = m["digest"]
+                .as_str()
+                .context("digest")?
+                .trim_start_matches("sha256:");
+            return Ok(ctd
+                .root_dir()
+                .join("io.containerd.content.v1.content/blobs/sha256")
+                .join(hex));
+        }
+    }
+    bail!("no CRIU tar in {index}")
+}
+
+/// (name, size) of every member of a tar file.
+fn tar_members(tar: &Path) -> Result<Vec<(String, u64)>> {
+    let out = Command::new("tar").arg("tvf").arg(tar).output()?;
+    ensure!(out.status.success(), "tar tvf {}", tar.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(5)?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .collect())
+}
+
+/// Checkpoints `id` as `image` and checks that the CRIU tar holds no page data; returns the
+/// reference file's checkpoint id.
+fn remote_checkpoint(ctd: &Containerd, id: &str, image: &str, mib: u64) -> Result<String> {
+    let t0 = Instant::now();
+    ctd.ctr_ok(&["containers", "checkpoint", "--task", id, image])?;
+    let took = t0.elapsed();
+    let blob = criu_blob(ctd, image)?;
+    let size = std::fs::metadata(&blob)?.len();
+    let members = tar_members(&blob)?;
+    let pages: u64 = members
+        .iter()
+        .filter(|(n, _)| n.trim_start_matches("./").starts_with("pages-"))
+        .map(|(_, s)| s)
+        .sum();
+    ensure!(
+        members
+            .iter()
+            .any(|(n, _)| n.ends_with("distriproc-remote.json")),
+        "no reference file in the CRIU tar: {members:?}"
+    );
+    // Only the pages CRIU restores eagerly stay (stack tops, file-backed pages): far below 1%.
+    ensure!(
+        pages < (mib << 20) / 100 && size < (mib << 20) / 20,
+        "CRIU tar of a {mib} MiB container is {size} bytes with {pages} bytes of pages-*.img"
+    );
+    eprintln!(
+        "remote checkpoint of {mib} MiB in {took:?}: CRIU tar {size} bytes, pages-*.img {pages} bytes"
+    );
+    let mut tmp = tempfile::tempdir()?;
+    let out = Command::new("tar")
+        .arg("xf")
+        .arg(&blob)
+        .arg("-C")
+        .arg(tmp.path())
+        .arg("./distriproc-remote.json")
+        .output()?;
+    if !out.status.success() {
+        tmp = tempfile::tempdir()?;
+        let out = Command::new("tar")
+            .arg("xf")
+            .arg(&blob)
+            .arg("-C")
+            .arg(tmp.path())
+            .arg("distriproc-remote.json")
+            .output()?;
+        ensure!(out.status.success(), "extract the reference file");
+    }
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("distriproc-remote.json"))?)?;
+    Ok(r["checkpoint"]
+        .as_str()
+        .context("checkpoint id")?
+        .to_string())
+}
+
+/// `ctr c restore --live` that must fail with a message containing `want`, within `limit`.
+fn restore_fails(
+    ctd: &Containerd,
+    name: &str,
+    image: &str,
+    want: &str,
+    limit: Duration,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let out = ctd.ctr(&["containers", "restore", "--live", name, image])?;
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    remove(ctd, name);
+    ensure!(
+        !out.status.success(),
+        "restore {name} succeeded, expected {want:?}"
+    );
+    ensure!(
+        stderr.contains(want),
+        "restore {name}: ctr said {stderr:?}, expected it to contain {want:?}"
+    );
+    ensure!(
+        took < limit,
+        "restore {name} took {took:?} to fail (limit {limit:?})"
+    );
+    eprintln!(
+        "restore {name} failed in {took:?} as expected: {}",
+        stderr.trim()
+    );
+    Ok(())
+}
+
+fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
+    let Some(Setup { ctd, dir }) = start(containerd_dir, &format!("veth{n}"))? else {
+        return Ok(());
+    };
+    let ns = NetNs::create(n)?;
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let listen = format!("{}:0", ns.ns_addr);
+    let st = store.clone();
+    let h = ns.run(move || server(&st, listen))?;
+    let addr = h.addrs()[0].clone();
+    let port: u16 = addr.rsplit_once(':').context("port")?.1.parse()?;
+    ensure!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "page server visible on the host's loopback"
+    );
+    write_config(dir.path(), &addr, TOKEN)?;
+
+    const MIB: u64 = 256;
+    let pid = run_memhog(&ctd, "r1", MIB)?;
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    let ckid = remote_checkpoint(&ctd, "r1", "localhost/r1-cp:1", MIB)?;
+    ensure!(
+        store.join(&ckid).join("inventory.img").exists(),
+        "{ckid} not in the store"
+    );
+    remove(&ctd, "r1");
+
+    // (c) errors, each clear and bounded; the shim stays up between them.
+    let img = "localhost/r1-cp:1";
+    let lim = Duration::from_secs(30);
+    let ck = store.join(&ckid);
+    let away = store.join(format!("{ckid}.away"));
+    std::fs::rename(&ck, &away)?;
+    restore_fails(&ctd, "r1-unknown", img, "unknown checkpoint", lim)?;
+    std::fs::create_dir(&ck)?;
+    for e in std::fs::read_dir(&away)? {
+        let e = e?;
+        std::fs::copy(e.path(), ck.join(e.file_name()))?;
+    }
+    // A store that holds other memory under the id: one more page in its pages file (the index
+    // stays valid, the digest does not match the reference).
+    let pages = std::fs::read_dir(&ck)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+        })
+        .context("no pages file in the store")?;
+    let len = std::fs::metadata(&pages)?.len();
+    let f = std::fs::OpenOptions::new().write(true).open(&pages)?;
+    f.set_len(len + 4096)?;
+    restore_fails(
+        &ctd,
+        "r1-mismatch",
+        img,
+        "not the memory of this checkpoint",
+        lim,
+    )?;
+    f.set_len(len)?;
+    drop(f);
+    std::fs::remove_dir_all(&away)?;
+    write_config(dir.path(), &addr, "wrong-token")?;
+    restore_fails(&ctd, "r1-token", img, "unauthorized", lim)?;
+    write_config(dir.path(), &addr, TOKEN)?;
+
+    // (a) the lazy restore over the veth.
+    let t0 = Instant::now();
+    ctd.ctr_ok(&["containers", "restore", "--live", "r1r", img])?;
+    let pid = ctd.task_pid("r1r")?;
+    let pong = memhog_query_timeout(pid, MEMHOG_PORT, "PING", Duration::from_secs(30))?;
+    let ttfr = t0.elapsed();
+    ensure!(pong == "PONG", "{pong}");
+    let verify = memhog_query_timeout(pid, MEMHOG_PORT, "VERIFY", Duration::from_secs(60))?;
+    ensure!(
+        verify.starts_with("OK"),
+        "VERIFY after remote restore: {verify}"
+    );
+    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(sum == expect, "SUM {sum} != EXPECT {expect}");
+    let done = wait_for(
+        || {
+            ctd.lazy_stats("r1r")
+                .map(|v| v["fill_complete_us"].as_u64().is_some())
+                .unwrap_or(false)
+        },
+        Duration::from_secs(60),
+    );
+    let stats = ctd.lazy_stats("r1r")?;
+    ensure!(done, "fill did not complete: {stats}");
+    let remote_bytes = stats["remote"]["bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        remote_bytes > (MIB << 20) / 2,
+        "remote bytes {remote_bytes} for a {MIB} MiB container: {stats}"
+    );
+    ensure!(
+        stats["remote"]["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.contains(&ns.ns_addr)),
+        "{stats}"
+    );
+    eprintln!(
+        "FIGURES {containerd_dir}: restore over veth {addr}: TTFR {ttfr:?}, remote bytes {remote_bytes}, \
+         faults {}, fault p50 {} us p99 {} us, fill complete {} ms",
+        stats["faults"],
+        stats["fault_latency_us"]["p50"],
+        stats["fault_latency_us"]["p99"],
+        stats["fill_complete_us"].as_u64().unwrap_or(0) / 1000
+    );
+
+    // (c) the server goes away: a restore fails within connect + retry timeouts; r1r, whose
+    // memory has all arrived, keeps running and the shim answers.
+    drop(h);
+    drop(ns);
+    restore_fails(&ctd, "r1-gone", img, "cannot connect to page server", lim)?;
+    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+    ensure!(
+        status(&ctd, "r1r") == "RUNNING",
+        "r1r is {}",
+        status(&ctd, "r1r")
+    );
+    remove(&ctd, "r1r");
+    Ok(())
+}
+
+fn concurrent(containerd_dir: &str) -> Result<()> {
+    let Some(Setup { ctd, dir }) = start(containerd_dir, "conc")? else {
+        return Ok(());
+    };
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let h = server(&store, "127.0.0.1:0".into())?;
+    write_config(dir.path(), &h.addrs()[0], TOKEN)?;
+    const MIB: u64 = 32;
+    const N: usize = 16;
+    let pid = run_memhog(&ctd, "c1", MIB)?;
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    remote_checkpoint(&ctd, "c1", "localhost/c1-cp:1", MIB)?;
+    remove(&ctd, "c1");
+    let t0 = Instant::now();
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..N)
+            .map(|i| {
+                let ctd = &ctd;
+                let expect = &expect;
+                s.spawn(move || -> Result<()> {
+                    let name = format!("c1r{i}");
+                    ctd.ctr_ok(&[
+                        "containers",
+                        "restore",
+                        "--live",
+                        &name,
+                        "localhost/c1-cp:1",
+                    ])?;
+                    // Each container has its own netns: the same port everywhere.
+                    let pid = ctd.task_pid(&name)?;
+                    let v =
+                        memhog_query_timeout(pid, MEMHOG_PORT, "VERIFY", Duration::from_secs(120))?;
+                    ensure!(v.starts_with("OK"), "{name}: VERIFY {v}");
+                    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+                    ensure!(&sum == expect, "{name}: SUM {sum} != EXPECT {expect}");
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("restore thread panicked"))
+            })
+            .collect()
+    });
+    let took = t0.elapsed();
+    let mut remote_bytes = 0;
+    for i in 0..N {
+        if let Ok(v) = ctd.lazy_stats(&format!("c1r{i}")) {
+            remote_bytes += v["remote"]["bytes"].as_u64().unwrap_or(0);
+        }
+    }
+    for i in 0..N {
+        remove(&ctd, &format!("c1r{i}"));
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("c1r{i}: {e:#}")))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {N} failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    eprintln!(
+        "FIGURES {containerd_dir}: {N} concurrent remote restores of {MIB} MiB verified in {took:?}, \
+         {remote_bytes} bytes from one page server; {}",
+        h.metrics_text()
+            .lines()
+            .find(|l| l.starts_with("distriproc_pageserver_bytes_total"))
+            .unwrap_or("")
+    );
+    Ok(())
+}
+
+#[test]
+fn remote_over_veth_ctd21() -> Result<()> {
+    over_veth(CONTAINERD_2_1_DIR, 21)
+}
+
+#[test]
+fn remote_over_veth_ctd17() -> Result<()> {
+    over_veth(CONTAINERD_1_7_DIR, 17)
+}
+
+#[test]
+fn remote_concurrent_ctd21() -> Result<()> {
+    concurrent(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn remote_concurrent_ctd17() -> Result<()> {
+    concurrent(CONTAINERD_1_7_DIR)
+}
