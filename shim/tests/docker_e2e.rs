@@ -22,6 +22,11 @@
 //! In each case memhog's `SUM` over all memory equals `EXPECT` and `VERIFY` is OK after the
 //! restore. Runs on containerd 2.1 (`docker_ctd21`) and 1.7 (`docker_ctd17`). Skips with a
 //! reason when docker.io or the real stack is missing; fails instead when `CI=true`.
+//!
+//! The same file checks the deployment files under `deploy/` (docs/INTEGRATIONS.md):
+//! `deploy_config_files_parse` (example TOML files and the Kubernetes ConfigMaps' TOML through
+//! the configuration crate) and `deploy_check_ctd21` (runs `deploy/check.sh`: CRI-enabled
+//! containerd 1.7 and 2.1 with the runtime snippets, Kubernetes schema validation).
 
 use std::fs;
 use std::os::unix::process::CommandExt;
