@@ -119,6 +119,11 @@ fn server(store: &Path, listen: String) -> Result<ServerHandle> {
 
 /// Writes the shim configuration: the page server and short timeouts (nothing may hang).
 fn write_config(dir: &Path, address: &str, token: &str) -> Result<PathBuf> {
+    write_config_with(dir, address, token, "")
+}
+
+/// [`write_config`] with more TOML appended (e.g. a `[fetcher]` table).
+fn write_config_with(dir: &Path, address: &str, token: &str, extra: &str) -> Result<PathBuf> {
     let tf = dir.join("token");
     std::fs::write(&tf, format!("{token}\n"))?;
     let cfg = dir.join("shim.toml");
@@ -126,7 +131,7 @@ fn write_config(dir: &Path, address: &str, token: &str) -> Result<PathBuf> {
         &cfg,
         format!(
             "[pageserver]\naddress = \"{address}\"\ntoken_file = \"{}\"\n\
-             connect_timeout_ms = 2000\nio_timeout_ms = 5000\nretry_timeout_ms = 3000\n",
+             connect_timeout_ms = 2000\nio_timeout_ms = 5000\nretry_timeout_ms = 3000\n{extra}",
             tf.display()
         ),
     )?;
@@ -448,8 +453,34 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
         stats["fill_complete_us"].as_u64().unwrap_or(0) / 1000
     );
 
-    // (c) the server goes away: a restore fails within connect + retry timeouts; r1r, whose
-    // memory has all arrived, keeps running and the shim answers.
+    // Fetcher mode criu on the remote checkpoint: the shim authenticates a HELLO_CRIU session
+    // and hands it to `criu lazy-pages --page-server --ps-socket FD`.
+    write_config_with(dir.path(), &addr, TOKEN, "[fetcher]\nmode = \"criu\"\n")?;
+    let t0 = Instant::now();
+    ctd.ctr_ok(&["containers", "restore", "--live", "r1c", img])?;
+    let cpid = ctd.task_pid("r1c")?;
+    let v = memhog_query_timeout(cpid, MEMHOG_PORT, "VERIFY", Duration::from_secs(60))?;
+    ensure!(
+        v.starts_with("OK"),
+        "VERIFY after criu-mode remote restore: {v}"
+    );
+    let cstats = ctd.lazy_stats("r1c")?;
+    ensure!(cstats["mode"] == "criu", "{cstats}");
+    eprintln!(
+        "criu lazy-pages over the veth: VERIFY OK after {:?}",
+        t0.elapsed()
+    );
+    remove(&ctd, "r1c");
+    write_config(dir.path(), &addr, TOKEN)?;
+
+    // (c) the server host stops answering (its address is gone, nothing replies): a restore
+    // fails within the connect timeout; then the server goes away entirely (refused). r1r,
+    // whose memory has all arrived, keeps running and the shim answers.
+    let ns_if = format!("drn{}{n}", std::process::id() % 100_000);
+    ip(&[
+        "netns", "exec", &ns.name, "ip", "addr", "flush", "dev", &ns_if,
+    ])?;
+    restore_fails(&ctd, "r1-silent", img, "cannot connect to page server", lim)?;
     drop(h);
     drop(ns);
     restore_fails(&ctd, "r1-gone", img, "cannot connect to page server", lim)?;
