@@ -196,3 +196,110 @@ pub(crate) fn serve(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use distriproc_runtime::protocol::upload::{FileHeader, FileKind};
+    use distriproc_runtime::protocol::{
+        read_response_header, Hello, HelloReply, HelloStatus, RequestStatus, HELLO_UPLOAD, VERSION,
+    };
+
+    use crate::{Server, ServerOptions};
+
+    fn hello(id: &str, version: u16) -> Vec<u8> {
+        Hello {
+            version,
+            checkpoint: id.into(),
+            token: String::new(),
+            client: "t".into(),
+            criu_mode: false,
+        }
+        .encode_with_flags(HELLO_UPLOAD)
+        .unwrap()
+    }
+
+    fn file(name: &str, size: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        FileHeader {
+            kind: FileKind::File,
+            name: name.into(),
+            size,
+        }
+        .encode(&mut b)
+        .unwrap();
+        b
+    }
+
+    fn end(files: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        FileHeader {
+            kind: FileKind::End,
+            name: String::new(),
+            size: files,
+        }
+        .encode(&mut b)
+        .unwrap();
+        b
+    }
+
+    fn empty(dir: &std::path::Path) -> bool {
+        std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+    }
+
+    #[test]
+    fn failed_and_abandoned_uploads_leave_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = ServerOptions::for_store(d.path().to_path_buf());
+        o.max_upload_bytes = 10_000;
+        let srv = Server::start(o).unwrap();
+        let addr = srv.addrs()[0].clone();
+        let incoming = d.path().join(".distriproc/incoming");
+        let connect = |id: &str, version| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&hello(id, version)).unwrap();
+            let r = HelloReply::read(&mut s).unwrap();
+            (s, r)
+        };
+        // Version 1 sessions cannot upload.
+        let (_, r) = connect("v1", 1);
+        assert_eq!(r.status, HelloStatus::Malformed);
+        // Abandoned mid-file: the incoming directory goes away, nothing is published.
+        let (mut s, r) = connect("gone", VERSION);
+        assert_eq!(r.status, HelloStatus::Ok);
+        s.write_all(&file("pages-1.img", 8192)).unwrap();
+        s.write_all(&[1u8; 100]).unwrap();
+        drop(s);
+        // A wrong file count at the end is refused.
+        let (mut s, _) = connect("count", VERSION);
+        s.write_all(&file("a.img", 3)).unwrap();
+        s.write_all(b"abc").unwrap();
+        s.write_all(&end(2)).unwrap();
+        assert_eq!(
+            read_response_header(&mut s).unwrap().status,
+            RequestStatus::Malformed
+        );
+        // Over the server's limit: refused before the data is read.
+        let (mut s, _) = connect("big", VERSION);
+        s.write_all(&file("pages-1.img", 20_000)).unwrap();
+        assert_eq!(
+            read_response_header(&mut s).unwrap().status,
+            RequestStatus::TooLarge
+        );
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let t0 = Instant::now();
+        while !empty(&incoming) && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(empty(&incoming), "incoming uploads left behind");
+        for id in ["v1", "gone", "count", "big"] {
+            assert!(!d.path().join(id).exists(), "{id} was published");
+        }
+        srv.shutdown();
+    }
+}
