@@ -17,7 +17,11 @@
 //!   `<bundle>/distriproc-lazy-stats.json` reaches `finished`;
 //! - runtime `distriproc-nofill` (daemon.json `options.ConfigPath` -> the shim reads a TOML
 //!   file with `fill = "none"`): nothing is filled in the background;
-//! - runtime `distriproc` with `docker run --annotation io.distriproc.fill-policy=none`.
+//! - runtime `distriproc` with `docker run --annotation io.distriproc.fill-policy=none`;
+//! - runtime `distriproc-remote` (`ConfigPath` -> `[pageserver] address` of an in-process
+//!   `distriproc-pageserver` on loopback, with a token): `docker checkpoint create` uploads the
+//!   memory to the page server, the checkpoint Docker stores holds the reference file
+//!   `distriproc-remote.json` and no page data, and the restore fetches the pages remotely.
 //!
 //! In each case memhog's `SUM` over all memory equals `EXPECT` and `VERIFY` is OK after the
 //! restore. Runs on containerd 2.1 (`docker_ctd21`) and 1.7 (`docker_ctd17`). Skips with a
@@ -39,6 +43,7 @@ use distriproc_harness::{
     build_test_images, memhog_query, require_stack_in, run_with_timeout, unmount_under, wait_for,
     Containerd, ContainerdOpts, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
 };
+use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
 /// Debian's docker.io and docker-cli install these.
@@ -50,6 +55,8 @@ const LOG_TAIL: usize = 40;
 /// memhog size per container: small enough for a shared 2-core machine, large enough that the
 /// restore has thousands of lazy pages.
 const MIB: &str = "64";
+/// Token of the test's page server.
+const REMOTE_TOKEN: &str = "docker-e2e-token";
 
 /// Why Docker cannot be used here, or None.
 fn docker_problems() -> Option<String> {
@@ -116,8 +123,9 @@ struct Dockerd {
 
 impl Dockerd {
     /// Writes daemon.json (our runtimes, cgroup parent) and starts dockerd; waits until
-    /// `docker version` answers (60 s).
-    fn start(ctd: &Containerd) -> Result<Dockerd> {
+    /// `docker version` answers (60 s). `remote_cfg` is the shim configuration of the runtime
+    /// `distriproc-remote`.
+    fn start(ctd: &Containerd, remote_cfg: &Path) -> Result<Dockerd> {
         let dir = ctd.dir().join("docker");
         for d in ["data", "exec", "cli"] {
             fs::create_dir_all(dir.join(d))
@@ -135,6 +143,10 @@ impl Dockerd {
                 "distriproc-nofill": {
                     "runtimeType": "io.containerd.distriproc.v2",
                     "options": { "ConfigPath": nofill }
+                },
+                "distriproc-remote": {
+                    "runtimeType": "io.containerd.distriproc.v2",
+                    "options": { "ConfigPath": remote_cfg }
                 }
             },
             "cgroup-parent": format!("/{}", ctd.namespace()),
@@ -384,6 +396,7 @@ fn run_checkpoint_restore(
     runtime: &str,
     extra_run_args: &[&str],
     wait_fill: bool,
+    after_checkpoint: &dyn Fn(&str) -> Result<()>,
 ) -> Result<Restored> {
     let mut args = vec![
         "run",
@@ -408,6 +421,7 @@ fn run_checkpoint_restore(
     ensure!(sum == expect, "{name} before checkpoint: {sum} != {expect}");
 
     d.docker(&["checkpoint", "create", name, "cp1"])?;
+    after_checkpoint(&id)?;
     // Docker asks for exit-after-checkpoint only through runc's CheckpointOptions, which a
     // non-runc runtime does not get: our shim leaves the container running. Stop it.
     if d.inspect(name, "{{.State.Running}}")? == "true" {
@@ -427,7 +441,23 @@ fn run_checkpoint_restore(
         "docker checkpoint ls {name}: {listed:?}"
     );
 
-    d.docker(&["start", "--checkpoint", "cp1", name])?;
+    // Docker 26 re-tars its checkpoint directory into containerd's content store; when that
+    // tar is byte-identical to the one containerd wrote at checkpoint time (a small remote
+    // checkpoint) and containerd has not yet garbage-collected it, the commit fails with
+    // "content sha256:...: already exists" (seen with containerd 1.7). Docker does not treat
+    // that as success; a retry after containerd's GC goes through.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match d.docker(&["start", "--checkpoint", "cp1", name]) {
+            Ok(_) => break,
+            Err(e) if attempt < 10 && e.to_string().contains("already exists") => {
+                eprintln!("docker e2e: {name}: retrying docker start --checkpoint: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let new_pid: u32 = d.inspect(name, "{{.State.Pid}}")?.parse()?;
     ensure!(
         new_pid != 0 && d.inspect(name, "{{.State.Running}}")? == "true",
@@ -505,7 +535,29 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     }
     let out = build_test_images()?;
     let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(containerd_dir).shim(SHIM))?;
-    let d = Dockerd::start(&ctd)?;
+    // The page server of the `distriproc-remote` runtime: in-process, loopback, with a token.
+    let remote_dir = ctd.dir().join("remote");
+    fs::create_dir_all(remote_dir.join("store"))?;
+    let mut so = ServerOptions::for_store(remote_dir.join("store"));
+    so.listen = vec!["127.0.0.1:0".into()];
+    so.token = Some(REMOTE_TOKEN.into());
+    let server: ServerHandle = Server::start(so)?;
+    let address = server
+        .addrs()
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("page server bound no address"))?;
+    fs::write(remote_dir.join("token"), format!("{REMOTE_TOKEN}\n"))?;
+    let remote_cfg = remote_dir.join("shim-remote.toml");
+    fs::write(
+        &remote_cfg,
+        format!(
+            "[pageserver]\naddress = \"{address}\"\ntoken_file = \"{}\"\n\
+             connect_timeout_ms = 2000\nio_timeout_ms = 5000\nretry_timeout_ms = 3000\n",
+            remote_dir.join("token").display()
+        ),
+    )?;
+    let d = Dockerd::start(&ctd, &remote_cfg)?;
     let info: serde_json::Value =
         serde_json::from_str(&d.docker(&["info", "--format", "{{json .Runtimes}}"])?)?;
     let names: Vec<&String> = info
@@ -521,7 +573,8 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     ensure!(loaded.contains(MEMHOG_IMAGE), "docker load: {loaded}");
 
     // 1. runtimeType only: default configuration, full background fill.
-    let r = run_checkpoint_restore(&ctd, &d, "dp-full", "distriproc", &[], true)?;
+    let none = |_: &str| Ok(());
+    let r = run_checkpoint_restore(&ctd, &d, "dp-full", "distriproc", &[], true, &none)?;
     ensure!(
         r.stats["pages_filled"].as_u64().unwrap_or(0) > 0,
         "dp-full: the background fill filled nothing: {}",
@@ -529,7 +582,7 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     );
 
     // 2. daemon.json options.ConfigPath -> runtimeoptions.v1.Options.config_path -> fill none.
-    let r = run_checkpoint_restore(&ctd, &d, "dp-cfg", "distriproc-nofill", &[], false)?;
+    let r = run_checkpoint_restore(&ctd, &d, "dp-cfg", "distriproc-nofill", &[], false, &none)?;
     ensure!(
         r.stats["pages_filled"].as_u64() == Some(0) && r.stats["fill_complete_us"].is_null(),
         "dp-cfg: ConfigPath's fill = \"none\" was not applied (container {}): {}",
@@ -545,6 +598,7 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
         "distriproc",
         &["--annotation", "io.distriproc.fill-policy=none"],
         false,
+        &none,
     )?;
     ensure!(
         r.stats["pages_filled"].as_u64() == Some(0) && r.stats["fill_complete_us"].is_null(),
@@ -552,8 +606,49 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
         r.id,
         r.stats
     );
+
+    // 4. Remote checkpoint: the memory goes to the page server at `docker checkpoint create`;
+    //    what Docker keeps (and tars back at `docker start --checkpoint`) has no page data.
+    let data = ctd.dir().join("docker/data/containers");
+    let stored = |id: &str| -> Result<()> {
+        let cp = data.join(id).join("checkpoints/cp1");
+        ensure!(
+            cp.join("distriproc-remote.json").is_file(),
+            "{}: no distriproc-remote.json: the checkpoint was not published",
+            cp.display()
+        );
+        let mut page_bytes = 0;
+        for e in fs::read_dir(&cp)? {
+            let e = e?;
+            if e.file_name().to_string_lossy().starts_with("pages-") {
+                page_bytes += e.metadata()?.len();
+            }
+        }
+        ensure!(
+            page_bytes < 8 << 20,
+            "{}: {page_bytes} bytes of pages-*.img left locally for {MIB} MiB of memory",
+            cp.display()
+        );
+        eprintln!("docker e2e: dp-remote: Docker's checkpoint keeps {page_bytes} bytes of pages");
+        Ok(())
+    };
+    let r = run_checkpoint_restore(
+        &ctd,
+        &d,
+        "dp-remote",
+        "distriproc-remote",
+        &[],
+        true,
+        &stored,
+    )?;
+    ensure!(
+        r.stats["remote"]["bytes"].as_u64().unwrap_or(0) >= 32 << 20,
+        "dp-remote: the memory did not come from the page server: {}",
+        r.stats
+    );
     drop(d);
     drop(ctd);
+    drop(server);
     Ok(())
 }
 
