@@ -476,10 +476,43 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
     // (c) the server host stops answering (its address is gone, nothing replies): a restore
     // fails within the connect timeout; then the server goes away entirely (refused). r1r,
     // whose memory has all arrived, keeps running and the shim answers.
+    // A restore with fill `none` keeps most of its memory remote; when the server host then
+    // stops answering, the next untouched page fails after the client's timeouts: the fetcher
+    // poisons what it never installed, the container dies of SIGBUS (no zero pages), the exit
+    // reaches containerd and the shim stays up.
+    write_config_with(dir.path(), &addr, TOKEN, "[fetcher]\nfill = \"none\"\n")?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "r1n", img])?;
+    let npid = ctd.task_pid("r1n")?;
+    ensure!(memhog_query(npid, MEMHOG_PORT, "PING")? == "PONG");
+    write_config(dir.path(), &addr, TOKEN)?;
     let ns_if = format!("drn{}{n}", std::process::id() % 100_000);
     ip(&[
         "netns", "exec", &ns.name, "ip", "addr", "flush", "dev", &ns_if,
     ])?;
+    let t0 = Instant::now();
+    let touch = memhog_query_timeout(npid, MEMHOG_PORT, "TOUCH 100", Duration::from_secs(5));
+    let died = wait_for(|| status(&ctd, "r1n") == "STOPPED", Duration::from_secs(60));
+    ensure!(
+        died,
+        "r1n still {} {:?} after its page server went silent (TOUCH: {touch:?})",
+        status(&ctd, "r1n"),
+        t0.elapsed()
+    );
+    eprintln!(
+        "page server silent during a fill-none restore: task stopped after {:?} (TOUCH: {:?})",
+        t0.elapsed(),
+        touch.map_err(|e| e.to_string())
+    );
+    ensure!(
+        wait_for(
+            || ctd
+                .log_text()
+                .contains("lazy restore of r1n ended with an error"),
+            Duration::from_secs(10)
+        ),
+        "no fetcher error logged for r1n"
+    );
+    remove(&ctd, "r1n");
     restore_fails(&ctd, "r1-silent", img, "cannot connect to page server", lim)?;
     drop(h);
     drop(ns);
