@@ -252,6 +252,10 @@ restore_run() {
             q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
             b=$(now_ns)
             touch_warm=$(((b - a) / 1000))
+            # Stats before SUM reads everything: what the read-mostly passes moved (the shim
+            # rewrites the file every second).
+            sleep 1.2
+            cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
         else
             # Wait for the fill to finish (the shim rewrites the stats file every second).
             while ((waited < 6000)); do
@@ -287,9 +291,7 @@ restore_run() {
         b=$(now_ns)
         touch_local=$(((b - a) / 1000))
     fi
-    if [[ $sys != eager ]]; then
-        # fill none: the shim rewrites the stats file every second; let it catch up with SUM.
-        [[ $sys == ours-none ]] && sleep 1.2
+    if [[ $sys != eager && $sys != ours-none ]]; then
         cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
     fi
     remove_container "$id"
