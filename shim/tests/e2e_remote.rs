@@ -5,9 +5,11 @@
 //!     creates; a 256 MiB, 2-process memhog is checkpointed as a remote checkpoint whose CRIU tar
 //!     holds no page data, then `ctr c restore --live` restores it lazily with its memory fetched
 //!     over the veth (VERIFY, SUM == EXPECT, remote bytes in the stats);
-//! (c) before that, in the same run: an unknown checkpoint, a store that holds other memory, a
-//!     wrong token, and afterwards an unreachable server each give a clear error at ctr within
-//!     the configured timeouts, and the shim keeps serving;
+//! (c) in the same run: an unknown checkpoint, a store that holds other memory and a wrong token
+//!     (before), a silent and a stopped server (after) each give a clear error at ctr within
+//!     the configured timeouts; a fill-none restore whose server goes silent dies of SIGBUS
+//!     after the client timeouts; the shim keeps serving throughout. The `criu` fetcher mode
+//!     restores the same remote checkpoint over the veth too;
 //! (b) 16 concurrent `ctr c restore --live` of one remote checkpoint from one page server
 //!     (loopback), each container in its own netns, all VERIFY OK.
 //!
