@@ -6,6 +6,7 @@
 #  - containerd 1.7 (Debian trixie) and 2.x (Debian unstable), unpacked side by side under
 #    $DISTRIPROC_OPT/containerd-<series>/ so the test suite can run against both; the default
 #    series is linked as $DISTRIPROC_OPT/containerd (2.1; override with DISTRIPROC_CONTAINERD).
+#  - Docker 26.x from Debian trixie (scripts/deps-docker.sh; the system daemon is never started)
 #  - CRIU >= 4.2, built from Debian's source tarball when the installed criu is older or
 #    fails `criu check` (kernel 6.18 breaks older CRIUs).
 #
@@ -120,4 +121,6 @@ criu check --feature uffd-noncoop >/dev/null 2>&1 || { echo "kernel lacks uffd-n
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 fi
+# --- Docker 26 (trixie) for the Docker end-to-end test, and the Kubernetes manifest validator --
+bash "$(dirname "$0")/deps-docker.sh"
 log "ok"
