@@ -573,6 +573,13 @@ def main():
       "page-server client (`[pageserver]` in shim.toml used by `shim/src/fetcher.rs`, a "
       "`RemotePages` source instead of `LocalImages`) and checkpoints that keep the pages at the "
       "page server; the runtime-level remote rows show what that path gives.")
+    crf = c("criu", "fill")
+    if crf:
+        w(f"- Fill: 3x CRIU's daemon here is {3 * crf:.2f} GiB/s. The kernel's UFFDIO_COPY ceiling measured "
+          "on this VM is 1.5 GiB/s with 4 KiB per ioctl and 2.5-2.6 GiB/s with 2 MiB per ioctl "
+          "(perf-facts §0), and the fill shares 2 vCPUs with the workload, containerd and the poller; "
+          "the closing moves are copying in the largest runs the images allow (2 MiB and up), fewer "
+          "wake-ups per batch, and judging the target on a machine with cores to spare.")
     w("- CRIU's daemon runs with `-v4` inside the shim (its log is our only source of its "
       "transferred-page count and timing); a quieter log level would make it somewhat faster.")
     w("- The profile policy (record on a first restore, replay on the second) and its hit rate are not in `make bench` yet.")
