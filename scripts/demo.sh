@@ -8,7 +8,9 @@
 #
 # Environment: MIB (default 1024), PROCS (1), THREADS (2), DISTRIPROC_SHIM_BIN (default
 # target/release/containerd-shim-distriproc-v2), DISTRIPROC_CONTAINERD_DIR (default
-# /opt/distriproc/containerd/usr/bin = 2.1), ONLY=lazy|eager (run one half).
+# /opt/distriproc/containerd/usr/bin = 2.1), ONLY=lazy|eager|remote (run one case),
+# REMOTE=1 (adds a third case: a remote checkpoint through a local distriproc-pageserver on a
+# unix socket, whose tar in containerd carries no page data; PAGESERVER_BIN overrides the binary).
 # The containerd log (with the shim's lines) is copied to /tmp/distriproc-demo-containerd.log.
 #
 # Everything it starts (containerd, shims, containers) is stopped by pid at exit and its temp
@@ -25,8 +27,10 @@ export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$PWD/target/release/containerd
 export CTD_NS=demo-$$
 MEMHOG=$PWD/test-images/out/memhog
 IMAGE=localhost/distriproc/memhog:latest
-STATS_COPY=/tmp/distriproc-demo-lazy-stats.json
-rm -f "$STATS_COPY"
+STATS_PREFIX=/tmp/distriproc-demo-stats
+rm -f "$STATS_PREFIX"-*.json
+REMOTE=${REMOTE:-0}
+PAGESERVER_BIN=${PAGESERVER_BIN:-$PWD/target/release/distriproc-pageserver}
 
 # shellcheck source=scripts/lib-containerd.sh
 . scripts/lib-containerd.sh
@@ -49,12 +53,24 @@ fi
 command -v criu >/dev/null || die "criu not found: run 'make deps'"
 command -v python3 >/dev/null || die "python3 not found: run 'make deps'"
 
+DEMO_DIR=$(mktemp -d /tmp/dpdemo.XXXXXX)
+PS_PID=
+# The shim reads this file at every Create/Start and Checkpoint (DISTRIPROC_CONFIG reaches it
+# through containerd's environment); each case writes what it needs before it runs.
+export DISTRIPROC_CONFIG=$DEMO_DIR/shim.toml
+: >"$DISTRIPROC_CONFIG"
+
 cleanup() {
     local rc=$?
+    if [[ -n $PS_PID ]]; then
+        kill -TERM "$PS_PID" 2>/dev/null || true
+        wait "$PS_PID" 2>/dev/null || true
+    fi
     if [[ -n ${CTD_DIR:-} && -f ${CTD_LOG:-} ]]; then
         cp "$CTD_LOG" /tmp/distriproc-demo-containerd.log 2>/dev/null || true
     fi
     ctd_stop
+    rm -rf "$DEMO_DIR"
     exit $rc
 }
 trap cleanup EXIT
@@ -163,15 +179,15 @@ run_case() {
 
     local f
     f=$(stats_file "$id")
-    if [[ $label == lazy ]]; then
+    if [[ $runtime == io.containerd.distriproc.v2 ]]; then
         ctd_log "[$label] waiting for the background fill to complete ($f)"
         for _ in $(seq 1 600); do
             [[ $(stat_field "$f" fill_complete_us) != - ]] && break
             sleep 0.2
         done
         if [[ -f $f ]]; then
-            cp "$f" "$STATS_COPY"
-            R[$label.stats]=$STATS_COPY
+            cp "$f" "$STATS_PREFIX-$label.json"
+            R[$label.stats]=$STATS_PREFIX-$label.json
         fi
     fi
     ctd_log "[$label] done: SUM matches EXPECT: ${R[$label.sum_ok]}; VERIFY: ${R[$label.verify]}"
@@ -189,38 +205,92 @@ ctd_start
 ctd_log "importing test images"
 ctr_t 120 images import test-images/out/memhog.oci.tar >/dev/null
 
+start_pageserver() {
+    [[ -x $PAGESERVER_BIN ]] || die "page server $PAGESERVER_BIN not found: run 'make build'"
+    mkdir -p "$DEMO_DIR/store"
+    printf 'distriproc-demo-%s\n' "$$" >"$DEMO_DIR/token"
+    "$PAGESERVER_BIN" --store "$DEMO_DIR/store" --listen "unix:$DEMO_DIR/ps.sock" \
+        --token-file "$DEMO_DIR/token" >"$DEMO_DIR/pageserver.log" 2>&1 &
+    PS_PID=$!
+    for _ in $(seq 1 100); do
+        [[ -S $DEMO_DIR/ps.sock ]] && break
+        kill -0 "$PS_PID" 2>/dev/null || die "page server exited: $(tail -5 "$DEMO_DIR/pageserver.log")"
+        sleep 0.05
+    done
+    [[ -S $DEMO_DIR/ps.sock ]] || die "page server did not listen on $DEMO_DIR/ps.sock"
+    ctd_log "page server (pid $PS_PID) on unix:$DEMO_DIR/ps.sock, store $DEMO_DIR/store"
+}
+
+CASES=()
+[[ -z $ONLY || $ONLY == lazy ]] && CASES+=(lazy)
+[[ ( -z $ONLY && $REMOTE == 1 ) || $ONLY == remote ]] && CASES+=(remote)
+[[ -z $ONLY || $ONLY == eager ]] && CASES+=(eager)
 status=0
-if [[ -z $ONLY || $ONLY == lazy ]]; then
-    run_case lazy io.containerd.distriproc.v2 || { ctd_log "[lazy] ${R[lazy.error]}"; status=1; }
-fi
-if [[ -z $ONLY || $ONLY == eager ]]; then
-    run_case eager io.containerd.runc.v2 || { ctd_log "[eager] ${R[eager.error]}"; status=1; }
-fi
+for c in "${CASES[@]}"; do
+    case $c in
+    lazy)
+        : >"$DISTRIPROC_CONFIG"
+        run_case lazy io.containerd.distriproc.v2 || { ctd_log "[lazy] ${R[lazy.error]}"; status=1; }
+        ;;
+    remote)
+        start_pageserver
+        printf '[pageserver]\naddress = "unix:%s"\ntoken_file = "%s"\n' \
+            "$DEMO_DIR/ps.sock" "$DEMO_DIR/token" >"$DISTRIPROC_CONFIG"
+        run_case remote io.containerd.distriproc.v2 || { ctd_log "[remote] ${R[remote.error]}"; status=1; }
+        : >"$DISTRIPROC_CONFIG"
+        ;;
+    eager)
+        run_case eager io.containerd.runc.v2 || { ctd_log "[eager] ${R[eager.error]}"; status=1; }
+        ;;
+    esac
+done
 
 v() { echo "${R[$1]:--}"; }
-us_to_s() { [[ $1 == - ]] && echo - || awk -v u="$1" 'BEGIN {printf "%.3f", u / 1e6}'; }
-f=${R[lazy.stats]:-/nonexistent}
+us_to_s() { [[ $1 == - ]] && echo - || awk -v u="$1" 'BEGIN {printf "%.3f\n", u / 1e6}'; }
+declare -A TITLE=([lazy]="lazy (distriproc)" [remote]="remote (pageserver)" [eager]="eager (runc shim)")
+row() { # row LABEL VALUE...
+    printf '%-44s' "$1"
+    shift
+    printf ' %-22s' "$@"
+    printf '\n'
+}
+vals() { local c; for c in "${CASES[@]}"; do v "$c.$1"; done; }
+stat_vals() { # stat_vals KEY [us]: a fetcher statistic per case ("-" for eager)
+    local c f x
+    for c in "${CASES[@]}"; do
+        f=${R[$c.stats]:-/nonexistent}
+        x=$(stat_field "$f" "$1")
+        if [[ $c == eager ]]; then echo "${3:--}"; elif [[ ${2:-} == us ]]; then us_to_s "$x"; else echo "$x"; fi
+    done
+}
+titles=()
+for c in "${CASES[@]}"; do titles+=("${TITLE[$c]}"); done
 echo
 echo "DistriProc demo: memhog $MIB MiB ($PROCS procs x $THREADS threads), containerd $CTD_VERSION"
-printf '%-44s %-22s %-22s\n' "" "lazy (distriproc)" "eager (runc shim)"
-printf '%-44s %-22s %-22s\n' "checkpoint (ctr c checkpoint --task) [s]" "$(v lazy.checkpoint)" "$(v eager.checkpoint)"
-printf '%-44s %-22s %-22s\n' "ctr c restore --live returned after [s]" "$(v lazy.restore_cmd)" "$(v eager.restore_cmd)"
-printf '%-44s %-22s %-22s\n' "time to first response (PONG) [s]" "$(v lazy.ttfr)" "$(v eager.ttfr)"
-printf '%-44s %-22s %-22s\n' "  containerd: unpack checkpoint, reach shim" "$(v lazy.unpack)" "$(v eager.unpack)"
-printf '%-44s %-22s %-22s\n' "  shim: restore until first response [s]" "$(v lazy.shim_ttfr)" "$(v eager.shim_ttfr)"
-printf '%-44s %-22s %-22s\n' "SUM over all memory after restore [s]" "$(v lazy.sum_time)" "$(v eager.sum_time)"
-printf '%-44s %-22s %-22s\n' "SUM == EXPECT" "$(v lazy.sum_ok)" "$(v eager.sum_ok)"
-printf '%-44s %-22s %-22s\n' "VERIFY" "$(v lazy.verify)" "$(v eager.verify)"
-printf '%-44s %-22s %-22s\n' "time to full fill (fetcher start) [s]" \
-    "$(us_to_s "$(stat_field "$f" fill_complete_us)")" "before resume"
-printf '%-44s %-22s %-22s\n' "time to first fault [s]" "$(us_to_s "$(stat_field "$f" time_to_first_fault_us)")" "-"
+row "" "${titles[@]}"
+for spec in "checkpoint:checkpoint (ctr c checkpoint --task) [s]" \
+    "restore_cmd:ctr c restore --live returned after [s]" \
+    "ttfr:time to first response (PONG) [s]" \
+    "unpack:  containerd: unpack checkpoint, reach shim" \
+    "shim_ttfr:  shim: restore until first response [s]" \
+    "sum_time:SUM over all memory after restore [s]" \
+    "sum_ok:SUM == EXPECT" "verify:VERIFY"; do
+    mapfile -t _v < <(vals "${spec%%:*}")
+    row "${spec#*:}" "${_v[@]}"
+done
+mapfile -t _v < <(stat_vals fill_complete_us us "before resume")
+row "time to full fill (fetcher start) [s]" "${_v[@]}"
+mapfile -t _v < <(stat_vals time_to_first_fault_us us)
+row "time to first fault [s]" "${_v[@]}"
 for k in faults pages_faulted pages_prefetched pages_filled zero_pages bytes tasks \
-    fault_latency_us.p50 fault_latency_us.p99 fault_latency_us.max; do
-    printf '%-44s %-22s %-22s\n' "fetcher $k" "$(stat_field "$f" "$k")" "-"
+    fault_latency_us.p50 fault_latency_us.p99 fault_latency_us.max remote.pages remote.bytes; do
+    mapfile -t _v < <(stat_vals "$k")
+    row "fetcher $k" "${_v[@]}"
 done
-for c in lazy eager; do
+for c in "${CASES[@]}"; do
     [[ -n ${R[$c.error]:-} ]] && echo "$c: FAILED: ${R[$c.error]}"
+    [[ -n ${R[$c.stats]:-} ]] && echo "$c fetcher stats: ${R[$c.stats]}"
 done
-[[ -f $STATS_COPY ]] && echo "lazy stats: $STATS_COPY"
-echo "Note: both restores include containerd untarring the checkpoint (all $MIB MiB of pages) into a temp dir before the shim runs."
+echo "Note: containerd untars each checkpoint into a temp dir before the shim runs; for local"
+echo "checkpoints that tar holds all $MIB MiB of pages, for a remote one only CRIU's metadata."
 exit $status
