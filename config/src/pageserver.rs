@@ -12,6 +12,7 @@
 //! criu_header = "auto"                       # auto | 4.1 | 4.2 (CRIU header layout)
 //! criu_unauthenticated = false               # allow CRIU clients (no token) when a token is set
 //! token_file = ""                            # shared token; "" = no authentication
+//! tokens_file = ""                           # per-checkpoint tokens (see TokenGrant); "" = none
 //! metrics = ""                               # ADDR:PORT for Prometheus /metrics ("" = off)
 //! access_log = true                          # append-only access log per checkpoint
 //! lazy_only = false                          # refuse native reads of non-lazy pages
@@ -86,6 +87,9 @@ pub struct PageServerConfig {
     pub criu_unauthenticated: bool,
     /// File holding the shared token (empty: no authentication).
     pub token_file: PathBuf,
+    /// File of per-checkpoint tokens ([`TokenGrant`], [`load_token_grants`]); empty: none.
+    /// With it (or `token_file`) set, every native client must present a known token.
+    pub tokens_file: PathBuf,
     /// Prometheus endpoint (empty: off).
     pub metrics: String,
     /// Write the per-checkpoint access log.
@@ -111,6 +115,7 @@ impl Default for PageServerConfig {
             criu_header: CriuHeader::Auto,
             criu_unauthenticated: false,
             token_file: PathBuf::new(),
+            tokens_file: PathBuf::new(),
             metrics: String::new(),
             access_log: true,
             lazy_only: false,
@@ -232,6 +237,135 @@ pub fn validate_checkpoint_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most patterns per token in a tokens file.
+pub const MAX_TOKEN_PATTERNS: usize = 1024;
+/// Most tokens in a tokens file.
+pub const MAX_TOKENS: usize = 4096;
+
+/// One token of a tokens file and the checkpoint ids it may read or upload.
+///
+/// The tokens file (`tokens_file`) is TOML, one key per token, each listing id patterns:
+///
+/// ```toml
+/// "4f1c9e0b27d6" = ["ckpt-a*", "web-1"]   # reads ckpt-a..., and web-1
+/// "ops-7d2e" = ["*"]                       # everything
+/// ```
+///
+/// A pattern is a checkpoint id in which `*` matches any run of characters (none included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The token a client presents.
+    pub token: String,
+    /// Id patterns it may use.
+    pub patterns: Vec<String>,
+}
+
+impl TokenGrant {
+    /// Whether this grant allows checkpoint `id`.
+    pub fn allows(&self, id: &str) -> bool {
+        self.patterns.iter().any(|p| pattern_matches(p, id))
+    }
+}
+
+/// Whether checkpoint id `id` matches `pattern` (`*` = any run of characters).
+pub fn pattern_matches(pattern: &str, id: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), id.as_bytes());
+    // Iterative glob with backtracking to the last `*`: linear in practice, no recursion.
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Checks a checkpoint id pattern: an id (see [`validate_checkpoint_id`]) that may contain `*`.
+pub fn validate_checkpoint_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("empty checkpoint pattern".into());
+    }
+    if pattern.len() > MAX_CHECKPOINT_ID_LEN {
+        return Err(format!(
+            "checkpoint pattern is {} bytes, limit is {MAX_CHECKPOINT_ID_LEN}",
+            pattern.len()
+        ));
+    }
+    if let Some(c) = pattern
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '*')))
+    {
+        return Err(format!(
+            "checkpoint pattern {pattern:?} contains {c:?} (allowed: A-Z a-z 0-9 . _ - *)"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a tokens file's text (see [`TokenGrant`]); `origin` names the file in errors. Tokens
+/// are 1..=1024 bytes without surrounding whitespace, each with 1..=[`MAX_TOKEN_PATTERNS`]
+/// valid patterns.
+pub fn parse_token_grants(text: &str, origin: &str) -> Result<Vec<TokenGrant>, ConfigError> {
+    let map: std::collections::BTreeMap<String, Vec<String>> =
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    if map.len() > MAX_TOKENS {
+        return Err(invalid(
+            "tokens",
+            format!("{} tokens, limit is {MAX_TOKENS}", map.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (i, (token, patterns)) in map.into_iter().enumerate() {
+        // The key is a secret: errors name its position, never its text.
+        let key = format!("token #{}", i + 1);
+        if token.is_empty() || token.len() > 1024 || token.trim() != token {
+            return Err(invalid(
+                &key,
+                "a token must be 1..=1024 bytes without surrounding whitespace".into(),
+            ));
+        }
+        if patterns.is_empty() || patterns.len() > MAX_TOKEN_PATTERNS {
+            return Err(invalid(
+                &key,
+                format!("needs 1..={MAX_TOKEN_PATTERNS} checkpoint patterns"),
+            ));
+        }
+        for p in &patterns {
+            validate_checkpoint_pattern(p).map_err(|m| invalid(&key, m))?;
+        }
+        out.push(TokenGrant { token, patterns });
+    }
+    Ok(out)
+}
+
+/// Reads a tokens file (see [`parse_token_grants`]).
+pub fn load_token_grants(path: &Path) -> Result<Vec<TokenGrant>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_token_grants(&text, &path.display().to_string())
+}
+
 /// Checks a listen address: `HOST:PORT` or `unix:PATH` (absolute).
 pub fn validate_listen(addr: &str) -> Result<(), String> {
     if let Some(p) = addr.strip_prefix("unix:") {
@@ -324,6 +458,41 @@ impl PageServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_patterns() {
+        for (p, id, m) in [
+            ("ckpt-a*", "ckpt-a1", true),
+            ("ckpt-a*", "ckpt-a", true),
+            ("ckpt-a*", "ckpt-b1", false),
+            ("*", "x", true),
+            ("web-1", "web-1", true),
+            ("web-1", "web-10", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("*-prod", "db-prod", true),
+            ("*-prod", "db-prod2", false),
+        ] {
+            assert_eq!(pattern_matches(p, id), m, "{p} {id}");
+        }
+        let g = parse_token_grants(
+            "\"t1\" = [\"ckpt-a*\", \"web-1\"]\nt2 = [\"*\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(g.len(), 2);
+        assert!(g[0].allows("ckpt-a7") && g[0].allows("web-1") && !g[0].allows("web-2"));
+        for (text, what) in [
+            ("t = []", "patterns"),
+            ("t = [\"../x\"]", "contains"),
+            ("\" t\" = [\"*\"]", "whitespace"),
+            ("t = \"x\"", "invalid"),
+        ] {
+            let e = parse_token_grants(text, "t.toml").unwrap_err().to_string();
+            assert!(e.contains(what) && e.contains("t.toml"), "{text}: {e}");
+            assert!(!e.contains("\"t\""), "secret in error: {e}");
+        }
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

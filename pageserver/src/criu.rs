@@ -90,7 +90,7 @@ pub(crate) fn serve(
 ) -> Result<(), PageServerError> {
     if fixed.is_none() {
         ctx.metrics.sessions_criu.fetch_add(1, Relaxed);
-        if ctx.opts.token.is_some() && !ctx.opts.criu_unauthenticated {
+        if ctx.opts.authenticates() && !ctx.opts.criu_unauthenticated {
             ctx.metrics.errors_auth.fetch_add(1, Relaxed);
             return Err(cerr(
                 peer,

@@ -83,6 +83,10 @@ struct ServeArgs {
     /// File holding the shared token native clients must present [config: token_file].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// File of per-checkpoint tokens, TOML `"TOKEN" = ["ckpt-a*", ...]`: each token reads or
+    /// uploads only the checkpoint ids its patterns match [config: tokens_file].
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -135,6 +139,9 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
     }
     if let Some(v) = &a.token_file {
         cfg.token_file = v.clone();
+    }
+    if let Some(v) = &a.tokens_file {
+        cfg.tokens_file = v.clone();
     }
     if let Some(v) = &a.metrics {
         cfg.metrics = v.clone();

@@ -32,6 +32,42 @@ pub fn token_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The outcome of checking a hello's token against the server's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// No authentication configured, the shared token, or a grant matching the checkpoint.
+    Allowed,
+    /// A token the server does not know (or none).
+    UnknownToken,
+    /// A known per-checkpoint token whose patterns do not match the checkpoint.
+    NotAllowed,
+}
+
+/// Checks `token` for `checkpoint`: the shared token allows every checkpoint, a tokens-file
+/// token only the ids its patterns match. Every configured token is compared (in constant time
+/// per token), so the time taken does not tell which one matched.
+pub fn authorize(opts: &crate::ServerOptions, token: &str, checkpoint: &str) -> Auth {
+    if !opts.authenticates() {
+        return Auth::Allowed;
+    }
+    let shared = opts.token.as_deref().is_some_and(|t| token_eq(token, t));
+    let mut known = false;
+    let mut allowed = false;
+    for g in &opts.grants {
+        if token_eq(token, &g.token) {
+            known = true;
+            allowed |= g.allows(checkpoint);
+        }
+    }
+    if shared || allowed {
+        Auth::Allowed
+    } else if known {
+        Auth::NotAllowed
+    } else {
+        Auth::UnknownToken
+    }
+}
+
 fn perr(peer: &str) -> impl Fn(ProtocolError) -> PageServerError + '_ {
     move |source| PageServerError::Protocol {
         peer: peer.to_string(),
@@ -71,13 +107,25 @@ pub(crate) fn serve(
             what: format!("hello refused ({status}): {msg}"),
         })
     };
-    if let Some(t) = &ctx.opts.token {
-        if !token_eq(&hello.token, t) {
+    match authorize(&ctx.opts, &hello.token, &hello.checkpoint) {
+        Auth::Allowed => {}
+        Auth::UnknownToken => {
             ctx.metrics.errors_auth.fetch_add(1, Relaxed);
             return refuse(
                 &mut w,
                 HelloStatus::Unauthorized,
                 "wrong or missing token".into(),
+            );
+        }
+        Auth::NotAllowed => {
+            ctx.metrics.errors_auth.fetch_add(1, Relaxed);
+            return refuse(
+                &mut w,
+                HelloStatus::Unauthorized,
+                format!(
+                    "this token is not allowed checkpoint {:?}",
+                    hello.checkpoint
+                ),
             );
         }
     }

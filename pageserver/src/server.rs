@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use distriproc_config::pageserver::{validate_checkpoint_id, CriuHeader, PageServerConfig};
+use distriproc_config::pageserver::{
+    load_token_grants, validate_checkpoint_id, CriuHeader, PageServerConfig, TokenGrant,
+};
 use distriproc_runtime::protocol::criu::looks_like_criu;
 use distriproc_runtime::protocol::{read_exact_or_eof, HelloReply, HelloStatus, MAGIC};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -46,8 +48,11 @@ pub struct ServerOptions {
     pub criu_header: CriuHeader,
     /// Serve plain CRIU clients although a token is set.
     pub criu_unauthenticated: bool,
-    /// The shared token.
+    /// The shared token (any checkpoint).
     pub token: Option<String>,
+    /// Per-checkpoint tokens (`tokens_file`): each token reads or uploads only the checkpoint
+    /// ids its patterns match.
+    pub grants: Vec<TokenGrant>,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
     /// Write access logs.
@@ -89,6 +94,14 @@ impl ServerOptions {
             }
             Some(t)
         };
+        let grants = if cfg.tokens_file.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            load_token_grants(&cfg.tokens_file).map_err(|e| PageServerError::BadOption {
+                name: "tokens_file",
+                why: e.to_string(),
+            })?
+        };
         Ok(ServerOptions {
             store: cfg.store.clone(),
             listen: cfg.listen.clone(),
@@ -98,6 +111,7 @@ impl ServerOptions {
             criu_header: cfg.criu_header,
             criu_unauthenticated: cfg.criu_unauthenticated,
             token,
+            grants,
             metrics: if cfg.metrics.is_empty() {
                 None
             } else {
@@ -117,6 +131,11 @@ impl ServerOptions {
             max_cached: usize::try_from(cfg.max_cached_checkpoints).unwrap_or(64),
             max_upload_bytes: distriproc_runtime::protocol::upload::MAX_UPLOAD_BYTES,
         })
+    }
+
+    /// Whether native clients must present a token (a shared token or a tokens file is set).
+    pub fn authenticates(&self) -> bool {
+        self.token.is_some() || !self.grants.is_empty()
     }
 
     /// Defaults for a store (as the config file's defaults, listening on 127.0.0.1:0).
