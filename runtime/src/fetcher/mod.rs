@@ -78,6 +78,7 @@
 
 mod fault;
 mod fill;
+pub mod keeper;
 mod prefetch;
 mod server;
 mod space;
@@ -295,6 +296,9 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+    /// The uffd keeper could not take a task's userfaultfd.
+    #[error("uffd keeper")]
+    Keeper(#[from] keeper::KeeperError),
     /// `stop()` was called before restore finished.
     #[error("fetcher stopped before the restore finished")]
     Stopped,
@@ -322,6 +326,13 @@ impl LazyPagesServer {
         Ok(LazyPagesServer {
             inner: server::Prepared::new(work_dir, images, source, opts)?,
         })
+    }
+
+    /// Hands a duplicate of every task userfaultfd (and those of forked children) to `keeper`
+    /// as the fetcher receives it, so that the uffds outlive this process (see [`keeper`]).
+    pub fn with_keeper(mut self, keeper: Arc<keeper::KeeperLink>) -> LazyPagesServer {
+        self.inner.keeper = Some(keeper);
+        self
     }
 
     /// The socket path as criu sees it.

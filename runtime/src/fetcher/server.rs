@@ -90,6 +90,7 @@ pub(crate) struct Prepared {
     source: Arc<dyn PageSource>,
     opts: FetcherOptions,
     profile: ProfilePlan,
+    pub(crate) keeper: Option<Arc<super::keeper::KeeperLink>>,
 }
 
 impl Prepared {
@@ -154,6 +155,7 @@ impl Prepared {
             source,
             opts,
             profile,
+            keeper: None,
         })
     }
 
@@ -721,6 +723,9 @@ impl Loop {
         };
         let (space, nbits) = Space::new(ranges);
         set_nonblocking(&fd)?;
+        if let Some(k) = &self.p.keeper {
+            k.hold(vpid, fd.as_fd(), ranges)?;
+        }
         // SAFETY: `fd` is an owned userfaultfd; `Uffd` takes the ownership and closes it on drop.
         let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
         let task = Task::new(vpid, uffd, space, Bits::new(nbits), false);
@@ -842,6 +847,10 @@ impl Loop {
                 // The child's memory is the parent's as of the fork: what was installed there
                 // is present in the child too.
                 let p = &parent.task;
+                if let Some(k) = &self.p.keeper {
+                    let ranges = self.p.plans.get(&p.pid).map_or(&[][..], Vec::as_slice);
+                    k.hold(p.pid, fd, ranges)?;
+                }
                 // Layout first (its read guard ends with the statement), then the bitmap under
                 // the install log's lock: never both locks at once here.
                 let space = p.space().clone();
