@@ -17,7 +17,7 @@ use std::{
 
 use distriproc_config::{FetcherConfig, FetcherMode};
 use distriproc_runtime::{
-    fetcher::{FetcherHandle, FetcherOptions, LazyPagesServer},
+    fetcher::{keeper::KeeperLink, FetcherHandle, FetcherOptions, LazyPagesServer},
     protocol::upload::MemoryDigest,
     remote::{open_criu_session, Endpoint, RemoteOptions, RemotePages},
     source::{LocalImages, PageSource},
@@ -30,6 +30,42 @@ use crate::{
 
 /// How long `criu lazy-pages --daemon` may take to listen.
 const CRIU_DAEMON_START: Duration = Duration::from_secs(10);
+
+/// The hidden subcommand that makes the shim binary a uffd keeper.
+pub const KEEPER_ARG: &str = "distriproc-uffd-keeper";
+/// The keeper's log, in the restore's work dir.
+pub const KEEPER_LOG: &str = "uffd-keeper.log";
+
+/// Starts this binary as the uffd keeper of one lazy restore (see
+/// `distriproc_runtime::fetcher::keeper`): it holds a duplicate of every task uffd, so a shim
+/// killed mid-restore leaves the tasks faulting into poison (SIGBUS), never into zero pages.
+pub fn spawn_keeper(work: &Path) -> Result<Arc<KeeperLink>> {
+    let exe = std::env::current_exe().map_err(|e| {
+        ShimError::io(
+            "find the shim binary for the uffd keeper",
+            "/proc/self/exe",
+            e,
+        )
+    })?;
+    let log = work.join(KEEPER_LOG);
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| ShimError::io("open the uffd keeper log", &log, e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(KEEPER_ARG).stderr(stderr);
+    let k = KeeperLink::spawn(cmd).map_err(|e| {
+        ShimError::Other(format!("lazy restore in {}: {}", work.display(), chain(&e)))
+    })?;
+    log::info!(
+        "uffd keeper pid {} holds the userfaultfds of the restore in {} (log {})",
+        k.pid(),
+        work.display(),
+        log.display()
+    );
+    Ok(Arc::new(k))
+}
 
 /// The lazy backend used by the shim.
 pub fn backend() -> Option<Arc<dyn LazyBackend>> {
@@ -132,13 +168,23 @@ fn start_native(
     let opts = FetcherOptions::from_config(cfg);
     let server = LazyPagesServer::bind(work, images, source, opts)
         .map_err(|e| fail("bind lazy-pages socket", &e))?;
-    let handle = server.spawn().map_err(|e| fail("start fetcher", &e))?;
-    Ok(Box::new(Native { handle, remote }))
+    let keeper = spawn_keeper(work)?;
+    let handle = server
+        .with_keeper(keeper.clone())
+        .spawn()
+        .map_err(|e| fail("start fetcher", &e))?;
+    Ok(Box::new(Native {
+        handle,
+        remote,
+        keeper,
+    }))
 }
 
 struct Native {
     handle: FetcherHandle,
     remote: Option<Arc<RemotePages>>,
+    /// Released when the fill ends well, abandoned (poison server) otherwise.
+    keeper: Arc<KeeperLink>,
 }
 
 /// FetchStats as JSON, with a `remote` object when pages come from a page server.
@@ -178,10 +224,20 @@ impl LazySession for Native {
         self.handle.is_finished()
     }
     fn wait(self: Box<Self>) -> std::result::Result<String, String> {
-        let Native { handle, remote } = *self;
+        let Native {
+            handle,
+            remote,
+            keeper,
+        } = *self;
         match handle.wait() {
-            Ok(s) => Ok(stats_json(&s, remote.as_ref())),
-            Err(e) => Err(chain(&e)),
+            Ok(s) => {
+                keeper.release();
+                Ok(stats_json(&s, remote.as_ref()))
+            }
+            Err(e) => {
+                keeper.abandon();
+                Err(chain(&e))
+            }
         }
     }
 }
