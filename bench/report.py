@@ -550,7 +550,7 @@ def main():
       f"({verdict(p99w, lambda v: v <= 150)}). A fault's service time includes the fault-around "
       "prefetch (up to 16 pages), so it is per fault, not per page; on this VM a wake-up on the other "
       "vCPU alone costs ~90 µs (perf-facts §0), and the remote runs' histograms include the faults of "
-      "`SUM`, which reads all memory while background-free (fill none).")
+      "`SUM`, which reads all memory (fill none runs no background fill).")
     ratios_none = [v for v in touch_ratio.values() if v is not None]
     rn = min(ratios_none) if ratios_none else None
     e2 = (red.get("eager") or {}).get("rps2") if rk else None
