@@ -96,6 +96,23 @@ impl Checkpoint {
             path: dir.to_path_buf(),
             source,
         })?;
+        // Every pagemap must belong to a task of pstree.img. A `criu dump --page-server` push
+        // has no pstree.img (it stays with the dump's other images): nothing to check then.
+        let tree = if dir.join("pstree.img").exists() {
+            img.pstree().map_err(images)?
+        } else {
+            Vec::new()
+        };
+        if let Some(&pid) = pids
+            .iter()
+            .find(|p| !tree.is_empty() && !tree.iter().any(|t| t.pid == **p))
+        {
+            return Err(PageServerError::PidNotInPstree {
+                id: id.to_string(),
+                path: dir.join(format!("pagemap-{pid}.img")),
+                pid,
+            });
+        }
         let mut tasks = HashMap::new();
         let mut files: Vec<(PathBuf, File)> = Vec::new();
         for pid in pids {

@@ -82,6 +82,17 @@ pub enum PageServerError {
         #[source]
         source: ImageError,
     },
+    /// A pagemap of a task that pstree.img does not list (images from different dumps, or a
+    /// renamed file): the checkpoint is refused rather than served with the wrong task's memory.
+    #[error("checkpoint {id:?}: {} is for pid {pid}, which is not in pstree.img", path.display())]
+    PidNotInPstree {
+        /// The checkpoint.
+        id: String,
+        /// The pagemap file.
+        path: PathBuf,
+        /// Its pid.
+        pid: u32,
+    },
     /// A file or directory operation failed.
     #[error("cannot {what} {}", path.display())]
     Io {
