@@ -6,6 +6,8 @@
 #   criu       our shim with fetcher mode `criu`: CRIU's own `criu lazy-pages` daemon
 #   ours       our shim, fetcher mode `native`, fill `full`, pages from the local checkpoint
 #   ours-none  our shim, fill `none` (only touched pages move): read-mostly memhog TOUCH test
+#   ours-profile  our shim, fill `profile`: rep 1 records the working set (TOUCH 10 right after
+#              the restore), later reps replay it (profile hit rate)
 #
 # plus (unless REMOTE=0) the runtime-level remote path (bench/remote/: our fetcher with pages
 # from distriproc-pageserver over loopback and over a veth into a netns this script creates,
@@ -16,7 +18,8 @@
 # docs/bench/*.png from it.
 #
 # Environment: SIZES (MiB, default "256 1024 4096"), REPS (default 5), REPS_BIG (repetitions at
-# sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none"), THREADS (memhog
+# sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none ours-profile"),
+# PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
 # threads, default 2), REMOTE (1), DELAYS_US (one-way proxy delays, default "250"), REDIS (1;
 # bench/redis.sh: REDIS_KEYS, REDIS_REPS),
 # REPORT (1: render the doc), DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
@@ -27,7 +30,7 @@ ROOT=$PWD
 SIZES=${SIZES:-256 1024 4096}
 REPS=${REPS:-5}
 REPS_BIG=${REPS_BIG:-3}
-SYSTEMS=${SYSTEMS:-eager criu ours ours-none}
+SYSTEMS=${SYSTEMS:-eager criu ours ours-none ours-profile}
 THREADS=${THREADS:-2}
 REMOTE=${REMOTE:-1}
 REPORT=${REPORT:-1}
@@ -85,6 +88,8 @@ printf '[fetcher]\nmode = "native"\nfill = "full"\n' >"$SHIM_CFG"
 START_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_START=$(uptime)
 PORT_SEQ=17000
+PROFILE_WINDOW_MS=${PROFILE_WINDOW_MS:-2000}
+mkdir -p "$WORK/profiles"
 QPID=
 REMOTE_STATUS=skipped
 
@@ -215,8 +220,10 @@ restore_run() {
     case $sys in
     criu) mode=criu ;;
     ours-none) fill=none ;;
+    ours-profile) fill=profile ;;
     esac
-    printf '[fetcher]\nmode = "%s"\nfill = "%s"\n' "$mode" "$fill" >"$SHIM_CFG"
+    printf '[fetcher]\nmode = "%s"\nfill = "%s"\nprofile_dir = "%s"\nprofile_window_ms = %s\n' \
+        "$mode" "$fill" "$WORK/profiles" "$PROFILE_WINDOW_MS" >"$SHIM_CFG"
     sync
     local qout=$WORK/q.out t0 t1 tc ttfr_us="" err="" restore_rc=0
     rm -f "$qout"
@@ -257,6 +264,15 @@ restore_run() {
             sleep 1.2
             cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
         else
+            if [[ $sys == ours-profile ]]; then
+                # The working set: the first 10% of the pages, read right after the restore
+                # (recorded by the first restore of this checkpoint, replayed by later ones).
+                local a b
+                a=$(now_ns)
+                q "$port" 600000 TOUCH 10 >/dev/null || err="TOUCH 10 failed"
+                b=$(now_ns)
+                touch_cold=$(((b - a) / 1000))
+            fi
             # Wait for the fill to finish (the shim rewrites the stats file every second).
             while ((waited < 6000)); do
                 if [[ $sys == criu ]]; then
@@ -268,6 +284,13 @@ restore_run() {
                 waited=$((waited + 1))
             done
             ((waited < 6000)) || err="fill did not complete within 600 s"
+            # A recording restore writes its profile when the recording window closes.
+            if [[ $sys == ours-profile ]]; then
+                for _ in $(seq 1 $((PROFILE_WINDOW_MS / 100 + 50))); do
+                    compgen -G "$WORK/profiles/*.profile" >/dev/null && break
+                    sleep 0.1
+                done
+            fi
         fi
         if [[ $sys == criu ]]; then
             # <bundle>/work is a symlink to containerd's per-task work dir.
@@ -315,7 +338,9 @@ run = {
     "sum_s": num("$sum_s"),
     "sum_ok": "$sum_ok" == "true",
     "sum": "$sum", "expect": "$expect",
-    "touch50_cold_us": num("$touch_cold"), "touch50_warm_us": num("$touch_warm"),
+    "touch50_cold_us": num("$touch_cold") if "$sys" == "ours-none" else None,
+    "touch50_warm_us": num("$touch_warm"),
+    "touch10_us": num("$touch_cold") if "$sys" == "ours-profile" else None,
     "touch50_local_us": num("$touch_local"),
     "criu_log": json.loads(r'''$criu_json''' or "null"),
     "error": "$err" or None,
@@ -353,7 +378,7 @@ for mib in $SIZES; do
         ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
     fi
     lazy=()
-    for s in criu ours ours-none; do has "$s" && lazy+=("$s"); done
+    for s in criu ours ours-none ours-profile; do has "$s" && lazy+=("$s"); done
     if ((${#lazy[@]})); then
         port=$((PORT_SEQ++))
         ref=localhost/bench/lazy-$mib:1
