@@ -9,9 +9,13 @@
 #   ours-profile  our shim, fill `profile`: rep 1 records the working set (TOUCH 10 right after
 #              the restore), later reps replay it (profile hit rate)
 #
-# plus (unless REMOTE=0) the runtime-level remote path (bench/remote/: our fetcher with pages
-# from distriproc-pageserver over loopback and over a veth into a netns this script creates,
-# optionally behind bench/delayproxy.py).
+# plus (unless REDIS=0) Redis from Debian's packages, hot-half GETs after a fill-none restore vs
+# eager (bench/redis.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
+# bench/remote/: our fetcher with pages from distriproc-pageserver over loopback and over a veth
+# into a netns this script creates, also behind bench/delayproxy.py; CRIU's daemon over the veth).
+# A full run takes about 15 minutes on a 2-vCPU VM. Everything started is stopped by pid at exit
+# (containerd and its shims, containers, page servers, proxies, the netns and veth); no sysctl
+# is changed.
 #
 # Every run appends one JSON object to bench/out/runs.jsonl; at the end bench/out/results.json
 # (machine, command, runs) is written and bench/report.py renders docs/BENCHMARKS.md and
@@ -20,9 +24,9 @@
 # Environment: SIZES (MiB, default "256 1024 4096"), REPS (default 5), REPS_BIG (repetitions at
 # sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none ours-profile"),
 # PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
-# threads, default 2), REMOTE (1), DELAYS_US (one-way proxy delays, default "250"), REDIS (1;
-# bench/redis.sh: REDIS_KEYS, REDIS_REPS),
-# REPORT (1: render the doc), DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
+# threads, default 2), REMOTE (1; REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
+# REDIS (1; REDIS_KEYS, REDIS_REPS), REPORT (1: render the doc), BENCH_OUT (default bench/out),
+# DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
