@@ -13,6 +13,9 @@
 //! criu_unauthenticated = false               # allow CRIU clients (no token) when a token is set
 //! token_file = ""                            # shared token; "" = no authentication
 //! tokens_file = ""                           # per-checkpoint tokens (see TokenGrant); "" = none
+//! tls_cert_file = ""                         # PEM certificate chain: TLS on TCP listeners
+//! tls_key_file = ""                          # PEM private key of tls_cert_file
+//! tls_client_ca_file = ""                    # PEM CA: clients must present a certificate from it
 //! metrics = ""                               # ADDR:PORT for Prometheus /metrics ("" = off)
 //! access_log = true                          # append-only access log per checkpoint
 //! lazy_only = false                          # refuse native reads of non-lazy pages
@@ -90,6 +93,12 @@ pub struct PageServerConfig {
     /// File of per-checkpoint tokens ([`TokenGrant`], [`load_token_grants`]); empty: none.
     /// With it (or `token_file`) set, every native client must present a known token.
     pub tokens_file: PathBuf,
+    /// PEM certificate chain: with it, TCP listeners speak TLS only (unix sockets stay plain).
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file` (required with it).
+    pub tls_key_file: PathBuf,
+    /// PEM CA certificates: clients must present a certificate signed by one (mutual TLS).
+    pub tls_client_ca_file: PathBuf,
     /// Prometheus endpoint (empty: off).
     pub metrics: String,
     /// Write the per-checkpoint access log.
@@ -116,6 +125,9 @@ impl Default for PageServerConfig {
             criu_unauthenticated: false,
             token_file: PathBuf::new(),
             tokens_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            tls_client_ca_file: PathBuf::new(),
             metrics: String::new(),
             access_log: true,
             lazy_only: false,
@@ -137,6 +149,10 @@ impl Default for PageServerConfig {
 /// io_timeout_ms = 10000       # per request read/write
 /// retry_timeout_ms = 30000    # keep reconnecting this long after a failure, then fail
 /// max_connections = 8         # per restore
+/// tls_ca_file = ""            # PEM CA to trust: TLS to a TCP address ("" = plaintext)
+/// tls_server_name = ""        # name in the server certificate ("" = the address's host)
+/// tls_cert_file = ""          # PEM client certificate, for servers that require one
+/// tls_key_file = ""           # its private key
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -153,6 +169,14 @@ pub struct PageServerClientConfig {
     pub retry_timeout_ms: u64,
     /// Most connections per client.
     pub max_connections: u32,
+    /// PEM CA certificates to trust; set: TLS to a TCP address.
+    pub tls_ca_file: PathBuf,
+    /// The name the server certificate must carry (empty: the host of `address`).
+    pub tls_server_name: String,
+    /// PEM client certificate (mutual TLS).
+    pub tls_cert_file: PathBuf,
+    /// Private key of `tls_cert_file`.
+    pub tls_key_file: PathBuf,
 }
 
 impl Default for PageServerClientConfig {
@@ -164,6 +188,10 @@ impl Default for PageServerClientConfig {
             io_timeout_ms: 10_000,
             retry_timeout_ms: 30_000,
             max_connections: 8,
+            tls_ca_file: PathBuf::new(),
+            tls_server_name: String::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -191,6 +219,30 @@ impl PageServerClientConfig {
             return Err(invalid(
                 "max_connections",
                 format!("{} is out of range 1..=64", self.max_connections),
+            ));
+        }
+        let set = |p: &Path| !p.as_os_str().is_empty();
+        if set(&self.tls_cert_file) != set(&self.tls_key_file) {
+            return Err(invalid(
+                if set(&self.tls_cert_file) {
+                    "tls_key_file"
+                } else {
+                    "tls_cert_file"
+                },
+                "tls_cert_file and tls_key_file go together".into(),
+            ));
+        }
+        if !set(&self.tls_ca_file) && (set(&self.tls_cert_file) || !self.tls_server_name.is_empty())
+        {
+            return Err(invalid(
+                "tls_ca_file",
+                "needed with tls_server_name or tls_cert_file (TLS settings without a CA)".into(),
+            ));
+        }
+        if set(&self.tls_ca_file) && self.address.starts_with("unix:") {
+            return Err(invalid(
+                "tls_ca_file",
+                "TLS is for TCP addresses; unix sockets are plaintext".into(),
             ));
         }
         Ok(())
@@ -449,6 +501,23 @@ impl PageServerConfig {
             return Err(invalid(
                 "max_cached_checkpoints",
                 "must be greater than 0".into(),
+            ));
+        }
+        let set = |p: &Path| !p.as_os_str().is_empty();
+        if set(&self.tls_cert_file) != set(&self.tls_key_file) {
+            return Err(invalid(
+                if set(&self.tls_cert_file) {
+                    "tls_key_file"
+                } else {
+                    "tls_cert_file"
+                },
+                "tls_cert_file and tls_key_file go together".into(),
+            ));
+        }
+        if set(&self.tls_client_ca_file) && !set(&self.tls_cert_file) {
+            return Err(invalid(
+                "tls_client_ca_file",
+                "client certificates need TLS: set tls_cert_file and tls_key_file".into(),
             ));
         }
         Ok(())

@@ -87,6 +87,15 @@ struct ServeArgs {
     /// uploads only the checkpoint ids its patterns match [config: tokens_file].
     #[arg(long, value_name = "FILE")]
     tokens_file: Option<PathBuf>,
+    /// PEM certificate chain: TCP listeners speak TLS [config: tls_cert_file].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [config: tls_key_file].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: TLS clients must present a certificate signed by it [config: tls_client_ca_file].
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -142,6 +151,15 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
     }
     if let Some(v) = &a.tokens_file {
         cfg.tokens_file = v.clone();
+    }
+    if let Some(v) = &a.tls_cert {
+        cfg.tls_cert_file = v.clone();
+    }
+    if let Some(v) = &a.tls_key {
+        cfg.tls_key_file = v.clone();
+    }
+    if let Some(v) = &a.tls_client_ca {
+        cfg.tls_client_ca_file = v.clone();
     }
     if let Some(v) = &a.metrics {
         cfg.metrics = v.clone();

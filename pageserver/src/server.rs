@@ -21,6 +21,7 @@ use distriproc_config::pageserver::{
     load_token_grants, validate_checkpoint_id, CriuHeader, PageServerConfig, TokenGrant,
 };
 use distriproc_runtime::protocol::criu::looks_like_criu;
+use distriproc_runtime::protocol::tls::{self, rustls};
 use distriproc_runtime::protocol::{read_exact_or_eof, HelloReply, HelloStatus, MAGIC};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -67,6 +68,9 @@ pub struct ServerOptions {
     pub max_cached: usize,
     /// Largest native upload (all files together).
     pub max_upload_bytes: u64,
+    /// TLS on the TCP listeners (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`);
+    /// `None`: plaintext. Unix listeners are always plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerOptions {
@@ -102,6 +106,20 @@ impl ServerOptions {
                 why: e.to_string(),
             })?
         };
+        let tls = if cfg.tls_cert_file.as_os_str().is_empty() {
+            None
+        } else {
+            let ca = (!cfg.tls_client_ca_file.as_os_str().is_empty())
+                .then_some(cfg.tls_client_ca_file.as_path());
+            Some(
+                tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, ca).map_err(|e| {
+                    PageServerError::BadOption {
+                        name: "tls_cert_file",
+                        why: error_chain(&e),
+                    }
+                })?,
+            )
+        };
         Ok(ServerOptions {
             store: cfg.store.clone(),
             listen: cfg.listen.clone(),
@@ -130,6 +148,7 @@ impl ServerOptions {
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
             max_cached: usize::try_from(cfg.max_cached_checkpoints).unwrap_or(64),
             max_upload_bytes: distriproc_runtime::protocol::upload::MAX_UPLOAD_BYTES,
+            tls,
         })
     }
 
@@ -383,6 +402,14 @@ fn connection(ctx: &Ctx, s: Stream) {
             source,
         };
         s.set_timeouts(ctx.opts.io_timeout).map_err(ioerr)?;
+        let s = match (&ctx.opts.tls, s) {
+            (Some(cfg), Stream::Tcp(t)) => match start_tls(ctx, cfg, t, &peer)? {
+                Some(s) => s,
+                None => return Ok(()),
+            },
+            (_, s) => s,
+        };
+        let plain_tcp_under_tls = ctx.opts.tls.is_some() && matches!(s, Stream::Tcp(_));
         let w = s.try_clone().map_err(ioerr)?;
         if let Ok(k) = s.try_clone() {
             ctx.conns
@@ -394,6 +421,22 @@ fn connection(ctx: &Ctx, s: Stream) {
         let mut first = [0u8; 4];
         if !read_exact_or_eof(&mut r, &mut first).map_err(ioerr)? {
             return Ok(());
+        }
+        if first == MAGIC && plain_tcp_under_tls {
+            ctx.metrics.errors_auth.fetch_add(1, Relaxed);
+            let mut w = w;
+            let _ = std::io::Write::write_all(
+                &mut w,
+                &HelloReply::refuse(
+                    HelloStatus::Malformed,
+                    "this page server requires TLS on TCP (configure the client's tls_ca_file)",
+                )
+                .encode(),
+            );
+            return Err(PageServerError::Criu {
+                peer: peer.clone(),
+                what: "plaintext native hello refused: TLS required".into(),
+            });
         }
         if first == MAGIC {
             if active > ctx.opts.max_clients {
@@ -435,4 +478,52 @@ fn connection(ctx: &Ctx, s: Stream) {
         ctx.metrics.errors_session.fetch_add(1, Relaxed);
         tracing::warn!("{}", error_chain(&e));
     }
+}
+
+/// TLS on an accepted TCP connection: a TLS client (first byte a handshake record) gets the
+/// handshake (errors end the connection, logged); anything else goes on in plaintext, where
+/// `connection` refuses a native hello and CRIU clients (which have no TLS) are served under
+/// the usual CRIU rules (`criu_unauthenticated`). `None`: closed before the first byte.
+fn start_tls(
+    ctx: &Ctx,
+    cfg: &Arc<rustls::ServerConfig>,
+    t: std::net::TcpStream,
+    peer: &str,
+) -> Result<Option<Stream>, PageServerError> {
+    let ioerr = |what: &'static str| {
+        move |source| PageServerError::Io {
+            what,
+            path: PathBuf::from(peer),
+            source,
+        }
+    };
+    let mut first = [0u8; 1];
+    if t.peek(&mut first).map_err(ioerr("read from"))? == 0 {
+        return Ok(None);
+    }
+    if !tls::looks_like_tls(first[0]) {
+        // Plaintext: only CRIU may go on (a native hello is refused in `connection`).
+        return Ok(Some(Stream::Tcp(t)));
+    }
+    let sock = t.try_clone().map_err(ioerr("set up tls for"))?;
+    let conn = rustls::ServerConnection::new(cfg.clone()).map_err(|e| PageServerError::Io {
+        what: "start tls with",
+        path: PathBuf::from(peer),
+        source: std::io::Error::other(e),
+    })?;
+    let mut s = rustls::StreamOwned::new(conn, t);
+    while s.conn.is_handshaking() {
+        if let Err(e) = s.conn.complete_io(&mut s.sock) {
+            ctx.metrics.errors_auth.fetch_add(1, Relaxed);
+            return Err(PageServerError::Io {
+                what: "tls handshake with",
+                path: PathBuf::from(peer),
+                source: e,
+            });
+        }
+    }
+    Ok(Some(Stream::Tls {
+        tls: Arc::new(Mutex::new(s)),
+        sock,
+    }))
 }

@@ -1,13 +1,26 @@
-//! A connected stream, TCP or unix, with the few operations the sessions need.
+//! A connected stream, TCP, TLS over TCP or unix, with the few operations the sessions need.
+//!
+//! A TLS stream is shared by the session's reader and writer halves behind a mutex (a session
+//! reads and writes from one thread, so the lock is never contended); `sock` is the raw TCP
+//! socket for timeouts, shutdown and the peer address.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use distriproc_runtime::protocol::tls::rustls;
+
+pub(crate) type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls {
+        tls: Arc<Mutex<TlsStream>>,
+        sock: TcpStream,
+    },
 }
 
 impl Stream {
@@ -15,12 +28,16 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls { tls, sock } => Stream::Tls {
+                tls: tls.clone(),
+                sock: sock.try_clone()?,
+            },
         })
     }
 
     pub(crate) fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => {
+            Stream::Tcp(s) | Stream::Tls { sock: s, .. } => {
                 s.set_nonblocking(false)?;
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(t))?;
@@ -39,7 +56,7 @@ impl Stream {
     pub(crate) fn wait_forever_with_keepalive(&self) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
         match self {
-            Stream::Tcp(s) => {
+            Stream::Tcp(s) | Stream::Tls { sock: s, .. } => {
                 s.set_read_timeout(None)?;
                 setsockopt(s, sockopt::KeepAlive, &true)?;
                 setsockopt(s, sockopt::TcpKeepIdle, &30)?;
@@ -53,7 +70,7 @@ impl Stream {
 
     pub(crate) fn shutdown(&self) {
         let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) | Stream::Tls { sock: s, .. } => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
         };
     }
@@ -63,6 +80,9 @@ impl Stream {
             Stream::Tcp(s) => s
                 .peer_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
+            Stream::Tls { sock, .. } => sock
+                .peer_addr()
+                .map_or_else(|_| "tls:?".into(), |a| format!("tls:{a}")),
             Stream::Unix(s) => {
                 match nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials) {
                     Ok(c) => format!("unix:pid={}", c.pid()),
@@ -78,6 +98,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(b),
             Stream::Unix(s) => s.read(b),
+            Stream::Tls { tls, .. } => tls.lock().unwrap_or_else(|e| e.into_inner()).read(b),
         }
     }
 }
@@ -87,9 +108,18 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(b),
             Stream::Unix(s) => s.write(b),
+            Stream::Tls { tls, .. } => {
+                let mut t = tls.lock().unwrap_or_else(|e| e.into_inner());
+                let n = t.write(b)?;
+                t.flush()?;
+                Ok(n)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls { tls, .. } => tls.lock().unwrap_or_else(|e| e.into_inner()).flush(),
+            _ => Ok(()),
+        }
     }
 }

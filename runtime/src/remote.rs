@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::protocol::tls::{rustls, TlsClient, TlsError};
 use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest};
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
@@ -98,6 +99,9 @@ pub struct RemoteOptions {
     pub max_connections: usize,
     /// Most requests outstanding on one connection in [`RemotePages::read_batch`].
     pub pipeline_depth: usize,
+    /// TLS for TCP endpoints ([`crate::protocol::tls`]); `None`: plaintext. Unix endpoints
+    /// are always plaintext.
+    pub tls: Option<TlsClient>,
 }
 
 impl RemoteOptions {
@@ -114,6 +118,7 @@ impl RemoteOptions {
             backoff_max: Duration::from_secs(1),
             max_connections: 8,
             pipeline_depth: 8,
+            tls: None,
         }
     }
 }
@@ -143,6 +148,26 @@ impl RemoteOptions {
         o.io_timeout = Duration::from_millis(cfg.io_timeout_ms);
         o.retry_timeout = Duration::from_millis(cfg.retry_timeout_ms);
         o.max_connections = usize::try_from(cfg.max_connections).unwrap_or(8);
+        if !cfg.tls_ca_file.as_os_str().is_empty() {
+            // The name the certificate must carry: tls_server_name, else the address's host.
+            let name = if cfg.tls_server_name.is_empty() {
+                let host = cfg.address.rsplit_once(':').map_or("", |(h, _)| h);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            } else {
+                cfg.tls_server_name.clone()
+            };
+            let cert = (!cfg.tls_cert_file.as_os_str().is_empty())
+                .then_some((cfg.tls_cert_file.as_path(), cfg.tls_key_file.as_path()));
+            o.tls = Some(TlsClient::new(&cfg.tls_ca_file, &name, cert).map_err(|e| {
+                distriproc_config::ConfigError::Invalid {
+                    origin: "page server client".into(),
+                    key: "tls_ca_file".into(),
+                    message: tls_error_text(&e),
+                }
+            })?);
+        }
         Ok(Some((endpoint, o)))
     }
 }
@@ -280,6 +305,7 @@ impl RangeAnswer {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Read for Stream {
@@ -287,6 +313,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(b),
             Stream::Unix(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
         }
     }
 }
@@ -296,10 +323,18 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(b),
             Stream::Unix(s) => s.write(b),
+            Stream::Tls(s) => {
+                let n = s.write(b)?;
+                s.flush()?;
+                Ok(n)
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -309,6 +344,10 @@ impl Stream {
             Stream::Tcp(s) => {
                 s.set_read_timeout(None)?;
                 s.set_write_timeout(None)
+            }
+            Stream::Tls(s) => {
+                s.sock.set_read_timeout(None)?;
+                s.sock.set_write_timeout(None)
             }
             Stream::Unix(s) => {
                 s.set_read_timeout(None)?;
@@ -323,6 +362,10 @@ impl Stream {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
             }
+            Stream::Tls(s) => {
+                s.sock.set_read_timeout(Some(t))?;
+                s.sock.set_write_timeout(Some(t))
+            }
             Stream::Unix(s) => {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
@@ -331,8 +374,22 @@ impl Stream {
     }
 }
 
-/// Connects to `endpoint` (TCP with `timeout` per address tried, TCP_NODELAY; or unix).
-fn dial(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
+/// A TLS configuration error with its causes, for a config error's message.
+fn tls_error_text(e: &TlsError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Connects to `endpoint` (TCP with `timeout` per address tried, TCP_NODELAY; or unix). With
+/// `tls`, a TCP connection completes the TLS handshake (within `timeout`) before returning, so
+/// a certificate the client does not trust fails here, as a connect error.
+fn dial(endpoint: &Endpoint, timeout: Duration, tls: Option<&TlsClient>) -> io::Result<Stream> {
     match endpoint {
         Endpoint::Tcp(addr) => {
             let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
@@ -341,7 +398,31 @@ fn dial(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
                 match TcpStream::connect_timeout(&a, timeout) {
                     Ok(s) => {
                         s.set_nodelay(true)?;
-                        return Ok(Stream::Tcp(s));
+                        let Some(tls) = tls else {
+                            return Ok(Stream::Tcp(s));
+                        };
+                        s.set_read_timeout(Some(timeout))?;
+                        s.set_write_timeout(Some(timeout))?;
+                        let conn = rustls::ClientConnection::new(
+                            tls.config.clone(),
+                            tls.server_name.clone(),
+                        )
+                        .map_err(io::Error::other)?;
+                        let mut t = rustls::StreamOwned::new(conn, s);
+                        while t.conn.is_handshaking() {
+                            t.conn.complete_io(&mut t.sock).map_err(|e| {
+                                if e.kind() == io::ErrorKind::UnexpectedEof {
+                                    io::Error::new(
+                                        e.kind(),
+                                        "tls handshake: the server closed the connection \
+                                         (does it speak TLS, does it want a client certificate?)",
+                                    )
+                                } else {
+                                    io::Error::new(e.kind(), format!("tls handshake: {e}"))
+                                }
+                            })?;
+                        }
+                        return Ok(Stream::Tls(Box::new(t)));
                     }
                     Err(e) => last = e,
                 }
@@ -370,7 +451,7 @@ fn open_session(
         checkpoint: opts.checkpoint.clone(),
         source,
     };
-    let stream = dial(endpoint, opts.connect_timeout).map_err(cerr)?;
+    let stream = dial(endpoint, opts.connect_timeout, opts.tls.as_ref()).map_err(cerr)?;
     stream.set_timeouts(opts.connect_timeout).map_err(cerr)?;
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     let hello = Hello {
@@ -405,6 +486,14 @@ pub fn open_criu_session(
     endpoint: &Endpoint,
     opts: &RemoteOptions,
 ) -> Result<std::os::fd::OwnedFd, RemoteError> {
+    if opts.tls.is_some() && matches!(endpoint, Endpoint::Tcp(_)) {
+        return Err(RemoteError::BadOption {
+            name: "tls",
+            why: "criu lazy-pages cannot speak TLS: use the native fetcher mode with a TLS \
+                  page server (or a unix socket)"
+                .into(),
+        });
+    }
     let (r, _) = open_session(endpoint, opts, true, 0)?;
     if !r.buffer().is_empty() {
         return Err(RemoteError::Protocol {
@@ -421,6 +510,13 @@ pub fn open_criu_session(
     Ok(match s {
         Stream::Tcp(t) => t.into(),
         Stream::Unix(u) => u.into(),
+        // Refused above (TLS is only used on TCP endpoints); never hand criu an encrypted socket.
+        Stream::Tls(_) => {
+            return Err(RemoteError::BadOption {
+                name: "tls",
+                why: "criu lazy-pages cannot speak TLS".into(),
+            })
+        }
     })
 }
 

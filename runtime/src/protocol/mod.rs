@@ -117,6 +117,7 @@
 //! [`ProtocolError::Limit`], before anything is allocated.
 
 pub mod criu;
+pub mod tls;
 
 use std::io::{self, Read};
 
