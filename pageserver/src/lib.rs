@@ -23,6 +23,11 @@
 //! criu dump -t PID -D IMG --page-server --address HOST --port 7060
 //! # the shim's remote Checkpoint uploads images as a new checkpoint (native protocol v2):
 //! #   HELLO_UPLOAD, files, End -> stored atomically as /srv/ckpt/<id> (see `upload`)
+//! # TLS on the TCP listeners (clients: [pageserver] tls_ca_file), clients must also present a
+//! # certificate from client-ca.pem (optional), and per-checkpoint tokens
+//! # ("TOKEN" = ["ckpt-a*", ...]: a token reads and uploads only the ids its patterns match):
+//! distriproc-pageserver --store /srv/ckpt --tls-cert server.crt --tls-key server.key \
+//!     --tls-client-ca client-ca.pem --tokens-file /etc/distriproc/pageserver-tokens.toml
 //! # hot/cold pages per checkpoint, from the access logs:
 //! distriproc-pageserver stats --store /srv/ckpt web-1
 //! ```

@@ -95,6 +95,9 @@
 //! it stops at the first change of kind (data → zero or zero → data): what
 //! [`crate::source::PageSource::read_pages`] needs, without moving bytes it would drop.
 //!
+//! Over TCP the whole session may run inside TLS ([`tls`]): the TLS handshake comes first and
+//! the hello (token included) travels encrypted; the byte layouts below do not change.
+//!
 //! # Version policy
 //!
 //! The client sends the highest version it speaks; the server answers with the highest version
