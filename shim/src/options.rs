@@ -5,6 +5,12 @@
 //! `runtimeoptions.v1.Options`. The type is matched on the segment after the last `/`.
 //! Anything else is an `InvalidArgument` naming the type. The decoded options are kept as JSON in
 //! the bundle (`options.json`) so the `delete` action can find runc's root again.
+//!
+//! The shim configuration ([`ShimOptions::load_config`]) comes from the first of:
+//! `runtimeoptions.v1.Options.config_body` (TOML text; containerd 2.x CRI sends the runtime's
+//! whole `options` table there when it has no `ConfigPath`), `config_path`, `$DISTRIPROC_CONFIG`,
+//! `/etc/distriproc/shim.toml`, the defaults. The `io.distriproc.*` annotations then override
+//! it per container.
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +53,9 @@ pub struct ShimOptions {
     pub criu_work_path: String,
     /// From `runtimeoptions.v1.Options.config_path`: a shim configuration file.
     pub config_path: String,
+    /// From `runtimeoptions.v1.Options.config_body`: the shim configuration as TOML text
+    /// (wins over `config_path`).
+    pub config_body: String,
     /// CRIU binary for runc's `--criu` ("" = runc's default); from the shim configuration.
     pub criu: String,
 }
@@ -71,9 +80,16 @@ impl ShimOptions {
         Path::new(root).join(namespace)
     }
 
-    /// The shim configuration these options point at (`config_path`), else the default file.
+    /// The shim configuration these options carry: `config_body` (TOML text), else the file
+    /// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else the
+    /// defaults. Errors name the key and where it came from.
     pub fn load_config(&self) -> Result<distriproc_config::ShimConfig> {
-        let cfg = if self.config_path.is_empty() {
+        let cfg = if !self.config_body.trim().is_empty() {
+            distriproc_config::ShimConfig::from_toml_str(
+                &strip_options_fields(&self.config_body),
+                CONFIG_BODY_ORIGIN,
+            )
+        } else if self.config_path.is_empty() {
             distriproc_config::ShimConfig::load_default()
         } else {
             distriproc_config::ShimConfig::load(Path::new(&self.config_path))
@@ -112,6 +128,30 @@ impl ShimOptions {
             Err(e) => Err(ShimError::io("read", path, e)),
         }
     }
+}
+
+/// How errors in `config_body` name their origin.
+pub const CONFIG_BODY_ORIGIN: &str = "runtime options config_body";
+
+/// containerd's CRI marshals the runtime's whole `options` table into `config_body`, so the
+/// options message's own fields (`TypeUrl`, `ConfigPath`, `ConfigBody`) can appear as
+/// top-level keys there; they are not shim configuration keys and are dropped.
+fn strip_options_fields(body: &str) -> String {
+    let mut top = true;
+    let mut out = String::with_capacity(body.len());
+    for line in body.lines() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            top = false;
+        }
+        let key = t.split('=').next().unwrap_or("").trim();
+        if top && matches!(key, "TypeUrl" | "ConfigPath" | "ConfigBody") && t.contains('=') {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The part of a type URL after the last `/` (`type.googleapis.com/x.Y` → `x.Y`).
@@ -155,8 +195,14 @@ pub fn decode(any: Option<&Any>) -> Result<ShimOptions> {
             let o = <RuntimeOptionsProto as prost::Message>::decode(any.value.as_slice()).map_err(
                 |e| ShimError::InvalidArgument(format!("decode {RUNTIME_OPTIONS}: {e}")),
             )?;
+            let config_body = String::from_utf8(o.config_body).map_err(|e| {
+                ShimError::InvalidArgument(format!(
+                    "{RUNTIME_OPTIONS}: config_body is not UTF-8 TOML: {e}"
+                ))
+            })?;
             Ok(ShimOptions {
                 config_path: o.config_path,
+                config_body,
                 ..Default::default()
             })
         }
@@ -222,6 +268,85 @@ mod tests {
         assert_eq!(
             d.runc_root("default"),
             Path::new("/run/containerd/runc/default")
+        );
+    }
+
+    fn runtime_options(config_path: &str, body: &str) -> Any {
+        let o = RuntimeOptionsProto {
+            type_url: "io.containerd.distriproc.v2".into(),
+            config_path: config_path.into(),
+            config_body: body.as_bytes().to_vec(),
+        };
+        any(RUNTIME_OPTIONS, prost::Message::encode_to_vec(&o))
+    }
+
+    #[test]
+    fn runtime_options_config_body_is_the_configuration() {
+        // What containerd 2.x CRI sends for an `options` table without ConfigPath.
+        let body = "TypeUrl = \"io.containerd.distriproc.v2\"\n\
+                    [fetcher]\nfill = \"none\"\nfault_threads = 4\n\
+                    [runc]\nroot = \"/run/body\"\n";
+        let d = decode(Some(&runtime_options("", body))).unwrap();
+        assert_eq!(d.config_body, body);
+        let cfg = d.load_config().unwrap();
+        assert_eq!(cfg.fetcher.fill, distriproc_config::FillPolicy::None);
+        assert_eq!(cfg.fetcher.fault_threads, 4);
+        assert_eq!(cfg.runc.root, Path::new("/run/body"));
+        // Kept in options.json, so Start and Checkpoint see the same configuration.
+        let dir = tempfile::tempdir().unwrap();
+        d.save(dir.path()).unwrap();
+        assert_eq!(ShimOptions::load(dir.path()).unwrap().config_body, body);
+        // The body wins over a config_path (containerd never sends both).
+        let d = decode(Some(&runtime_options("/nonexistent/shim.toml", body))).unwrap();
+        assert_eq!(d.load_config().unwrap().fetcher.fault_threads, 4);
+    }
+
+    #[test]
+    fn config_body_errors_name_the_key_and_runtime_options() {
+        for (body, key) in [
+            ("[fetcher]\nfil = \"none\"\n", "fil"),
+            ("colour = 1\n", "colour"),
+            (
+                "[fetcher]\nfault_around_pages = 3\n",
+                "fetcher.fault_around_pages",
+            ),
+        ] {
+            let d = decode(Some(&runtime_options("", body))).unwrap();
+            let e = d.load_config().unwrap_err();
+            assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(key), "{body:?}: {msg}");
+            assert!(msg.contains("runtime options"), "{body:?}: {msg}");
+        }
+        let bad = RuntimeOptionsProto {
+            type_url: String::new(),
+            config_path: String::new(),
+            config_body: vec![0xff, 0xfe],
+        };
+        let e = decode(Some(&any(
+            RUNTIME_OPTIONS,
+            prost::Message::encode_to_vec(&bad),
+        )))
+        .unwrap_err();
+        assert!(e.to_string().contains("config_body"), "{e}");
+    }
+
+    #[test]
+    fn config_path_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shim.toml");
+        std::fs::write(&p, "[fetcher]\nfill = \"sometimes\"\n").unwrap();
+        let d = decode(Some(&runtime_options(&p.display().to_string(), ""))).unwrap();
+        let e = d.load_config().unwrap_err().to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("sometimes"),
+            "{e}"
+        );
+        std::fs::write(&p, "[runc]\nbinry = \"x\"\n").unwrap();
+        let e = d.load_config().unwrap_err().to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("binry"),
+            "{e}"
         );
     }
 
