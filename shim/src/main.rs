@@ -1,15 +1,112 @@
 //! Entry point of `containerd-shim-distriproc-v2`.
 
-use containerd_shim_distriproc_v2::service::{Service, RUNTIME_ID};
+use std::path::{Path, PathBuf};
+
+use containerd_shim_distriproc_v2::{
+    lazy::STATS_FILE,
+    service::{Service, RUNTIME_ID},
+};
+
+/// Where containerd (default root) keeps task bundles: `<this>/<namespace>/<id>`.
+const TASK_STATE_DIR: &str = "/run/containerd/io.containerd.runtime.v2.task";
+
+const USAGE: &str = "\
+containerd-shim-distriproc-v2: the DistriProc containerd runtime v2 shim
+(runtime type io.containerd.distriproc.v2). containerd starts it; it is not run by hand.
+
+usage:
+  containerd-shim-distriproc-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start|delete
+                                   (containerd's shim protocol; the server is re-exec'd by `start`)
+  containerd-shim-distriproc-v2 stats BUNDLE-DIR|CONTAINER-ID
+                                   print <bundle>/distriproc-lazy-stats.json of a lazy restore
+                                   (an id is looked up under /run/containerd/io.containerd.runtime.v2.task/*/)
+  containerd-shim-distriproc-v2 -v|--version
+  containerd-shim-distriproc-v2 -h|--help
+
+configuration: runtime options config_body, else config_path, else $DISTRIPROC_CONFIG,
+else /etc/distriproc/shim.toml; annotations io.distriproc.* per container.
+environment: DISTRIPROC_CONFIG, DISTRIPROC_EAGER_RESTORE=1, RUST_LOG (log level).
+reference: docs/REFERENCE.md, man 8 containerd-shim-distriproc-v2.
+";
+
+/// `stats BUNDLE-DIR|CONTAINER-ID`: the stats file's path.
+fn stats_path(arg: &str) -> Result<PathBuf, String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if p.is_dir() {
+        return Ok(p.join(STATS_FILE));
+    }
+    if arg.contains('/') || arg.is_empty() || arg.starts_with('.') {
+        return Err(format!("{arg}: no such bundle directory"));
+    }
+    let found: Vec<PathBuf> = std::fs::read_dir(TASK_STATE_DIR)
+        .map_err(|e| format!("{TASK_STATE_DIR}: {e}"))?
+        .flatten()
+        .map(|ns| ns.path().join(arg))
+        .filter(|b| b.is_dir())
+        .collect();
+    match found.as_slice() {
+        [b] => Ok(b.join(STATS_FILE)),
+        [] => Err(format!(
+            "no task {arg:?} under {TASK_STATE_DIR}/*/ (pass its bundle directory)"
+        )),
+        _ => Err(format!(
+            "task {arg:?} exists in several namespaces: {found:?} (pass its bundle directory)"
+        )),
+    }
+}
+
+fn stats(args: &[String]) -> i32 {
+    let [arg] = args else {
+        eprintln!("usage: containerd-shim-distriproc-v2 stats BUNDLE-DIR|CONTAINER-ID");
+        return 2;
+    };
+    let path = match stats_path(arg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("containerd-shim-distriproc-v2 stats: {e}");
+            return 1;
+        }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            println!("{}", text.trim_end());
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "containerd-shim-distriproc-v2 stats: {}: {e} (not a lazily restored task?)",
+                path.display()
+            );
+            1
+        }
+    }
+}
 
 fn main() {
-    if std::env::args().any(|a| a == "-v" || a == "--version" || a == "-version") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .iter()
+        .any(|a| a == "-v" || a == "--version" || a == "-version")
+    {
         println!("{RUNTIME_ID} ({})", env!("CARGO_PKG_VERSION"));
         return;
     }
+    // containerd-shim's flag parser refuses unknown flags with an opaque error: answer help here.
+    if args
+        .iter()
+        .any(|a| matches!(a.as_str(), "-h" | "--help" | "-help"))
+    {
+        print!("{USAGE}");
+        return;
+    }
+    if args.first().map(String::as_str) == Some("stats") {
+        std::process::exit(stats(&args[1..]));
+    }
     // The hidden uffd keeper of a lazy restore (`fetcher::spawn_keeper`): no runtime needed.
-    if std::env::args().nth(1).as_deref()
-        == Some(containerd_shim_distriproc_v2::fetcher::KEEPER_ARG)
+    if args.first().map(String::as_str) == Some(containerd_shim_distriproc_v2::fetcher::KEEPER_ARG)
     {
         std::process::exit(distriproc_runtime::fetcher::keeper::keeper_main());
     }
