@@ -4,7 +4,9 @@
 //! `runc restore --lazy-pages` runs; [`LazySession`] is the running fetcher. The production
 //! backend wraps `distriproc_runtime::fetcher`; [`EagerOnly`] makes every restore eager (used
 //! when lazy restore is switched off, and in tests). [`spawn_waiter`] is the per-restore thread
-//! that keeps `<bundle>/distriproc-lazy-stats.json` current, logs one summary line at the end and
+//! that keeps `<bundle>/distriproc-lazy-stats.json` current, logs one line per restore stage
+//! (restored, first fault, fill progress every [`PROGRESS_EVERY`], fill complete, task exit,
+//! summary; `id` and `stage` fields plus the figures as key=value pairs, see [`Stage`]) and
 //! removes containerd's temporary `ctrd-checkpoint*` directory once pages are no longer needed.
 
 use std::{
@@ -142,6 +144,156 @@ pub fn summary(json: &str) -> String {
     )
 }
 
+/// How often the waiter logs the fill's progress while it runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The stages the waiter logs, each once (progress: every [`PROGRESS_EVERY`]), as the `stage`
+/// field of a log line whose other fields are the figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// runc restore returned: `restore_ms` (fetcher listening → CRIU's restore-finished
+    /// message), `tasks`, `pages_total`.
+    Restored,
+    /// The first page fault: `first_fault_ms` since the fetcher started.
+    FirstFault,
+    /// While filling: `pages_installed`, `pages_total`, `percent`, `mib_s` (since the last line),
+    /// `faults`, `bytes`.
+    Progress,
+    /// The background fill installed every page: `fill_ms`, `pages_installed`, `mib_s` (average).
+    FillComplete,
+    /// The container went away before the fill ended; the fetcher is stopped.
+    TaskExit,
+    /// The fetcher ended: the summary (`lazy restore of ID finished: ...`) or the error.
+    Finished,
+}
+
+impl Stage {
+    /// The `stage` field's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Restored => "restored",
+            Stage::FirstFault => "first-fault",
+            Stage::Progress => "progress",
+            Stage::FillComplete => "fill-complete",
+            Stage::TaskExit => "task-exit",
+            Stage::Finished => "finished",
+        }
+    }
+}
+
+/// The figures of a stats JSON the stage lines use (native or criu fetcher).
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    installed: u64,
+    total: u64,
+    bytes: u64,
+    faults: u64,
+    tasks: u64,
+    restore_us: Option<u64>,
+    first_fault_us: Option<u64>,
+    fill_us: Option<u64>,
+}
+
+impl Figures {
+    fn of(json: &str) -> Figures {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+        let n = |k: &str| v.get(k).and_then(|x| x.as_u64());
+        let z = |k: &str| n(k).unwrap_or(0);
+        if v.get("mode").and_then(|m| m.as_str()) == Some("criu") {
+            return Figures {
+                installed: z("pages_transferred"),
+                total: z("pages_total"),
+                bytes: z("pages_transferred") * 4096,
+                ..Default::default()
+            };
+        }
+        Figures {
+            installed: z("pages_faulted") + z("pages_prefetched") + z("pages_filled"),
+            total: z("lazy_pages"),
+            bytes: z("bytes"),
+            faults: z("faults"),
+            tasks: z("tasks"),
+            restore_us: n("restore_finished_us"),
+            first_fault_us: n("time_to_first_fault_us"),
+            fill_us: n("fill_complete_us"),
+        }
+    }
+
+    fn percent(&self) -> u64 {
+        (self.installed * 100).checked_div(self.total).unwrap_or(0)
+    }
+}
+
+fn ms(us: Option<u64>) -> String {
+    us.map_or_else(|| "-".into(), |us| (us / 1000).to_string())
+}
+
+fn mib_s(bytes: u64, d: Duration) -> String {
+    if d.is_zero() {
+        return "-".into();
+    }
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64())
+}
+
+/// What the waiter has logged of one restore.
+struct StageLog {
+    id: String,
+    first_fault: bool,
+    fill_complete: bool,
+    last: (Instant, u64),
+}
+
+impl StageLog {
+    /// Logs `restored` from the first snapshot.
+    fn start(id: &str, json: &str) -> StageLog {
+        let f = Figures::of(json);
+        let id = id.to_owned();
+        log::info!(
+            id = id.as_str(), stage = Stage::Restored.name(), restore_ms = ms(f.restore_us).as_str(),
+            tasks = f.tasks, pages_total = f.total;
+            "lazy restore of {id}: restored, fetcher serving faults"
+        );
+        StageLog {
+            id,
+            first_fault: false,
+            fill_complete: false,
+            last: (Instant::now(), f.bytes),
+        }
+    }
+
+    /// Logs the stages a new snapshot reached; a progress line when `progress_due`.
+    fn observe(&mut self, json: &str, progress_due: bool) {
+        let f = Figures::of(json);
+        let id = self.id.as_str();
+        if !self.first_fault && f.first_fault_us.is_some() {
+            self.first_fault = true;
+            log::info!(
+                id = id, stage = Stage::FirstFault.name(), first_fault_ms = ms(f.first_fault_us).as_str();
+                "lazy restore of {id}: first page fault"
+            );
+        }
+        if !self.fill_complete && f.fill_us.is_some() {
+            self.fill_complete = true;
+            let avg = mib_s(f.bytes, Duration::from_micros(f.fill_us.unwrap_or(0)));
+            log::info!(
+                id = id, stage = Stage::FillComplete.name(), fill_ms = ms(f.fill_us).as_str(),
+                pages_installed = f.installed, pages_total = f.total, mib_s = avg.as_str();
+                "lazy restore of {id}: fill complete"
+            );
+        } else if progress_due && !self.fill_complete {
+            let (t, b) = self.last;
+            let rate = mib_s(f.bytes.saturating_sub(b), t.elapsed());
+            log::info!(
+                id = id, stage = Stage::Progress.name(), pages_installed = f.installed,
+                pages_total = f.total, percent = f.percent(), mib_s = rate.as_str(),
+                faults = f.faults, bytes = f.bytes;
+                "lazy restore of {id}: filling"
+            );
+            self.last = (Instant::now(), f.bytes);
+        }
+    }
+}
+
 /// The thread watching a lazy restore; [`Waiter::finish`] ends it when the container goes away.
 #[derive(Debug)]
 pub struct Waiter {
@@ -179,14 +331,28 @@ pub fn spawn_waiter(
         .name(format!("lazy-{id}"))
         .spawn(move || {
             let stats = bundle.join(STATS_FILE);
-            let mut last = Instant::now() - Duration::from_secs(1);
+            let json = session.stats_json();
+            write_stats(&stats, &json);
+            let mut stages = StageLog::start(&id, &json);
+            let mut last = Instant::now();
+            let mut last_progress = Instant::now();
             while !session.finished() {
                 if stop2.load(Ordering::SeqCst) {
+                    log::info!(
+                        id = id.as_str(), stage = Stage::TaskExit.name();
+                        "lazy restore of {id}: the container exited before the fill ended, stopping the fetcher"
+                    );
                     session.stop();
                     break;
                 }
                 if last.elapsed() >= Duration::from_secs(1) {
-                    write_stats(&stats, &session.stats_json());
+                    let json = session.stats_json();
+                    write_stats(&stats, &json);
+                    let due = last_progress.elapsed() >= PROGRESS_EVERY;
+                    stages.observe(&json, due);
+                    if due {
+                        last_progress = Instant::now();
+                    }
                     last = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -194,9 +360,20 @@ pub fn spawn_waiter(
             match session.wait() {
                 Ok(json) => {
                     write_stats(&stats, &json);
-                    log::info!("lazy restore of {id} finished: {}", summary(&json));
+                    stages.observe(&json, false);
+                    let f = Figures::of(&json);
+                    log::info!(
+                        id = id.as_str(), stage = Stage::Finished.name(),
+                        pages_installed = f.installed, pages_total = f.total, bytes = f.bytes,
+                        faults = f.faults, first_fault_ms = ms(f.first_fault_us).as_str(),
+                        fill_ms = ms(f.fill_us).as_str();
+                        "lazy restore of {id} finished: {}", summary(&json)
+                    );
                 }
-                Err(e) => log::error!("lazy restore of {id} ended with an error: {e}"),
+                Err(e) => log::error!(
+                    id = id.as_str(), stage = Stage::Finished.name();
+                    "lazy restore of {id} ended with an error: {e}"
+                ),
             }
             remove_if_temp_checkpoint(&images);
         })?;
@@ -225,6 +402,118 @@ mod tests {
         }
     }
 
+    /// Keeps log lines formatted as containerd-shim's logger writes them to containerd's log.
+    struct Capture(std::sync::Mutex<Vec<String>>);
+
+    struct Kv(String);
+    impl<'k> log::kv::VisitSource<'k> for Kv {
+        fn visit_pair(
+            &mut self,
+            k: log::kv::Key<'k>,
+            v: log::kv::Value<'k>,
+        ) -> std::result::Result<(), log::kv::Error> {
+            self.0.push_str(&format!(" {k}=\"{v}\""));
+            Ok(())
+        }
+    }
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            let mut kv = Kv(String::new());
+            let _ = r.key_values().visit(&mut kv);
+            let line = format!(
+                "level={}{} msg=\"{}\"",
+                r.level().as_str().to_lowercase(),
+                kv.0,
+                r.args()
+            );
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    fn captured(id: &str) -> Vec<String> {
+        static LOGGER: std::sync::OnceLock<&'static Capture> = std::sync::OnceLock::new();
+        let l = LOGGER.get_or_init(|| {
+            let l: &'static Capture = Box::leak(Box::new(Capture(Default::default())));
+            let _ = log::set_logger(l);
+            log::set_max_level(log::LevelFilter::Info);
+            l
+        });
+        let tag = format!("id=\"{id}\"");
+        l.0.lock()
+            .unwrap()
+            .iter()
+            .filter(|x| x.contains(&tag))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn one_key_value_line_per_stage() {
+        let _ = captured("stages-1");
+        let mut s = StageLog::start(
+            "stages-1",
+            r#"{"tasks":2,"lazy_pages":1000,"restore_finished_us":312000}"#,
+        );
+        s.observe(r#"{"tasks":2,"lazy_pages":1000,"bytes":0}"#, false);
+        s.observe(
+            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":240,"bytes":1048576,"faults":9,"time_to_first_fault_us":4000}"#,
+            true,
+        );
+        s.observe(
+            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":990,"bytes":4096000,"time_to_first_fault_us":4000,"fill_complete_us":2000000}"#,
+            true,
+        );
+        s.observe(r#"{"fill_complete_us":2000000}"#, true);
+        let lines = captured("stages-1");
+        let stages: Vec<&str> = lines
+            .iter()
+            .map(|l| {
+                l.split("stage=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            stages,
+            ["restored", "first-fault", "progress", "fill-complete"],
+            "{lines:#?}"
+        );
+        assert!(
+            lines[0].contains("restore_ms=\"312\" tasks=\"2\" pages_total=\"1000\""),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[1].contains("first_fault_ms=\"4\""), "{}", lines[1]);
+        assert!(
+            lines[2].contains("pages_installed=\"250\" pages_total=\"1000\" percent=\"25\""),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].contains("mib_s=\""), "{}", lines[2]);
+        assert!(
+            lines[3].contains("fill_ms=\"2000\" pages_installed=\"1000\"")
+                && lines[3].contains("mib_s=\"2.0\""),
+            "{}",
+            lines[3]
+        );
+        // criu lazy-pages: transferred/total are the progress figures.
+        let mut c = StageLog::start("stages-criu", r#"{"mode":"criu","pages_total":8}"#);
+        c.observe(
+            r#"{"mode":"criu","pages_transferred":4,"pages_total":8}"#,
+            true,
+        );
+        let lines = captured("stages-criu");
+        assert!(lines[1].contains("percent=\"50\""), "{lines:#?}");
+    }
+
     #[test]
     fn waiter_writes_stats_and_removes_temp_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
@@ -240,6 +529,20 @@ mod tests {
         )
         .unwrap();
         w.finish(Duration::from_secs(5));
+        let lines = captured("c");
+        assert!(
+            lines
+                .first()
+                .is_some_and(|l| l.contains("stage=\"restored\"")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.contains("stage=\"finished\"")
+                    && l.contains("msg=\"lazy restore of c finished: faults=7")),
+            "{lines:#?}"
+        );
         let stats = dir.path().join(STATS_FILE);
         for _ in 0..100 {
             if !images.exists() {
