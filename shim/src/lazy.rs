@@ -516,6 +516,7 @@ mod tests {
 
     #[test]
     fn waiter_writes_stats_and_removes_temp_checkpoint() {
+        let _ = captured("c"); // installs the capturing logger before the waiter logs
         let dir = tempfile::tempdir().unwrap();
         let images = dir.path().join("ctrd-checkpoint123");
         let keep = dir.path().join("checkpoint");
