@@ -375,10 +375,14 @@ mod tests {
             stdout: out.display().to_string(),
             ..Default::default()
         };
-        // A reader like containerd's.
-        let reader = std::thread::spawn({
+        // A reader like containerd's. It reports over a channel so a lost EOF fails the test
+        // within a bound instead of hanging it (unit tests share the process with others).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
             let out = out.clone();
-            move || std::fs::read(out).unwrap()
+            move || {
+                let _ = tx.send(std::fs::read(out).map_err(|e| e.to_string()));
+            }
         });
         let (cs, _ss, done) = setup_pipes(&paths).unwrap();
         let (_, o, _) = cs.stdio().unwrap();
@@ -392,7 +396,10 @@ mod tests {
         done.wait(Duration::from_secs(5)).await;
         // The shim keeps its read-write fd open only inside the (finished) thread, so the
         // reader sees EOF now.
-        let got = reader.join().unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the fifo reader saw no EOF within 30 s")
+            .unwrap();
         assert_eq!(got, b"hello\n");
     }
 
