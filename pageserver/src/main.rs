@@ -24,7 +24,13 @@ use nix::sys::signal::{SigSet, Signal};
 /// bytes, 4.2: 32 bytes) is detected per connection.
 ///
 /// Every flag overrides the same key of the configuration file (--config, default
-/// /etc/distriproc/pageserver.toml when it exists). SIGTERM or SIGINT stops the server.
+/// /etc/distriproc/pageserver.toml when it exists); `max_cached_checkpoints` is set in the file
+/// only. SIGTERM or SIGINT stops the server. Logs go to stderr (RUST_LOG, default info); the
+/// listening addresses are printed on stdout.
+///
+/// Exit status: 0 after SIGTERM/SIGINT (or a printed `stats`), 1 on a configuration or
+/// start-up error (the message names the key and the file), 2 on a command-line usage error.
+/// Reference: docs/REFERENCE.md, man 8 distriproc-pageserver.
 #[derive(Parser, Debug)]
 #[command(
     name = "distriproc-pageserver",
@@ -44,7 +50,7 @@ enum Cmd {
     /// task, hot pages (read by at least half of the sessions), cold pages (never read), the
     /// hottest runs and the first session's read order.
     Stats {
-        /// The checkpoint store.
+        /// The checkpoint store (required).
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
         /// One checkpoint (default: every checkpoint with an access log).
@@ -54,55 +60,64 @@ enum Cmd {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Configuration file (TOML; unknown keys are errors).
+    /// Configuration file (TOML; unknown keys are errors) [default
+    /// /etc/distriproc/pageserver.toml if it exists, else built-in defaults].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The checkpoint store: each subdirectory is a checkpoint [config: store].
+    /// The checkpoint store: each subdirectory is a checkpoint [config: store; default
+    /// /var/lib/distriproc/checkpoints].
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
     /// Listen on HOST:PORT or unix:PATH; repeat for several [config: listen; default
     /// 0.0.0.0:7060].
     #[arg(long, value_name = "ADDR")]
     listen: Vec<String>,
-    /// Checkpoint served to plain CRIU lazy-pages clients [config: criu_default].
+    /// Checkpoint served to plain CRIU lazy-pages clients [config: criu_default; default
+    /// none: CRIU lazy-pages sessions are refused].
     #[arg(long, value_name = "ID")]
     criu_default: Option<String>,
-    /// CRIU header layout: auto (detect per connection), 4.1 or 4.2 [config: criu_header].
+    /// CRIU header layout: auto (detect per connection), 4.1 or 4.2 [config: criu_header;
+    /// default auto].
     #[arg(long, value_name = "LAYOUT")]
     criu_header: Option<CriuHeader>,
-    /// Refuse `criu dump --page-server` pushes [config: criu_push = false].
+    /// Refuse `criu dump --page-server` pushes [config: criu_push = false; default: pushes
+    /// accepted].
     #[arg(long)]
     no_criu_push: bool,
     /// Name prefix of pushed checkpoints [config: criu_push_prefix; default "push-"].
     #[arg(long, value_name = "PREFIX")]
     criu_push_prefix: Option<String>,
     /// Serve plain CRIU clients (which cannot present a token) even with --token-file
-    /// [config: criu_unauthenticated].
+    /// [config: criu_unauthenticated; default off].
     #[arg(long)]
     criu_unauthenticated: bool,
-    /// File holding the shared token native clients must present [config: token_file].
+    /// File holding the shared token native clients must present [config: token_file;
+    /// default none: no authentication].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// File of per-checkpoint tokens, TOML `"TOKEN" = ["ckpt-a*", ...]`: each token reads or
-    /// uploads only the checkpoint ids its patterns match [config: tokens_file].
+    /// uploads only the checkpoint ids its patterns match [config: tokens_file; default none].
     #[arg(long, value_name = "FILE")]
     tokens_file: Option<PathBuf>,
-    /// PEM certificate chain: TCP listeners speak TLS [config: tls_cert_file].
+    /// PEM certificate chain: TCP listeners speak TLS [config: tls_cert_file; default none:
+    /// plaintext].
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert [config: tls_key_file].
+    /// PEM private key of --tls-cert [config: tls_key_file; default none].
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// PEM CA: TLS clients must present a certificate signed by it [config: tls_client_ca_file].
+    /// PEM CA: TLS clients must present a certificate signed by it [config: tls_client_ca_file;
+    /// default none: no client certificates].
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics].
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics; default off].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
-    /// Do not write access logs (<store>/.distriproc/access/<id>.log) [config: access_log].
+    /// Do not write access logs (<store>/.distriproc/access/<id>.log) [config: access_log =
+    /// false; default: written].
     #[arg(long)]
     no_access_log: bool,
-    /// Refuse native reads of pages not dumped as lazy [config: lazy_only].
+    /// Refuse native reads of pages not dumped as lazy [config: lazy_only; default off].
     #[arg(long)]
     lazy_only: bool,
     /// Most concurrent connections [config: max_clients; default 1024].
