@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         let mut out = vec![0u8; len];
         if let Ok(n) = iov.encode(layout, &mut out) {
             assert_eq!(n, len);
-            assert_eq!(PsIov::decode(layout, &out).ok().map(|p| p.cmd()), Some(iov.cmd()));
+            assert_eq!(
+                PsIov::decode(layout, &out).ok().map(|p| p.cmd()),
+                Some(iov.cmd())
+            );
         }
         if let Ok((ty, id)) = decode_pm(iov.dst_id) {
             // Aliased types (CRIU's shifted PS_TYPE_* values) fold to PID or SHMEM; the id stays.

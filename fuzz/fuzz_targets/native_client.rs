@@ -66,7 +66,9 @@ fuzz_target!(|data: &[u8]| {
                 while i < n && bitmap_get(&bitmap, i) {
                     i += 1;
                 }
-                if r.read_exact(&mut buf[start * PAGE_SIZE..i * PAGE_SIZE]).is_err() {
+                if r.read_exact(&mut buf[start * PAGE_SIZE..i * PAGE_SIZE])
+                    .is_err()
+                {
                     return;
                 }
             }
