@@ -1,0 +1,130 @@
+//! Keeps docs/REFERENCE.md honest: its key tables must list exactly the keys of the shim's and
+//! the page server's configuration (the defaults serialised), each with the right default.
+
+use std::collections::BTreeMap;
+
+use distriproc_config::{pageserver::PageServerConfig, ShimConfig};
+use serde_json::Value;
+
+fn reference() -> String {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/REFERENCE.md");
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+/// `key -> default` of the table between `<!-- keys:NAME -->` and `<!-- /keys -->`.
+fn table(doc: &str, name: &str) -> BTreeMap<String, String> {
+    let start = format!("<!-- keys:{name} -->");
+    let body = doc
+        .split_once(&start)
+        .unwrap_or_else(|| panic!("no {start} in REFERENCE.md"))
+        .1;
+    let body = body
+        .split_once("<!-- /keys -->")
+        .expect("unterminated key table")
+        .0;
+    let mut out = BTreeMap::new();
+    for line in body.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split(" | ").map(|c| c.trim()).collect();
+        let key = cells[0]
+            .trim_start_matches("| ")
+            .trim_matches('`')
+            .to_string();
+        let default = cells
+            .get(2)
+            .unwrap_or_else(|| panic!("row without a default: {line}"))
+            .trim_matches('`')
+            .to_string();
+        assert!(
+            out.insert(key.clone(), default).is_none(),
+            "{key} listed twice"
+        );
+    }
+    assert!(!out.is_empty(), "empty key table {name}");
+    out
+}
+
+/// Dotted key -> the default as a TOML/JSON literal (strings quoted, arrays inline).
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        leaf => {
+            out.insert(prefix.to_string(), leaf.to_string());
+        }
+    }
+}
+
+fn check(name: &str, doc: &BTreeMap<String, String>, defaults: Value) {
+    let mut code = BTreeMap::new();
+    flatten("", &defaults, &mut code);
+    let missing: Vec<_> = code.keys().filter(|k| !doc.contains_key(*k)).collect();
+    let extra: Vec<_> = doc.keys().filter(|k| !code.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{name}: keys of the configuration not in docs/REFERENCE.md: {missing:?}; keys in \
+         docs/REFERENCE.md the configuration does not have: {extra:?}"
+    );
+    let wrong: Vec<_> = code
+        .iter()
+        .filter(|(k, v)| doc[*k] != **v)
+        .map(|(k, v)| format!("{k}: documented {}, actual {v}", doc[k]))
+        .collect();
+    assert!(wrong.is_empty(), "{name}: wrong defaults: {wrong:#?}");
+}
+
+#[test]
+fn shim_keys_and_defaults_match_the_reference() {
+    let doc = reference();
+    check(
+        "shim",
+        &table(&doc, "shim"),
+        serde_json::to_value(ShimConfig::default()).unwrap(),
+    );
+}
+
+#[test]
+fn pageserver_keys_and_defaults_match_the_reference() {
+    let doc = reference();
+    check(
+        "pageserver",
+        &table(&doc, "pageserver"),
+        serde_json::to_value(PageServerConfig::default()).unwrap(),
+    );
+}
+
+#[test]
+fn the_documented_defaults_parse_as_the_configuration() {
+    // The tables' defaults written back as TOML files must parse (unknown keys are errors) and
+    // give the defaults: the reference is a valid configuration.
+    let doc = reference();
+    let mut shim = String::new();
+    let mut section = String::new();
+    for (k, v) in table(&doc, "shim") {
+        let (t, key) = k.split_once('.').expect("shim keys are table.key");
+        if t != section {
+            shim.push_str(&format!("[{t}]\n"));
+            section = t.to_string();
+        }
+        shim.push_str(&format!("{key} = {v}\n"));
+    }
+    assert_eq!(
+        ShimConfig::from_toml_str(&shim, "REFERENCE.md").unwrap(),
+        ShimConfig::default()
+    );
+    let ps: String = table(&doc, "pageserver")
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    assert_eq!(
+        PageServerConfig::from_toml_str(&ps, "REFERENCE.md").unwrap(),
+        PageServerConfig::default()
+    );
+}
