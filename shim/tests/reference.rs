@@ -128,3 +128,57 @@ fn the_documented_defaults_parse_as_the_configuration() {
         PageServerConfig::default()
     );
 }
+
+/// `key -> default` of the man page's `| key | default | valid |` table.
+fn man_table(page: &str) -> BTreeMap<String, String> {
+    let p = format!("{}/../docs/man/{page}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let mut out = BTreeMap::new();
+    let mut in_table = false;
+    for line in text.lines() {
+        if line.starts_with("| key | default |") {
+            in_table = true;
+            continue;
+        }
+        if !line.starts_with('|') {
+            in_table = false;
+            continue;
+        }
+        if in_table && !line.starts_with("|---") {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            out.insert(cells[1].to_string(), cells[2].to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn man_pages_list_the_same_keys_and_defaults() {
+    for (page, defaults) in [
+        (
+            "containerd-shim-distriproc-v2.8.md",
+            serde_json::to_value(ShimConfig::default()).unwrap(),
+        ),
+        (
+            "distriproc-pageserver.8.md",
+            serde_json::to_value(PageServerConfig::default()).unwrap(),
+        ),
+    ] {
+        let mut code = BTreeMap::new();
+        flatten("", &defaults, &mut code);
+        let man = man_table(page);
+        assert_eq!(
+            man.keys().collect::<Vec<_>>(),
+            code.keys().collect::<Vec<_>>(),
+            "{page}: key table"
+        );
+        for (k, v) in &code {
+            // The man page may add a note after the value: `"" (local pages)`.
+            assert!(
+                man[k].starts_with(v.as_str()),
+                "{page}: {k}: {} vs {v}",
+                man[k]
+            );
+        }
+    }
+}
