@@ -144,7 +144,7 @@ pub fn summary(json: &str) -> String {
     )
 }
 
-/// How often the waiter logs the fill's progress while it runs.
+/// How often the waiter logs the fill's progress while pages are being installed.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The stages the waiter logs, each once (progress: every [`PROGRESS_EVERY`]), as the `stage`
@@ -156,8 +156,9 @@ pub enum Stage {
     Restored,
     /// The first page fault: `first_fault_ms` since the fetcher started.
     FirstFault,
-    /// While filling: `pages_installed`, `pages_total`, `percent`, `mib_s` (since the last line),
-    /// `faults`, `bytes`.
+    /// While pages are being installed (none installed since the last line: no line):
+    /// `pages_installed`, `pages_total`, `percent`, `mib_s` (since the last line), `faults`,
+    /// `bytes`.
     Progress,
     /// The background fill installed every page: `fill_ms`, `pages_installed`, `mib_s` (average).
     FillComplete,
@@ -240,7 +241,8 @@ struct StageLog {
     id: String,
     first_fault: bool,
     fill_complete: bool,
-    last: (Instant, u64),
+    /// Time, bytes and pages installed at the last progress line.
+    last: (Instant, u64, u64),
 }
 
 impl StageLog {
@@ -257,7 +259,7 @@ impl StageLog {
             id,
             first_fault: false,
             fill_complete: false,
-            last: (Instant::now(), f.bytes),
+            last: (Instant::now(), f.bytes, f.installed),
         }
     }
 
@@ -280,8 +282,9 @@ impl StageLog {
                 pages_installed = f.installed, pages_total = f.total, mib_s = avg.as_str();
                 "lazy restore of {id}: fill complete"
             );
-        } else if progress_due && !self.fill_complete {
-            let (t, b) = self.last;
+        } else if progress_due && !self.fill_complete && f.installed != self.last.2 {
+            // Only while pages move: an idle `fill = "none"` container logs nothing.
+            let (t, b, _) = self.last;
             let rate = mib_s(f.bytes.saturating_sub(b), t.elapsed());
             log::info!(
                 id = id, stage = Stage::Progress.name(), pages_installed = f.installed,
@@ -289,7 +292,7 @@ impl StageLog {
                 faults = f.faults, bytes = f.bytes;
                 "lazy restore of {id}: filling"
             );
-            self.last = (Instant::now(), f.bytes);
+            self.last = (Instant::now(), f.bytes, f.installed);
         }
     }
 }
@@ -460,6 +463,10 @@ mod tests {
             r#"{"tasks":2,"lazy_pages":1000,"restore_finished_us":312000}"#,
         );
         s.observe(r#"{"tasks":2,"lazy_pages":1000,"bytes":0}"#, false);
+        s.observe(
+            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":240,"bytes":1048576,"faults":9,"time_to_first_fault_us":4000}"#,
+            true,
+        );
         s.observe(
             r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":240,"bytes":1048576,"faults":9,"time_to_first_fault_us":4000}"#,
             true,
