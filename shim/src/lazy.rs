@@ -341,6 +341,7 @@ pub fn spawn_waiter(
             let mut last_progress = Instant::now();
             while !session.finished() {
                 if stop2.load(Ordering::SeqCst) {
+                    stages.observe(&session.stats_json(), false);
                     log::info!(
                         id = id.as_str(), stage = Stage::TaskExit.name();
                         "lazy restore of {id}: the container exited before the fill ended, stopping the fetcher"
