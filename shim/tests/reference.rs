@@ -182,3 +182,45 @@ fn man_pages_list_the_same_keys_and_defaults() {
         }
     }
 }
+
+#[test]
+fn the_shim_answers_help_version_and_stats_without_starting() {
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+    // No TTRPC_ADDRESS: a shim that tried to start would fail instead.
+    for flag in ["-h", "--help", "-help"] {
+        let o = Command::new(bin)
+            .arg(flag)
+            .env_remove("TTRPC_ADDRESS")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{flag}: {o:?}");
+        assert!(
+            out.contains("usage:") && out.contains("stats"),
+            "{flag}: {out}"
+        );
+    }
+    let o = Command::new(bin).arg("--version").output().unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("io.containerd.distriproc.v2 ("));
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(bin)
+        .args(["stats", &dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    std::fs::write(
+        dir.path().join("distriproc-lazy-stats.json"),
+        "{\"faults\":3}\n",
+    )
+    .unwrap();
+    let o = Command::new(bin)
+        .args(["stats", &dir.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "{\"faults\":3}\n");
+    let o = Command::new(bin).arg("stats").output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
