@@ -242,3 +242,29 @@ fn main() -> Result<()> {
         None => serve(&cli.serve),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every serve flag's help says its default (or that it is off / none by default).
+    #[test]
+    fn every_flag_names_its_default() {
+        let cmd = Cli::command();
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = a
+                .get_long_help()
+                .or(a.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(help.contains("default"), "--{id}: {help:?}");
+        }
+        let stats = cmd.find_subcommand("stats").unwrap();
+        assert!(stats.get_arguments().any(|a| a.get_id() == "store"));
+    }
+}
