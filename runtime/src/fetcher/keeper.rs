@@ -168,8 +168,12 @@ impl KeeperLink {
         *ended = true;
         let _ = nix::sys::socket::send(self.sock.as_raw_fd(), &[what], MsgFlags::MSG_NOSIGNAL);
         if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            // Reap it if it is already gone; the shim's reaper collects it otherwise.
-            let _ = c.try_wait();
+            // After 'D' it exits at once: reap it (unless a reaper of the caller, like the
+            // shim's, already did). After 'A' it lives as long as its tasks.
+            let until = Instant::now() + Duration::from_secs(if what == b'D' { 2 } else { 0 });
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 
