@@ -162,10 +162,9 @@ fn kill_fetcher(name: &str, port: u16, keeper: bool) -> Result<(Result<String>, 
         // Nothing makes it fail: it runs on, on zeros.
         kill_pids(&pids);
     }
-    let status = wait_exit(pids[0], Duration::from_secs(60)).map_err(|e| {
+    let status = wait_exit(pids[0], Duration::from_secs(60)).inspect_err(|_| {
         // Still running: stop it for the next test, report.
         kill_pids(&pids);
-        e
     })?;
     eprintln!("{name}: restored pid {} ended: {status:?}", pids[0]);
     Ok((verify, status))
