@@ -96,7 +96,7 @@ fn cycle(dir: &Path, i: usize, port: u16) -> Result<()> {
     let pids = dump(&mut w, &img)?;
     let guard = KillOnDrop(pids.clone());
     let opts = FetcherOptions {
-        fill: if i % 2 == 0 {
+        fill: if i.is_multiple_of(2) {
             FillPolicy::Full
         } else {
             FillPolicy::None
@@ -159,7 +159,7 @@ fn many_lazy_restores_in_one_process_leak_nothing() -> Result<()> {
         if i + 1 == warmup {
             base = Some(usage());
         }
-        if (i + 1) % 10 == 0 {
+        if (i + 1).is_multiple_of(10) {
             eprintln!("cycle {}: {:?} after {:?}", i + 1, usage(), t0.elapsed());
         }
     }
