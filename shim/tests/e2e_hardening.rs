@@ -341,3 +341,136 @@ fn shim_killed_during_lazy_restore_ctd21() -> Result<()> {
 fn shim_killed_during_lazy_restore_ctd17() -> Result<()> {
     shim_killed(CONTAINERD_1_7_DIR)
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+fn temp_checkpoints(ctd: &Containerd) -> Vec<String> {
+    std::fs::read_dir(ctd.tmp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ctrd-checkpoint"))
+        .collect()
+}
+
+/// Checkpoint-then-restore cycles through containerd (`DP_E2E_CYCLES`, default 100, about a
+/// minute here): cycle i restores checkpoint i lazily, VERIFYs, waits for the fill, and
+/// checkpoints the restored container as checkpoint i+1 (containerd 2.x only: 1.7 cannot
+/// checkpoint a restored container). Each restore is a new container and so a new shim (containerd starts one per container), so
+/// what can leak across cycles is what outlives a shim: `ctrd-checkpoint*` dirs, keeper or
+/// shim processes, bundles. Each shim's descriptors and threads at the same point of its
+/// life are also compared (a per-restore leak inside the shim would show as growth). The
+/// in-process version with 100 cycles through one process is runtime/tests/hardening_lifetime.rs.
+fn restore_cycles(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let cycles: usize = std::env::var("DP_E2E_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let src = "hc-src";
+    ctd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+        MEMHOG_IMAGE,
+        src,
+        "/memhog",
+        "serve",
+        "--mib",
+        "16",
+    ])?;
+    wait_status(&ctd, src, "RUNNING")?;
+    let pid = ctd.task_pid(src)?;
+    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        src,
+        "localhost/hc-cp:c0",
+    ])?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", src])?;
+    wait_status(&ctd, src, "STOPPED")?;
+    ctd.ctr_ok(&["tasks", "rm", src])?;
+    ctd.ctr_ok(&["containers", "rm", src])?;
+    ensure!(
+        wait_for(|| ctd.shim_pids().is_empty(), Duration::from_secs(30)),
+        "shims left: {:?}",
+        ctd.shim_pids()
+    );
+    let t0 = std::time::Instant::now();
+    let mut seen: Vec<(usize, usize)> = Vec::new();
+    for i in 0..cycles {
+        let id = format!("hc{i}");
+        let from = format!("localhost/hc-cp:c{i}");
+        ctd.ctr_ok(&["containers", "restore", "--live", &id, &from])?;
+        wait_status(&ctd, &id, "RUNNING")?;
+        let pid = ctd.task_pid(&id)?;
+        let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(v.starts_with("OK"), "cycle {i}: VERIFY {v}");
+        // Fill complete: the keeper is released and the temp checkpoint dir removed.
+        let shim = shim_of(&ctd, &id)?;
+        ensure!(
+            wait_for(
+                || keepers_of(shim).is_empty() && temp_checkpoints(&ctd).is_empty(),
+                Duration::from_secs(60)
+            ),
+            "cycle {i}: keeper {:?} or temp checkpoints {:?} left after the fill; stats {:?}",
+            keepers_of(shim),
+            temp_checkpoints(&ctd),
+            ctd.lazy_stats(&id).ok()
+        );
+        seen.push((fd_count(shim), threads(shim)));
+        // Checkpoint the restored container: the next cycle restores from this one.
+        let next = format!("localhost/hc-cp:c{}", i + 1);
+        ctd.ctr_ok(&["containers", "checkpoint", "--task", &id, &next])?;
+        if i > 0 {
+            let _ = ctd.ctr(&["images", "rm", &from]);
+        }
+        ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
+        wait_status(&ctd, &id, "STOPPED")?;
+        ctd.ctr_ok(&["tasks", "rm", &id])?;
+        ctd.ctr_ok(&["containers", "rm", &id])?;
+        ensure!(
+            wait_for(|| !alive(shim), Duration::from_secs(30)),
+            "cycle {i}: shim {shim} still running after its container was removed"
+        );
+        ensure!(
+            !ctd.bundle_dir(&id).exists(),
+            "cycle {i}: bundle {} left",
+            ctd.bundle_dir(&id).display()
+        );
+    }
+    eprintln!(
+        "{cycles} restore cycles in {:?}; shim (fds, threads) after each fill: {seen:?}",
+        t0.elapsed()
+    );
+    if let (Some(first), Some(max)) = (seen.first(), seen.iter().max()) {
+        // Same point of a shim's life each time: no drift from cycle to cycle.
+        ensure!(
+            max.0 <= first.0 + 2,
+            "shim descriptors drift across restores: {seen:?}"
+        );
+    }
+    ensure!(
+        ctd.shim_pids().is_empty(),
+        "shims left: {:?}",
+        ctd.shim_pids()
+    );
+    Ok(())
+}
+
+#[test]
+fn restore_cycles_leave_nothing_ctd21() -> Result<()> {
+    restore_cycles(CONTAINERD_2_1_DIR)
+}
