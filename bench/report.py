@@ -203,7 +203,7 @@ def plots(agg, sizes, remote_systems, png_dir):
             ax.plot(sizes, ys, marker="o", label=f"{label}")
     ys = [m(agg, "containerd", "ours", s, "unpack") for s in sizes]
     if any(y is not None for y in ys):
-        ax.plot(sizes, ys, ls=":", color="grey", label="containerd unpack of the checkpoint tar (ours)")
+        ax.plot(sizes, ys, ls=":", color="black", label="containerd unpack of the checkpoint tar (ours)")
     for sys_ in ("loopback", "veth", "criu-veth"):
         ys = [m(agg, "remote", sys_, s, "ttfr") for s in sizes]
         if any(y is not None for y in ys):
@@ -293,8 +293,14 @@ def main():
       "(see the load averages above); waking a thread on the other vCPU costs ~90 µs here and freed "
       "guest memory is returned to the host, so fresh allocations re-fault (perf-facts §0). Treat "
       "single figures as ±30 %; ratios within one run are more robust than absolute values.")
+    import datetime as _dt
+    try:
+        dur = (_dt.datetime.fromisoformat(meta["finished_utc"].rstrip("Z"))
+               - _dt.datetime.fromisoformat(meta["started_utc"].rstrip("Z"))).total_seconds() / 60
+    except (KeyError, ValueError):
+        dur = None
     w(f"- Repetitions: {meta['reps']} per system at sizes below 4 GiB, {meta['reps_big']} at 4 GiB and "
-      "above (to keep a full run near 25 minutes); the remote runtime-level runs use "
+      f"above (this run took {'?' if dur is None else f'{dur:.0f}'} minutes after the build); the remote runtime-level runs use "
       "`REPS_REMOTE` (default 3, capped the same way). Quoted: median, and p99 of the runs (with so "
       "few runs p99 is the worst run).")
     w(f"- memhog: {meta['threads']} threads, one process, every page non-zero; the container runs on "
@@ -608,9 +614,14 @@ def main():
       f"({verdict(rr2, lambda v: v >= 0.9)}); first pass (faulting the hot set in) "
       f"{'–' if rr1 is None else f'{100 * rr1:.0f} %'}. redis-benchmark runs on the same 2 vCPUs as "
       "Redis, so it measures both; differences of ±10 % are within this machine's noise.")
+    pooled = [ratio(pooled_local(runs, sz), m(agg, "containerd", "ours-none", sz, "t_warm")) for sz in sizes]
+    pooled = [v for v in pooled if v is not None]
     w(f"   - memhog: the second `TOUCH 50` pass with half of memory remote runs at "
-      f"{'–' if rn is None else f'{100 * rn:.0f} %'} of the all-local pass (worst size) "
-      f"({verdict(rn, lambda v: v >= 0.9)}).")
+      f"{'–' if rn is None else f'{100 * rn:.0f} %'} of the all-local pass of the same process "
+      f"(median of per-run ratios, worst size) ({verdict(rn, lambda v: v >= 0.9)}); against the pooled "
+      f"all-local median of all runs of that size it is "
+      f"{'–' if not pooled else f'{100 * min(pooled):.0f} %'} at the worst size. These passes take "
+      "tens of milliseconds, so single runs swing by tens of percent on this machine.")
     hits = [x["hit_min"] for _, x in prof_rows if x["hit_min"] is not None]
     hw = min(hits) if hits else None
     if hw is None:
