@@ -530,6 +530,11 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
 }
 
 fn concurrent(containerd_dir: &str) -> Result<()> {
+    concurrent_n(containerd_dir, 16, 32)
+}
+
+/// `n` concurrent lazy restores of one `mib` MiB remote checkpoint through one page server.
+fn concurrent_n(containerd_dir: &str, n: usize, mib: u64) -> Result<()> {
     let Some(Setup { ctd, dir }) = start(containerd_dir, "conc")? else {
         return Ok(());
     };
@@ -537,15 +542,13 @@ fn concurrent(containerd_dir: &str) -> Result<()> {
     std::fs::create_dir_all(&store)?;
     let h = server(&store, "127.0.0.1:0".into())?;
     write_config(dir.path(), &h.addrs()[0], TOKEN)?;
-    const MIB: u64 = 32;
-    const N: usize = 16;
-    let pid = run_memhog(&ctd, "c1", MIB)?;
+    let pid = run_memhog(&ctd, "c1", mib)?;
     let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
-    remote_checkpoint(&ctd, "c1", "localhost/c1-cp:1", MIB)?;
+    remote_checkpoint(&ctd, "c1", "localhost/c1-cp:1", mib)?;
     remove(&ctd, "c1");
     let t0 = Instant::now();
     let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..N)
+        let handles: Vec<_> = (0..n)
             .map(|i| {
                 let ctd = &ctd;
                 let expect = &expect;
@@ -579,12 +582,12 @@ fn concurrent(containerd_dir: &str) -> Result<()> {
     });
     let took = t0.elapsed();
     let mut remote_bytes = 0;
-    for i in 0..N {
+    for i in 0..n {
         if let Ok(v) = ctd.lazy_stats(&format!("c1r{i}")) {
             remote_bytes += v["remote"]["bytes"].as_u64().unwrap_or(0);
         }
     }
-    for i in 0..N {
+    for i in 0..n {
         remove(&ctd, &format!("c1r{i}"));
     }
     let failed: Vec<String> = results
@@ -594,12 +597,12 @@ fn concurrent(containerd_dir: &str) -> Result<()> {
         .collect();
     ensure!(
         failed.is_empty(),
-        "{} of {N} failed:\n{}",
+        "{} of {n} failed:\n{}",
         failed.len(),
         failed.join("\n")
     );
     eprintln!(
-        "FIGURES {containerd_dir}: {N} concurrent remote restores of {MIB} MiB verified in {took:?}, \
+        "FIGURES {containerd_dir}: {n} concurrent remote restores of {mib} MiB verified in {took:?}, \
          {remote_bytes} bytes from one page server; {}",
         h.metrics_text()
             .lines()
@@ -617,6 +620,12 @@ fn remote_over_veth_ctd21() -> Result<()> {
 #[test]
 fn remote_over_veth_ctd17() -> Result<()> {
     over_veth(CONTAINERD_1_7_DIR, 17)
+}
+
+/// Issue 6 item 4: 32 concurrent restores (16 MiB each) through one page server.
+#[test]
+fn remote_concurrent32_ctd21() -> Result<()> {
+    concurrent_n(CONTAINERD_2_1_DIR, 32, 16)
 }
 
 #[test]
