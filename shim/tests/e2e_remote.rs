@@ -637,3 +637,129 @@ fn remote_concurrent_ctd21() -> Result<()> {
 fn remote_concurrent_ctd17() -> Result<()> {
     concurrent(CONTAINERD_1_7_DIR)
 }
+
+/// Shim configuration with a long reconnect deadline (`retry_timeout_ms`) and more TOML.
+fn write_config_retry(dir: &Path, address: &str, retry_ms: u64, extra: &str) -> Result<()> {
+    let tf = dir.join("token");
+    std::fs::write(&tf, format!("{TOKEN}\n"))?;
+    std::fs::write(
+        dir.join("shim.toml"),
+        format!(
+            "[pageserver]\naddress = \"{address}\"\ntoken_file = \"{}\"\n\
+             connect_timeout_ms = 2000\nio_timeout_ms = 5000\nretry_timeout_ms = {retry_ms}\n{extra}",
+            tf.display()
+        ),
+    )?;
+    Ok(())
+}
+
+/// A TCP proxy that delays every chunk from the server to the client by `delay`; stops with
+/// the test process (threads only, loopback).
+fn delay_proxy(target: String, delay: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let Ok(s) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (Ok(mut c2), Ok(mut s2)) = (c.try_clone(), s.try_clone()) else {
+                continue;
+            };
+            let (mut c, mut s) = (c, s);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    std::thread::sleep(delay);
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Issue 6 item 1 (a) and (c): the page server is stopped during a fill-none restore and
+/// started again on the same address: the fetcher reconnects (within `retry_timeout_ms`) and
+/// the container's memory is correct (VERIFY reads every page). Then a restore through a
+/// proxy adding 20 ms to every server reply: faults complete, nothing times out.
+fn server_restart_and_slow(containerd_dir: &str) -> Result<()> {
+    let Some(Setup { ctd, dir }) = start(containerd_dir, "restart")? else {
+        return Ok(());
+    };
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let h = server(&store, "127.0.0.1:0".into())?;
+    let addr = h.addrs()[0].clone();
+    write_config_retry(dir.path(), &addr, 60_000, "")?;
+    const MIB: u64 = 32;
+    let pid = run_memhog(&ctd, "s1", MIB)?;
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    let img = "localhost/s1-cp:1";
+    remote_checkpoint(&ctd, "s1", img, MIB)?;
+    remove(&ctd, "s1");
+
+    write_config_retry(dir.path(), &addr, 60_000, "[fetcher]\nfill = \"none\"\n")?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "s1r", img])?;
+    let rpid = ctd.task_pid("s1r")?;
+    ensure!(memhog_query(rpid, MEMHOG_PORT, "PING")? == "PONG");
+    drop(h);
+    let t0 = Instant::now();
+    let verify = std::thread::spawn(move || {
+        memhog_query_timeout(rpid, MEMHOG_PORT, "VERIFY", Duration::from_secs(120))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let h = server(&store, addr.clone())?;
+    let v = verify
+        .join()
+        .map_err(|_| anyhow::anyhow!("VERIFY thread panicked"))??;
+    ensure!(v.starts_with("OK"), "VERIFY after the server restart: {v}");
+    let sum = memhog_query(rpid, MEMHOG_PORT, "SUM")?;
+    ensure!(sum == expect, "SUM {sum} != EXPECT {expect}");
+    let stats = ctd.lazy_stats("s1r")?;
+    eprintln!(
+        "page server restarted on {addr} after 3 s: VERIFY OK {:?} after the stop; remote {}",
+        t0.elapsed(),
+        stats["remote"]
+    );
+    remove(&ctd, "s1r");
+
+    let slow = delay_proxy(addr.clone(), Duration::from_millis(20))?;
+    write_config_retry(dir.path(), &slow, 60_000, "")?;
+    let t0 = Instant::now();
+    ctd.ctr_ok(&["containers", "restore", "--live", "s1slow", img])?;
+    let spid = ctd.task_pid("s1slow")?;
+    let v = memhog_query_timeout(spid, MEMHOG_PORT, "VERIFY", Duration::from_secs(120))?;
+    ensure!(v.starts_with("OK"), "VERIFY through the slow proxy: {v}");
+    ensure!(memhog_query(spid, MEMHOG_PORT, "SUM")? == expect);
+    ensure!(
+        !ctd.log_text()
+            .contains("lazy restore of s1slow ended with an error"),
+        "fetcher error through the slow proxy:\n{}",
+        ctd.log_tail(30)
+    );
+    eprintln!(
+        "through a 20 ms/reply proxy: VERIFY OK after {:?}; stats {}",
+        t0.elapsed(),
+        ctd.lazy_stats("s1slow")?
+    );
+    remove(&ctd, "s1slow");
+    drop(h);
+    Ok(())
+}
+
+#[test]
+fn remote_server_restart_and_slow_ctd21() -> Result<()> {
+    server_restart_and_slow(CONTAINERD_2_1_DIR)
+}
