@@ -690,10 +690,11 @@ fn delay_proxy(target: String, delay: Duration) -> Result<String> {
     Ok(addr)
 }
 
-/// Issue 6 item 1 (a) and (c): the page server is stopped during a fill-none restore and
+/// Issue 6 item 1 (a), (b) and (c): the page server is stopped during a fill-none restore and
 /// started again on the same address: the fetcher reconnects (within `retry_timeout_ms`) and
 /// the container's memory is correct (VERIFY reads every page). Then a restore through a
-/// proxy adding 20 ms to every server reply: faults complete, nothing times out.
+/// proxy adding 20 ms to every server reply: faults complete, nothing times out. Then the
+/// server gone past the deadline: exit status 135 at containerd, the other container lives.
 fn server_restart_and_slow(containerd_dir: &str) -> Result<()> {
     let Some(Setup { ctd, dir }) = start(containerd_dir, "restart")? else {
         return Ok(());
@@ -754,8 +755,76 @@ fn server_restart_and_slow(containerd_dir: &str) -> Result<()> {
         t0.elapsed(),
         ctd.lazy_stats("s1slow")?
     );
-    remove(&ctd, "s1slow");
+
+    // (b) The server gone longer than `retry_timeout_ms` (3 s): the fill-none container dies
+    // of SIGBUS on poisoned pages, containerd gets exit status 135 (128 + SIGBUS), the shim
+    // logs why; s1slow (another shim) keeps answering.
+    write_config_retry(dir.path(), &addr, 3000, "[fetcher]\nfill = \"none\"\n")?;
+    let events_out = dir.path().join("events.txt");
+    let mut events = Command::new(ctd.containerd_dir().join("ctr"))
+        .arg("-a")
+        .arg(ctd.socket())
+        .arg("-n")
+        .arg(ctd.namespace())
+        .arg("events")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&events_out)?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "s1dl", img])?;
+    let dpid = ctd.task_pid("s1dl")?;
+    ensure!(memhog_query(dpid, MEMHOG_PORT, "PING")? == "PONG");
     drop(h);
+    let t0 = Instant::now();
+    let touch = memhog_query_timeout(dpid, MEMHOG_PORT, "TOUCH 100", Duration::from_secs(5));
+    ensure!(
+        wait_for(
+            || status(&ctd, "s1dl") == "STOPPED",
+            Duration::from_secs(60)
+        ),
+        "s1dl still {} after its page server went away (TOUCH {touch:?})",
+        status(&ctd, "s1dl")
+    );
+    let exit_status = || -> Option<u64> {
+        let text = std::fs::read_to_string(&events_out).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("/tasks/exit") && l.contains("s1dl"))
+            .find_map(|l| {
+                let tail = &l[l.find("exit_status")?..];
+                let d: String = tail
+                    .chars()
+                    .skip_while(|c| !c.is_ascii_digit())
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                d.parse().ok()
+            })
+    };
+    wait_for(|| exit_status().is_some(), Duration::from_secs(20));
+    let _ = events.kill();
+    let _ = events.wait();
+    let code = exit_status();
+    eprintln!(
+        "page server gone past retry_timeout_ms: s1dl stopped after {:?}, TaskExit exit_status {code:?}",
+        t0.elapsed(),
+    );
+    ensure!(
+        code == Some(135),
+        "s1dl TaskExit exit_status {code:?}, expected 135 (SIGBUS); events:\n{}",
+        std::fs::read_to_string(&events_out).unwrap_or_default()
+    );
+    let _ = ctd.ctr(&["tasks", "rm", "s1dl"]);
+    ensure!(
+        wait_for(
+            || ctd
+                .log_text()
+                .contains("lazy restore of s1dl ended with an error"),
+            Duration::from_secs(10)
+        ),
+        "no fetcher error logged for s1dl"
+    );
+    ensure!(memhog_query(spid, MEMHOG_PORT, "PING")? == "PONG");
+    let _ = ctd.ctr(&["containers", "rm", "s1dl"]);
+    remove(&ctd, "s1slow");
     Ok(())
 }
 
