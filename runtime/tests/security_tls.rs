@@ -213,6 +213,20 @@ fn tls_session_works_and_bad_peers_are_refused() -> Result<()> {
         Some(TlsClient::new(&s.ca.pem, "pages.example", None)?),
     );
     ensure!(e.contains("invalid peer certificate"), "{e}");
+    // An upload (the shim's remote checkpoint) over TLS, then a read of what was stored.
+    let mut up = opts(Some(TlsClient::new(&s.ca.pem, "localhost", None)?));
+    up.checkpoint = "ck-up".into();
+    let files: Vec<String> = [
+        "inventory.img",
+        "pstree.img",
+        "pagemap-1.img",
+        "pages-1.img",
+    ]
+    .iter()
+    .map(|f| f.to_string())
+    .collect();
+    distriproc_runtime::remote::upload_checkpoint(&tcp(&h), &up, &s.dir.join("store/ck"), &files)?;
+    read_all(&RemotePages::connect(tcp(&h), up)?)?;
     // Unix sockets stay plaintext.
     let unix = Endpoint::Unix(s.dir.join("ps.sock"));
     read_all(&RemotePages::connect(unix, opts(None))?)?;
