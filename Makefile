@@ -12,7 +12,7 @@ CTD_2        ?= $(OPT)/containerd-2.1/usr/bin
 CTD_1        ?= $(OPT)/containerd-1.7/usr/bin
 RELEASE_BINS := containerd-shim-distriproc-v2 distriproc-pageserver
 
-.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo bench lint clean
+.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo bench lint clean fuzz check-deploy
 
 all: build
 
@@ -52,6 +52,14 @@ demo: deps build test-images
 # Restore benchmarks through containerd (eager, CRIU lazy-pages, ours; docs/BENCHMARKS.md).
 bench: deps test-images
 	bash bench/run.sh
+
+# Every cargo-fuzz target for FUZZ_SECONDS (default 60) each (docs/FUZZING.md).
+fuzz:
+	sh fuzz/run.sh
+
+# containerd 1.7/2.1 accept the runtime snippets; Kubernetes manifests validate.
+check-deploy:
+	bash deploy/check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
