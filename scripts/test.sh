@@ -30,6 +30,9 @@ what=${1:-all}
 
 declare -a names=() results=() times=() counts=()
 failed=0
+total_passed=0
+total_failed=0
+total_skipped=0
 
 # step NAME ENV... -- CMD...: runs CMD with ENV, logs it, records pass/fail and test counts.
 step() {
@@ -55,6 +58,9 @@ step() {
     names+=("$name")
     times+=("${took}s")
     counts+=("passed $passed, failed $fail, ignored $ignored, skipped(no stack) $skipped")
+    total_passed=$((total_passed + passed))
+    total_failed=$((total_failed + fail))
+    total_skipped=$((total_skipped + skipped))
     if [[ $rc == 124 || $rc == 137 ]]; then
         counts[-1]+=" -- TIMED OUT after ${STEP_TIMEOUT}s (hung test: see the log's last lines)"
     fi
@@ -113,4 +119,9 @@ else
     echo "  RESULT: FAIL"
 fi
 echo "=============================================================================="
+# A failed step with no failed test (a build error, a timeout) still counts as one failure.
+if [[ $failed != 0 && $total_failed == 0 ]]; then
+    total_failed=1
+fi
+echo "tests: $total_passed passed, $total_failed failed, $total_skipped skipped"
 exit "$failed"
