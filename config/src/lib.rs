@@ -187,24 +187,36 @@ pub enum ConfigError {
     },
 }
 
+/// Deserializes TOML text; a syntax error, an unknown key or a bad value names `origin`.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// Reads a configuration file; the error names it.
+pub(crate) fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl ShimConfig {
     /// Parses and validates TOML text; `origin` names the file (or "runtime options") in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: ShimConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let cfg: ShimConfig = parse_toml(text, origin)?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
 
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        Self::from_toml_str(&read_config_file(path)?, &path.display().to_string())
     }
 
     /// The file named by `$DISTRIPROC_CONFIG`, else [`DEFAULT_SHIM_CONFIG_PATH`] if it exists,

@@ -435,21 +435,14 @@ pub fn validate_listen(addr: &str) -> Result<(), String> {
 impl PageServerConfig {
     /// Parses and validates TOML text; `origin` names the file in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: PageServerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_string(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let cfg: PageServerConfig = crate::parse_toml(text, origin)?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
 
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        Self::from_toml_str(&crate::read_config_file(path)?, &path.display().to_string())
     }
 
     /// Checks every value; the error names the key and `origin` (a file, or "command line").
