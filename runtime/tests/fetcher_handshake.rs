@@ -184,7 +184,9 @@ fn serves_faults_then_fills_everything() {
     assert_eq!(region.read(9), 0, "hole must read as zero");
     assert_eq!(region.read(0), page_byte(0));
     let st = h.stats();
-    assert!(st.faults >= 3, "{st:?}");
+    // Two faults at least (pages 20 and 9); page 0 may already be in by then, installed by
+    // the fault-around window of page 9's fault (it zero-fills the hole and prefetches 0..16).
+    assert!(st.faults >= 2, "{st:?}");
     assert_eq!(st.pages_filled, 0, "fill before the marker: {st:?}");
     assert!(st.pages_prefetched > 0, "fault-around: {st:?}");
 
