@@ -7,6 +7,7 @@
 
 mod common;
 
+use distriproc_harness::NetNs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -470,74 +471,6 @@ fn e_criu_lazy_pages_on_an_authenticated_socket() -> Result<()> {
     Ok(())
 }
 
-/// A network namespace with a veth pair to the host: host side 10.231.N.1, namespace side
-/// 10.231.N.2. Removed (link and namespace) on drop.
-struct NetNs {
-    name: String,
-    host_if: String,
-    ns_addr: String,
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-impl NetNs {
-    fn create(n: u8) -> Result<NetNs> {
-        let pid = std::process::id();
-        let name = format!("dpps-{pid}-{n}");
-        let host_if = format!("dph{}{n}", pid % 100_000);
-        let ns_if = format!("dpn{}{n}", pid % 100_000);
-        let ns = NetNs {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            ns_addr: format!("10.231.{n}.2"),
-        };
-        ip(&["netns", "add", &name])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-        ])?;
-        ip(&["link", "set", &ns_if, "netns", &name])?;
-        ip(&["addr", "add", &format!("10.231.{n}.1/30"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        let ex = |args: &[&str]| -> Result<()> {
-            let mut v = vec!["netns", "exec", &name, "ip"];
-            v.extend_from_slice(args);
-            ip(&v)
-        };
-        ex(&["addr", "add", &format!("10.231.{n}.2/30"), "dev", &ns_if])?;
-        ex(&["link", "set", &ns_if, "up"])?;
-        ex(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (sockets it creates live there).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || -> Result<T> {
-            let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
 #[test]
 fn f_restore_over_a_veth_from_a_server_in_its_own_netns() -> Result<()> {
     if !ready() {
@@ -556,7 +489,7 @@ fn f_restore_over_a_veth_from_a_server_in_its_own_netns() -> Result<()> {
     std::fs::create_dir_all(&img)?;
     let mut w = Workload::start(&dir, 17351, 32, 1, 0, false)?;
     let pids = dump(&mut w, &img)?;
-    let ns = NetNs::create(7)?;
+    let ns = NetNs::create("dp", 231, 7)?;
     let listen = format!("{}:0", ns.ns_addr);
     let store2 = store.clone();
     let h = ns.run(move || {

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use distriproc_harness::{
-    memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
-    CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
+    ip, memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
+    NetNs, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
 };
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 
@@ -41,75 +41,6 @@ fn skip(why: &str) -> Result<()> {
     }
     eprintln!("SKIPPED: {why}");
     Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("run ip")?;
-    ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A network namespace with a veth pair: host side 10.232.N.1, namespace side 10.232.N.2.
-/// Link and namespace are removed by name on drop.
-struct NetNs {
-    name: String,
-    host_if: String,
-    ns_addr: String,
-}
-
-impl NetNs {
-    fn create(n: u8) -> Result<NetNs> {
-        let pid = std::process::id();
-        let name = format!("dper-{pid}-{n}");
-        let host_if = format!("drh{}{n}", pid % 100_000);
-        let ns_if = format!("drn{}{n}", pid % 100_000);
-        let ns = NetNs {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            ns_addr: format!("10.232.{n}.2"),
-        };
-        ip(&["netns", "add", &name])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-        ])?;
-        ip(&["link", "set", &ns_if, "netns", &name])?;
-        ip(&["addr", "add", &format!("10.232.{n}.1/30"), "dev", &host_if])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        for args in [
-            vec!["addr", "add", &format!("10.232.{n}.2/30"), "dev", &ns_if],
-            vec!["link", "set", &ns_if, "up"],
-            vec!["link", "set", "lo", "up"],
-        ] {
-            let mut v = vec!["netns", "exec", &name, "ip"];
-            v.extend(args.iter().map(|s| -> &str { s }));
-            ip(&v)?;
-        }
-        Ok(ns)
-    }
-
-    /// Runs `f` on a thread inside the namespace (its sockets live there).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || -> Result<T> {
-            let fd = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
 }
 
 fn server(store: &Path, listen: String) -> Result<ServerHandle> {
@@ -348,7 +279,7 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
     let Some(Setup { ctd, dir }) = start(containerd_dir, &format!("veth{n}"))? else {
         return Ok(());
     };
-    let ns = NetNs::create(n)?;
+    let ns = NetNs::create("dr", 232, n)?;
     let store = dir.path().join("store");
     std::fs::create_dir_all(&store)?;
     let listen = format!("{}:0", ns.ns_addr);
@@ -487,9 +418,8 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
     let npid = ctd.task_pid("r1n")?;
     ensure!(memhog_query(npid, MEMHOG_PORT, "PING")? == "PONG");
     write_config(dir.path(), &addr, TOKEN)?;
-    let ns_if = format!("drn{}{n}", std::process::id() % 100_000);
     ip(&[
-        "netns", "exec", &ns.name, "ip", "addr", "flush", "dev", &ns_if,
+        "netns", "exec", &ns.name, "ip", "addr", "flush", "dev", &ns.ns_if,
     ])?;
     let t0 = Instant::now();
     let touch = memhog_query_timeout(npid, MEMHOG_PORT, "TOUCH 100", Duration::from_secs(5));

@@ -14,6 +14,9 @@
 //! the shims whose command line carries this instance's socket address, the processes left in
 //! this instance's namespace cgroups, mounts under its temp dir, and the temp dir itself.
 
+mod netns;
+pub use netns::{ip, NetNs};
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
