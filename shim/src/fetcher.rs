@@ -115,6 +115,19 @@ fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Er
     ))
 }
 
+/// A native session to the page server whose copy of the checkpoint has digest `expect`.
+fn connect_verified(
+    endpoint: &Endpoint,
+    opts: &RemoteOptions,
+    expect: MemoryDigest,
+) -> Result<RemotePages> {
+    let rp = RemotePages::connect(endpoint.clone(), opts.clone())
+        .map_err(|e| remote_fail(endpoint, opts, &e))?;
+    let found = rp.info().map_err(|e| remote_fail(endpoint, opts, &e))?;
+    check_digest(endpoint, opts, found, expect)?;
+    Ok(rp)
+}
+
 /// Fails unless the server's digest of the checkpoint is `expect`.
 fn check_digest(
     endpoint: &Endpoint,
@@ -157,11 +170,7 @@ fn start_native(
             opts,
             expect,
         } => {
-            let rp = RemotePages::connect(endpoint.clone(), (**opts).clone())
-                .map_err(|e| remote_fail(endpoint, opts, &e))?;
-            let found = rp.info().map_err(|e| remote_fail(endpoint, opts, &e))?;
-            check_digest(endpoint, opts, found, *expect)?;
-            let rp = Arc::new(rp);
+            let rp = Arc::new(connect_verified(endpoint, opts, *expect)?);
             (rp.clone(), Some(rp))
         }
     };
@@ -274,11 +283,7 @@ fn start_criu(work: &Path, images: &Path, pages: &PagesFrom) -> Result<Box<dyn L
             expect,
         } => {
             // The digest check needs a native session; CRIU's own session has no such request.
-            let probe = RemotePages::connect(endpoint.clone(), (**opts).clone())
-                .map_err(|e| remote_fail(endpoint, opts, &e))?;
-            let found = probe.info().map_err(|e| remote_fail(endpoint, opts, &e))?;
-            drop(probe);
-            check_digest(endpoint, opts, found, *expect)?;
+            drop(connect_verified(endpoint, opts, *expect)?);
             let fd =
                 open_criu_session(endpoint, opts).map_err(|e| remote_fail(endpoint, opts, &e))?;
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);

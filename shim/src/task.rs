@@ -36,7 +36,7 @@ use containerd_shim::{
     util::convert_to_any,
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
-use distriproc_config::{FetcherConfig, ShimConfig};
+use distriproc_config::ShimConfig;
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -1000,8 +1000,9 @@ impl TaskService {
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
         }
-        let cfg = shim_config(&c.bundle, &c.opts)?;
-        let remote = crate::remote::wanted(&cfg.pageserver, &bundle_annotations(&c.bundle))
+        let annotations = bundle_annotations(&c.bundle);
+        let cfg = config_with_annotations(&c.opts, &annotations)?;
+        let remote = crate::remote::wanted(&cfg.pageserver, &annotations)
             .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
         if remote {
             let (dir, ps, cid) = (
@@ -1200,13 +1201,6 @@ pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> Check
     a
 }
 
-/// The fetcher settings for a container: the shim's configuration file (runtime options'
-/// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
-/// overridden by the bundle's `io.distriproc.*` annotations.
-pub fn fetcher_config(bundle: &Path, opts: &ShimOptions) -> Result<FetcherConfig> {
-    Ok(shim_config(bundle, opts)?.fetcher)
-}
-
 /// The OCI annotations of the bundle's config.json (empty if unreadable).
 pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
     std::fs::read_to_string(bundle.join("config.json"))
@@ -1217,10 +1211,20 @@ pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The whole shim configuration for a container (see [`fetcher_config`]).
+/// The shim configuration for a container: the runtime options' config (config_body, else
+/// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
+/// overridden by the bundle's `io.distriproc.*` annotations.
 pub fn shim_config(bundle: &Path, opts: &ShimOptions) -> Result<ShimConfig> {
+    config_with_annotations(opts, &bundle_annotations(bundle))
+}
+
+/// [`shim_config`] for annotations the caller has already read.
+fn config_with_annotations(
+    opts: &ShimOptions,
+    annotations: &HashMap<String, String>,
+) -> Result<ShimConfig> {
     let mut cfg = opts.load_config()?;
-    cfg.apply_annotations(&bundle_annotations(bundle))
+    cfg.apply_annotations(annotations)
         .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
     Ok(cfg)
 }
@@ -1459,7 +1463,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = ShimOptions::default();
         assert_eq!(
-            fetcher_config(dir.path(), &opts).unwrap().fill,
+            shim_config(dir.path(), &opts).unwrap().fetcher.fill,
             FillPolicy::Full
         );
         std::fs::write(
@@ -1467,7 +1471,7 @@ mod tests {
             r#"{"annotations":{"io.distriproc.fill-policy":"none","io.distriproc.fetcher-mode":"criu"}}"#,
         )
         .unwrap();
-        let cfg = fetcher_config(dir.path(), &opts).unwrap();
+        let cfg = shim_config(dir.path(), &opts).unwrap().fetcher;
         assert_eq!(cfg.fill, FillPolicy::None);
         assert_eq!(cfg.mode, FetcherMode::Criu);
         std::fs::write(
@@ -1475,12 +1479,12 @@ mod tests {
             r#"{"annotations":{"io.distriproc.fill-policy":"sometimes"}}"#,
         )
         .unwrap();
-        let e = fetcher_config(dir.path(), &opts).unwrap_err();
+        let e = shim_config(dir.path(), &opts).unwrap_err();
         assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
         let bad = ShimOptions {
             config_path: dir.path().join("missing.toml").display().to_string(),
             ..Default::default()
         };
-        assert!(fetcher_config(dir.path(), &bad).is_err());
+        assert!(shim_config(dir.path(), &bad).is_err());
     }
 }
