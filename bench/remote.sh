@@ -1,19 +1,22 @@
 # shellcheck shell=bash
-# The remote path of `make bench`, sourced by bench/run.sh (needs its log/die/q/now_ns/$PY/$RUNS/
-# $WORK/$SIZES/$THREADS/$MEMHOG).
+# The runtime-level remote path of `make bench`, sourced by bench/run.sh (needs its log/die/q/
+# now_ns/$PY/$RUNS/$WORK/$THREADS/$MEMHOG); run.sh also uses remote_netns/rtt_us/wait_listen for
+# the page servers of its containerd remote systems.
 #
-# The shim cannot take page-server checkpoints yet (no `[pageserver]` use in shim/src), so this
-# measures the runtime below it: a plain memhog process is dumped with `criu dump` into a store
-# directory; distriproc-pageserver serves that store (1) on 127.0.0.1 and (2) inside a network
-# namespace reached over a veth pair, and (3) the veth server behind bench/delayproxy.py
-# (userspace one-way delay; this kernel has no netem). bench/remote (LazyPagesServer +
-# RemotePages + `criu restore --lazy-pages`) restores it; CRIU's own daemon does the same over
-# the veth (`criu lazy-pages --page-server` against the page server's CRIU protocol).
-# Process metadata and non-lazy pages are read from the local images directory in every case.
+# Below the shim: a plain memhog process is dumped with `criu dump` into a store directory;
+# distriproc-pageserver serves that store (1) on 127.0.0.1 and (2) inside a network namespace
+# reached over a veth pair, and (3) the veth server behind bench/delayproxy.py (userspace one-way
+# delay; this kernel has no netem). bench/remote (LazyPagesServer + RemotePages + `criu restore
+# --lazy-pages`) restores it; CRIU's own daemon does the same over the veth (`criu lazy-pages
+# --page-server` against the page server's CRIU protocol). Process metadata and non-lazy pages
+# are read from the local images directory in every case. The containerd path (the shim's
+# `[pageserver]`) is measured by run.sh itself; this part adds the delay proxy.
 #
-# Environment: REPS_REMOTE (default 3), DELAYS_US (one-way proxy delays in us, default "250";
-# empty: no proxy runs), REMOTE_CRIU (1: also CRIU's daemon over the veth).
+# Environment: REMOTE_SIZES (MiB, default "256 1024"), REPS_REMOTE (default 3), DELAYS_US
+# (one-way proxy delays in us, default "250"; empty: no proxy runs), REMOTE_CRIU (1: also CRIU's
+# daemon over the veth).
 
+REMOTE_SIZES=${REMOTE_SIZES:-256 1024}
 REPS_REMOTE=${REPS_REMOTE:-3}
 DELAYS_US=${DELAYS_US-250}
 REMOTE_CRIU=${REMOTE_CRIU:-1}
@@ -42,6 +45,7 @@ remote_cleanup() {
 }
 
 remote_netns() {
+    [[ -e /run/netns/$R_NS ]] && return 0
     ip netns add "$R_NS" || return 1
     ip link add "$R_VH" type veth peer name "$R_VN" || return 1
     ip link set "$R_VN" netns "$R_NS" || return 1
@@ -185,7 +189,7 @@ remote_bench() {
     mkdir -p "$R_STORE"
     remote_netns || { log "error: creating netns $R_NS / veth failed"; return 1; }
     local mib port=18500 rc=0
-    for mib in $SIZES; do
+    for mib in $REMOTE_SIZES; do
         local ck=memhog-$mib n=$REPS_REMOTE expect pid
         port=$((port + 1))
         (($(reps_for "$mib") < n)) && n=$(reps_for "$mib")

@@ -9,11 +9,19 @@
 #   ours-profile  our shim, fill `profile`: rep 1 records the working set (TOUCH 10 right after
 #              the restore), later reps replay it (profile hit rate)
 #
+# and the same with the checkpoint's memory at a distriproc-pageserver (the shim's `[pageserver]`:
+# Checkpoint uploads the pages and containerd's tar keeps only CRIU's metadata), the page server
+# on 127.0.0.1 (loopback TCP) or inside a network namespace this script creates (veth):
+#
+#   criu-remote, criu-remote-veth   fetcher mode `criu`: `criu lazy-pages --page-server`
+#   ours-remote, ours-remote-veth   fetcher mode `native`, fill `full`
+#   ours-remote-none                fill `none` over loopback (TOUCH test: remote fault latency)
+#
 # plus (unless REDIS=0) Redis from Debian's packages, hot-half GETs after a fill-none restore vs
 # eager (bench/redis.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
 # bench/remote/: our fetcher with pages from distriproc-pageserver over loopback and over a veth
 # into a netns this script creates, also behind bench/delayproxy.py; CRIU's daemon over the veth).
-# A full run takes about 15 minutes on a 2-vCPU VM. Everything started is stopped by pid at exit
+# A full run takes about 35 minutes on a 2-vCPU VM. Everything started is stopped by pid at exit
 # (containerd and its shims, containers, page servers, proxies, the netns and veth); no sysctl
 # is changed.
 #
@@ -21,20 +29,24 @@
 # (machine, command, runs) is written and bench/report.py renders docs/BENCHMARKS.md and
 # docs/bench/*.png from it.
 #
-# Environment: SIZES (MiB, default "256 1024 4096"), REPS (default 5), REPS_BIG (repetitions at
-# sizes >= 4096 MiB, default 3), SYSTEMS (default "eager criu ours ours-none ours-profile"),
+# Environment: SIZES (MiB, default "256 1024 4096 8192"; a size is skipped with a note when memory
+# or disk cannot hold it), REPS (default 5), REPS_BIG (repetitions at sizes >= 4096 MiB, default 3),
+# SYSTEMS (default: all of the above), SYSTEMS_HUGE (the systems run at sizes >= 8192 MiB, default
+# "eager criu ours criu-remote ours-remote"),
 # PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
-# threads, default 2), REMOTE (1; REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
+# threads, default 2), REMOTE (1: the runtime-level remote bench too; REMOTE_SIZES default
+# "256 1024", REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
 # REDIS (1; REDIS_KEYS, REDIS_REPS), REPORT (1: render the doc), BENCH_OUT (default bench/out),
 # DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SIZES=${SIZES:-256 1024 4096}
+SIZES=${SIZES:-256 1024 4096 8192}
 REPS=${REPS:-5}
 REPS_BIG=${REPS_BIG:-3}
-SYSTEMS=${SYSTEMS:-eager criu ours ours-none ours-profile}
+SYSTEMS=${SYSTEMS:-eager criu ours ours-none ours-profile criu-remote ours-remote ours-remote-none ours-remote-veth criu-remote-veth}
+SYSTEMS_HUGE=${SYSTEMS_HUGE:-eager criu ours criu-remote ours-remote}
 THREADS=${THREADS:-2}
 REMOTE=${REMOTE:-1}
 REPORT=${REPORT:-1}
@@ -104,12 +116,71 @@ cleanup() {
         cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
     fi
     ctd_stop || true
+    if declare -F stop_pageservers >/dev/null; then stop_pageservers || true; fi
     if declare -F remote_cleanup >/dev/null; then remote_cleanup || true; fi
     rm -rf "$WORK"
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# write_shim_config MODE FILL [PAGESERVER-ADDRESS]: the shim reads it at every Create/Checkpoint.
+write_shim_config() {
+    {
+        printf '[fetcher]\nmode = "%s"\nfill = "%s"\nprofile_dir = "%s"\nprofile_window_ms = %s\n' \
+            "$1" "$2" "$WORK/profiles" "$PROFILE_WINDOW_MS"
+        if [[ -n ${3:-} ]]; then
+            printf '[pageserver]\naddress = "%s"\ntoken_file = "%s"\n' "$3" "$WORK/ps-token"
+        fi
+    } >"$SHIM_CFG"
+}
+
+# Page servers for the containerd remote systems, one store: 127.0.0.1 (loopback TCP) and, when a
+# *-veth system runs, inside the netns of bench/remote.sh's remote_netns (reached over a veth).
+PS_LO=
+PS_VETH=
+PS_PIDS=()
+start_pageservers() {
+    local ps=$ROOT/target/release/distriproc-pageserver port=$((17500 + $$ % 400))
+    mkdir -p "$WORK/ps-store"
+    printf 'distriproc-bench-%s\n' "$$" >"$WORK/ps-token"
+    "$ps" --store "$WORK/ps-store" --listen "127.0.0.1:$port" --token-file "$WORK/ps-token" \
+        --no-access-log >"$OUT/pageserver-lo.log" 2>&1 &
+    PS_PIDS+=($!)
+    wait_listen 127.0.0.1 "$port" || die "page server on 127.0.0.1:$port did not listen ($OUT/pageserver-lo.log)"
+    PS_LO=127.0.0.1:$port
+    if [[ " $SYSTEMS " == *-veth* ]]; then
+        remote_netns || die "creating netns $R_NS / veth failed"
+        ip netns exec "$R_NS" "$ps" --store "$WORK/ps-store" --listen "$R_NS_IP:7061" \
+            --token-file "$WORK/ps-token" --no-access-log >"$OUT/pageserver-veth.log" 2>&1 &
+        PS_PIDS+=($!)
+        wait_listen "$R_NS_IP" 7061 || die "page server on $R_NS_IP:7061 did not listen ($OUT/pageserver-veth.log)"
+        PS_VETH=$R_NS_IP:7061
+    fi
+    log "page servers: loopback ${PS_LO}, veth ${PS_VETH:-none} (connect RTT medians: loopback $(rtt_us 127.0.0.1 "$port") us${PS_VETH:+, veth $(rtt_us "$R_NS_IP" 7061) us})"
+}
+stop_pageservers() {
+    local p
+    for p in "${PS_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${PS_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    PS_PIDS=()
+}
+
+# size_fits MIB: memory and disk for a memhog of MIB MiB, its checkpoint (dump dir, content-store
+# blob, containerd's unpack) and a restore; prints why not and fails otherwise.
+size_fits() {
+    local mib=$1 avail_kb disk_kb
+    avail_kb=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+    disk_kb=$(df -Pk /tmp | awk 'NR == 2 {print $4}')
+    if ((avail_kb < (mib * 2 + 2048) * 1024)); then
+        echo "MemAvailable $((avail_kb / 1024)) MiB < 2 x $mib MiB + 2 GiB"
+        return 1
+    fi
+    if ((disk_kb < (mib * 5 + 4096) * 1024)); then
+        echo "free disk under /tmp $((disk_kb / 1024)) MiB < 5 x $mib MiB + 4 GiB"
+        return 1
+    fi
+}
 
 task_pid() { ctd_t 30 tasks ls | awk -v id="$1" '$1 == id {print $2}'; }
 task_status() { ctd_t 30 tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
@@ -129,24 +200,6 @@ try:
     print("" if v is None else v)
 except Exception:
     print("")
-EOF
-}
-# Epoch ns of the last "connecting to shim ID" line: containerd is done unpacking the checkpoint.
-shim_connect_ns() {
-    "$PY" - "$CTD_LOG" "$1" <<'EOF'
-import datetime, re, sys
-last = None
-pat = re.compile(r'time="([0-9T:.\-]+)Z" .*msg="connecting to shim ' + re.escape(sys.argv[2]) + '"')
-for line in open(sys.argv[1], errors="replace"):
-    m = pat.search(line)
-    if m:
-        last = m.group(1)
-if last is None:
-    print(0)
-else:
-    base, _, frac = last.partition(".")
-    t = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
-    print(int(t.timestamp()) * 10**9 + int((frac + "000000000")[:9]))
 EOF
 }
 # Figures from a `criu lazy-pages -v4` log as JSON: end_s (last line, seconds since the daemon
@@ -220,14 +273,17 @@ checkpoint() {
 # restore_run SYSTEM MIB REP REF PORT EXPECT CKPT_S: one restore + measurements, one JSON line.
 restore_run() {
     local sys=$1 mib=$2 rep=$3 ref=$4 port=$5 expect=$6 ckpt_s=$7
-    local id=r-$sys-$mib-$rep mode=native fill=full
+    local id=r-$sys-$mib-$rep mode=native fill=full ps=""
     case $sys in
-    criu) mode=criu ;;
-    ours-none) fill=none ;;
+    criu*) mode=criu ;;
+    *-none) fill=none ;;
     ours-profile) fill=profile ;;
     esac
-    printf '[fetcher]\nmode = "%s"\nfill = "%s"\nprofile_dir = "%s"\nprofile_window_ms = %s\n' \
-        "$mode" "$fill" "$WORK/profiles" "$PROFILE_WINDOW_MS" >"$SHIM_CFG"
+    case $sys in
+    *-remote-veth) ps=$PS_VETH ;;
+    *-remote | *-remote-none) ps=$PS_LO ;;
+    esac
+    write_shim_config "$mode" "$fill" "$ps"
     sync
     local qout=$WORK/q.out t0 t1 tc ttfr_us="" err="" restore_rc=0
     rm -f "$qout"
@@ -245,14 +301,14 @@ restore_run() {
     QPID=
     ttfr_us=$(awk -F= '/^ttfr_us=/ {print $2}' "$qout" 2>/dev/null || true)
     [[ -z $err && -z $ttfr_us ]] && err="no PONG within 600 s"
-    tc=$(shim_connect_ns "$id")
+    tc=$(ctd_shim_connect_ns "$id")
 
     local bundle stats="$WORK/stats.json" criu_json="null" criu_log="" touch_cold="" touch_warm=""
     local sum="" sum_ok=false sum_s="" waited=0 touch_local=""
     bundle=$(bundle_of "$id")
     rm -f "$stats"
     if [[ -z $err && $sys != eager ]]; then
-        if [[ $sys == ours-none ]]; then
+        if [[ $sys == *-none ]]; then
             # Read-mostly: TOUCH 50% of the pages with the rest remote, then again (all local).
             local a b
             a=$(now_ns)
@@ -279,7 +335,7 @@ restore_run() {
             fi
             # Wait for the fill to finish (the shim rewrites the stats file every second).
             while ((waited < 6000)); do
-                if [[ $sys == criu ]]; then
+                if [[ $sys == criu* ]]; then
                     [[ $(json_get "$bundle/distriproc-lazy-stats.json" finished) == True ]] && break
                 else
                     [[ -n $(json_get "$bundle/distriproc-lazy-stats.json" fill_complete_us) ]] && break
@@ -296,7 +352,7 @@ restore_run() {
                 done
             fi
         fi
-        if [[ $sys == criu ]]; then
+        if [[ $sys == criu* ]]; then
             # <bundle>/work is a symlink to containerd's per-task work dir.
             criu_log=$bundle/work/lazy-pages.log
             if [[ -f $criu_log ]]; then
@@ -318,7 +374,7 @@ restore_run() {
         b=$(now_ns)
         touch_local=$(((b - a) / 1000))
     fi
-    if [[ $sys != eager && $sys != ours-none ]]; then
+    if [[ $sys != eager && $sys != *-none ]]; then
         cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
     fi
     remove_container "$id"
@@ -335,6 +391,8 @@ ttfr = num("$ttfr_us")
 run = {
     "kind": "containerd", "system": "$sys", "mib": $mib, "rep": $rep,
     "fetcher_mode": "$mode", "fill": "$fill",
+    "pageserver": "$ps" or None,
+    "pageserver_path": "veth" if "$sys".endswith("-veth") else ("loopback" if "$ps" else None),
     "checkpoint_s": num("$ckpt_s"),
     "restore_cmd_s": (t1 - t0) / 1e9,
     "ttfr_s": None if ttfr is None else ttfr / 1e6,
@@ -342,7 +400,7 @@ run = {
     "sum_s": num("$sum_s"),
     "sum_ok": "$sum_ok" == "true",
     "sum": "$sum", "expect": "$expect",
-    "touch50_cold_us": num("$touch_cold") if "$sys" == "ours-none" else None,
+    "touch50_cold_us": num("$touch_cold") if "$sys".endswith("-none") else None,
     "touch50_warm_us": num("$touch_warm"),
     "touch10_us": num("$touch_cold") if "$sys" == "ours-profile" else None,
     "touch50_local_us": num("$touch_local"),
@@ -363,15 +421,33 @@ EOF
 }
 
 reps_for() { if (($1 >= 4096)); then echo "$REPS_BIG"; else echo "$REPS"; fi; }
-has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+# has SYSTEM [MIB]: SYSTEM runs (at MIB: sizes >= 8192 MiB run SYSTEMS_HUGE only).
+has() {
+    [[ " $SYSTEMS " == *" $1 "* ]] || return 1
+    [[ -z ${2:-} ]] || (($2 < 8192)) || [[ " $SYSTEMS_HUGE " == *" $1 "* ]]
+}
+
+# bench/remote.sh: the netns/veth helpers (remote_netns, rtt_us, wait_listen) and, at the end,
+# the runtime-level remote bench.
+# shellcheck source=bench/remote.sh
+. bench/remote.sh
 
 ctd_start
 log "importing test images"
 ctd_t 120 images import test-images/out/memhog.oci.tar >/dev/null
+if [[ $SYSTEMS == *-remote* ]]; then
+    start_pageservers
+fi
+SKIPPED_SIZES=()
 
 for mib in $SIZES; do
     n=$(reps_for "$mib")
-    if has eager; then
+    if ! why=$(size_fits "$mib"); then
+        log "[$mib MiB] skipped: $why"
+        SKIPPED_SIZES+=("$mib MiB: $why")
+        continue
+    fi
+    if has eager "$mib"; then
         port=$((PORT_SEQ++))
         ref=localhost/bench/eager-$mib:1
         log "[eager $mib MiB] checkpointing memhog under the runc shim"
@@ -382,10 +458,11 @@ for mib in $SIZES; do
         ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
     fi
     lazy=()
-    for s in criu ours ours-none ours-profile; do has "$s" && lazy+=("$s"); done
+    for s in criu ours ours-none ours-profile; do has "$s" "$mib" && lazy+=("$s"); done
     if ((${#lazy[@]})); then
         port=$((PORT_SEQ++))
         ref=localhost/bench/lazy-$mib:1
+        write_shim_config native full
         log "[lazy $mib MiB] checkpointing memhog under the distriproc shim"
         IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.distriproc.v2 "$mib" "$port" "$ref")
         for rep in $(seq 1 "$n"); do
@@ -395,7 +472,29 @@ for mib in $SIZES; do
         done
         ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
     fi
+    remote=()
+    for s in criu-remote ours-remote ours-remote-none ours-remote-veth criu-remote-veth; do
+        has "$s" "$mib" && remote+=("$s")
+    done
+    if ((${#remote[@]})); then
+        port=$((PORT_SEQ++))
+        ref=localhost/bench/remote-$mib:1
+        # The shim uploads the pages to the page server and strips them from the checkpoint.
+        write_shim_config native full "$PS_LO"
+        log "[remote $mib MiB] checkpointing memhog under the distriproc shim to the page server $PS_LO"
+        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.distriproc.v2 "$mib" "$port" "$ref")
+        log "[remote $mib MiB] checkpoint in containerd: $(ctd_t 60 images ls | awk -v r="$ref" '$1 == r {print $4, $5}')"
+        for rep in $(seq 1 "$n"); do
+            for s in "${remote[@]}"; do
+                restore_run "$s" "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
+            done
+        done
+        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
+        rm -rf "${WORK:?}/ps-store/"*
+    fi
 done
+write_shim_config native full
+stop_pageservers
 REDIS_STATUS=skipped
 if [[ ${REDIS:-1} == 1 ]]; then
     # shellcheck source=bench/redis.sh
@@ -405,9 +504,7 @@ fi
 cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
 ctd_stop
 
-if [[ $REMOTE == 1 && -f bench/remote.sh ]]; then
-    # shellcheck source=bench/remote.sh
-    . bench/remote.sh
+if [[ $REMOTE == 1 ]]; then
     if remote_bench; then REMOTE_STATUS=ran; else REMOTE_STATUS="failed (see log)"; fi
 fi
 
@@ -421,7 +518,7 @@ def sh(c):
         return ""
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 meta = {
-    "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in ("SIZES", "REPS", "REPS_BIG", "SYSTEMS") if k in os.environ),
+    "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in ("SIZES", "REPS", "REPS_BIG", "SYSTEMS", "SYSTEMS_HUGE", "REMOTE_SIZES") if k in os.environ),
     "sizes_mib": [int(s) for s in "$SIZES".split()],
     "reps": $REPS, "reps_big": $REPS_BIG, "threads": $THREADS,
     "started_utc": "$START_UTC",
@@ -438,6 +535,9 @@ meta = {
     "remote_status": "$REMOTE_STATUS",
     "build": "$BUILD_NOTE",
     "redis_status": "$REDIS_STATUS",
+    "systems": "$SYSTEMS".split(), "systems_huge": "$SYSTEMS_HUGE".split(),
+    "remote_sizes_mib": [int(s) for s in "${REMOTE_SIZES:-}".split()],
+    "skipped_sizes": [x for x in """$(printf '%s\n' "${SKIPPED_SIZES[@]}")""".splitlines() if x],
 }
 json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
 print(f"wrote {sys.argv[2]} ({len(runs)} runs)")

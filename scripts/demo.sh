@@ -99,26 +99,6 @@ except Exception:
 EOF
 }
 
-# shim_connect_ns ID: epoch ns of the last "connecting to shim ID" line in the containerd log,
-# i.e. when containerd, done unpacking the checkpoint, reached the restored task's shim.
-shim_connect_ns() {
-    python3 - "$CTD_LOG" "$1" <<'EOF'
-import datetime, re, sys
-last = None
-pat = re.compile(r'time="([0-9T:.\-]+)Z" .*msg="connecting to shim ' + re.escape(sys.argv[2]) + '"')
-for line in open(sys.argv[1], errors="replace"):
-    m = pat.search(line)
-    if m:
-        last = m.group(1)
-if last is None:
-    print(0)
-else:
-    base, _, frac = last.partition(".")
-    t = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
-    print(int(t.timestamp()) * 10**9 + int((frac + "000000000")[:9]))
-EOF
-}
-
 declare -A R
 
 # run_case LABEL RUNTIME: run memhog, checkpoint it, remove it, restore it, measure.
@@ -164,7 +144,7 @@ run_case() {
     [[ $reply == PONG ]] || { R[$label.error]="unexpected reply '$reply'"; return 1; }
     ctd_log "[$label] first response after $(secs "$t0" "$t2") s; checking memory"
     local tc
-    tc=$(shim_connect_ns "$id")
+    tc=$(ctd_shim_connect_ns "$id")
     if [[ $tc != 0 ]]; then
         R[$label.unpack]=$(secs "$t0" "$tc")
         R[$label.shim_ttfr]=$(secs "$tc" "$t2")

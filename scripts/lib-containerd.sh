@@ -25,6 +25,26 @@ ctd_t() {
     timeout --kill-after=5 "$t" "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"
 }
 
+# ctd_shim_connect_ns ID: epoch ns of the last "connecting to shim ID" line of the containerd log
+# (0 when there is none): when containerd, done unpacking a checkpoint, reached the task's shim.
+ctd_shim_connect_ns() {
+    "${PY:-python3}" - "$CTD_LOG" "$1" <<'EOF'
+import datetime, re, sys
+last = None
+pat = re.compile(r'time="([0-9T:.\-]+)Z" .*msg="connecting to shim ' + re.escape(sys.argv[2]) + '"')
+for line in open(sys.argv[1], errors="replace"):
+    m = pat.search(line)
+    if m:
+        last = m.group(1)
+if last is None:
+    print(0)
+else:
+    base, _, frac = last.partition(".")
+    t = datetime.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    print(int(t.timestamp()) * 10**9 + int((frac + "000000000")[:9]))
+EOF
+}
+
 ctd_start() {
     CTD_BIN_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd/usr/bin}
     CTD_NS=${CTD_NS:-distriproc-$$}
