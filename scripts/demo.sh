@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# DistriProc demo: lazy restore (our shim, embedded default: pages served from the local
-# checkpoint by the in-shim fetcher) next to an eager restore (containerd's runc shim) of the
-# same kind of checkpoint, on a private containerd. Prints a small comparison table.
+# DistriProc demo: lazy restore through our shim, twice (pages served by the in-shim fetcher from
+# the local checkpoint, and from a remote checkpoint whose pages live at a local
+# distriproc-pageserver), next to an eager restore (containerd's runc shim) of the same kind of
+# checkpoint, on a private containerd. Prints a small comparison table.
 #
 #   scripts/demo.sh                 1 GiB memhog (make demo runs this after deps + build)
 #   MIB=4096 scripts/demo.sh        another size
@@ -9,8 +10,9 @@
 # Environment: MIB (default 1024), PROCS (1), THREADS (2), DISTRIPROC_SHIM_BIN (default
 # target/release/containerd-shim-distriproc-v2), DISTRIPROC_CONTAINERD_DIR (default
 # /opt/distriproc/containerd/usr/bin = 2.1), ONLY=lazy|eager|remote (run one case),
-# REMOTE=1 (adds a third case: a remote checkpoint through a local distriproc-pageserver on a
-# unix socket, whose tar in containerd carries no page data; PAGESERVER_BIN overrides the binary).
+# REMOTE=0 (leaves out the remote case: a checkpoint published to a local distriproc-pageserver
+# on a unix socket, whose tar in containerd carries no page data; PAGESERVER_BIN overrides the
+# binary).
 # The containerd log (with the shim's lines) is copied to /tmp/distriproc-demo-containerd.log.
 #
 # Everything it starts (containerd, shims, containers) is stopped by pid at exit and its temp
@@ -29,7 +31,7 @@ MEMHOG=$PWD/test-images/out/memhog
 IMAGE=localhost/distriproc/memhog:latest
 STATS_PREFIX=/tmp/distriproc-demo-stats
 rm -f "$STATS_PREFIX"-*.json
-REMOTE=${REMOTE:-0}
+REMOTE=${REMOTE:-1}
 PAGESERVER_BIN=${PAGESERVER_BIN:-$PWD/target/release/distriproc-pageserver}
 
 # shellcheck source=scripts/lib-containerd.sh
