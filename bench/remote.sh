@@ -184,7 +184,7 @@ remote_bench() {
         [[ -x $BENCH_REMOTE ]] || { log "error: building bench/remote failed"; return 1; }
         log "warning: building bench/remote failed; using the existing $BENCH_REMOTE"
     fi
-    local ps=$ROOT/target/release/distriproc-pageserver
+    local ps=$PAGESERVER_BIN
     R_STORE=$WORK/store
     mkdir -p "$R_STORE"
     remote_netns || { log "error: creating netns $R_NS / veth failed"; return 1; }

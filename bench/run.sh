@@ -36,7 +36,9 @@
 # PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
 # threads, default 2), REMOTE (1: the runtime-level remote bench too; REMOTE_SIZES default
 # "256 1024", REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
-# REDIS (1; REDIS_KEYS, REDIS_REPS), REPORT (1: render the doc), BENCH_OUT (default bench/out),
+# REDIS (1; REDIS_KEYS, REDIS_REPS), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
+# default docs/BENCHMARKS.md and docs/bench), BENCH_STRICT (1: exit 1 unless every run succeeded
+# with all memory correct), BENCH_OUT (default bench/out),
 # DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
 set -euo pipefail
 
@@ -53,7 +55,11 @@ REPORT=${REPORT:-1}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 MEMHOG=$ROOT/test-images/out/memhog
 IMAGE=localhost/distriproc/memhog:latest
-export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$ROOT/target/release/containerd-shim-distriproc-v2}
+# BENCH_BUILD=debug: debug binaries (the test suite's smoke run; figures are not comparable).
+BUILD=${BENCH_BUILD:-release}
+[[ $BUILD == release || $BUILD == debug ]] || { echo "BENCH_BUILD must be release or debug" >&2; exit 2; }
+export DISTRIPROC_SHIM_BIN=${DISTRIPROC_SHIM_BIN:-$ROOT/target/$BUILD/containerd-shim-distriproc-v2}
+PAGESERVER_BIN=${PAGESERVER_BIN:-$ROOT/target/$BUILD/distriproc-pageserver}
 export DISTRIPROC_CONTAINERD_DIR=${DISTRIPROC_CONTAINERD_DIR:-/opt/distriproc/containerd-2.1/usr/bin}
 export CTD_NS=bench-$$
 
@@ -81,13 +87,15 @@ if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
         die "apt-get install python3-matplotlib failed"
 fi
 
-log "building the shim (cargo build --release -p containerd-shim-distriproc-v2)"
-BUILD_NOTE="built from the working tree at $(git rev-parse --short HEAD)"
-if ! cargo build -q --release -p containerd-shim-distriproc-v2 -p distriproc-pageserver; then
+log "building the shim and the page server ($BUILD)"
+BUILD_NOTE="$BUILD build of the working tree at $(git rev-parse --short HEAD)"
+build_flag=()
+[[ $BUILD == release ]] && build_flag=(--release)
+if ! cargo build -q "${build_flag[@]}" -p containerd-shim-distriproc-v2 -p distriproc-pageserver; then
     # The working tree is shared with engineers mid-edit: fall back to the last good binaries.
-    [[ -x $DISTRIPROC_SHIM_BIN && -x target/release/distriproc-pageserver ]] ||
-        die "cargo build failed and there are no earlier binaries in target/release"
-    BUILD_NOTE="cargo build failed; used the existing target/release binaries (shim built $(date -u -r "$DISTRIPROC_SHIM_BIN" +%H:%MZ))"
+    [[ -x $DISTRIPROC_SHIM_BIN && -x $PAGESERVER_BIN ]] ||
+        die "cargo build failed and there are no earlier binaries in target/$BUILD"
+    BUILD_NOTE="cargo build failed; used the existing target/$BUILD binaries (shim built $(date -u -r "$DISTRIPROC_SHIM_BIN" +%H:%MZ))"
     log "warning: $BUILD_NOTE"
 fi
 if [[ ! -x $MEMHOG || ! -f test-images/out/memhog.oci.tar ]]; then
@@ -141,7 +149,7 @@ PS_LO=
 PS_VETH=
 PS_PIDS=()
 start_pageservers() {
-    local ps=$ROOT/target/release/distriproc-pageserver port=$((17500 + $$ % 400))
+    local ps=$PAGESERVER_BIN port=$((17500 + $$ % 400))
     mkdir -p "$WORK/ps-store"
     printf 'distriproc-bench-%s\n' "$$" >"$WORK/ps-token"
     "$ps" --store "$WORK/ps-store" --listen "127.0.0.1:$port" --token-file "$WORK/ps-token" \
@@ -543,5 +551,19 @@ json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
 print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
 EOF
 if [[ $REPORT == 1 ]]; then
-    "$PY" bench/report.py "$OUT/results.json"
+    "$PY" bench/report.py "$OUT/results.json" --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" \
+        --png-dir "${BENCH_PNG_DIR:-docs/bench}"
+fi
+if [[ ${BENCH_STRICT:-0} == 1 ]]; then
+    # Every run must have succeeded with all memory correct (the test suite's smoke run).
+    "$PY" - "$OUT/results.json" <<'EOF'
+import json, sys
+runs = json.load(open(sys.argv[1]))["runs"]
+bad = [r for r in runs if r.get("error") or not r.get("sum_ok", r.get("digest_ok"))]
+for r in bad:
+    print(f"FAILED: {r['kind']} {r['system']} {r['mib']} MiB #{r['rep']}: {r.get('error') or 'SUM != EXPECT'}")
+if not runs or bad:
+    sys.exit(f"bench: {len(bad)} of {len(runs)} runs failed")
+print(f"bench: all {len(runs)} runs correct")
+EOF
 fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite in steps and prints a summary (used by `make test`, `make e2e`, ...).
 #
-#   scripts/test.sh all     unit + doc tests, e2e on containerd 2.1, then e2e on containerd 1.7
+#   scripts/test.sh all     unit + doc tests, e2e on containerd 2.1, then e2e on containerd 1.7,
+#                           then the scripts (demo and a small benchmark, each must end correct)
+#   scripts/test.sh scripts  `make demo` at 128 MiB and `make bench` at 128 MiB, one rep, strict
 #   scripts/test.sh unit    unit tests (lib and bin targets) and doc tests, in parallel
 #   scripts/test.sh e2e     integration test targets (<crate>/tests/*.rs) on 2.1, then on 1.7
 #   scripts/test.sh e2e-2 | e2e-1    one containerd series only
@@ -51,9 +53,10 @@ step() {
     timeout --kill-after=30 "$STEP_TIMEOUT" env "${envs[@]}" "$@" 2>&1 | tee "$log" || rc=$?
     local took=$(($(date +%s) - start))
     local passed fail ignored skipped
-    passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
-    fail=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
-    ignored=$(grep -Eo '[0-9]+ ignored' "$log" | awk '{s+=$1} END {print s+0}')
+    # (grep finds nothing in a script's log: not an error)
+    passed=$({ grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s+=$4} END {print s+0}')
+    fail=$({ grep -Eo '[0-9]+ failed' "$log" || true; } | awk '{s+=$1} END {print s+0}')
+    ignored=$({ grep -Eo '[0-9]+ ignored' "$log" || true; } | awk '{s+=$1} END {print s+0}')
     skipped=$(grep -c '^SKIPPED' "$log" || true)
     names+=("$name")
     times+=("${took}s")
@@ -70,6 +73,16 @@ step() {
         results+=(FAIL)
         failed=1
     fi
+}
+
+# script_step NAME ENV... -- CMD...: a script counts as one test, passed when it exits 0.
+script_step() {
+    step "$@"
+    local i=$((${#names[@]} - 1)) rc_pass=0
+    [[ ${results[$i]} == PASS ]] && rc_pass=1
+    counts[i]="script $([[ $rc_pass == 1 ]] && echo passed || echo FAILED) (log: $LOGS/${names[$i]}.log)"
+    total_passed=$((total_passed + rc_pass))
+    total_failed=$((total_failed + 1 - rc_pass))
 }
 
 e2e_step() { # e2e_step NAME CONTAINERD_DIR "PACKAGE ARGS" "SKIP ARGS"
@@ -99,10 +112,21 @@ all | e2e | e2e-2)
 all | e2e | e2e-1)
     e2e_step e2e-containerd-1.7 "$CTD_1" "$(printf -- '-p %s ' $E2E_1_PACKAGES)" \
         "--skip ctd21 --skip containerd_2_1"
-    ;;
-all | unit | e2e-2) ;;
+    ;;&
+all | scripts)
+    # Debug binaries (the e2e steps built them; a release build would add minutes).
+    "$CARGO" build -q -p containerd-shim-distriproc-v2 -p distriproc-pageserver
+    script_step demo DISTRIPROC_CONTAINERD_DIR="$CTD_2" MIB=128 \
+        DISTRIPROC_SHIM_BIN="$PWD/target/debug/containerd-shim-distriproc-v2" \
+        PAGESERVER_BIN="$PWD/target/debug/distriproc-pageserver" -- bash scripts/demo.sh
+    script_step bench-smoke DISTRIPROC_CONTAINERD_DIR="$CTD_2" SIZES=128 REPS=1 BENCH_BUILD=debug \
+        SYSTEMS="eager criu ours ours-none criu-remote ours-remote ours-remote-veth" REMOTE=0 REDIS=0 \
+        BENCH_STRICT=1 BENCH_OUT=target/bench-smoke BENCH_DOC=target/bench-smoke/BENCHMARKS.md \
+        BENCH_PNG_DIR=target/bench-smoke -- bash bench/run.sh
+    ;;&
+all | unit | e2e | e2e-1 | e2e-2 | scripts) ;;
 *)
-    echo "usage: scripts/test.sh all|unit|e2e|e2e-2|e2e-1" >&2
+    echo "usage: scripts/test.sh all|unit|e2e|e2e-2|e2e-1|scripts" >&2
     exit 2
     ;;
 esac
