@@ -4,7 +4,11 @@
 //! ```text
 //! distriproc-bench-remote --images DIR --work DIR --endpoint HOST:PORT --checkpoint ID
 //!                         [--fill full|none] [--stats FILE] [--criu /usr/local/sbin/criu]
+//!                         [--set KEY=VALUE]...
 //! ```
+//! `--endpoint local` serves the pages from the images directory itself (`LocalImages`, no
+//! page server): the runtime-level baseline of the local fill. `--set` overrides a `[fetcher]`
+//! key (as in shim.toml, e.g. `--set fill_batch_pages=512`), validated like the shim's file.
 //! Connects to the page server (`RemotePages`), binds `WORK/lazy-pages.socket`
 //! (`LazyPagesServer`), runs `criu restore --lazy-pages --restore-detached` on the images
 //! directory (process metadata and non-lazy pages come from DIR; every lazy page crosses the
@@ -23,6 +27,7 @@ use std::time::Instant;
 use distriproc_config::FillPolicy;
 use distriproc_runtime::fetcher::{FetcherOptions, LazyPagesServer};
 use distriproc_runtime::remote::{Endpoint, RemoteOptions, RemotePages};
+use distriproc_runtime::source::{LocalImages, PageSource};
 
 struct Args {
     images: PathBuf,
@@ -32,6 +37,7 @@ struct Args {
     fill: String,
     stats: Option<PathBuf>,
     criu: String,
+    set: Vec<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -43,6 +49,7 @@ fn parse() -> Result<Args, String> {
         fill: "full".into(),
         stats: None,
         criu: "criu".into(),
+        set: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -55,6 +62,7 @@ fn parse() -> Result<Args, String> {
             "--fill" => a.fill = v()?,
             "--stats" => a.stats = Some(v()?.into()),
             "--criu" => a.criu = v()?,
+            "--set" => a.set.push(v()?),
             _ => return Err(format!("unknown argument {k:?} (see the file header)")),
         }
     }
@@ -70,21 +78,41 @@ fn parse() -> Result<Args, String> {
 
 fn run(a: Args) -> Result<(), String> {
     let t0 = Instant::now();
-    let endpoint: Endpoint = a.endpoint.parse()?;
-    let remote = Arc::new(
-        RemotePages::connect(endpoint, RemoteOptions::new(&a.checkpoint))
-            .map_err(|e| format!("connect to page server {}: {e}", a.endpoint))?,
-    );
-    let connect_us = t0.elapsed().as_micros() as u64;
-    let opts = FetcherOptions {
-        fill: a
-            .fill
-            .parse::<FillPolicy>()
-            .map_err(|e| format!("--fill: {e}"))?,
-        ..FetcherOptions::default()
+    let mut toml = String::from("[fetcher]\n");
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        let v = v.trim();
+        let quoted = v.parse::<f64>().is_err() && v != "true" && v != "false";
+        if quoted {
+            toml.push_str(&format!("{} = {:?}\n", k.trim(), v));
+        } else {
+            toml.push_str(&format!("{} = {v}\n", k.trim()));
+        }
+    }
+    let cfg =
+        distriproc_config::ShimConfig::from_toml_str(&toml, "--set").map_err(|e| e.to_string())?;
+    let mut opts = FetcherOptions::from_config(&cfg.fetcher);
+    opts.fill = a
+        .fill
+        .parse::<FillPolicy>()
+        .map_err(|e| format!("--fill: {e}"))?;
+    let (source, remote): (Arc<dyn PageSource>, Option<Arc<RemotePages>>) = if a.endpoint == "local"
+    {
+        let l = LocalImages::open(&a.images).map_err(|e| format!("open images: {e}"))?;
+        (Arc::new(l), None)
+    } else {
+        let endpoint: Endpoint = a.endpoint.parse()?;
+        let r = Arc::new(
+            RemotePages::connect(endpoint, RemoteOptions::new(&a.checkpoint))
+                .map_err(|e| format!("connect to page server {}: {e}", a.endpoint))?,
+        );
+        (r.clone(), Some(r))
     };
+    let connect_us = t0.elapsed().as_micros() as u64;
     std::fs::create_dir_all(&a.work).map_err(|e| format!("create {}: {e}", a.work.display()))?;
-    let server = LazyPagesServer::bind(&a.work, &a.images, remote.clone(), opts)
+    let server = LazyPagesServer::bind(&a.work, &a.images, source, opts)
         .map_err(|e| format!("bind lazy-pages socket in {}: {e}", a.work.display()))?;
     let handle = server.spawn().map_err(|e| format!("start fetcher: {e}"))?;
     let pidfile = a.work.join("restored.pid");
@@ -95,7 +123,13 @@ fn run(a: Args) -> Result<(), String> {
         .arg(&a.images)
         .arg("-W")
         .arg(&a.work)
-        .args(["--lazy-pages", "--restore-detached", "-o", "restore.log", "-v4"])
+        .args([
+            "--lazy-pages",
+            "--restore-detached",
+            "-o",
+            "restore.log",
+            "-v4",
+        ])
         .arg("--pidfile")
         .arg(&pidfile)
         .output()
@@ -111,7 +145,7 @@ fn run(a: Args) -> Result<(), String> {
         ));
     }
     let stats = handle.wait().map_err(|e| format!("fetcher: {e}"))?;
-    let r = remote.stats();
+    let r = remote.map(|r| r.stats()).unwrap_or_default();
     let mut v = serde_json::to_value(&stats).map_err(|e| e.to_string())?;
     if let Some(m) = v.as_object_mut() {
         m.insert("connect_us".into(), connect_us.into());
@@ -126,7 +160,9 @@ fn run(a: Args) -> Result<(), String> {
     }
     let text = v.to_string();
     match a.stats {
-        Some(p) => std::fs::write(&p, text + "\n").map_err(|e| format!("write {}: {e}", p.display()))?,
+        Some(p) => {
+            std::fs::write(&p, text + "\n").map_err(|e| format!("write {}: {e}", p.display()))?
+        }
         None => println!("{text}"),
     }
     Ok(())
