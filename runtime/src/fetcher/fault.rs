@@ -16,7 +16,7 @@ use libc::c_void;
 
 use super::prefetch::Plan;
 use super::server::StopFd;
-use super::task::{fetch_bits, uffd_err, zero_run, Install, Task, PAGE};
+use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
 use crate::profile::Recorder;
@@ -181,9 +181,7 @@ pub(crate) fn serve(
         sp.lookup(page).map(|k| sp.bit_of(k, page))
     };
     let Some(bit) = found else {
-        let (r, n) = zero_run(&task.uffd, page, 1, true, c)
-            .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", task.pid, page, e))?;
-        c.zero_pages.fetch_add(n, Relaxed);
+        let (r, _) = zero_run(task, page, 1, true, c)?;
         return Ok(match r {
             Install::Done => {
                 record_latency(c, t0);
@@ -210,6 +208,7 @@ pub(crate) fn serve(
         true,
         &mut sc.pieces,
         None,
+        false,
     )?;
     match f.outcome {
         Install::Again => {
@@ -299,13 +298,9 @@ fn prefetch_window(
     for &span in &spans {
         let g = match span {
             Span::Bits(lo, hi) => prefetch_bits(fs, task, lo, hi, sc),
-            Span::Zero(addr, n) => match zero_run(&task.uffd, addr, n, true, &fs.c) {
-                Ok((res, k)) => {
-                    fs.c.zero_pages.fetch_add(k, Relaxed);
-                    Ok(res == Install::Gone)
-                }
-                Err(e) => Err(uffd_err("UFFDIO_ZEROPAGE", task.pid, addr, e)),
-            },
+            Span::Zero(addr, n) => {
+                zero_run(task, addr, n, true, &fs.c).map(|(res, _)| res == Install::Gone)
+            }
         };
         match g {
             Ok(false) => {}
@@ -345,6 +340,7 @@ fn prefetch_bits(
             true,
             &mut sc.pieces,
             None,
+            true,
         )?;
         fs.c.pages_prefetched.fetch_add(f.installed, Relaxed);
         fs.record(task, b, f.done);

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::server::StopFd;
-use super::task::{fetch_bits, uffd_err, zero_run, Install, Task, PAGE};
+use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
 use crate::profile::ProfileRun;
@@ -257,6 +257,7 @@ fn install(
         false,
         &mut sc.pieces,
         Some(&sh.abort),
+        true,
     );
     t.log()
         .end(b0, n, t.epoch.load(std::sync::atomic::Ordering::Acquire));
@@ -325,9 +326,7 @@ fn fill_hole_after(sh: &Shared, t: &Task, last: usize, sc: &mut Scratch) -> Resu
     if gap == 0 || gap > MAX_HOLE_PAGES {
         return Ok(());
     }
-    let (r, k) = zero_run(&t.uffd, iov.end, gap, true, &sh.c)
-        .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, iov.end, e))?;
-    sh.c.zero_pages.fetch_add(k, Relaxed);
+    let (r, _) = zero_run(t, iov.end, gap, true, &sh.c)?;
     if r == Install::Gone {
         t.gone.store(true, Relaxed);
     }

@@ -101,16 +101,29 @@ impl Prepared {
         opts: FetcherOptions,
     ) -> Result<Prepared, FetchError> {
         let img = ImageDir::open(images)?;
-        let tree = img.pstree()?;
+        // A local source over the same directory decoded pstree and pagemaps already.
+        let known = source.decoded(images);
+        let decoded_tree;
+        let tree = match known {
+            Some(d) => &d.pstree,
+            None => {
+                decoded_tree = img.pstree()?;
+                &decoded_tree
+            }
+        };
         let mut plans = HashMap::new();
-        for e in &tree {
+        for e in tree {
             if !images.join(format!("mm-{}.img", e.pid)).exists() {
                 continue; // a zombie: no memory
             }
             let vmas = img.vmas(e.pid)?;
-            let (_, entries) = img.pagemap_entries(e.pid)?;
-            plans.insert(e.pid, lazy_ranges(&entries, &vmas));
+            let ranges = match known.and_then(|d| d.pagemaps.get(&e.pid)) {
+                Some(entries) => lazy_ranges(entries, &vmas),
+                None => lazy_ranges(&img.pagemap_entries(e.pid)?.1, &vmas),
+            };
+            plans.insert(e.pid, ranges);
         }
+        let expected = tree.len();
         let profile = if opts.fill == FillPolicy::Profile {
             load_profile(images, &opts.profile_dir)
         } else {
@@ -151,7 +164,7 @@ impl Prepared {
             dirfd,
             listener: Some(listener),
             plans,
-            expected: tree.len(),
+            expected,
             source,
             opts,
             profile,

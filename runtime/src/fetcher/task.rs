@@ -206,7 +206,9 @@ impl Task {
 /// addresses) from `src` in `buf`-sized chunks and installs each piece at its current address.
 /// The space is read-locked only while installing a chunk, never during the source read, so
 /// events are not held up by a slow source. `wake = false` installs with DONTWAKE and wakes each
-/// piece once afterwards. `abort` is checked between chunks.
+/// piece once afterwards. `abort` is checked between chunks. With `zero_copy`, a source that
+/// keeps its pages mapped ([`PageSource::mapped`]) is installed from directly, in runs as long
+/// as the source has contiguous (not limited by `buf`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fetch_bits(
     t: &Task,
@@ -218,6 +220,7 @@ pub(crate) fn fetch_bits(
     wake: bool,
     pieces: &mut Vec<(u64, usize, usize)>,
     abort: Option<&AtomicBool>,
+    zero_copy: bool,
 ) -> Result<Fetched, FetchError> {
     let img0 = t.space().img_of(b0);
     let cap = buf.len() / PAGE;
@@ -231,15 +234,28 @@ pub(crate) fn fetch_bits(
             out.outcome = Install::Again;
             return Ok(out);
         }
-        let want = (n - out.done).min(cap);
         let vaddr = img0 + out.done as u64 * PAGE_SIZE;
-        let r = src
-            .read_pages(t.pid, vaddr, &mut buf[..want * PAGE])
-            .map_err(|source| FetchError::Source {
-                pid: t.pid,
-                vaddr,
-                source,
-            })?;
+        // A source that keeps its pages mapped is installed from straight away (the fill's
+        // big runs); otherwise read into `buf` first.
+        let m = if zero_copy {
+            src.mapped(t.pid, vaddr, n - out.done)
+        } else {
+            None
+        };
+        let (r, data): (_, &[u8]) = match m {
+            Some((r, d)) => (r, d),
+            None => {
+                let want = (n - out.done).min(cap);
+                let r = src
+                    .read_pages(t.pid, vaddr, &mut buf[..want * PAGE])
+                    .map_err(|source| FetchError::Source {
+                        pid: t.pid,
+                        vaddr,
+                        source,
+                    })?;
+                (r, &buf[..])
+            }
+        };
         if r.pages == 0 {
             return Err(FetchError::Source {
                 pid: t.pid,
@@ -247,20 +263,14 @@ pub(crate) fn fetch_bits(
                 source: SourceError::NotHere { pid: t.pid, vaddr },
             });
         }
-        let got = r.pages.min(want);
+        let got = r.pages.min(n - out.done);
         let space = t.space();
         space.pieces(b0 + out.done, got, pieces);
         for &(addr, b, len) in pieces.iter() {
             let off = (b - b0 - out.done) * PAGE;
             let (res, installed) = match r.kind {
-                PageKind::Data => copy_run(&t.uffd, addr, &buf[off..off + len * PAGE], wake, c)
-                    .map_err(|e| uffd_err("UFFDIO_COPY", t.pid, addr, e))?,
-                PageKind::Zero => {
-                    let (r, k) = zero_run(&t.uffd, addr, len as u64, wake, c)
-                        .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, addr, e))?;
-                    c.zero_pages.fetch_add(k, Relaxed);
-                    (r, k)
-                }
+                PageKind::Data => copy_run(t, addr, &data[off..off + len * PAGE], wake, c)?,
+                PageKind::Zero => zero_run(t, addr, len as u64, wake, c)?,
             };
             out.installed += installed;
             if !wake && installed > 0 {
@@ -282,7 +292,7 @@ pub(crate) fn fetch_bits(
     Ok(out)
 }
 
-pub(crate) fn uffd_err(op: &'static str, pid: u32, addr: u64, source: io::Error) -> FetchError {
+fn uffd_err(op: &'static str, pid: u32, addr: u64, source: io::Error) -> FetchError {
     FetchError::Uffd {
         op,
         pid,
@@ -300,96 +310,103 @@ fn errno_outcome(e: i32) -> Option<Install> {
     }
 }
 
-/// UFFDIO_COPY of `src` to `dst` (one ioctl for the whole run), page by page past EEXIST.
-/// Returns the outcome and the pages newly installed.
-pub(crate) fn copy_run(
+/// The loop `copy_run` and `zero_run` share: `op(off)` issues one ioctl for
+/// `[dst + off, dst + len)`, and the loop goes on past partial progress and page by page past
+/// `EEXIST` (counted as present, the page's waiter woken). Returns the outcome and the pages
+/// newly installed.
+fn install_loop(
     uffd: &Uffd,
     dst: u64,
-    src: &[u8],
-    wake: bool,
+    len: usize,
     c: &FetchCounters,
+    mut op: impl FnMut(usize) -> userfaultfd::Result<usize>,
 ) -> io::Result<(Install, u64)> {
-    let len = src.len();
     let mut off = 0usize;
     let mut installed = 0u64;
     while off < len {
-        let rest = len - off;
-        // SAFETY: `src[off..]` is a live buffer of `rest` bytes we own for the call; `dst` is an
-        // address in the target task's registered range, checked by the kernel, and the ioctl
-        // writes only into the target mm, never into our memory.
-        let r = unsafe {
-            uffd.copy(
-                src[off..].as_ptr().cast::<c_void>(),
-                (dst + off as u64) as *mut c_void,
-                rest,
-                wake,
-            )
-        };
-        match r {
+        let r = op(off);
+        let e = match r {
             Ok(n) if n > 0 => {
-                c.bytes.fetch_add(n as u64, Relaxed);
                 installed += (n / PAGE) as u64;
                 off += n;
+                continue;
             }
             Ok(_) => return Ok((Install::Again, installed)),
-            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < rest => {
-                c.bytes.fetch_add(n as u64, Relaxed);
+            // UFFDIO_COPY's EAGAIN: `n` bytes were copied before the mm changed.
+            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < len - off => {
                 installed += (n / PAGE) as u64;
                 off += n;
+                continue;
             }
             Err(userfaultfd::Error::PartiallyCopied(_)) => return Ok((Install::Again, installed)),
-            Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
-                c.pages_already_present.fetch_add(1, Relaxed);
-                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
-                off += PAGE;
-            }
-            Err(userfaultfd::Error::CopyFailed(e)) => {
-                return errno_outcome(e as i32)
-                    .map(|o| (o, installed))
-                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
+            Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e)) => {
+                e as i32
             }
             Err(e) => return Err(io::Error::other(e)),
+        };
+        if e == libc::EEXIST {
+            c.pages_already_present.fetch_add(1, Relaxed);
+            let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
+            off += PAGE;
+            continue;
         }
+        return errno_outcome(e)
+            .map(|o| (o, installed))
+            .ok_or_else(|| io::Error::from_raw_os_error(e));
     }
     Ok((Install::Done, installed))
 }
 
-/// UFFDIO_ZEROPAGE of `pages` pages at `dst`, page by page past EEXIST. Returns the outcome and
-/// the pages newly installed.
+/// UFFDIO_COPY of `src` to `dst` in `t` (one ioctl for the whole run), page by page past
+/// EEXIST; counts the bytes copied. Returns the outcome and the pages newly installed.
+pub(crate) fn copy_run(
+    t: &Task,
+    dst: u64,
+    src: &[u8],
+    wake: bool,
+    c: &FetchCounters,
+) -> Result<(Install, u64), FetchError> {
+    let len = src.len();
+    let (o, k) = install_loop(&t.uffd, dst, len, c, |off| {
+        // SAFETY: `src[off..]` is a live buffer (or read-only mapping) of `len - off` bytes
+        // borrowed for the call; `dst + off` is an address in the target task's registered
+        // range, checked by the kernel, and the ioctl writes only into the target mm, never
+        // into our memory.
+        unsafe {
+            t.uffd.copy(
+                src[off..].as_ptr().cast::<c_void>(),
+                (dst + off as u64) as *mut c_void,
+                len - off,
+                wake,
+            )
+        }
+    })
+    .map_err(|e| uffd_err("UFFDIO_COPY", t.pid, dst, e))?;
+    c.bytes.fetch_add(k * PAGE_SIZE, Relaxed);
+    Ok((o, k))
+}
+
+/// UFFDIO_ZEROPAGE of `pages` pages at `dst` in `t`, page by page past EEXIST; counts them in
+/// `zero_pages`. Returns the outcome and the pages newly installed.
 pub(crate) fn zero_run(
-    uffd: &Uffd,
+    t: &Task,
     dst: u64,
     pages: u64,
     wake: bool,
     c: &FetchCounters,
-) -> io::Result<(Install, u64)> {
+) -> Result<(Install, u64), FetchError> {
     let len = usize::try_from(pages).unwrap_or(0) * PAGE;
-    let mut off = 0usize;
-    let mut installed = 0u64;
-    while off < len {
+    let (o, k) = install_loop(&t.uffd, dst, len, c, |off| {
         // SAFETY: the ioctl only maps zero pages into the target task's registered range; the
         // kernel validates the range. No memory of ours is touched.
-        let r = unsafe { uffd.zeropage((dst + off as u64) as *mut c_void, len - off, wake) };
-        match r {
-            Ok(n) if n > 0 => {
-                installed += (n / PAGE) as u64;
-                off += n;
-            }
-            Ok(_) => return Ok((Install::Again, installed)),
-            Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
-                c.pages_already_present.fetch_add(1, Relaxed);
-                let _ = uffd.wake((dst + off as u64) as *mut c_void, PAGE);
-                off += PAGE;
-            }
-            Err(userfaultfd::Error::ZeropageFailed(e)) => {
-                return errno_outcome(e as i32)
-                    .map(|o| (o, installed))
-                    .ok_or_else(|| io::Error::from_raw_os_error(e as i32))
-            }
-            Err(e) => return Err(io::Error::other(e)),
+        unsafe {
+            t.uffd
+                .zeropage((dst + off as u64) as *mut c_void, len - off, wake)
         }
-    }
-    Ok((Install::Done, installed))
+    })
+    .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, dst, e))?;
+    c.zero_pages.fetch_add(k, Relaxed);
+    Ok((o, k))
 }
 
 #[repr(C)]
