@@ -502,13 +502,13 @@ for mib in $SIZES; do
     fi
 done
 write_shim_config native full
-stop_pageservers
 REDIS_STATUS=skipped
 if [[ ${REDIS:-1} == 1 ]]; then
     # shellcheck source=bench/redis.sh
     . bench/redis.sh
     if redis_bench; then REDIS_STATUS=ran; else REDIS_STATUS="failed (see log)"; fi
 fi
+stop_pageservers
 cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
 ctd_stop
 
