@@ -24,7 +24,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use nix::fcntl::OFlag;
+use nix::{
+    fcntl::OFlag,
+    sys::eventfd::{EfdFlags, EventFd},
+};
 
 use crate::error::{Result, ShimError};
 
@@ -105,14 +108,28 @@ impl runc::io::Io for ContainerStdio {
 pub struct ShimStdio {
     /// Write end of the container's stdin (dropped by CloseIO).
     pub stdin: Arc<Mutex<Option<File>>>,
+    /// Ends the stdin copy thread (set when there is one).
+    stdin_stop: Option<Arc<EventFd>>,
     /// Pty master, for resize.
     pub console: Option<File>,
 }
 
+impl Drop for ShimStdio {
+    /// The process is gone from the shim (deleted): its stdin copy thread must not outlive it.
+    fn drop(&mut self) {
+        self.close_stdin();
+    }
+}
+
 impl ShimStdio {
-    /// Close the container's stdin.
+    /// Close the container's stdin and end the stdin copy thread.
     pub fn close_stdin(&self) {
         self.stdin.lock().expect("stdin lock").take();
+        if let Some(stop) = &self.stdin_stop {
+            if let Err(e) = stop.write(1) {
+                log::warn!("stop the stdin copy: {e}");
+            }
+        }
     }
 
     /// Resize the pty.
@@ -197,20 +214,62 @@ fn spawn_output_copy(
     Ok(())
 }
 
-/// Copy the stdin fifo into `dst` (shared so CloseIO can drop it) on a thread.
-fn spawn_stdin_copy(path: String, dst: Arc<Mutex<Option<File>>>) -> Result<()> {
+/// Copy the stdin fifo into `dst` (shared so CloseIO can drop it) on a thread; the returned
+/// eventfd ends the thread (see [`ShimStdio::close_stdin`]).
+///
+/// The fifo is opened non-blocking and waited on with poll(2) together with the stop eventfd:
+/// a blocking open or read would keep the thread (and the write end it holds) until a client
+/// writes and closes, which a detached container's client never does, so every such process
+/// would leave a thread and a pipe behind in a shim serving many containers. A fifo opened
+/// for reading reports POLLHUP only once a writer came and went, so "no client yet" still
+/// waits and "client closed" is EOF, as with the blocking calls.
+fn spawn_stdin_copy(path: String, dst: Arc<Mutex<Option<File>>>) -> Result<Arc<EventFd>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| ShimError::io("create stdin stop eventfd for", &path, e.into()))?,
+    );
+    let stopped = stop.clone();
     std::thread::Builder::new()
         .name("io-stdin".into())
         .spawn(move || {
-            // Blocks until containerd's client opens the writer.
-            let Ok(mut src) = File::open(&path) else {
+            let Ok(mut src) = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+            else {
                 return;
             };
             let mut buf = vec![0u8; 32 * 1024];
             loop {
+                let mut fds = [
+                    PollFd::new(src.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(stopped.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    // CloseIO or delete: the owner has dropped (or is dropping) the write end.
+                    return;
+                }
+                if fds[0].revents().is_none_or(|r| r.is_empty()) {
+                    continue;
+                }
                 let n = match src.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(_) => break,
                 };
                 let mut guard = dst.lock().expect("stdin lock");
                 match guard.as_mut() {
@@ -225,19 +284,19 @@ fn spawn_stdin_copy(path: String, dst: Arc<Mutex<Option<File>>>) -> Result<()> {
             dst.lock().expect("stdin lock").take();
         })
         .map_err(|e| ShimError::io("spawn io thread", "stdin", e))?;
-    Ok(())
+    Ok(stop)
 }
 
 /// Pipes for a non-terminal process: the container's ends and the running copy threads.
 pub fn setup_pipes(paths: &StdioPaths) -> Result<(ContainerStdio, ShimStdio, IoDone)> {
     let (done, tx) = IoDone::new();
     let cs = ContainerStdio::default();
-    let ss = ShimStdio::default();
+    let mut ss = ShimStdio::default();
     if !paths.stdin.is_empty() {
         let (r, w) = pipe()?;
         *cs.stdin.lock().expect("stdio lock") = Some(r);
         *ss.stdin.lock().expect("stdin lock") = Some(File::from(w));
-        spawn_stdin_copy(paths.stdin.clone(), ss.stdin.clone())?;
+        ss.stdin_stop = Some(spawn_stdin_copy(paths.stdin.clone(), ss.stdin.clone())?);
     }
     for (name, uri, slot) in [
         ("stdout", &paths.stdout, &cs.stdout),
@@ -338,13 +397,13 @@ fn recv_fd(stream: &UnixStream) -> std::io::Result<File> {
 /// Start copying between a received pty master and the fifos.
 pub fn setup_console(paths: &StdioPaths, master: File) -> Result<(ShimStdio, IoDone)> {
     let (done, tx) = IoDone::new();
-    let ss = ShimStdio::default();
+    let mut ss = ShimStdio::default();
     if !paths.stdin.is_empty() {
         let w = master
             .try_clone()
             .map_err(|e| ShimError::io("dup pty", "console", e))?;
         *ss.stdin.lock().expect("stdin lock") = Some(w);
-        spawn_stdin_copy(paths.stdin.clone(), ss.stdin.clone())?;
+        ss.stdin_stop = Some(spawn_stdin_copy(paths.stdin.clone(), ss.stdin.clone())?);
     }
     if !paths.stdout.is_empty() {
         let dst = open_output(&paths.stdout)?;
@@ -353,13 +412,8 @@ pub fn setup_console(paths: &StdioPaths, master: File) -> Result<(ShimStdio, IoD
             .map_err(|e| ShimError::io("dup pty", "console", e))?;
         spawn_output_copy("console", r, dst, tx)?;
     }
-    Ok((
-        ShimStdio {
-            stdin: ss.stdin,
-            console: Some(master),
-        },
-        done,
-    ))
+    ss.console = Some(master);
+    Ok((ss, done))
 }
 
 #[cfg(test)]
@@ -401,6 +455,75 @@ mod tests {
             .expect("the fifo reader saw no EOF within 30 s")
             .unwrap();
         assert_eq!(got, b"hello\n");
+    }
+
+    /// Waits up to 5 s for the last strong reference of `w` to go.
+    fn gone<T>(w: &std::sync::Weak<T>) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while w.upgrade().is_some() {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn stdin_fifo(dir: &Path) -> String {
+        let p = dir.join("stdin");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn stdin_copy_ends_when_the_process_is_dropped_without_a_client() {
+        // A detached container: no client ever opens the stdin fifo.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StdioPaths {
+            stdin: stdin_fifo(dir.path()),
+            ..Default::default()
+        };
+        let (cs, ss, _done) = setup_pipes(&paths).unwrap();
+        let copy = Arc::downgrade(&ss.stdin);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(copy.upgrade().is_some(), "the copy thread ended on its own");
+        drop(ss);
+        assert!(gone(&copy), "the stdin copy thread outlived its process");
+        // The container's stdin sees EOF.
+        let mut r = File::from(cs.stdin.lock().unwrap().take().unwrap());
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn stdin_is_copied_until_the_client_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = StdioPaths {
+            stdin: stdin_fifo(dir.path()),
+            ..Default::default()
+        };
+        let (cs, ss, _done) = setup_pipes(&paths).unwrap();
+        let mut r = File::from(cs.stdin.lock().unwrap().take().unwrap());
+        // The client connects a little later, writes and closes.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut w = OpenOptions::new().write(true).open(&paths.stdin).unwrap();
+        w.write_all(b"hello").unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello");
+        // EOF reached the container: the thread dropped the write end and ended.
+        assert!(ss.stdin.lock().unwrap().is_none());
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&ss.stdin) > 1 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            Arc::strong_count(&ss.stdin),
+            1,
+            "the copy thread still runs"
+        );
     }
 
     #[test]
