@@ -61,6 +61,8 @@ const LAZY_FINISH_LIMIT: Duration = Duration::from_secs(3);
 const ORPHAN_EXIT_TTL: Duration = Duration::from_secs(60);
 /// Exits of unknown pids kept for processes whose pid is not recorded yet.
 const MAX_ORPHAN_EXITS: usize = 1024;
+/// Above this many kept exits, those older than [`ORPHAN_EXIT_TTL`] are dropped.
+const ORPHAN_PRUNE_AT: usize = 64;
 
 /// Where events go. Order of calls is the order containerd sees.
 pub trait EventSink: Send + Sync {
@@ -172,9 +174,11 @@ impl TaskService {
             }
         }
         let mut orphans = self.inner.orphan_exits.lock().expect("orphans lock");
-        // Mostly runc's own exits; a process whose pid is being recorded claims its exit
-        // within one RPC, so old entries can go.
-        if orphans.len() >= MAX_ORPHAN_EXITS {
+        // Mostly runc's, CRIU's and keepers' own exits. Only an exit recorded while a start is
+        // under way can be claimed (see `take_orphan_exit`), so old entries are useless: a
+        // shim serving many containers for long would otherwise keep them until the pid is
+        // reused.
+        if orphans.len() >= ORPHAN_PRUNE_AT {
             orphans.retain(|_, e| e.2.elapsed() < ORPHAN_EXIT_TTL);
         }
         if orphans.len() < MAX_ORPHAN_EXITS {
@@ -215,13 +219,16 @@ impl TaskService {
         });
     }
 
-    /// An exit that arrived before its pid was recorded.
-    fn take_orphan_exit(&self, pid: u32) -> Option<(u32, Timestamp)> {
+    /// An exit that arrived before its pid was recorded, during the start that began at
+    /// `since`. An older exit of the same pid is a previous process's (pids wrap around; a
+    /// grouped shim lives through many of them) and is dropped, not claimed.
+    fn take_orphan_exit(&self, pid: u32, since: std::time::Instant) -> Option<(u32, Timestamp)> {
         self.inner
             .orphan_exits
             .lock()
             .expect("orphans lock")
             .remove(&pid)
+            .filter(|(_, _, recorded)| *recorded >= since)
             .map(|(code, at, _)| (code, at))
     }
 
@@ -389,6 +396,7 @@ impl TaskService {
         let c = cs
             .get_mut(&req.id)
             .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let since = std::time::Instant::now();
         let pid = if req.exec_id.is_empty() {
             if c.init.status != ProcStatus::Created {
                 return Err(precondition(&req.id, "start", c.init.status));
@@ -417,7 +425,7 @@ impl TaskService {
                     ..Default::default()
                 },
             );
-            if let Some((code, at)) = self.take_orphan_exit(pid) {
+            if let Some((code, at)) = self.take_orphan_exit(pid, since) {
                 self.mark_exited(&req.id, &mut c.init, code, at);
             }
             pid
@@ -431,6 +439,7 @@ impl TaskService {
     }
 
     async fn start_exec(&self, c: &mut Container, exec_id: &str) -> Result<u32> {
+        let since = std::time::Instant::now();
         if c.init.status == ProcStatus::Stopped {
             return Err(precondition(&c.id, "exec in", c.init.status));
         }
@@ -495,7 +504,7 @@ impl TaskService {
                 ..Default::default()
             },
         );
-        if let Some((code, at)) = self.take_orphan_exit(pid) {
+        if let Some((code, at)) = self.take_orphan_exit(pid, since) {
             self.mark_exited(&id, p, code, at);
         }
         Ok(pid)
@@ -1406,6 +1415,22 @@ mod tests {
         assert_eq!(*ev.0.lock().unwrap(), ["/tasks/create", "/tasks/delete"]);
         // Shutdown with no containers signals the exit.
         s.task_shutdown(ShutdownRequest::default()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_exits_recorded_during_a_start_are_claimed() {
+        let (s, ev) = service();
+        // An exit of a pid no container has (a runc or keeper process) ...
+        s.handle_exit(4242, 9).await;
+        std::thread::sleep(Duration::from_millis(2));
+        // ... is not claimed by a later process that reuses the pid.
+        let since = std::time::Instant::now();
+        assert!(s.take_orphan_exit(4242, since).is_none());
+        // An exit recorded while the start is under way is.
+        s.handle_exit(4243, 3).await;
+        assert_eq!(s.take_orphan_exit(4243, since).map(|e| e.0), Some(3));
+        assert!(s.take_orphan_exit(4243, since).is_none());
+        assert!(ev.0.lock().unwrap().is_empty());
     }
 
     #[test]
