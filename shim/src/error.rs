@@ -68,6 +68,13 @@ pub enum ShimError {
         #[source]
         source: std::io::Error,
     },
+    /// A shim grouping annotation has a value the shim refuses to use.
+    #[error("annotation {annotation}={value:?} is not a valid shim group: {reason}")]
+    InvalidGroup {
+        annotation: &'static str,
+        value: String,
+        reason: String,
+    },
     /// The RPC is not served by this shim.
     #[error("{0} is not implemented by the distriproc shim")]
     Unimplemented(&'static str),
@@ -101,9 +108,9 @@ impl ShimError {
             | ShimError::ProcessNotFound { .. }
             | ShimError::ProcessFinished { .. } => Code::NOT_FOUND,
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-            ShimError::InvalidArgument(_) | ShimError::UnknownOptions { .. } => {
-                Code::INVALID_ARGUMENT
-            }
+            ShimError::InvalidArgument(_)
+            | ShimError::UnknownOptions { .. }
+            | ShimError::InvalidGroup { .. } => Code::INVALID_ARGUMENT,
             ShimError::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
             ShimError::Runc { .. }

@@ -25,6 +25,8 @@ usage:
 
 configuration: runtime options config_body, else config_path, else $DISTRIPROC_CONFIG,
 else /etc/distriproc/shim.toml; annotations io.distriproc.* per container.
+shim groups: containers sharing io.distriproc.group, else io.containerd.runc.v2.group, else
+io.kubernetes.cri.sandbox-id (a pod) are served by one shim process.
 environment: DISTRIPROC_CONFIG, DISTRIPROC_EAGER_RESTORE=1, RUST_LOG (log level).
 reference: docs/REFERENCE.md, man 8 containerd-shim-distriproc-v2.
 ";

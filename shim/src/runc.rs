@@ -155,6 +155,11 @@ impl RuncClient {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global.args()).args(args);
         cmd.env_remove("NOTIFY_SOCKET");
+        // The container's bundle, not the shim's cwd: a grouped shim's cwd is the bundle of
+        // the container it was started for, which may be deleted by now.
+        if self.bundle.is_dir() {
+            cmd.current_dir(&self.bundle);
+        }
         log::debug!("run {:?}", cmd.as_std());
         match stdio {
             Some((i, o, e)) => {
