@@ -13,6 +13,8 @@ use distriproc_harness::{
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+/// How long a task may take to reach a wanted status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn start(dir: &str) -> Result<Option<Containerd>> {
     if !require_stack_in(Path::new(dir)) {
@@ -21,24 +23,6 @@ fn start(dir: &str) -> Result<Option<Containerd>> {
     let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(SHIM))?;
     ctd.import_test_images()?;
     Ok(Some(ctd))
-}
-
-fn status(ctd: &Containerd, id: &str) -> Result<String> {
-    Ok(ctd.task_status(id)?.unwrap_or_else(|| "ABSENT".into()))
-}
-
-fn wait_status(ctd: &Containerd, id: &str, want: &str) -> Result<()> {
-    let ok = wait_for(
-        || status(ctd, id).map(|s| s == want).unwrap_or(false),
-        Duration::from_secs(20),
-    );
-    ensure!(
-        ok,
-        "task {id} is {} instead of {want}; log:\n{}",
-        status(ctd, id)?,
-        ctd.log_tail(40)
-    );
-    Ok(())
 }
 
 /// run -d, exec, pause/resume, kill, rm; then a foreground `run --rm` with its exit code.
@@ -55,7 +39,7 @@ fn plain_lifecycle(dir: &str) -> Result<()> {
         ]
         .concat(),
     )?;
-    wait_status(&ctd, "p1", "RUNNING")?;
+    ctd.wait_status("p1", "RUNNING", STATUS_TIMEOUT)?;
     let bundle = ctd.bundle_dir("p1");
     ensure!(
         bundle.join("address").is_file(),
@@ -91,17 +75,17 @@ fn plain_lifecycle(dir: &str) -> Result<()> {
     );
 
     ctd.ctr_ok(&["tasks", "pause", "p1"])?;
-    wait_status(&ctd, "p1", "PAUSED")?;
+    ctd.wait_status("p1", "PAUSED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "resume", "p1"])?;
-    wait_status(&ctd, "p1", "RUNNING")?;
+    ctd.wait_status("p1", "RUNNING", STATUS_TIMEOUT)?;
     let ps = ctd.ctr_ok(&["tasks", "ps", "p1"])?;
     ensure!(ps.lines().count() >= 2, "ps output {ps:?}");
     eprintln!("ctr t ps p1:\n{ps}");
 
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "p1"])?;
-    wait_status(&ctd, "p1", "STOPPED")?;
+    ctd.wait_status("p1", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "p1"])?;
-    ensure!(status(&ctd, "p1")? == "ABSENT");
+    ensure!(ctd.status("p1") == "ABSENT");
     ensure!(
         !bundle.join("rootfs").join("bin").exists(),
         "rootfs still mounted"
@@ -235,7 +219,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         "i=0; while true; do i=$((i+1)); echo tick $i > /tmp/ticks; sleep 0.2; done",
     ];
     ctd.ctr_ok(&[&["run", "-d"][..], &rt, &[BUSYBOX_IMAGE, "k1"], &cmd].concat())?;
-    wait_status(&ctd, "k1", "RUNNING")?;
+    ctd.wait_status("k1", "RUNNING", STATUS_TIMEOUT)?;
     std::thread::sleep(Duration::from_millis(500));
     ctd.ctr_ok(&[
         "containers",
@@ -245,10 +229,10 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         "k1",
         "localhost/k1-cp:1",
     ])?;
-    wait_status(&ctd, "k1", "RUNNING")?;
+    ctd.wait_status("k1", "RUNNING", STATUS_TIMEOUT)?;
     let pid_before = ctd.task_pid("k1")?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k1"])?;
-    wait_status(&ctd, "k1", "STOPPED")?;
+    ctd.wait_status("k1", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "k1"])?;
     ctd.ctr_ok(&["containers", "rm", "k1"])?;
 
@@ -266,7 +250,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr),
         ctd.log_tail(60)
     );
-    wait_status(&ctd, "k1r", "RUNNING")?;
+    ctd.wait_status("k1r", "RUNNING", STATUS_TIMEOUT)?;
     let pid_after = ctd.task_pid("k1r")?;
     ensure!(
         pid_after > 0 && pid_after != pid_before,
@@ -351,7 +335,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         ]
         .concat(),
     )?;
-    wait_status(&ctd, "k2", "RUNNING")?;
+    ctd.wait_status("k2", "RUNNING", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&[
         "containers",
         "checkpoint",
@@ -378,9 +362,9 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
     );
     // containerd and the first shim are still fine.
     ctd.ctr_ok(&["version"])?;
-    wait_status(&ctd, "k1r", "RUNNING")?;
+    ctd.wait_status("k1r", "RUNNING", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k1r"])?;
-    wait_status(&ctd, "k1r", "STOPPED")?;
+    ctd.wait_status("k1r", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "k1r"])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "k2"])?;
 
@@ -395,7 +379,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
             ]
             .concat(),
         )?;
-        wait_status(&ctd, "k3", "RUNNING")?;
+        ctd.wait_status("k3", "RUNNING", STATUS_TIMEOUT)?;
         let img = ctd.dir().join("k3-images");
         let img_s = img.display().to_string();
         ctd.ctr_ok(&[
@@ -407,7 +391,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
             "k3",
         ])?;
         ensure!(img.join("inventory.img").is_file(), "no images in {img_s}");
-        wait_status(&ctd, "k3", "STOPPED")?;
+        ctd.wait_status("k3", "STOPPED", STATUS_TIMEOUT)?;
         ctd.ctr_ok(&["tasks", "rm", "k3"])?;
     }
     Ok(())
@@ -479,7 +463,7 @@ fn terminal(dir: &str) -> Result<()> {
         "sleep",
         "1000",
     ])?;
-    wait_status(&ctd, "tt2", "RUNNING")?;
+    ctd.wait_status("tt2", "RUNNING", STATUS_TIMEOUT)?;
     let out = ctr_in_pty(&ctd, "tasks exec -t --exec-id x1 tt2 sh -c 'tty; exit 5'")?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -491,7 +475,7 @@ fn terminal(dir: &str) -> Result<()> {
     let metrics = ctd.ctr_ok(&["tasks", "metrics", "tt2"])?;
     ensure!(metrics.contains("memory"), "metrics {metrics:?}");
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "tt2"])?;
-    wait_status(&ctd, "tt2", "STOPPED")?;
+    ctd.wait_status("tt2", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "tt2"])?;
     Ok(())
 }
@@ -537,7 +521,7 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         "--threads",
         "2",
     ])?;
-    wait_status(&ctd, "m1", "RUNNING")?;
+    ctd.wait_status("m1", "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid("m1")?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
@@ -549,7 +533,7 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         "localhost/m1-cp:1",
     ])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1"])?;
-    wait_status(&ctd, "m1", "STOPPED")?;
+    ctd.wait_status("m1", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "m1"])?;
     ctd.ctr_ok(&["containers", "rm", "m1"])?;
 
@@ -560,7 +544,7 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         "m1r",
         "localhost/m1-cp:1",
     ])?;
-    wait_status(&ctd, "m1r", "RUNNING")?;
+    ctd.wait_status("m1r", "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid("m1r")?;
     let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
     ensure!(
@@ -604,7 +588,7 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         "restore.log does not show a lazy restore"
     );
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1r"])?;
-    wait_status(&ctd, "m1r", "STOPPED")?;
+    ctd.wait_status("m1r", "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", "m1r"])?;
     Ok(())
 }
@@ -704,7 +688,7 @@ fn shim_killed(dir: &str) -> Result<()> {
         "sleep",
         "1000",
     ])?;
-    wait_status(&ctd, "s1", "RUNNING")?;
+    ctd.wait_status("s1", "RUNNING", STATUS_TIMEOUT)?;
     let task_pid = ctd.task_pid("s1")?;
     let shims = ctd.shim_pids();
     ensure!(shims.len() == 1, "expected one shim, found {shims:?}");

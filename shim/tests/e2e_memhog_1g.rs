@@ -26,19 +26,6 @@ const SHAPES: [(&str, &str, &str); 3] = [
     ("threads", "1", "4"),
 ];
 
-fn wait_status(ctd: &Containerd, id: &str, want: &str, limit: Duration) -> Result<()> {
-    let ok = wait_for(
-        || ctd.task_status(id).ok().flatten().as_deref() == Some(want),
-        limit,
-    );
-    ensure!(
-        ok,
-        "task {id} did not reach {want}; log:\n{}",
-        ctd.log_tail(40)
-    );
-    Ok(())
-}
-
 fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result<()> {
     let id = format!("g-{name}");
     let restored = format!("g-{name}-r");
@@ -61,7 +48,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
         "--zero-pct",
         "5",
     ])?;
-    wait_status(ctd, &id, "RUNNING", Duration::from_secs(30))?;
+    ctd.wait_status(&id, "RUNNING", Duration::from_secs(30))?;
     let pid = ctd.task_pid(&id)?;
     // The first query waits for memhog to fill its memory.
     let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
@@ -73,12 +60,12 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
 
     ctd.ctr_ok(&["containers", "checkpoint", "--task", &id, &image])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
-    wait_status(ctd, &id, "STOPPED", Duration::from_secs(30))?;
+    ctd.wait_status(&id, "STOPPED", Duration::from_secs(30))?;
     ctd.ctr_ok(&["tasks", "rm", &id])?;
     ctd.ctr_ok(&["containers", "rm", &id])?;
 
     ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
-    wait_status(ctd, &restored, "RUNNING", Duration::from_secs(30))?;
+    ctd.wait_status(&restored, "RUNNING", Duration::from_secs(30))?;
     let pid = ctd.task_pid(&restored)?;
     let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
     ensure!(
@@ -130,7 +117,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     );
 
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &restored])?;
-    wait_status(ctd, &restored, "STOPPED", Duration::from_secs(30))?;
+    ctd.wait_status(&restored, "STOPPED", Duration::from_secs(30))?;
     ctd.ctr_ok(&["tasks", "rm", &restored])?;
     ctd.ctr_ok(&["containers", "rm", &restored])?;
     ctd.ctr_ok(&["images", "rm", &image])?;

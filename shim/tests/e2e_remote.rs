@@ -29,6 +29,8 @@ use distriproc_harness::{
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+/// How long a task may take to reach a wanted status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "e2e-remote-token";
 
 fn in_ci() -> bool {
@@ -97,29 +99,11 @@ fn start(containerd_dir: &str, tag: &str) -> Result<Option<Setup>> {
     Ok(Some(Setup { ctd, dir }))
 }
 
-fn status(ctd: &Containerd, id: &str) -> String {
-    ctd.task_status(id)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| "ABSENT".into())
-}
-
-fn wait_status(ctd: &Containerd, id: &str, want: &str) -> Result<()> {
-    let ok = wait_for(|| status(ctd, id) == want, Duration::from_secs(30));
-    ensure!(
-        ok,
-        "task {id} is {} instead of {want}; log:\n{}",
-        status(ctd, id),
-        ctd.log_tail(40)
-    );
-    Ok(())
-}
-
 /// Kills and removes a task and its container, ignoring what is already gone.
 fn remove(ctd: &Containerd, id: &str) {
     let _ = ctd.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
     wait_for(
-        || matches!(status(ctd, id).as_str(), "STOPPED" | "ABSENT" | "CREATED"),
+        || matches!(ctd.status(id).as_str(), "STOPPED" | "ABSENT" | "CREATED"),
         Duration::from_secs(10),
     );
     let _ = ctd.ctr(&["tasks", "rm", "-f", id]);
@@ -141,7 +125,7 @@ fn run_memhog(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
         "--procs",
         "2",
     ])?;
-    wait_status(ctd, id, "RUNNING")?;
+    ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid(id)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     Ok(pid)
@@ -423,11 +407,11 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
     ])?;
     let t0 = Instant::now();
     let touch = memhog_query_timeout(npid, MEMHOG_PORT, "TOUCH 100", Duration::from_secs(5));
-    let died = wait_for(|| status(&ctd, "r1n") == "STOPPED", Duration::from_secs(60));
+    let died = wait_for(|| ctd.status("r1n") == "STOPPED", Duration::from_secs(60));
     ensure!(
         died,
         "r1n still {} {:?} after its page server went silent (TOUCH: {touch:?})",
-        status(&ctd, "r1n"),
+        ctd.status("r1n"),
         t0.elapsed()
     );
     eprintln!(
@@ -451,9 +435,9 @@ fn over_veth(containerd_dir: &str, n: u8) -> Result<()> {
     restore_fails(&ctd, "r1-gone", img, "cannot connect to page server", lim)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     ensure!(
-        status(&ctd, "r1r") == "RUNNING",
+        ctd.status("r1r") == "RUNNING",
         "r1r is {}",
-        status(&ctd, "r1r")
+        ctd.status("r1r")
     );
     remove(&ctd, "r1r");
     Ok(())
@@ -708,12 +692,9 @@ fn server_restart_and_slow(containerd_dir: &str) -> Result<()> {
     let t0 = Instant::now();
     let touch = memhog_query_timeout(dpid, MEMHOG_PORT, "TOUCH 100", Duration::from_secs(5));
     ensure!(
-        wait_for(
-            || status(&ctd, "s1dl") == "STOPPED",
-            Duration::from_secs(60)
-        ),
+        wait_for(|| ctd.status("s1dl") == "STOPPED", Duration::from_secs(60)),
         "s1dl still {} after its page server went away (TOUCH {touch:?})",
-        status(&ctd, "s1dl")
+        ctd.status("s1dl")
     );
     let exit_status = || -> Option<u64> {
         let text = std::fs::read_to_string(&events_out).unwrap_or_default();

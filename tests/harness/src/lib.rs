@@ -372,6 +372,28 @@ impl Containerd {
         Ok(self.task_row(id)?.map(|r| r.2))
     }
 
+    /// Status of task `id` as [`Containerd::task_status`] reports it, `ABSENT` when there is
+    /// no such task (or `ctr` failed: the caller compares against a wanted status anyway).
+    pub fn status(&self, id: &str) -> String {
+        self.task_status(id)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "ABSENT".into())
+    }
+
+    /// Waits up to `timeout` for task `id` to be in status `want` (`ABSENT` = no task); the
+    /// error names the status it stayed in and shows the containerd log tail.
+    pub fn wait_status(&self, id: &str, want: &str, timeout: Duration) -> Result<()> {
+        if wait_for(|| self.status(id) == want, timeout) {
+            return Ok(());
+        }
+        bail!(
+            "task {id} is {} instead of {want} after {timeout:?}; containerd log tail:\n{}",
+            self.status(id),
+            self.log_tail(LOG_TAIL_LINES)
+        )
+    }
+
     fn task_row(&self, id: &str) -> Result<Option<(String, String, String)>> {
         let out = self.ctr_ok(&["tasks", "ls"])?;
         Ok(out.lines().skip(1).find_map(|l| {
