@@ -12,6 +12,11 @@
 //! TaskExit with a non-zero exit status (137: the shim's `delete` after a dead shim), and that
 //! the keeper exits once its tasks are gone.
 //!
+//! `restore_cycles_one_shim_*`: checkpoint-then-restore cycles of memhog containers that all
+//! share ONE shim process (shim grouping by `io.distriproc.group`), with the shim's
+//! descriptors, threads and RSS compared between a warm-up sample and the end, and nothing of
+//! ours left behind (`ctrd-checkpoint*` dirs, bundles, runc state, keepers, the shim socket).
+//!
 //! They skip with a reason when the stack is missing and fail instead when `CI=true`.
 
 use std::{
@@ -24,10 +29,13 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use distriproc_harness::{
     memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
-    CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
+    BUSYBOX_IMAGE, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE,
+    MEMHOG_PORT,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+/// How long a task may take to reach a wanted status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 const KEEPER_ARG: &str = "distriproc-uffd-keeper";
 
 fn start(dir: &str) -> Result<Option<Containerd>> {
@@ -41,24 +49,6 @@ fn start(dir: &str) -> Result<Option<Containerd>> {
     let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(SHIM))?;
     ctd.import_test_images()?;
     Ok(Some(ctd))
-}
-
-fn status(ctd: &Containerd, id: &str) -> String {
-    ctd.task_status(id)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| "ABSENT".into())
-}
-
-fn wait_status(ctd: &Containerd, id: &str, want: &str) -> Result<()> {
-    let ok = wait_for(|| status(ctd, id) == want, Duration::from_secs(60));
-    ensure!(
-        ok,
-        "task {id} is {} instead of {want}; log:\n{}",
-        status(ctd, id),
-        ctd.log_tail(40)
-    );
-    Ok(())
 }
 
 /// Command line of a process, NUL-separated fields joined by spaces.
@@ -215,16 +205,16 @@ fn lazy_memhog_fill_none(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
         "--procs",
         "2",
     ])?;
-    wait_status(ctd, &src, "RUNNING")?;
+    ctd.wait_status(&src, "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid(&src)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     ctd.ctr_ok(&["containers", "checkpoint", "--task", &src, &image])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &src])?;
-    wait_status(ctd, &src, "STOPPED")?;
+    ctd.wait_status(&src, "STOPPED", STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["tasks", "rm", &src])?;
     ctd.ctr_ok(&["containers", "rm", &src])?;
     ctd.ctr_ok(&["containers", "restore", "--live", id, &image])?;
-    wait_status(ctd, id, "RUNNING")?;
+    ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid(id)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     Ok(pid)
@@ -324,7 +314,7 @@ fn shim_killed(dir: &str) -> Result<()> {
         "TaskExit with status 0 after the shim was killed"
     );
     ensure!(
-        wait_for(|| status(&ctd, id) != "RUNNING", Duration::from_secs(60)),
+        wait_for(|| ctd.status(id) != "RUNNING", Duration::from_secs(60)),
         "task {id} still RUNNING"
     );
     let _ = ctd.ctr(&["tasks", "rm", "-f", id]);
@@ -350,6 +340,52 @@ fn threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
+/// VmRSS of `pid` in KiB (0 if unreadable).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// File descriptors, threads and RSS of a process at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    fds: usize,
+    threads: usize,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    Usage {
+        fds: fd_count(pid),
+        threads: threads(pid),
+        rss_kib: rss_kib(pid),
+    }
+}
+
+/// How long idle threads of the shim may linger (tokio's blocking pool keeps an idle thread
+/// 10 s; the cgroup v2 OOM watcher notices a removed cgroup within 1 s).
+const THREAD_LINGER: Duration = Duration::from_secs(12);
+/// Descriptors and threads the shim may hold above the warm-up sample at the end.
+const FD_SLACK: usize = 2;
+const THREAD_SLACK: usize = 1;
+/// RSS the shim may gain from the warm-up sample to the end. Measured here (debug build): the
+/// shim's RSS climbs from ~19 to ~27 MiB over the first dozen restores (glibc's per-thread
+/// arenas, up to 8 per core, fill with the fetcher's and runc's buffers and keep them) and
+/// stays within ~0.3 MiB of that for the remaining cycles. 8 MiB leaves room for a warm-up that
+/// ends later on a slower machine and still catches a leak of 90 KiB per restore over 90
+/// cycles (a page map, an image buffer, a fetcher's state).
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+/// RSS the shim may gain over the second half of a long run (>= 40 cycles), once the
+/// allocator has long warmed up: 2 MiB over 50 cycles catches a steady leak of 40 KiB per
+/// restore, below what the warm-up bound can see.
+const RSS_LATE_SLACK_KIB: u64 = 2 * 1024;
+
 fn temp_checkpoints(ctd: &Containerd) -> Vec<String> {
     std::fs::read_dir(ctd.tmp_dir())
         .into_iter()
@@ -360,66 +396,194 @@ fn temp_checkpoints(ctd: &Containerd) -> Vec<String> {
         .collect()
 }
 
-/// Checkpoint-then-restore cycles through containerd (`DP_E2E_CYCLES`, default 100, about a
-/// minute here): cycle i restores checkpoint i lazily, VERIFYs, waits for the fill, and
-/// checkpoints the restored container as checkpoint i+1 (containerd 2.x only: 1.7 cannot
-/// checkpoint a restored container). Each restore is a new container and so a new shim (containerd starts one per container), so
-/// what can leak across cycles is what outlives a shim: `ctrd-checkpoint*` dirs, keeper or
-/// shim processes, bundles. Each shim's descriptors and threads at the same point of its
-/// life are also compared (a per-restore leak inside the shim would show as growth). The
-/// in-process version with 100 cycles through one process is runtime/tests/hardening_lifetime.rs.
-fn restore_cycles(dir: &str) -> Result<()> {
+/// Names in a directory (empty if it does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Thread names of `pid` with their counts (for a growth report).
+fn thread_names(pid: u32) -> Vec<(String, usize)> {
+    let mut m = std::collections::BTreeMap::<String, usize>::new();
+    for t in entries(Path::new(&format!("/proc/{pid}/task"))) {
+        let c = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm")).unwrap_or_default();
+        *m.entry(c.trim().to_owned()).or_default() += 1;
+    }
+    m.into_iter().collect()
+}
+
+/// What the descriptors of `pid` point at, with the other processes holding the same pipe or
+/// socket (for a growth report).
+fn fd_targets(pid: u32) -> Vec<String> {
+    let target = |p: &str, f: &str| std::fs::read_link(format!("/proc/{p}/fd/{f}")).ok();
+    let mut out = Vec::new();
+    for f in entries(Path::new(&format!("/proc/{pid}/fd"))) {
+        let Some(t) = target(&pid.to_string(), &f) else {
+            continue;
+        };
+        let t = t.display().to_string();
+        let mut line = format!("{f}={t}");
+        if t.starts_with("pipe:") {
+            for p in entries(Path::new("/proc")) {
+                if p.parse::<u32>().ok().is_none_or(|q| q == pid) {
+                    continue;
+                }
+                let shared = entries(Path::new(&format!("/proc/{p}/fd")))
+                    .iter()
+                    .any(|g| target(&p, g).is_some_and(|x| x.display().to_string() == t));
+                if shared {
+                    line.push_str(&format!(
+                        " (also pid {p}: {})",
+                        cmdline(p.parse().unwrap_or(0)).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        out.push(line);
+    }
+    out
+}
+
+/// The socket path of the shim serving container `id` (its bundle's `address` file).
+fn shim_socket(ctd: &Containerd, id: &str) -> Result<PathBuf> {
+    let f = ctd.bundle_dir(id).join("address");
+    let a = std::fs::read_to_string(&f).with_context(|| format!("read {}", f.display()))?;
+    let p = a
+        .trim()
+        .strip_prefix("unix://")
+        .with_context(|| format!("{}: not a unix address: {a:?}", f.display()))?;
+    Ok(PathBuf::from(p))
+}
+
+/// Checkpoint-then-restore cycles through ONE shim process (`DP_E2E_CYCLES`, default
+/// `default_cycles`). A first container (busybox sleep) with annotation
+/// `io.distriproc.group=<g>` starts the group's shim, an anchor joins it and the first one is
+/// deleted; each cycle then runs memhog in the same group, checkpoints it, removes it,
+/// restores it lazily (`ctr c restore --live`: the checkpoint's spec keeps the annotation),
+/// VERIFYs its memory, waits for the fill to complete and deletes it. Every container must be
+/// served by that one shim process (same pid, same socket), and from the warm-up sample (after
+/// a few cycles, idle threads gone) to the end the shim must not grow in descriptors, threads
+/// or RSS; no `ctrd-checkpoint*` dir, bundle, runc state or keeper may be left behind, and
+/// once the anchor is deleted the shim exits and its socket is removed.
+fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
     let Some(ctd) = start(dir)? else {
         return Ok(());
     };
     let cycles: usize = std::env::var("DP_E2E_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    let src = "hc-src";
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
-        MEMHOG_IMAGE,
-        src,
-        "/memhog",
-        "serve",
-        "--mib",
-        "16",
-    ])?;
-    wait_status(&ctd, src, "RUNNING")?;
-    let pid = ctd.task_pid(src)?;
-    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
-    ctd.ctr_ok(&[
-        "containers",
-        "checkpoint",
-        "--task",
-        src,
-        "localhost/hc-cp:c0",
-    ])?;
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", src])?;
-    wait_status(&ctd, src, "STOPPED")?;
-    ctd.ctr_ok(&["tasks", "rm", src])?;
-    ctd.ctr_ok(&["containers", "rm", src])?;
+        .unwrap_or(default_cycles)
+        .max(2);
+    let warm_after = (cycles / 2).min(10);
+    let group = "hc-group";
+    let group_ann = format!("io.distriproc.group={group}");
+    let run_sleep = |id: &str| -> Result<()> {
+        ctd.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            DISTRIPROC_RUNTIME,
+            "--annotation",
+            &group_ann,
+            BUSYBOX_IMAGE,
+            id,
+            "sleep",
+            "100000",
+        ])?;
+        ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)
+    };
+    // The group's shim is started for a first container that is deleted before the cycles: the
+    // shim's cwd (that bundle, with the `address` file containerd-shim reads at exit) is gone
+    // for the rest of the test, as in any group whose first container ends first. The anchor
+    // keeps the shim alive between cycles.
+    let first = "hc-first";
+    let anchor = "hc-anchor";
+    run_sleep(first)?;
+    let shim = shim_of(&ctd, first)?;
+    let socket = shim_socket(&ctd, first)?;
+    run_sleep(anchor)?;
     ensure!(
-        wait_for(|| ctd.shim_pids().is_empty(), Duration::from_secs(30)),
-        "shims left: {:?}",
+        ctd.shim_pids() == [shim] && shim_socket(&ctd, anchor)? == socket,
+        "{anchor} is not served by the shim of {first} ({shim}, {}): shims {:?}",
+        socket.display(),
         ctd.shim_pids()
     );
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", first])?;
+    ctd.wait_status(first, "STOPPED", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["tasks", "rm", first])?;
+    ctd.ctr_ok(&["containers", "rm", first])?;
+    ensure!(
+        !ctd.bundle_dir(first).exists(),
+        "bundle of {first} left after its delete"
+    );
+    let one_shim = |when: &str| -> Result<()> {
+        let pids = ctd.shim_pids();
+        ensure!(
+            pids == [shim] && alive(shim),
+            "{when}: expected the group's shim {shim} only, found {pids:?}"
+        );
+        Ok(())
+    };
+    let task_dirs = ctd
+        .state_dir()
+        .join("io.containerd.runtime.v2.task")
+        .join(ctd.namespace());
+    let runc_state = Path::new("/run/containerd/runc").join(ctd.namespace());
+
     let t0 = std::time::Instant::now();
-    let mut seen: Vec<(usize, usize)> = Vec::new();
+    let mut warm: Option<Usage> = None;
+    let mut seen: Vec<Usage> = Vec::new();
     for i in 0..cycles {
-        let id = format!("hc{i}");
-        let from = format!("localhost/hc-cp:c{i}");
-        ctd.ctr_ok(&["containers", "restore", "--live", &id, &from])?;
-        wait_status(&ctd, &id, "RUNNING")?;
+        let src = format!("hc{i}");
+        let id = format!("hc{i}r");
+        let image = format!("localhost/hc-cp:{i}");
+        ctd.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            DISTRIPROC_RUNTIME,
+            "--annotation",
+            &group_ann,
+            MEMHOG_IMAGE,
+            &src,
+            "/memhog",
+            "serve",
+            "--mib",
+            "16",
+        ])?;
+        ctd.wait_status(&src, "RUNNING", STATUS_TIMEOUT)?;
+        one_shim(&format!("cycle {i}: memhog running"))?;
+        ensure!(
+            shim_socket(&ctd, &src)? == socket,
+            "cycle {i}: {src} is served on {} instead of the group's socket {}",
+            shim_socket(&ctd, &src)?.display(),
+            socket.display()
+        );
+        let pid = ctd.task_pid(&src)?;
+        ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+        ctd.ctr_ok(&["containers", "checkpoint", "--task", &src, &image])?;
+        ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &src])?;
+        ctd.wait_status(&src, "STOPPED", STATUS_TIMEOUT)?;
+        ctd.ctr_ok(&["tasks", "rm", &src])?;
+        ctd.ctr_ok(&["containers", "rm", &src])?;
+
+        ctd.ctr_ok(&["containers", "restore", "--live", &id, &image])?;
+        ctd.wait_status(&id, "RUNNING", STATUS_TIMEOUT)?;
+        one_shim(&format!("cycle {i}: restored"))?;
+        ensure!(
+            shim_socket(&ctd, &id)? == socket,
+            "cycle {i}: restored {id} is served on another socket"
+        );
         let pid = ctd.task_pid(&id)?;
         let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
         ensure!(v.starts_with("OK"), "cycle {i}: VERIFY {v}");
         // Fill complete: the keeper is released and the temp checkpoint dir removed.
-        let shim = shim_of(&ctd, &id)?;
         ensure!(
             wait_for(
                 || keepers_of(shim).is_empty() && temp_checkpoints(&ctd).is_empty(),
@@ -430,47 +594,134 @@ fn restore_cycles(dir: &str) -> Result<()> {
             temp_checkpoints(&ctd),
             ctd.lazy_stats(&id).ok()
         );
-        seen.push((fd_count(shim), threads(shim)));
-        // Checkpoint the restored container: the next cycle restores from this one.
-        let next = format!("localhost/hc-cp:c{}", i + 1);
-        ctd.ctr_ok(&["containers", "checkpoint", "--task", &id, &next])?;
-        if i > 0 {
-            let _ = ctd.ctr(&["images", "rm", &from]);
-        }
         ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
-        wait_status(&ctd, &id, "STOPPED")?;
+        ctd.wait_status(&id, "STOPPED", STATUS_TIMEOUT)?;
         ctd.ctr_ok(&["tasks", "rm", &id])?;
         ctd.ctr_ok(&["containers", "rm", &id])?;
+        ctd.ctr_ok(&["images", "rm", &image])?;
+        one_shim(&format!("cycle {i}: after delete"))?;
         ensure!(
-            wait_for(|| !alive(shim), Duration::from_secs(30)),
-            "cycle {i}: shim {shim} still running after its container was removed"
+            entries(&task_dirs) == [anchor],
+            "cycle {i}: task bundles left: {:?}",
+            entries(&task_dirs)
         );
-        ensure!(
-            !ctd.bundle_dir(&id).exists(),
-            "cycle {i}: bundle {} left",
-            ctd.bundle_dir(&id).display()
-        );
+        seen.push(usage(shim));
+        if (i + 1) % 10 == 0 {
+            eprintln!("cycle {}: shim {shim} {:?}", i + 1, seen[i]);
+        }
+        if i + 1 == warm_after {
+            // Let idle threads of the restore end before the baseline sample.
+            std::thread::sleep(THREAD_LINGER);
+            let u = usage(shim);
+            eprintln!("warm-up sample after {warm_after} cycles: shim {shim} {u:?}");
+            warm = Some(u);
+        }
     }
-    eprintln!(
-        "{cycles} restore cycles in {:?}; shim (fds, threads) after each fill: {seen:?}",
-        t0.elapsed()
+    let elapsed = t0.elapsed();
+    let warm = warm.context("no warm-up sample")?;
+    // The same point of the shim's life as the warm-up sample: only the anchor, nothing
+    // restoring, idle threads given time to end.
+    wait_for(
+        || {
+            let u = usage(shim);
+            u.fds <= warm.fds + FD_SLACK && u.threads <= warm.threads + THREAD_SLACK
+        },
+        THREAD_LINGER,
     );
-    if let (Some(first), Some(max)) = (seen.first(), seen.iter().max()) {
-        // Same point of a shim's life each time: no drift from cycle to cycle.
+    let end = usage(shim);
+    eprintln!(
+        "{cycles} checkpoint/restore cycles through shim {shim} in {elapsed:?}; warm-up \
+         (after {warm_after}) {warm:?}, end {end:?}; after each cycle: {:?}",
+        seen.iter()
+            .map(|u| (u.fds, u.threads, u.rss_kib))
+            .collect::<Vec<_>>()
+    );
+    one_shim("end")?;
+    ensure!(
+        end.fds <= warm.fds + FD_SLACK,
+        "shim {shim} descriptors grew from {} to {} over {} cycles: {:#?}; threads {:?}",
+        warm.fds,
+        end.fds,
+        cycles - warm_after,
+        fd_targets(shim),
+        thread_names(shim)
+    );
+    ensure!(
+        end.threads <= warm.threads + THREAD_SLACK,
+        "shim {shim} threads grew from {} to {}: {:?}",
+        warm.threads,
+        end.threads,
+        thread_names(shim)
+    );
+    ensure!(
+        end.rss_kib <= warm.rss_kib + RSS_SLACK_KIB,
+        "shim {shim} RSS grew from {} KiB to {} KiB (bound +{RSS_SLACK_KIB} KiB)",
+        warm.rss_kib,
+        end.rss_kib
+    );
+    if cycles >= 40 {
+        let mid = seen[cycles / 2 - 1].rss_kib;
+        let last = seen[cycles - 1].rss_kib;
         ensure!(
-            max.0 <= first.0 + 2,
-            "shim descriptors drift across restores: {seen:?}"
+            last <= mid + RSS_LATE_SLACK_KIB,
+            "shim {shim} RSS grew from {mid} KiB after cycle {} to {last} KiB after cycle \
+             {cycles} (bound +{RSS_LATE_SLACK_KIB} KiB): a steady leak",
+            cycles / 2
         );
     }
+    ensure!(
+        temp_checkpoints(&ctd).is_empty(),
+        "ctrd-checkpoint dirs left: {:?}",
+        temp_checkpoints(&ctd)
+    );
+    ensure!(
+        keepers_of(shim).is_empty(),
+        "keepers left: {:?}",
+        keepers_of(shim)
+    );
+    ensure!(
+        entries(&runc_state) == [anchor],
+        "runc state left in {}: {:?}",
+        runc_state.display(),
+        entries(&runc_state)
+    );
+
+    // The last container of the group goes: the shim exits and removes its socket although the
+    // bundle it was started in (and its `address` file) is long gone.
+    ensure!(socket.exists(), "group socket {} missing", socket.display());
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", anchor])?;
+    ctd.wait_status(anchor, "STOPPED", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["tasks", "rm", anchor])?;
+    ctd.ctr_ok(&["containers", "rm", anchor])?;
+    ensure!(
+        wait_for(|| !alive(shim), Duration::from_secs(30)),
+        "shim {shim} still running after the last container of its group was removed"
+    );
+    ensure!(
+        wait_for(|| !socket.exists(), Duration::from_secs(10)),
+        "shim socket {} left after the shim exited",
+        socket.display()
+    );
     ensure!(
         ctd.shim_pids().is_empty(),
         "shims left: {:?}",
         ctd.shim_pids()
     );
+    ensure!(
+        entries(&task_dirs).is_empty() && entries(&runc_state).is_empty(),
+        "left: bundles {:?}, runc state {:?}",
+        entries(&task_dirs),
+        entries(&runc_state)
+    );
     Ok(())
 }
 
 #[test]
-fn restore_cycles_leave_nothing_ctd21() -> Result<()> {
-    restore_cycles(CONTAINERD_2_1_DIR)
+fn restore_cycles_one_shim_ctd21() -> Result<()> {
+    restore_cycles(CONTAINERD_2_1_DIR, 100)
+}
+
+#[test]
+fn restore_cycles_one_shim_ctd17() -> Result<()> {
+    restore_cycles(CONTAINERD_1_7_DIR, 10)
 }
