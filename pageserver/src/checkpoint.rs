@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use distriproc_config::pageserver::validate_checkpoint_id;
 use distriproc_runtime::images::{ImageDir, PageData, PageSegment, PAGE_SIZE, PE_LAZY};
+use distriproc_runtime::source::FileMapping;
 
 use crate::PageServerError;
 
@@ -54,6 +55,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     tasks: HashMap<u32, Task>,
     files: Vec<(PathBuf, File)>,
+    /// Read-only mappings of `files` (same index), for replies sent without a copy.
+    maps: Vec<Option<FileMapping>>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -156,11 +159,13 @@ impl Checkpoint {
                 },
             );
         }
+        let maps = files.iter().map(|(_, f)| FileMapping::new(f)).collect();
         Ok(Checkpoint {
             id: id.to_string(),
             dir: dir.to_path_buf(),
             tasks,
             files,
+            maps,
         })
     }
 
@@ -229,6 +234,13 @@ impl Checkpoint {
                 (gap.min(max), RunKind::Zero)
             }
         })
+    }
+
+    /// `len` bytes of file `file` at `offset` as a slice of its mapping (page tables
+    /// populated), to be written to a socket without a copy into a buffer; `None` when the
+    /// file is not mapped or the range cannot be populated (then [`Checkpoint::read`] it).
+    pub fn mapped(&self, file: usize, offset: u64, len: usize) -> Option<&[u8]> {
+        self.maps.get(file)?.as_ref()?.slice(offset, len)
     }
 
     /// `pread`s `buf.len()` bytes of file `file` at `offset`.

@@ -126,6 +126,10 @@ struct ServeArgs {
     /// Per-connection I/O and idle timeout in ms [config: io_timeout_ms; default 60000].
     #[arg(long, value_name = "MS")]
     io_timeout_ms: Option<u64>,
+    /// After each reply, poll the connection this long for the client's next request before
+    /// sleeping, in µs (0..=1000) [config: busy_poll_us; default 0: off].
+    #[arg(long, value_name = "US")]
+    busy_poll_us: Option<u64>,
     /// Largest native upload (remote checkpoint) in bytes [default 4 TiB].
     #[arg(long, value_name = "BYTES")]
     max_upload_bytes: Option<u64>,
@@ -190,6 +194,9 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
     }
     if let Some(v) = a.io_timeout_ms {
         cfg.io_timeout_ms = v;
+    }
+    if let Some(v) = a.busy_poll_us {
+        cfg.busy_poll_us = v;
     }
     let origin = format!("{origin} + command line");
     cfg.validate(&origin)?;

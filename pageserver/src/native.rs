@@ -6,7 +6,7 @@
 //! change of kind. If the very first page cannot be served the range gets an error status.
 //! A malformed or oversized request gets a request-level error and the connection is closed.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, IoSlice, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
@@ -171,7 +171,11 @@ pub(crate) fn serve(
     tracing::debug!(peer, checkpoint = ck.id(), session = log.session(), client = %hello.client, "native session");
     let mut ranges: Vec<Range> = Vec::with_capacity(MAX_RANGES);
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let plain = w.is_plain();
     loop {
+        if plain && !ctx.opts.busy_poll.is_zero() && r.buffer().is_empty() {
+            r.get_ref().poll_readable(ctx.opts.busy_poll);
+        }
         let h = match read_request_header(&mut r, MAX_RANGES) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
@@ -236,6 +240,9 @@ pub(crate) fn serve(
         let t0 = Instant::now();
         out.clear();
         encode_response_header(h.request_id, RequestStatus::Ok, h.nr_ranges, "", &mut out);
+        // On a plain socket the page data is written from the files' mappings (one copy, into
+        // the socket) instead of being read into `out` first.
+        let mut zc = plain.then(Vec::new);
         for range in &ranges {
             let (status, pages, data) = answer_range(
                 &ck,
@@ -243,6 +250,7 @@ pub(crate) fn serve(
                 h.flags & REQ_FIRST_RUN != 0,
                 ctx.opts.lazy_only,
                 &mut out,
+                zc.as_mut(),
             );
             if status == RangeStatus::Ok {
                 log.range(range.pid, range.vaddr, pages, data);
@@ -255,7 +263,10 @@ pub(crate) fn serve(
                 ctx.metrics.errors_range.fetch_add(1, Relaxed);
             }
         }
-        send(&mut w, &out, peer)?;
+        match zc {
+            Some(zc) if !zc.is_empty() => send_spliced(&mut w, &out, &zc, peer)?,
+            _ => send(&mut w, &out, peer)?,
+        }
         if out.capacity() > 4 << 20 {
             // Do not keep a 16 MiB buffer per idle connection after one large request.
             out = Vec::with_capacity(1 << 20);
@@ -314,13 +325,64 @@ pub(crate) fn plan(
     Ok(done)
 }
 
-/// Appends the reply to one range to `out`; returns (status, pages, data pages).
-fn answer_range(
-    ck: &Checkpoint,
+/// Writes `out` with the slices of `zc` inserted at their positions in it (`(position,
+/// bytes)`, positions ascending), with as few `writev` calls as the socket allows.
+fn send_spliced(
+    w: &mut Stream,
+    out: &[u8],
+    zc: &[(usize, &[u8])],
+    peer: &str,
+) -> Result<(), PageServerError> {
+    let mut v: Vec<IoSlice<'_>> = Vec::with_capacity(2 * zc.len() + 1);
+    let mut at = 0;
+    for &(pos, data) in zc {
+        if pos > at {
+            v.push(IoSlice::new(&out[at..pos]));
+        }
+        v.push(IoSlice::new(data));
+        at = pos;
+    }
+    if at < out.len() {
+        v.push(IoSlice::new(&out[at..]));
+    }
+    let mut bufs = &mut v[..];
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(PageServerError::Protocol {
+                    peer: peer.to_string(),
+                    source: ProtocolError::Io {
+                        what: "write reply",
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    },
+                })
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(PageServerError::Protocol {
+                    peer: peer.to_string(),
+                    source: ProtocolError::Io {
+                        what: "write reply",
+                        source,
+                    },
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends the reply to one range to `out`; returns (status, pages, data pages). With `zc`,
+/// data runs that are mapped are not copied into `out`: `(position in out, bytes)` is pushed
+/// to `zc` instead (the bytes go to the socket right there).
+fn answer_range<'a>(
+    ck: &'a Checkpoint,
     range: &Range,
     first_run: bool,
     lazy_only: bool,
     out: &mut Vec<u8>,
+    mut zc: Option<&mut Vec<(usize, &'a [u8])>>,
 ) -> (RangeStatus, u64, u64) {
     let mut runs = Vec::new();
     let fail = |out: &mut Vec<u8>, status| {
@@ -367,14 +429,24 @@ fn answer_range(
         }
         i += n;
     }
+    let zc_mark = zc.as_ref().map_or(0, |z| z.len());
     for (n, kind) in &runs {
         if let RunKind::Data { file, offset, .. } = *kind {
             let at = out.len();
             let len = usize::try_from(*n).unwrap_or(0) * PAGE_SIZE;
+            if let Some(z) = zc.as_mut() {
+                if let Some(d) = ck.mapped(file, offset, len) {
+                    z.push((at, d));
+                    continue;
+                }
+            }
             out.resize(at + len, 0);
             if let Err(e) = ck.read(file, offset, &mut out[at..]) {
                 tracing::warn!("checkpoint {}: {}", ck.id(), error_chain(&e));
                 out.truncate(mark);
+                if let Some(z) = zc.as_mut() {
+                    z.truncate(zc_mark);
+                }
                 return fail(out, RangeStatus::ReadFailed);
             }
         }

@@ -66,6 +66,8 @@ pub struct ServerOptions {
     pub io_timeout: Duration,
     /// Indexes kept in memory.
     pub max_cached: usize,
+    /// How long a native session polls for the next request after a reply (0: off).
+    pub busy_poll: Duration,
     /// Largest native upload (all files together).
     pub max_upload_bytes: u64,
     /// TLS on the TCP listeners (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`);
@@ -147,6 +149,7 @@ impl ServerOptions {
             max_clients: u64::from(cfg.max_clients),
             io_timeout: Duration::from_millis(cfg.io_timeout_ms),
             max_cached: usize::try_from(cfg.max_cached_checkpoints).unwrap_or(64),
+            busy_poll: Duration::from_micros(cfg.busy_poll_us),
             max_upload_bytes: distriproc_runtime::protocol::upload::MAX_UPLOAD_BYTES,
             tls,
         })

@@ -68,6 +68,43 @@ impl Stream {
         }
     }
 
+    /// Polls the socket for up to `limit` until something (data, EOF, an error) can be read,
+    /// yielding the CPU between polls, so that a request arriving soon is read without the
+    /// thread going to sleep and being woken.
+    pub(crate) fn poll_readable(&self, limit: Duration) {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) | Stream::Tls { sock: s, .. } => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        let until = std::time::Instant::now() + limit;
+        let mut b = 0u8;
+        loop {
+            // SAFETY: a 1-byte recv into a local on our own connected socket; MSG_PEEK leaves
+            // the data queued, MSG_DONTWAIT never blocks.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    (&raw mut b).cast::<libc::c_void>(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+                return;
+            }
+            if std::time::Instant::now() >= until {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Whether bytes written go to the socket as they are (not TLS).
+    pub(crate) fn is_plain(&self) -> bool {
+        !matches!(self, Stream::Tls { .. })
+    }
+
     pub(crate) fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) | Stream::Tls { sock: s, .. } => s.shutdown(Shutdown::Both),
@@ -104,6 +141,19 @@ impl Read for Stream {
 }
 
 impl Write for Stream {
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls { .. } => {
+                let b = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &**b);
+                self.write(b)
+            }
+        }
+    }
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write(b),

@@ -111,22 +111,24 @@ pub struct DecodedImages {
     pub pagemaps: HashMap<u32, Vec<PageRange>>,
 }
 
-/// A read-only shared mapping of a whole pages file.
-struct Mapping {
+/// A read-only shared mapping of a whole pages file (also used by the page server to send
+/// pages without reading them into a buffer first).
+pub struct FileMapping {
     ptr: *const u8,
     len: usize,
 }
 
 // SAFETY: the mapping is read-only and lives until drop; sharing the pointer between threads
 // only allows concurrent reads.
-unsafe impl Send for Mapping {}
+unsafe impl Send for FileMapping {}
 // SAFETY: as above.
-unsafe impl Sync for Mapping {}
+unsafe impl Sync for FileMapping {}
 
-impl Mapping {
-    /// Maps `f` (of `len` bytes) read-only; `None` for an empty file or when mmap fails (the
-    /// source then reads with pread).
-    fn new(f: &File, len: u64) -> Option<Mapping> {
+impl FileMapping {
+    /// Maps `f` read-only at its current size; `None` for an empty file or when mmap fails
+    /// (callers then read with pread).
+    pub fn new(f: &File) -> Option<FileMapping> {
+        let len = f.metadata().ok()?.len();
         let len = usize::try_from(len).ok().filter(|&l| l > 0)?;
         // SAFETY: a fresh read-only shared mapping of a file we hold open; no existing memory
         // is affected, and the result is checked.
@@ -143,7 +145,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return None;
         }
-        Some(Mapping {
+        Some(FileMapping {
             ptr: p.cast::<u8>().cast_const(),
             len,
         })
@@ -152,7 +154,7 @@ impl Mapping {
     /// The bytes `[off, off + len)`, with their page tables populated (so that UFFDIO_COPY
     /// does not take its slow path of faulting on the source); `None` when out of range or
     /// when populating fails (e.g. the file was truncated).
-    fn slice(&self, off: u64, len: usize) -> Option<&[u8]> {
+    pub fn slice(&self, off: u64, len: usize) -> Option<&[u8]> {
         let off = usize::try_from(off).ok()?;
         if off.checked_add(len)? > self.len {
             return None;
@@ -177,7 +179,7 @@ impl Mapping {
     }
 }
 
-impl Drop for Mapping {
+impl Drop for FileMapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping created in `new`; no slice of it outlives `self`.
         unsafe {
@@ -198,7 +200,7 @@ struct TaskIndex {
 /// task ([`PageSource::mapped`]).
 pub struct LocalImages {
     tasks: HashMap<u32, TaskIndex>,
-    files: Vec<(PathBuf, File, Option<Mapping>)>,
+    files: Vec<(PathBuf, File, Option<FileMapping>)>,
     decoded: DecodedImages,
 }
 
@@ -207,7 +209,7 @@ impl LocalImages {
     pub fn open(dir: &Path) -> Result<LocalImages, SourceError> {
         let img = ImageDir::open(dir)?;
         let mut tasks = HashMap::new();
-        let mut files: Vec<(PathBuf, File, Option<Mapping>)> = Vec::new();
+        let mut files: Vec<(PathBuf, File, Option<FileMapping>)> = Vec::new();
         let pstree = img.pstree()?;
         let mut pagemaps = HashMap::new();
         for entry in &pstree {
@@ -238,7 +240,7 @@ impl LocalImages {
                         source,
                     })
                 })?;
-                let m = f.metadata().ok().and_then(|md| Mapping::new(&f, md.len()));
+                let m = FileMapping::new(&f);
                 files.push((path, f, m));
                 idx.push(files.len() - 1);
             }

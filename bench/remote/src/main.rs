@@ -8,7 +8,8 @@
 //! ```
 //! `--endpoint local` serves the pages from the images directory itself (`LocalImages`, no
 //! page server): the runtime-level baseline of the local fill. `--set` overrides a `[fetcher]`
-//! key (as in shim.toml, e.g. `--set fill_batch_pages=512`), validated like the shim's file.
+//! key (as in shim.toml, e.g. `--set fill_batch_pages=512`) or, prefixed `pageserver.`, a
+//! page-server client key (`--set pageserver.max_connections=4`), validated like the shim's file.
 //! Connects to the page server (`RemotePages`), binds `WORK/lazy-pages.socket`
 //! (`LazyPagesServer`), runs `criu restore --lazy-pages --restore-detached` on the images
 //! directory (process metadata and non-lazy pages come from DIR; every lazy page crosses the
@@ -78,19 +79,25 @@ fn parse() -> Result<Args, String> {
 
 fn run(a: Args) -> Result<(), String> {
     let t0 = Instant::now();
-    let mut toml = String::from("[fetcher]\n");
+    let (mut fetcher, mut pageserver) =
+        (String::from("[fetcher]\n"), String::from("[pageserver]\n"));
     for kv in &a.set {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-        let v = v.trim();
+        let (v, k) = (v.trim(), k.trim());
+        let (table, k) = match k.strip_prefix("pageserver.") {
+            Some(k) => (&mut pageserver, k),
+            None => (&mut fetcher, k.strip_prefix("fetcher.").unwrap_or(k)),
+        };
         let quoted = v.parse::<f64>().is_err() && v != "true" && v != "false";
         if quoted {
-            toml.push_str(&format!("{} = {:?}\n", k.trim(), v));
+            table.push_str(&format!("{k} = {v:?}\n"));
         } else {
-            toml.push_str(&format!("{} = {v}\n", k.trim()));
+            table.push_str(&format!("{k} = {v}\n"));
         }
     }
+    let toml = fetcher + &pageserver;
     let cfg =
         distriproc_config::ShimConfig::from_toml_str(&toml, "--set").map_err(|e| e.to_string())?;
     let mut opts = FetcherOptions::from_config(&cfg.fetcher);
