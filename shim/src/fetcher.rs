@@ -40,13 +40,13 @@ pub const KEEPER_LOG: &str = "uffd-keeper.log";
 /// `distriproc_runtime::fetcher::keeper`): it holds a duplicate of every task uffd, so a shim
 /// killed mid-restore leaves the tasks faulting into poison (SIGBUS), never into zero pages.
 pub fn spawn_keeper(work: &Path) -> Result<Arc<KeeperLink>> {
-    let exe = std::env::current_exe().map_err(|e| {
-        ShimError::io(
-            "find the shim binary for the uffd keeper",
-            "/proc/self/exe",
-            e,
-        )
-    })?;
+    // /proc/self/exe, not the path it names: a shim serving a group outlives upgrades of its
+    // binary, and once the file is replaced that path names another program or none
+    // ("... (deleted)"); the link still executes the binary this shim runs.
+    let exe = Path::new("/proc/self/exe");
+    let name = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "containerd-shim-distriproc-v2".into());
     let log = work.join(KEEPER_LOG);
     let stderr = std::fs::OpenOptions::new()
         .create(true)
@@ -54,6 +54,7 @@ pub fn spawn_keeper(work: &Path) -> Result<Arc<KeeperLink>> {
         .open(&log)
         .map_err(|e| ShimError::io("open the uffd keeper log", &log, e))?;
     let mut cmd = Command::new(exe);
+    std::os::unix::process::CommandExt::arg0(&mut cmd, name.trim_end_matches(" (deleted)"));
     cmd.arg(KEEPER_ARG).stderr(stderr);
     let k = KeeperLink::spawn(cmd).map_err(|e| {
         ShimError::Other(format!("lazy restore in {}: {}", work.display(), chain(&e)))
