@@ -30,7 +30,7 @@ use anyhow::{ensure, Context, Result};
 use distriproc_harness::{
     memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
     BUSYBOX_IMAGE, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE,
-    MEMHOG_PORT,
+    MEMHOG_PORT, SHIM_BINARY_NAME,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
@@ -39,6 +39,11 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(60);
 const KEEPER_ARG: &str = "distriproc-uffd-keeper";
 
 fn start(dir: &str) -> Result<Option<Containerd>> {
+    start_with(dir, Path::new(SHIM))
+}
+
+/// [`start`] with the shim binary at `shim`.
+fn start_with(dir: &str, shim: &Path) -> Result<Option<Containerd>> {
     if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some() {
         eprintln!("SKIPPED: lazy test with DISTRIPROC_EAGER_RESTORE set");
         return Ok(None);
@@ -46,7 +51,7 @@ fn start(dir: &str) -> Result<Option<Containerd>> {
     if !require_stack_in(Path::new(dir)) {
         return Ok(None);
     }
-    let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(SHIM))?;
+    let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(shim))?;
     ctd.import_test_images()?;
     Ok(Some(ctd))
 }
@@ -470,9 +475,19 @@ fn shim_socket(ctd: &Containerd, id: &str) -> Result<PathBuf> {
 /// served by that one shim process (same pid, same socket), and from the warm-up sample (after
 /// a few cycles, idle threads gone) to the end the shim must not grow in descriptors, threads
 /// or RSS; no `ctrd-checkpoint*` dir, bundle, runc state or keeper may be left behind, and
-/// once the anchor is deleted the shim exits and its socket is removed.
+/// once the anchor is deleted the shim exits and its socket is removed. Halfway through, the
+/// shim's binary is replaced (an upgrade): the running shim must go on restoring.
 fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
-    let Some(ctd) = start(dir)? else {
+    // A private copy of the shim binary, replaced halfway through like a package upgrade does:
+    // the running shim must keep starting uffd keepers from its own (now deleted) binary.
+    // A hard link: no copy of the (large, debug) binary, and a rebuild of the workspace's
+    // binary during the test does not touch it. Cargo's tmp dir is on the target's file system.
+    let bin_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+    let shim_bin = bin_dir.path().join(SHIM_BINARY_NAME);
+    std::fs::hard_link(SHIM, &shim_bin)
+        .or_else(|_| std::fs::copy(SHIM, &shim_bin).map(drop))
+        .context("link the shim binary")?;
+    let Some(ctd) = start_with(dir, &shim_bin)? else {
         return Ok(());
     };
     let cycles: usize = std::env::var("DP_E2E_CYCLES")
@@ -540,6 +555,19 @@ fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
     let mut warm: Option<Usage> = None;
     let mut seen: Vec<Usage> = Vec::new();
     for i in 0..cycles {
+        if i == cycles / 2 {
+            // A copy (a new inode) renamed over the link.
+            let next = bin_dir.path().join("next");
+            std::fs::copy(&shim_bin, &next)?;
+            std::fs::rename(&next, &shim_bin).context("replace the shim binary")?;
+            let exe = std::fs::read_link(format!("/proc/{shim}/exe"))?;
+            ensure!(
+                exe.to_string_lossy().ends_with("(deleted)"),
+                "the shim's binary {} was replaced but /proc/{shim}/exe is {}",
+                shim_bin.display(),
+                exe.display()
+            );
+        }
         let src = format!("hc{i}");
         let id = format!("hc{i}r");
         let image = format!("localhost/hc-cp:{i}");
