@@ -224,3 +224,40 @@ fn the_shim_answers_help_version_and_stats_without_starting() {
     let o = Command::new(bin).arg("stats").output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");
 }
+
+/// Annotation names of the table between `<!-- annotations -->` and `<!-- /annotations -->`.
+fn annotation_table(doc: &str) -> std::collections::BTreeSet<String> {
+    let body = doc
+        .split_once("<!-- annotations -->")
+        .expect("no <!-- annotations --> in REFERENCE.md")
+        .1
+        .split_once("<!-- /annotations -->")
+        .expect("unterminated annotation table")
+        .0;
+    body.lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            l.trim_start_matches("| `")
+                .split('`')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn annotations_match_the_reference() {
+    use containerd_shim_distriproc_v2::{remote::ANNOTATION_REMOTE, service::GROUP_ANNOTATIONS};
+    let code: std::collections::BTreeSet<String> = [
+        distriproc_config::ANNOTATION_FILL,
+        distriproc_config::ANNOTATION_MODE,
+        ANNOTATION_REMOTE,
+    ]
+    .into_iter()
+    .chain(GROUP_ANNOTATIONS)
+    .map(str::to_string)
+    .collect();
+    let doc = annotation_table(&reference());
+    assert_eq!(doc, code, "REFERENCE.md annotation table vs the code");
+}
