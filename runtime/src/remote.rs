@@ -1090,6 +1090,12 @@ impl Drop for RemotePages {
 }
 
 impl PageSource for RemotePages {
+    /// Two fill workers per `fill_threads`: each waits for a round trip most of the time
+    /// (1 GiB over loopback, 3 runs: 2.33 GiB/s with 2 workers, 2.86 with 4).
+    fn fill_workers_per_thread(&self) -> usize {
+        2
+    }
+
     fn read_pages(&self, pid: u32, vaddr: u64, buf: &mut [u8]) -> Result<PageRead, SourceError> {
         if buf.is_empty()
             || !buf.len().is_multiple_of(PAGE_SIZE)

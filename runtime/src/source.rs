@@ -93,6 +93,13 @@ pub trait PageSource: Send + Sync {
         None
     }
 
+    /// Fill workers per configured `fill_threads`: a source whose reads mostly wait for a
+    /// round trip (a page server) keeps more of them busy, so that several requests are in
+    /// flight while others' pages are installed. 1 for a local source.
+    fn fill_workers_per_thread(&self) -> usize {
+        1
+    }
+
     /// The pstree and pagemaps of the image directory `dir`, when this source decoded them
     /// already, so that the fetcher's bind does not decode them a second time.
     fn decoded(&self, _dir: &Path) -> Option<&DecodedImages> {

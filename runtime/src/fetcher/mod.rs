@@ -119,8 +119,8 @@ pub struct FetcherOptions {
     pub fill: FillPolicy,
     /// Pages per background-fill run (1..=[`MAX_FILL_BATCH_PAGES`]).
     pub fill_batch_pages: usize,
-    /// Fill worker threads (1..=[`MAX_FILL_THREADS`]); with a remote source more workers keep
-    /// more requests in flight.
+    /// Fill worker threads (1..=[`MAX_FILL_THREADS`]), times the source's
+    /// [`PageSource::fill_workers_per_thread`] (2 for a page server: more requests in flight).
     pub fill_threads: usize,
     /// Threads serving demand faults (1..=[`MAX_FAULT_THREADS`]): 1 serves them on the fault
     /// thread itself (best for a local source: no hand-off); more hand them to helper threads

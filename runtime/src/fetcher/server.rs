@@ -320,8 +320,9 @@ impl Loop {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_FILL),
             )
             .map_err(sys("epoll_ctl"))?;
+        let workers = p.opts.fill_threads * p.source.fill_workers_per_thread().clamp(1, 4);
         let pool = Pool::new(
-            p.opts.fill_threads,
+            workers.min(super::MAX_FILL_THREADS),
             p.source.clone(),
             c.clone(),
             p.opts.fill_batch_pages,
