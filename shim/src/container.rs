@@ -10,6 +10,8 @@ use containerd_shim::api::Status;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::sync::watch;
 
+use distriproc_config::ShimConfig;
+
 use crate::{
     io::{IoDone, ShimStdio, StdioPaths},
     options::ShimOptions,
@@ -94,6 +96,11 @@ pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
     pub opts: ShimOptions,
+    /// The bundle's OCI annotations, read once at Create.
+    pub annotations: HashMap<String, String>,
+    /// The shim configuration of this container (runtime options' config with the
+    /// annotations applied), resolved once at Create.
+    pub cfg: ShimConfig,
     pub runc: RuncClient,
     pub init: Process,
     pub execs: HashMap<String, Process>,

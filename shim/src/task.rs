@@ -251,9 +251,10 @@ impl TaskService {
             return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
         }
         let opts = options::decode(req.options.as_ref())?;
-        let cfg = opts.load_config()?;
-        let opts = opts.with_runc_config(&cfg.runc);
         let bundle = PathBuf::from(&req.bundle);
+        let annotations = bundle_annotations(&bundle);
+        let cfg = config_with_annotations(&opts, &annotations)?;
+        let opts = opts.with_runc_config(&cfg.runc);
         let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
         let rootfs = bundle.join("rootfs");
         let mut rootfs_mounted = false;
@@ -266,7 +267,9 @@ impl TaskService {
             }
             rootfs_mounted = true;
         }
-        let result = self.create_inner(&req, opts, runc, rootfs_mounted).await;
+        let result = self
+            .create_inner(&req, opts, (annotations, cfg), runc, rootfs_mounted)
+            .await;
         match result {
             Ok(c) => {
                 let pid = c.init.pid;
@@ -308,6 +311,7 @@ impl TaskService {
         &self,
         req: &CreateTaskRequest,
         opts: ShimOptions,
+        (annotations, cfg): (HashMap<String, String>, ShimConfig),
         runc: RuncClient,
         rootfs_mounted: bool,
     ) -> Result<Container> {
@@ -344,22 +348,17 @@ impl TaskService {
                 .pid_file(&pid_file)
                 .no_pivot(opts.no_pivot_root)
                 .no_new_keyring(opts.no_new_keyring);
-            let console = if stdio.terminal {
-                let s = ConsoleSocket::new()?;
-                copts = copts.console_socket(s.path());
-                Some(s)
-            } else {
-                let (cs, ss, done) = io::setup_pipes(&stdio)?;
+            let mut pending = PendingStdio::new(&mut init)?;
+            if let Some(path) = pending.console_path() {
+                copts = copts.console_socket(&path);
+            }
+            if let Some(cs) = pending.take_pipes() {
                 copts = copts.io(Arc::new(cs));
-                init.shim_io = ss;
-                init.io_done = Some(done);
-                None
-            };
-            let receiver =
-                console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+            }
+            let console = pending.receive();
             if let Err(e) = runc.runc.create(&req.id, &bundle, Some(&copts)).await {
-                if let Some(r) = receiver {
-                    r.abort();
+                if let Some(c) = console {
+                    c.abort();
                 }
                 return Err(ShimError::Runc {
                     verb: "create",
@@ -368,19 +367,16 @@ impl TaskService {
                 });
             }
             init.pid = read_pid(&pid_file)?;
-            if let Some(r) = receiver {
-                let master = r
-                    .await
-                    .map_err(|e| ShimError::Other(format!("console of {}: {e}", req.id)))??;
-                let (ss, done) = io::setup_console(&stdio, master)?;
-                init.shim_io = ss;
-                init.io_done = Some(done);
+            if let Some(c) = console {
+                c.finish(&mut init, &req.id).await?;
             }
         }
         Ok(Container {
             id: req.id.clone(),
             bundle,
             opts,
+            annotations,
+            cfg,
             runc,
             init,
             execs: HashMap::new(),
@@ -461,22 +457,17 @@ impl TaskService {
             .map_err(|e| ShimError::InvalidArgument(format!("exec spec of {id}/{exec_id}: {e}")))?;
         let pid_file = bundle.join(format!("{exec_id}.pid"));
         let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
-        let console = if p.stdio.terminal {
-            let s = ConsoleSocket::new()?;
-            eopts = eopts.console_socket(s.path());
-            Some(s)
-        } else {
-            let (cs, ss, done) = io::setup_pipes(&p.stdio)?;
+        let mut pending = PendingStdio::new(p)?;
+        if let Some(path) = pending.console_path() {
+            eopts = eopts.console_socket(&path);
+        }
+        if let Some(cs) = pending.take_pipes() {
             eopts = eopts.io(Arc::new(cs));
-            p.shim_io = ss;
-            p.io_done = Some(done);
-            None
-        };
-        let receiver =
-            console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+        }
+        let console = pending.receive();
         if let Err(e) = runc.runc.exec(&id, &spec, Some(&eopts)).await {
-            if let Some(r) = receiver {
-                r.abort();
+            if let Some(c) = console {
+                c.abort();
             }
             return Err(ShimError::Runc {
                 verb: "exec",
@@ -486,13 +477,8 @@ impl TaskService {
         }
         p.pid = read_pid(&pid_file)?;
         p.status = ProcStatus::Running;
-        if let Some(r) = receiver {
-            let master = r
-                .await
-                .map_err(|e| ShimError::Other(format!("console of {id}/{exec_id}: {e}")))??;
-            let (ss, done) = io::setup_console(&p.stdio, master)?;
-            p.shim_io = ss;
-            p.io_done = Some(done);
+        if let Some(c) = console {
+            c.finish(p, &format!("{id}/{exec_id}")).await?;
         }
         let pid = p.pid;
         send(
@@ -526,21 +512,11 @@ impl TaskService {
                 ..Default::default()
             });
         }
-        let console = if stdio.terminal {
-            let s = ConsoleSocket::new()?;
-            args = args.console_socket(s.path());
-            Some(s)
-        } else {
-            None
-        };
-        let pipes = if stdio.terminal {
-            None
-        } else {
-            let (cs, ss, done) = io::setup_pipes(&stdio)?;
-            c.init.shim_io = ss;
-            c.init.io_done = Some(done);
-            Some(cs)
-        };
+        let mut pending = PendingStdio::new(&mut c.init)?;
+        if let Some(path) = pending.console_path() {
+            args = args.console_socket(path);
+        }
+        let pipes = pending.take_pipes();
         let restore_err = |detail: String| ShimError::Restore {
             id: id.clone(),
             detail,
@@ -556,7 +532,7 @@ impl TaskService {
             )));
         }
         let session = if self.inner.lazy.is_lazy() {
-            let shim_cfg = shim_config(&c.bundle, &c.opts)?;
+            let shim_cfg = &c.cfg;
             let pages = match &reference {
                 None => lazy::PagesFrom::Local,
                 Some(r) => {
@@ -581,11 +557,10 @@ impl TaskService {
                     }
                 }
             };
-            let cfg = shim_cfg.fetcher;
             let s = self
                 .inner
                 .lazy
-                .start(&plan.work, &plan.images, &cfg, &pages)
+                .start(&plan.work, &plan.images, &shim_cfg.fetcher, &pages)
                 .map_err(|e| ShimError::Restore {
                     id: id.clone(),
                     detail: e.to_string(),
@@ -596,8 +571,7 @@ impl TaskService {
         } else {
             None
         };
-        let receiver =
-            console.map(|s| tokio::task::spawn_blocking(move || s.receive(CONSOLE_TIMEOUT)));
+        let console = pending.receive();
         let stdio_fds = match &pipes {
             Some(cs) => Some(
                 cs.stdio()
@@ -626,8 +600,8 @@ impl TaskService {
             if let Some(s) = &session {
                 s.stop();
             }
-            if let Some(r) = receiver {
-                r.abort();
+            if let Some(c) = console {
+                c.abort();
             }
             return Err(ShimError::Restore {
                 id,
@@ -636,13 +610,8 @@ impl TaskService {
             });
         }
         c.init.pid = read_pid(&pid_file)?;
-        if let Some(r) = receiver {
-            let master = r
-                .await
-                .map_err(|e| ShimError::Other(format!("console of {id}: {e}")))??;
-            let (ss, done) = io::setup_console(&stdio, master)?;
-            c.init.shim_io = ss;
-            c.init.io_done = Some(done);
+        if let Some(console) = console {
+            console.finish(&mut c.init, &id).await?;
         }
         c.init.status = ProcStatus::Running;
         c.restore = None;
@@ -1009,9 +978,8 @@ impl TaskService {
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
         }
-        let annotations = bundle_annotations(&c.bundle);
-        let cfg = config_with_annotations(&c.opts, &annotations)?;
-        let remote = crate::remote::wanted(&cfg.pageserver, &annotations)
+        let (cfg, annotations) = (&c.cfg, &c.annotations);
+        let remote = crate::remote::wanted(&cfg.pageserver, annotations)
             .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
         if remote {
             let (dir, ps, cid) = (
@@ -1139,6 +1107,76 @@ impl TaskService {
         if cs.is_empty() {
             self.inner.exit.signal();
         }
+        Ok(())
+    }
+}
+
+/// The stdio of a process runc is about to start: pipes (set up now and recorded in the
+/// process), or a console socket on which runc sends the pty master while it runs.
+enum PendingStdio {
+    Pipes(Option<io::ContainerStdio>),
+    Console(ConsoleSocket),
+}
+
+impl PendingStdio {
+    /// Pipes or a console socket, as the process's stdio asks.
+    fn new(p: &mut Process) -> Result<Self> {
+        if p.stdio.terminal {
+            return Ok(PendingStdio::Console(ConsoleSocket::new()?));
+        }
+        let (cs, ss, done) = io::setup_pipes(&p.stdio)?;
+        p.shim_io = ss;
+        p.io_done = Some(done);
+        Ok(PendingStdio::Pipes(Some(cs)))
+    }
+
+    /// The console socket to give runc (`--console-socket`).
+    fn console_path(&self) -> Option<PathBuf> {
+        match self {
+            PendingStdio::Console(s) => Some(s.path()),
+            PendingStdio::Pipes(_) => None,
+        }
+    }
+
+    /// The container's ends of the pipes, to give runc as its stdio.
+    fn take_pipes(&mut self) -> Option<io::ContainerStdio> {
+        match self {
+            PendingStdio::Pipes(cs) => cs.take(),
+            PendingStdio::Console(_) => None,
+        }
+    }
+
+    /// Start waiting for the pty master (call right before runc runs).
+    fn receive(self) -> Option<PendingConsole> {
+        match self {
+            PendingStdio::Console(s) => {
+                Some(PendingConsole(tokio::task::spawn_blocking(move || {
+                    s.receive(CONSOLE_TIMEOUT)
+                })))
+            }
+            PendingStdio::Pipes(_) => None,
+        }
+    }
+}
+
+/// A pty master on its way from runc.
+struct PendingConsole(tokio::task::JoinHandle<Result<std::fs::File>>);
+
+impl PendingConsole {
+    /// runc failed: stop waiting.
+    fn abort(self) {
+        self.0.abort();
+    }
+
+    /// Take the pty master and copy the process's stdio through it.
+    async fn finish(self, p: &mut Process, what: &str) -> Result<()> {
+        let master = self
+            .0
+            .await
+            .map_err(|e| ShimError::Other(format!("console of {what}: {e}")))??;
+        let (ss, done) = io::setup_console(&p.stdio, master)?;
+        p.shim_io = ss;
+        p.io_done = Some(done);
         Ok(())
     }
 }
@@ -1431,6 +1469,39 @@ mod tests {
         assert_eq!(s.take_orphan_exit(4243, since).map(|e| e.0), Some(3));
         assert!(s.take_orphan_exit(4243, since).is_none());
         assert!(ev.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn create_resolves_the_config_once_and_refuses_bad_annotations() {
+        use distriproc_config::FillPolicy;
+        let (s, ev) = service();
+        let dir = tempfile::tempdir().unwrap();
+        let create = |id: &str| CreateTaskRequest {
+            id: id.into(),
+            bundle: dir.path().display().to_string(),
+            checkpoint: "/tmp/ctrd-checkpoint-test".into(),
+            ..Default::default()
+        };
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"annotations":{"io.distriproc.fill-policy":"sometimes"}}"#,
+        )
+        .unwrap();
+        let e = s.task_create(create("bad")).await.unwrap_err();
+        assert!(matches!(e, ShimError::InvalidArgument(_)), "{e}");
+        assert!(ev.0.lock().unwrap().is_empty());
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"annotations":{"io.distriproc.fill-policy":"none"}}"#,
+        )
+        .unwrap();
+        s.task_create(create("c")).await.unwrap();
+        // Later changes to the bundle do not change the container's configuration.
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let cs = s.inner.containers.lock().await;
+        let c = cs.get("c").unwrap();
+        assert_eq!(c.cfg.fetcher.fill, FillPolicy::None);
+        assert_eq!(c.annotations["io.distriproc.fill-policy"], "none");
     }
 
     #[test]
