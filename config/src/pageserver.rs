@@ -118,7 +118,7 @@ pub struct PageServerConfig {
     /// before sleeping in `read` (µs, 0..=1000; 0 = off). A demand-fault client sends its
     /// next request within tens of µs; catching it without a sleep/wake-up cuts the fault
     /// latency where waking an idle CPU is slow (VMs). Costs up to this much CPU per request
-    /// (the thread yields between polls).
+    /// (the thread yields between polls and stops once a yield let another thread run).
     pub busy_poll_us: u64,
 }
 

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use distriproc_runtime::protocol::tls::rustls;
 
+/// A poll iteration longer than this means the yield ran another thread: stop polling.
+const POLL_CONTENDED: Duration = Duration::from_micros(20);
+
 pub(crate) type TlsStream = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
 
 pub(crate) enum Stream {
@@ -70,14 +73,17 @@ impl Stream {
 
     /// Polls the socket for up to `limit` until something (data, EOF, an error) can be read,
     /// yielding the CPU between polls, so that a request arriving soon is read without the
-    /// thread going to sleep and being woken.
+    /// thread going to sleep and being woken. Stops early once a yield actually gave the CPU
+    /// away (an iteration longer than [`POLL_CONTENDED`]): with other threads wanting this
+    /// CPU, polling would only take time from them.
     pub(crate) fn poll_readable(&self, limit: Duration) {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) | Stream::Tls { sock: s, .. } => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
         };
-        let until = std::time::Instant::now() + limit;
+        let mut last = std::time::Instant::now();
+        let until = last + limit;
         let mut b = 0u8;
         loop {
             // SAFETY: a 1-byte recv into a local on our own connected socket; MSG_PEEK leaves
@@ -93,9 +99,11 @@ impl Stream {
             if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
                 return;
             }
-            if std::time::Instant::now() >= until {
+            let now = std::time::Instant::now();
+            if now >= until || now - last > POLL_CONTENDED {
                 return;
             }
+            last = now;
             std::thread::yield_now();
         }
     }
