@@ -57,7 +57,7 @@ command -v python3 >/dev/null || die "python3 not found: run 'make deps'"
 
 DEMO_DIR=$(mktemp -d /tmp/dpdemo.XXXXXX)
 PS_PID=
-# The shim reads this file at every Create/Start and Checkpoint (DISTRIPROC_CONFIG reaches it
+# The shim reads this file at each container's Create (DISTRIPROC_CONFIG reaches it
 # through containerd's environment); each case writes what it needs before it runs.
 export DISTRIPROC_CONFIG=$DEMO_DIR/shim.toml
 : >"$DISTRIPROC_CONFIG"
