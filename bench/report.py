@@ -527,12 +527,16 @@ def main():
           f"{r0['requests']} -c 16 -P 8` GETs random keys among the first HOT keys, in growing stages "
           f"({', '.join(f'{p} %' for p in pcts)} of the keys), each stage twice: the first pass faults "
           "the new hot keys in, the second runs with the rest of memory still remote. With fill `none` "
-          "only touched pages ever move; *remote* is the fraction of the checkpoint's lazy pages not "
+          f"only touched pages ever move (restores here use `fault_around_pages = {r0.get('fault_around_pages', 16)}`: "
+          "a GET touches a few small objects scattered over the heap, so a wider window around each "
+          "fault mostly moves cold keys); *remote* is the fraction of the checkpoint's lazy pages not "
           "installed during the second pass (fetcher statistics between the passes). *vs eager* is the "
           "second pass against eager's second pass at the same stage (all memory local). `DEBUG DIGEST` "
           "after the stages equals the one before the checkpoint (digest ok). Ready = restore command "
           "to the first `PING` answered (redis-cli polled every 10 ms). redis-benchmark shares the 2 "
-          "vCPUs with Redis, so it measures both.")
+          "vCPUs with Redis, so it measures both. A pass of random GETs does not reach every hot key "
+          "of the wide stages, so their second pass still faults in keys the first one missed (not a "
+          "steady state: compare the narrow stages).")
         w("")
         w("| hot keys | eager GET/s | ours, local checkpoint: remote / GET/s / vs eager | ours, page server: remote / GET/s / vs eager |")
         w("|---|---|---|---|")

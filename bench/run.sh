@@ -138,6 +138,8 @@ write_shim_config() {
     {
         printf '[fetcher]\nmode = "%s"\nfill = "%s"\nprofile_dir = "%s"\nprofile_window_ms = %s\n' \
             "$1" "$2" "$WORK/profiles" "$PROFILE_WINDOW_MS"
+        # FETCHER_EXTRA: more [fetcher] lines (the Redis runs set their fault-around window).
+        [[ -z ${FETCHER_EXTRA:-} ]] || printf '%s\n' "$FETCHER_EXTRA"
         if [[ -n ${3:-} ]]; then
             printf '[pageserver]\naddress = "%s"\ntoken_file = "%s"\n' "$3" "$WORK/ps-token"
         fi
