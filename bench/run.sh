@@ -446,6 +446,27 @@ has() {
 # shellcheck source=bench/remote.sh
 . bench/remote.sh
 
+# bench_group NAME MIB REPS RUNTIME PAGESERVER SYSTEM...: one memhog checkpoint (under RUNTIME,
+# published to PAGESERVER when set), restored REPS times by each SYSTEM in turn; nothing
+# without systems.
+bench_group() {
+    local name=$1 mib=$2 n=$3 runtime=$4 ps=$5 port ref expect ck rep s
+    shift 5
+    (($#)) || return 0
+    port=$((PORT_SEQ++))
+    ref=localhost/bench/$name-$mib:1
+    write_shim_config native full "$ps"
+    log "[$name $mib MiB] checkpointing memhog under $runtime${ps:+ to the page server $ps}"
+    IFS=$'\t' read -r expect ck < <(checkpoint "$runtime" "$mib" "$port" "$ref")
+    log "[$name $mib MiB] checkpoint in containerd: $(ctd_t 60 images ls | awk -v r="$ref" '$1 == r {print $4, $5}')"
+    for rep in $(seq 1 "$n"); do
+        for s in "$@"; do
+            restore_run "$s" "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
+        done
+    done
+    ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
+}
+
 ctd_start
 log "importing test images"
 ctd_t 120 images import test-images/out/memhog.oci.tar >/dev/null
@@ -461,51 +482,19 @@ for mib in $SIZES; do
         SKIPPED_SIZES+=("$mib MiB: $why")
         continue
     fi
-    if has eager "$mib"; then
-        port=$((PORT_SEQ++))
-        ref=localhost/bench/eager-$mib:1
-        log "[eager $mib MiB] checkpointing memhog under the runc shim"
-        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.runc.v2 "$mib" "$port" "$ref")
-        for rep in $(seq 1 "$n"); do
-            restore_run eager "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
-        done
-        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
-    fi
+    eager=()
+    has eager "$mib" && eager=(eager)
+    bench_group eager "$mib" "$n" io.containerd.runc.v2 "" "${eager[@]}"
     lazy=()
     for s in criu ours ours-none ours-profile; do has "$s" "$mib" && lazy+=("$s"); done
-    if ((${#lazy[@]})); then
-        port=$((PORT_SEQ++))
-        ref=localhost/bench/lazy-$mib:1
-        write_shim_config native full
-        log "[lazy $mib MiB] checkpointing memhog under the distriproc shim"
-        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.distriproc.v2 "$mib" "$port" "$ref")
-        for rep in $(seq 1 "$n"); do
-            for s in "${lazy[@]}"; do
-                restore_run "$s" "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
-            done
-        done
-        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
-    fi
+    bench_group lazy "$mib" "$n" io.containerd.distriproc.v2 "" "${lazy[@]}"
     remote=()
     for s in criu-remote ours-remote ours-remote-none ours-remote-veth criu-remote-veth; do
         has "$s" "$mib" && remote+=("$s")
     done
-    if ((${#remote[@]})); then
-        port=$((PORT_SEQ++))
-        ref=localhost/bench/remote-$mib:1
-        # The shim uploads the pages to the page server and strips them from the checkpoint.
-        write_shim_config native full "$PS_LO"
-        log "[remote $mib MiB] checkpointing memhog under the distriproc shim to the page server $PS_LO"
-        IFS=$'\t' read -r expect ck < <(checkpoint io.containerd.distriproc.v2 "$mib" "$port" "$ref")
-        log "[remote $mib MiB] checkpoint in containerd: $(ctd_t 60 images ls | awk -v r="$ref" '$1 == r {print $4, $5}')"
-        for rep in $(seq 1 "$n"); do
-            for s in "${remote[@]}"; do
-                restore_run "$s" "$mib" "$rep" "$ref" "$port" "$expect" "$ck"
-            done
-        done
-        ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
-        rm -rf "${WORK:?}/ps-store/"*
-    fi
+    # The shim uploads the pages to the page server and strips them from the checkpoint.
+    bench_group remote "$mib" "$n" io.containerd.distriproc.v2 "$PS_LO" "${remote[@]}"
+    rm -rf "${WORK:?}/ps-store/"*
 done
 write_shim_config native full
 REDIS_STATUS=skipped

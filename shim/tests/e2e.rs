@@ -453,17 +453,13 @@ fn terminal(dir: &str) -> Result<()> {
     );
     ensure!(text.contains("/dev/pts/"), "run -t output {text:?}");
 
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
+    ctd.run_detached(
+        &[],
         BUSYBOX_IMAGE,
         "tt2",
-        "sleep",
-        "1000",
-    ])?;
-    ctd.wait_status("tt2", "RUNNING", STATUS_TIMEOUT)?;
+        &["sleep", "1000"],
+        STATUS_TIMEOUT,
+    )?;
     let out = ctr_in_pty(&ctd, "tasks exec -t --exec-id x1 tt2 sh -c 'tty; exit 5'")?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -501,27 +497,25 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         return Ok(());
     };
     use distriproc_harness::{memhog_query, MEMHOG_IMAGE, MEMHOG_PORT};
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
-        "--annotation",
-        "io.distriproc.fill-policy=none",
-        "--annotation",
-        &format!("io.distriproc.fetcher-mode={mode}"),
+    ctd.run_detached(
+        &[
+            "io.distriproc.fill-policy=none",
+            &format!("io.distriproc.fetcher-mode={mode}"),
+        ],
         MEMHOG_IMAGE,
         "m1",
-        "/memhog",
-        "serve",
-        "--mib",
-        "64",
-        "--procs",
-        "2",
-        "--threads",
-        "2",
-    ])?;
-    ctd.wait_status("m1", "RUNNING", STATUS_TIMEOUT)?;
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            "64",
+            "--procs",
+            "2",
+            "--threads",
+            "2",
+        ],
+        STATUS_TIMEOUT,
+    )?;
     let pid = ctd.task_pid("m1")?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
@@ -678,17 +672,7 @@ fn shim_killed(dir: &str) -> Result<()> {
     let Some(ctd) = start(dir)? else {
         return Ok(());
     };
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
-        BUSYBOX_IMAGE,
-        "s1",
-        "sleep",
-        "1000",
-    ])?;
-    ctd.wait_status("s1", "RUNNING", STATUS_TIMEOUT)?;
+    ctd.run_detached(&[], BUSYBOX_IMAGE, "s1", &["sleep", "1000"], STATUS_TIMEOUT)?;
     let task_pid = ctd.task_pid("s1")?;
     let shims = ctd.shim_pids();
     ensure!(shims.len() == 1, "expected one shim, found {shims:?}");

@@ -29,8 +29,8 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use distriproc_harness::{
     memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
-    BUSYBOX_IMAGE, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE,
-    MEMHOG_PORT, SHIM_BINARY_NAME,
+    BUSYBOX_IMAGE, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
+    SHIM_BINARY_NAME,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
@@ -194,23 +194,20 @@ impl Drop for Events {
 fn lazy_memhog_fill_none(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
     let src = format!("{id}-src");
     let image = format!("localhost/{id}-cp:1");
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
-        "--annotation",
-        "io.distriproc.fill-policy=none",
+    ctd.run_detached(
+        &["io.distriproc.fill-policy=none"],
         MEMHOG_IMAGE,
         &src,
-        "/memhog",
-        "serve",
-        "--mib",
-        &mib.to_string(),
-        "--procs",
-        "2",
-    ])?;
-    ctd.wait_status(&src, "RUNNING", STATUS_TIMEOUT)?;
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            &mib.to_string(),
+            "--procs",
+            "2",
+        ],
+        STATUS_TIMEOUT,
+    )?;
     let pid = ctd.task_pid(&src)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     ctd.ctr_ok(&["containers", "checkpoint", "--task", &src, &image])?;
@@ -499,19 +496,13 @@ fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
     let group = "hc-group";
     let group_ann = format!("io.distriproc.group={group}");
     let run_sleep = |id: &str| -> Result<()> {
-        ctd.ctr_ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            DISTRIPROC_RUNTIME,
-            "--annotation",
-            &group_ann,
+        ctd.run_detached(
+            &[&group_ann],
             BUSYBOX_IMAGE,
             id,
-            "sleep",
-            "100000",
-        ])?;
-        ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)
+            &["sleep", "100000"],
+            STATUS_TIMEOUT,
+        )
     };
     // The group's shim is started for a first container that is deleted before the cycles: the
     // shim's cwd (that bundle, with the `address` file containerd-shim reads at exit) is gone
@@ -571,21 +562,13 @@ fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
         let src = format!("hc{i}");
         let id = format!("hc{i}r");
         let image = format!("localhost/hc-cp:{i}");
-        ctd.ctr_ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            DISTRIPROC_RUNTIME,
-            "--annotation",
-            &group_ann,
+        ctd.run_detached(
+            &[&group_ann],
             MEMHOG_IMAGE,
             &src,
-            "/memhog",
-            "serve",
-            "--mib",
-            "16",
-        ])?;
-        ctd.wait_status(&src, "RUNNING", STATUS_TIMEOUT)?;
+            &["/memhog", "serve", "--mib", "16"],
+            STATUS_TIMEOUT,
+        )?;
         one_shim(&format!("cycle {i}: memhog running"))?;
         ensure!(
             shim_socket(&ctd, &src)? == socket,

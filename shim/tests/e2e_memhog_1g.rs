@@ -13,7 +13,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{ensure, Context, Result};
 use distriproc_harness::{
     memhog_query, require_stack_in, wait_for, Containerd, ContainerdOpts, CONTAINERD_1_7_DIR,
-    CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
+    CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
@@ -30,25 +30,24 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     let id = format!("g-{name}");
     let restored = format!("g-{name}-r");
     let image = format!("localhost/g-{name}-cp:1");
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
+    ctd.run_detached(
+        &[],
         MEMHOG_IMAGE,
         &id,
-        "/memhog",
-        "serve",
-        "--mib",
-        MIB,
-        "--procs",
-        procs,
-        "--threads",
-        threads,
-        "--zero-pct",
-        "5",
-    ])?;
-    ctd.wait_status(&id, "RUNNING", Duration::from_secs(30))?;
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            MIB,
+            "--procs",
+            procs,
+            "--threads",
+            threads,
+            "--zero-pct",
+            "5",
+        ],
+        Duration::from_secs(30),
+    )?;
     let pid = ctd.task_pid(&id)?;
     // The first query waits for memhog to fill its memory.
     let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;

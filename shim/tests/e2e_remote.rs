@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use distriproc_harness::{
     ip, memhog_query, memhog_query_timeout, require_stack_in, wait_for, Containerd, ContainerdOpts,
-    NetNs, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, DISTRIPROC_RUNTIME, MEMHOG_IMAGE, MEMHOG_PORT,
+    NetNs, CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
 };
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 
@@ -111,21 +111,20 @@ fn remove(ctd: &Containerd, id: &str) {
 }
 
 fn run_memhog(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
-    ctd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        DISTRIPROC_RUNTIME,
+    ctd.run_detached(
+        &[],
         MEMHOG_IMAGE,
         id,
-        "/memhog",
-        "serve",
-        "--mib",
-        &mib.to_string(),
-        "--procs",
-        "2",
-    ])?;
-    ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)?;
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            &mib.to_string(),
+            "--procs",
+            "2",
+        ],
+        STATUS_TIMEOUT,
+    )?;
     let pid = ctd.task_pid(id)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
     Ok(pid)

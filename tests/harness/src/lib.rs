@@ -330,6 +330,26 @@ impl Containerd {
         }
     }
 
+    /// `ctr run -d --runtime io.containerd.distriproc.v2 [--annotation A]... IMAGE ID CMD...`,
+    /// then waits up to `timeout` for the task to be RUNNING.
+    pub fn run_detached(
+        &self,
+        annotations: &[&str],
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut args = vec!["run", "-d", "--runtime", DISTRIPROC_RUNTIME];
+        for a in annotations {
+            args.extend(["--annotation", a]);
+        }
+        args.extend([image, id]);
+        args.extend(cmd);
+        self.ctr_ok(&args)?;
+        self.wait_status(id, "RUNNING", timeout)
+    }
+
     /// Runs ctr and returns its stdout; fails with its stderr unless it exits 0.
     pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.ctr(args)?;
