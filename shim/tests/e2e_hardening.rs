@@ -210,11 +210,7 @@ fn lazy_memhog_fill_none(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
     )?;
     let pid = ctd.task_pid(&src)?;
     ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
-    ctd.ctr_ok(&["containers", "checkpoint", "--task", &src, &image])?;
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &src])?;
-    ctd.wait_status(&src, "STOPPED", STATUS_TIMEOUT)?;
-    ctd.ctr_ok(&["tasks", "rm", &src])?;
-    ctd.ctr_ok(&["containers", "rm", &src])?;
+    ctd.checkpoint_and_remove(&src, &image, STATUS_TIMEOUT)?;
     ctd.ctr_ok(&["containers", "restore", "--live", id, &image])?;
     ctd.wait_status(id, "RUNNING", STATUS_TIMEOUT)?;
     let pid = ctd.task_pid(id)?;
@@ -578,11 +574,7 @@ fn restore_cycles(dir: &str, default_cycles: usize) -> Result<()> {
         );
         let pid = ctd.task_pid(&src)?;
         ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
-        ctd.ctr_ok(&["containers", "checkpoint", "--task", &src, &image])?;
-        ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &src])?;
-        ctd.wait_status(&src, "STOPPED", STATUS_TIMEOUT)?;
-        ctd.ctr_ok(&["tasks", "rm", &src])?;
-        ctd.ctr_ok(&["containers", "rm", &src])?;
+        ctd.checkpoint_and_remove(&src, &image, STATUS_TIMEOUT)?;
 
         ctd.ctr_ok(&["containers", "restore", "--live", &id, &image])?;
         ctd.wait_status(&id, "RUNNING", STATUS_TIMEOUT)?;

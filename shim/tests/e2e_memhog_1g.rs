@@ -57,11 +57,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
         "{name}: SUM {sum} != EXPECT {expect} before checkpoint"
     );
 
-    ctd.ctr_ok(&["containers", "checkpoint", "--task", &id, &image])?;
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id])?;
-    ctd.wait_status(&id, "STOPPED", Duration::from_secs(30))?;
-    ctd.ctr_ok(&["tasks", "rm", &id])?;
-    ctd.ctr_ok(&["containers", "rm", &id])?;
+    ctd.checkpoint_and_remove(&id, &image, Duration::from_secs(30))?;
 
     ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
     ctd.wait_status(&restored, "RUNNING", Duration::from_secs(30))?;

@@ -350,6 +350,17 @@ impl Containerd {
         self.wait_status(id, "RUNNING", timeout)
     }
 
+    /// `ctr containers checkpoint --task ID IMAGE`, then kills the task (SIGKILL), waits up to
+    /// `timeout` for it to stop and removes task and container: the usual prelude of a restore.
+    pub fn checkpoint_and_remove(&self, id: &str, image: &str, timeout: Duration) -> Result<()> {
+        self.ctr_ok(&["containers", "checkpoint", "--task", id, image])?;
+        self.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", id])?;
+        self.wait_status(id, "STOPPED", timeout)?;
+        self.ctr_ok(&["tasks", "rm", id])?;
+        self.ctr_ok(&["containers", "rm", id])?;
+        Ok(())
+    }
+
     /// Runs ctr and returns its stdout; fails with its stderr unless it exits 0.
     pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.ctr(args)?;
