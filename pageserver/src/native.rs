@@ -6,6 +6,7 @@
 //! change of kind. If the very first page cannot be served the range gets an error status.
 //! A malformed or oversized request gets a request-level error and the connection is closed.
 
+use distriproc_runtime::error_chain;
 use std::io::{BufReader, IoSlice, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
@@ -452,16 +453,4 @@ fn answer_range<'a>(
         }
     }
     (RangeStatus::Ok, pages, data)
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

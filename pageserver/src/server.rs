@@ -28,9 +28,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::access::AccessLogs;
 use crate::checkpoint::Store;
 use crate::metrics::Metrics;
-use crate::native::error_chain;
 use crate::stream::Stream;
 use crate::PageServerError;
+use distriproc_runtime::error_chain;
 
 /// The options the server runs with (validated; see [`ServerOptions::from_config`]).
 #[derive(Debug, Clone)]

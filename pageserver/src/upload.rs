@@ -96,7 +96,7 @@ pub(crate) fn serve(
     tracing::info!(peer, checkpoint = %hello.checkpoint, client = %hello.client, "receiving an upload");
     let fail = |w: &mut Stream, status: RequestStatus, e: PageServerError| {
         let mut out = Vec::new();
-        encode_response_header(0, status, 0, &crate::native::error_chain(&e), &mut out);
+        encode_response_header(0, status, 0, &distriproc_runtime::error_chain(&e), &mut out);
         let _ = w.write_all(&out);
         Err(e)
     };

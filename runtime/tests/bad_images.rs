@@ -15,6 +15,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use common::*;
 use distriproc_pageserver::checkpoint::Checkpoint;
+use distriproc_runtime::error_chain;
 use distriproc_runtime::images::testutil::{pm, write_pagemap};
 use distriproc_runtime::images::{ImageDir, ImageError, PageData, PE_PARENT, PE_PRESENT};
 use distriproc_runtime::source::{LocalImages, PageKind, PageSource, SourceError};
@@ -87,22 +88,11 @@ fn copy(d: &Dumps, to: &Path) -> Result<PathBuf> {
     Ok(to.join("dump"))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Opens `dir` the three ways and returns the three error texts; each must fail.
 fn open_errors(dir: &Path) -> Result<[String; 3]> {
     let local = match LocalImages::open(dir) {
         Ok(_) => bail!("LocalImages::open({}) succeeded", dir.display()),
-        Err(e) => chain(&e),
+        Err(e) => error_chain(&e),
     };
     let reader = match ImageDir::open(dir).and_then(|i| {
         for t in i.pstree()? {
@@ -114,11 +104,11 @@ fn open_errors(dir: &Path) -> Result<[String; 3]> {
         Ok(())
     }) {
         Ok(()) => bail!("image reader accepted {}", dir.display()),
-        Err(e) => chain(&e),
+        Err(e) => error_chain(&e),
     };
     let server = match Checkpoint::open("bad", dir) {
         Ok(_) => bail!("page server accepted {}", dir.display()),
-        Err(e) => chain(&e),
+        Err(e) => error_chain(&e),
     };
     Ok([local, reader, server])
 }
@@ -246,7 +236,7 @@ fn bad_images_give_clear_errors_naming_the_file() -> Result<()> {
     let dir = case("pid-not-in-pstree")?;
     let stray = format!("pagemap-{}.img", pid + 100_000);
     std::fs::rename(dir.join(&pagemap), dir.join(&stray))?;
-    let e = chain(&Checkpoint::open("bad", &dir).map(|_| ()).unwrap_err());
+    let e = error_chain(&Checkpoint::open("bad", &dir).map(|_| ()).unwrap_err());
     ensure!(
         e.contains(&stray) && e.contains("not in pstree.img"),
         "page server: {e}"

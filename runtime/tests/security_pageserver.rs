@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use distriproc_config::pageserver::PageServerConfig;
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
+use distriproc_runtime::error_chain;
 use distriproc_runtime::images::testutil::*;
 use distriproc_runtime::images::{PstreeEntry, PE_PRESENT, PSTREE_MAGIC};
 use distriproc_runtime::protocol::upload::{FileHeader, FileKind};
@@ -111,17 +112,6 @@ fn raw_hello(h: &ServerHandle, bytes: &[u8]) -> Result<(TcpStream, HelloReply)> 
     Ok((s, r))
 }
 
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[test]
 fn per_checkpoint_tokens_limit_what_a_client_reads() -> Result<()> {
     let d = tempfile::tempdir()?;
@@ -173,7 +163,7 @@ fn per_checkpoint_tokens_limit_what_a_client_reads() -> Result<()> {
         ("web-10", "web-token", "not allowed"),
     ] {
         let e = RemotePages::connect(tcp(&h), opts(ck, token)).unwrap_err();
-        let msg = error_text(&e);
+        let msg = error_chain(&e);
         ensure!(
             msg.contains("unauthorized") && msg.contains(want),
             "{ck} with {token:?}: {msg}"

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use distriproc_config::pageserver::{PageServerClientConfig, PageServerConfig};
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
+use distriproc_runtime::error_chain;
 use distriproc_runtime::images::testutil::*;
 use distriproc_runtime::images::{PstreeEntry, PE_PRESENT, PSTREE_MAGIC};
 use distriproc_runtime::protocol::tls::TlsClient;
@@ -147,22 +148,11 @@ fn read_all(rp: &RemotePages) -> Result<()> {
     Ok(())
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn refused(h: &ServerHandle, ep: Endpoint, tls: Option<TlsClient>) -> String {
     let _ = h;
     match RemotePages::connect(ep, opts(tls)) {
         Ok(_) => "connected".into(),
-        Err(e) => chain(&e),
+        Err(e) => error_chain(&e),
     }
 }
 
@@ -236,7 +226,7 @@ fn tls_session_works_and_bad_peers_are_refused() -> Result<()> {
         &opts(Some(TlsClient::new(&s.ca.pem, "localhost", None)?)),
     )
     .unwrap_err();
-    ensure!(chain(&e).contains("TLS"), "{}", chain(&e));
+    ensure!(error_chain(&e).contains("TLS"), "{}", error_chain(&e));
     // After all that the server still serves.
     read_all(&RemotePages::connect(
         tcp(&h),

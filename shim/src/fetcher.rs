@@ -17,6 +17,7 @@ use std::{
 
 use distriproc_config::{FetcherConfig, FetcherMode};
 use distriproc_runtime::{
+    error_chain,
     fetcher::{keeper::KeeperLink, FetcherHandle, FetcherOptions, LazyPagesServer},
     protocol::upload::MemoryDigest,
     remote::{open_criu_session, Endpoint, RemoteOptions, RemotePages},
@@ -57,7 +58,11 @@ pub fn spawn_keeper(work: &Path) -> Result<Arc<KeeperLink>> {
     std::os::unix::process::CommandExt::arg0(&mut cmd, name.trim_end_matches(" (deleted)"));
     cmd.arg(KEEPER_ARG).stderr(stderr);
     let k = KeeperLink::spawn(cmd).map_err(|e| {
-        ShimError::Other(format!("lazy restore in {}: {}", work.display(), chain(&e)))
+        ShimError::Other(format!(
+            "lazy restore in {}: {}",
+            work.display(),
+            error_chain(&e)
+        ))
     })?;
     log::info!(
         "uffd keeper pid {} holds the userfaultfds of the restore in {} (log {})",
@@ -76,18 +81,6 @@ pub fn backend() -> Option<Arc<dyn LazyBackend>> {
 /// Chooses the fetcher by `cfg.mode`.
 #[derive(Debug, Default)]
 pub struct Fetchers;
-
-/// The error and its sources, joined with ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 impl LazyBackend for Fetchers {
     fn is_lazy(&self) -> bool {
@@ -112,7 +105,7 @@ fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Er
     ShimError::Other(format!(
         "remote checkpoint {:?} at page server {endpoint}: {}",
         opts.checkpoint,
-        chain(e)
+        error_chain(e)
     ))
 }
 
@@ -158,7 +151,7 @@ fn start_native(
         ShimError::Other(format!(
             "lazy restore from {}: {what}: {}",
             images.display(),
-            chain(e)
+            error_chain(e)
         ))
     };
     let (source, remote): (Arc<dyn PageSource>, Option<Arc<RemotePages>>) = match pages {
@@ -246,7 +239,7 @@ impl LazySession for Native {
             }
             Err(e) => {
                 keeper.abandon();
-                Err(chain(&e))
+                Err(error_chain(&e))
             }
         }
     }
@@ -394,13 +387,6 @@ impl LazySession for CriuDaemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chain_joins_sources() {
-        let inner = std::io::Error::other("inner");
-        let e = ShimError::io("open", "/x", inner);
-        assert_eq!(chain(&e), "open /x: inner: inner");
-    }
 
     #[test]
     fn criu_log_transferred_pages() {

@@ -38,6 +38,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use distriproc_config::pageserver::PageServerClientConfig;
+use distriproc_runtime::error_chain;
 use distriproc_runtime::images::{
     ImageDir, PagemapEntry, PagemapHead, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY,
     PE_PRESENT,
@@ -46,8 +47,6 @@ use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest};
 use distriproc_runtime::remote::{upload_checkpoint, Endpoint, RemoteOptions};
 use prost::Message;
 use serde::{Deserialize, Serialize};
-
-use crate::fetcher::chain;
 
 /// The reference file a remote checkpoint leaves in its directory.
 pub const REFERENCE_FILE: &str = "distriproc-remote.json";
@@ -190,7 +189,7 @@ pub fn client(
         cfg.address = fallback.unwrap_or_default().to_string();
     }
     RemoteOptions::from_config(&cfg, id, label)
-        .map_err(|e| RemoteCheckpointError::Config(chain(&e)))?
+        .map_err(|e| RemoteCheckpointError::Config(error_chain(&e)))?
         .ok_or_else(|| RemoteCheckpointError::Config("no page server address".into()))
 }
 
@@ -255,7 +254,7 @@ pub fn publish(
     let id = checkpoint_id(container);
     let (endpoint, opts) = client(cfg, None, &id, container)?;
     let receipt = upload_checkpoint(&endpoint, &opts, dir, &files)
-        .map_err(|e| RemoteCheckpointError::Server(chain(&e)))?;
+        .map_err(|e| RemoteCheckpointError::Server(error_chain(&e)))?;
     if receipt != digest {
         return Err(RemoteCheckpointError::Mismatch {
             endpoint: endpoint.to_string(),
@@ -312,7 +311,7 @@ fn frame(w: &mut impl Write, m: &impl Message) -> std::io::Result<()> {
 pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
     let img = ImageDir::open(dir).map_err(|e| RemoteCheckpointError::Images {
         dir: dir.to_path_buf(),
-        detail: chain(&e),
+        detail: error_chain(&e),
     })?;
     let mut removed = 0u64;
     for pid in task_pagemaps(dir)? {
@@ -320,7 +319,7 @@ pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
             img.pagemap_entries(pid)
                 .map_err(|e| RemoteCheckpointError::Images {
                     dir: dir.to_path_buf(),
-                    detail: chain(&e),
+                    detail: error_chain(&e),
                 })?;
         let pages_path = dir.join(format!("pages-{pages_id}.img"));
         let map_path = dir.join(format!("pagemap-{pid}.img"));

@@ -37,6 +37,7 @@ use containerd_shim::{
     ExitSignal, Task, TtrpcContext, TtrpcResult,
 };
 use distriproc_config::ShimConfig;
+use distriproc_runtime::error_chain;
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -523,7 +524,7 @@ impl TaskService {
             log: restore_log.clone(),
         };
         let reference = crate::remote::read_reference(&plan.images)
-            .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
+            .map_err(|e| restore_err(error_chain(&e)))?;
         if reference.is_some() && !self.inner.lazy.is_lazy() {
             return Err(restore_err(format!(
                 "{} is a remote checkpoint (its memory is in a page server) and needs a lazy \
@@ -542,10 +543,8 @@ impl TaskService {
                         &r.checkpoint,
                         &id,
                     )
-                    .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
-                    let expect = r
-                        .digest()
-                        .map_err(|e| restore_err(crate::fetcher::chain(&e)))?;
+                    .map_err(|e| restore_err(error_chain(&e)))?;
+                    let expect = r.digest().map_err(|e| restore_err(error_chain(&e)))?;
                     info!(
                         "restoring {id} from remote checkpoint {:?} at {endpoint}",
                         r.checkpoint
@@ -996,7 +995,7 @@ impl TaskService {
                         ShimError::Other(format!(
                             "checkpoint of {}: publishing its memory to the page server failed: {}",
                             req.id,
-                            crate::fetcher::chain(&e)
+                            error_chain(&e)
                         ))
                     })?;
             if let Some(r) = published {
