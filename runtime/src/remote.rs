@@ -33,8 +33,8 @@ use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest};
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
     HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
-    HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE, REQ_FIRST_RUN,
-    VERSION, VERSION_UPLOAD,
+    ResponseHeader, HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE,
+    REQ_FIRST_RUN, VERSION, VERSION_UPLOAD,
 };
 use crate::source::{PageKind, PageRead, PageSource, SourceError};
 
@@ -832,8 +832,9 @@ impl RemotePages {
         }
     }
 
-    /// Reads a response header for `id` and fails on a request-level error.
-    fn expect_response(&self, c: &mut Conn, id: u32, nr: usize) -> Result<(), RemoteError> {
+    /// Reads the response header of request `id`; fails when it answers another request or
+    /// reports a request-level error.
+    fn read_ok_header(&self, c: &mut Conn, id: u32) -> Result<ResponseHeader, RemoteError> {
         let h = read_response_header(&mut c.r).map_err(|e| self.proto(e))?;
         if h.request_id != id {
             return Err(self.proto(ProtocolError::OutOfOrder {
@@ -848,6 +849,12 @@ impl RemotePages {
                 message: h.message,
             }));
         }
+        Ok(h)
+    }
+
+    /// Reads a response header for `id` with `nr` ranges and fails on a request-level error.
+    fn expect_response(&self, c: &mut Conn, id: u32, nr: usize) -> Result<(), RemoteError> {
+        let h = self.read_ok_header(c, id)?;
         if usize::from(h.nr_ranges) != nr {
             return Err(self.proto(ProtocolError::Invalid {
                 what: "response range count",
@@ -1042,20 +1049,7 @@ impl RemotePages {
             encode_request(id, RequestKind::Info, 0, &[], &mut c.wbuf)
                 .map_err(|e| self.proto(e))?;
             self.send(c, "send info request")?;
-            let h = read_response_header(&mut c.r).map_err(|e| self.proto(e))?;
-            if h.request_id != id {
-                return Err(self.proto(ProtocolError::OutOfOrder {
-                    expected: id,
-                    got: h.request_id,
-                }));
-            }
-            if h.status != RequestStatus::Ok {
-                return Err(self.proto(ProtocolError::RequestFailed {
-                    request_id: id,
-                    status: h.status,
-                    message: h.message,
-                }));
-            }
+            let h = self.read_ok_header(c, id)?;
             MemoryDigest::from_message(&h.message).ok_or_else(|| {
                 self.proto(ProtocolError::Invalid {
                     what: "info answer",
