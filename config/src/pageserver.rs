@@ -232,13 +232,9 @@ impl PageServerClientConfig {
             ));
         }
         let set = |p: &Path| !p.as_os_str().is_empty();
-        if set(&self.tls_cert_file) != set(&self.tls_key_file) {
+        if let Some(missing) = unpaired_tls_key(&self.tls_cert_file, &self.tls_key_file) {
             return Err(invalid(
-                if set(&self.tls_cert_file) {
-                    "tls_key_file"
-                } else {
-                    "tls_cert_file"
-                },
+                missing,
                 "tls_cert_file and tls_key_file go together".into(),
             ));
         }
@@ -269,6 +265,15 @@ impl PageServerClientConfig {
                 path: self.token_file.clone(),
                 source,
             })
+    }
+}
+
+/// Which of a certificate/key pair is missing when only one is set (`None`: both or neither).
+fn unpaired_tls_key(cert: &Path, key: &Path) -> Option<&'static str> {
+    match (cert.as_os_str().is_empty(), key.as_os_str().is_empty()) {
+        (false, true) => Some("tls_key_file"),
+        (true, false) => Some("tls_cert_file"),
+        _ => None,
     }
 }
 
@@ -516,13 +521,9 @@ impl PageServerConfig {
             ));
         }
         let set = |p: &Path| !p.as_os_str().is_empty();
-        if set(&self.tls_cert_file) != set(&self.tls_key_file) {
+        if let Some(missing) = unpaired_tls_key(&self.tls_cert_file, &self.tls_key_file) {
             return Err(invalid(
-                if set(&self.tls_cert_file) {
-                    "tls_key_file"
-                } else {
-                    "tls_cert_file"
-                },
+                missing,
                 "tls_cert_file and tls_key_file go together".into(),
             ));
         }
