@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# The runtime-level remote path of `make bench`, sourced by bench/run.sh (needs its log/die/q/
+# The runtime-level remote path of `make bench`, sourced by bench/run.sh (needs its log/die/q/touch_us/
 # now_ns/$PY/$RUNS/$WORK/$THREADS/$MEMHOG); run.sh also uses remote_netns/rtt_us/wait_listen for
 # the page servers of its containerd remote systems.
 #
@@ -116,15 +116,8 @@ remote_run() {
         local bp=$!
         wait "$QPID" || true
         t1=$(now_ns)
-        local a b
-        a=$(now_ns)
-        q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
-        b=$(now_ns)
-        touch_cold=$(((b - a) / 1000))
-        a=$(now_ns)
-        q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
-        b=$(now_ns)
-        touch_warm=$(((b - a) / 1000))
+        touch_cold=$(touch_us "$port" 50) || err="TOUCH 50 failed"
+        touch_warm=$(touch_us "$port" 50) || err="TOUCH 50 failed"
         sum=$(q "$port" 600000 SUM) || err="SUM failed"
         [[ $sum == "$expect" ]] && sum_ok=true
         summed=1

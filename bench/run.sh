@@ -200,6 +200,14 @@ q() { # q PORT TIMEOUT_MS CMD... (host network: the container listens on the hos
     shift 2
     "$MEMHOG" query --port "$port" --timeout-ms "$t" "$@" 2>/dev/null
 }
+# touch_us PORT PCT: microseconds memhog takes to read PCT % of its pages (TOUCH); fails with it.
+touch_us() {
+    local a b
+    a=$(now_ns)
+    q "$1" 600000 TOUCH "$2" >/dev/null || return 1
+    b=$(now_ns)
+    echo $(((b - a) / 1000))
+}
 bundle_of() { echo "$CTD_STATE/io.containerd.runtime.v2.task/$CTD_NS/$1"; }
 json_get() { # json_get FILE KEY[.SUB] -> value or empty
     "$PY" - "$1" "$2" <<'EOF'
@@ -324,15 +332,8 @@ restore_run() {
     if [[ -z $err && $sys != eager ]]; then
         if [[ $sys == *-none ]]; then
             # Read-mostly: TOUCH 50% of the pages with the rest remote, then again (all local).
-            local a b
-            a=$(now_ns)
-            q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
-            b=$(now_ns)
-            touch_cold=$(((b - a) / 1000))
-            a=$(now_ns)
-            q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
-            b=$(now_ns)
-            touch_warm=$(((b - a) / 1000))
+            touch_cold=$(touch_us "$port" 50) || err="TOUCH 50 failed"
+            touch_warm=$(touch_us "$port" 50) || err="TOUCH 50 failed"
             # Stats before SUM reads everything: what the read-mostly passes moved (the shim
             # rewrites the file every second).
             sleep 1.2
@@ -341,11 +342,7 @@ restore_run() {
             if [[ $sys == ours-profile ]]; then
                 # The working set: the first 10% of the pages, read right after the restore
                 # (recorded by the first restore of this checkpoint, replayed by later ones).
-                local a b
-                a=$(now_ns)
-                q "$port" 600000 TOUCH 10 >/dev/null || err="TOUCH 10 failed"
-                b=$(now_ns)
-                touch_cold=$(((b - a) / 1000))
+                touch_cold=$(touch_us "$port" 10) || err="TOUCH 10 failed"
             fi
             # Wait for the fill to finish (the shim rewrites the stats file every second).
             while ((waited < 6000)); do
@@ -383,10 +380,7 @@ restore_run() {
         sum_s=$(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.3f", (b - a) / 1e9}')
         [[ $sum == "$expect" ]] && sum_ok=true
         # The read-mostly pass with all memory local (the baseline of the fill-none figures).
-        a=$(now_ns)
-        q "$port" 600000 TOUCH 50 >/dev/null || err="TOUCH 50 failed"
-        b=$(now_ns)
-        touch_local=$(((b - a) / 1000))
+        touch_local=$(touch_us "$port" 50) || err="TOUCH 50 failed"
     fi
     if [[ $sys != eager && $sys != *-none ]]; then
         cp "$bundle/distriproc-lazy-stats.json" "$stats" 2>/dev/null || true
