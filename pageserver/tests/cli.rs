@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use distriproc_runtime::images::testutil::*;
-use distriproc_runtime::images::{PstreeEntry, PE_LAZY, PE_PRESENT, PSTREE_MAGIC};
+use distriproc_runtime::images::{PE_LAZY, PE_PRESENT};
 use distriproc_runtime::remote::{Endpoint, RemoteOptions, RemotePages};
 use distriproc_runtime::source::{PageKind, PageSource};
 
@@ -90,18 +90,7 @@ impl Drop for Daemon {
 fn checkpoint(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     write_inventory(dir).unwrap();
-    let mut b = header(PSTREE_MAGIC);
-    push(
-        &mut b,
-        &PstreeEntry {
-            pid: 3,
-            ppid: 0,
-            pgid: 3,
-            sid: 3,
-            threads: vec![3],
-        },
-    );
-    std::fs::write(dir.join("pstree.img"), b).unwrap();
+    write_pstree(dir, &[3]).unwrap();
     write_pagemap(dir, 3, 1, &[pm(0x40_0000, 8, PE_PRESENT | PE_LAZY)]).unwrap();
     let pages: Vec<u8> = (1..=8u8).flat_map(|b| [b; 4096]).collect();
     std::fs::write(dir.join("pages-1.img"), pages).unwrap();

@@ -379,24 +379,13 @@ type Located<'a> = Result<(&'a PageSegment, usize), usize>;
 mod tests {
     use super::*;
     use crate::images::testutil::*;
-    use crate::images::{PstreeEntry, PE_LAZY, PE_PRESENT, PSTREE_MAGIC};
+    use crate::images::{PE_LAZY, PE_PRESENT};
 
     #[test]
     fn reads_runs_of_data_and_zero() {
         let d = tempfile::tempdir().unwrap();
         write_inventory(d.path()).unwrap();
-        let mut b = header(PSTREE_MAGIC);
-        push(
-            &mut b,
-            &PstreeEntry {
-                pid: 9,
-                ppid: 0,
-                pgid: 9,
-                sid: 9,
-                threads: vec![9],
-            },
-        );
-        std::fs::write(d.path().join("pstree.img"), b).unwrap();
+        write_pstree(d.path(), &[9]).unwrap();
         write_pagemap(
             d.path(),
             9,

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use distriproc_config::FillPolicy;
 use distriproc_runtime::fetcher::{FetchError, FetcherOptions, LazyPagesServer, RESTORE_FINISHED};
-use distriproc_runtime::images::testutil::{header, pm, push, write_inventory, write_pagemap};
-use distriproc_runtime::images::{
-    MmEntry, PstreeEntry, VmaEntry, MM_MAGIC, PE_LAZY, PE_PRESENT, PSTREE_MAGIC,
+use distriproc_runtime::images::testutil::{
+    header, pm, push, write_inventory, write_pagemap, write_pstree,
 };
+use distriproc_runtime::images::{MmEntry, VmaEntry, MM_MAGIC, PE_LAZY, PE_PRESENT};
 use distriproc_runtime::source::LocalImages;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
@@ -46,20 +46,7 @@ fn page_byte(i: usize) -> u8 {
 /// 10..64 are lazy with data, 8..10 are a hole (zero).
 fn write_images(dir: &Path, base: u64, pids: &[u32]) {
     write_inventory(dir).unwrap();
-    let mut b = header(PSTREE_MAGIC);
-    for &p in pids {
-        push(
-            &mut b,
-            &PstreeEntry {
-                pid: p,
-                ppid: 0,
-                pgid: p,
-                sid: p,
-                threads: vec![p],
-            },
-        );
-    }
-    std::fs::write(dir.join("pstree.img"), b).unwrap();
+    write_pstree(dir, pids).unwrap();
     let mut b = header(MM_MAGIC);
     let vma = VmaEntry {
         start: base,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 use distriproc_runtime::images::testutil::*;
-use distriproc_runtime::images::{PstreeEntry, PE_LAZY, PE_PARENT, PE_PRESENT, PSTREE_MAGIC};
+use distriproc_runtime::images::{PE_LAZY, PE_PARENT, PE_PRESENT};
 use distriproc_runtime::protocol::criu::{Command, HeaderLayout, PsIov};
 use distriproc_runtime::protocol::{
     self, encode_request, read_response_header, Hello, HelloReply, HelloStatus, Range, RangeStatus,
@@ -32,23 +32,6 @@ fn fill(pid: u32, page: u64, out: &mut [u8]) {
     }
 }
 
-fn pstree(dir: &Path, pids: &[u32]) {
-    let mut b = header(PSTREE_MAGIC);
-    for &pid in pids {
-        push(
-            &mut b,
-            &PstreeEntry {
-                pid,
-                ppid: 0,
-                pgid: pid,
-                sid: pid,
-                threads: vec![pid],
-            },
-        );
-    }
-    std::fs::write(dir.join("pstree.img"), b).unwrap();
-}
-
 /// A store with checkpoint `ck` (pids 1 and 2, a parent `ck-parent` holding pid 1's first 64
 /// pages) and returns the store path. Layout of each pid's region of PAGES pages from BASE:
 /// [0,64) parent (pid 1) or present; every 10th page a hole; [1024,1040) lazy-absent (pid 2).
@@ -59,7 +42,7 @@ fn make_store(root: &Path) {
     std::fs::create_dir_all(&ck).unwrap();
     for d in [&parent, &ck] {
         write_inventory(d).unwrap();
-        pstree(d, &[1, 2]);
+        write_pstree(d, &[1, 2]).unwrap();
     }
     // Parent: pid 1, pages [0,64) present.
     let mut pages = vec![0u8; 64 * 4096];

@@ -16,7 +16,7 @@ use distriproc_config::pageserver::PageServerConfig;
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 use distriproc_runtime::error_chain;
 use distriproc_runtime::images::testutil::*;
-use distriproc_runtime::images::{PstreeEntry, PE_PRESENT, PSTREE_MAGIC};
+use distriproc_runtime::images::PE_PRESENT;
 use distriproc_runtime::protocol::upload::{FileHeader, FileKind};
 use distriproc_runtime::protocol::{
     encode_request, read_response_header, Hello, HelloReply, HelloStatus, Range, RequestKind,
@@ -40,18 +40,7 @@ fn page(id: u8, p: u64) -> Vec<u8> {
 fn make_checkpoint(dir: &Path, id: u8) {
     std::fs::create_dir_all(dir).unwrap();
     write_inventory(dir).unwrap();
-    let mut b = header(PSTREE_MAGIC);
-    push(
-        &mut b,
-        &PstreeEntry {
-            pid: 1,
-            ppid: 0,
-            pgid: 1,
-            sid: 1,
-            threads: vec![1],
-        },
-    );
-    std::fs::write(dir.join("pstree.img"), b).unwrap();
+    write_pstree(dir, &[1]).unwrap();
     write_pagemap(dir, 1, 1, &[pm(BASE, PAGES, PE_PRESENT)]).unwrap();
     let data: Vec<u8> = (0..PAGES).flat_map(|p| page(id, p)).collect();
     std::fs::write(dir.join("pages-1.img"), data).unwrap();

@@ -12,7 +12,7 @@ use distriproc_config::pageserver::{PageServerClientConfig, PageServerConfig};
 use distriproc_pageserver::{Server, ServerHandle, ServerOptions};
 use distriproc_runtime::error_chain;
 use distriproc_runtime::images::testutil::*;
-use distriproc_runtime::images::{PstreeEntry, PE_PRESENT, PSTREE_MAGIC};
+use distriproc_runtime::images::PE_PRESENT;
 use distriproc_runtime::protocol::tls::TlsClient;
 use distriproc_runtime::remote::{Endpoint, RemoteOptions, RemotePages};
 use distriproc_runtime::source::{PageKind, PageSource};
@@ -30,18 +30,7 @@ fn page(p: u64) -> Vec<u8> {
 fn make_checkpoint(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     write_inventory(dir).unwrap();
-    let mut b = header(PSTREE_MAGIC);
-    push(
-        &mut b,
-        &PstreeEntry {
-            pid: 1,
-            ppid: 0,
-            pgid: 1,
-            sid: 1,
-            threads: vec![1],
-        },
-    );
-    std::fs::write(dir.join("pstree.img"), b).unwrap();
+    write_pstree(dir, &[1]).unwrap();
     write_pagemap(dir, 1, 1, &[pm(BASE, PAGES, PE_PRESENT)]).unwrap();
     let data: Vec<u8> = (0..PAGES).flat_map(page).collect();
     std::fs::write(dir.join("pages-1.img"), data).unwrap();

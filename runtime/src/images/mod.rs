@@ -756,6 +756,25 @@ pub mod testutil {
         }
         std::fs::write(dir.join(format!("pagemap-{pid}.img")), b)
     }
+
+    /// Writes `pstree.img` into `dir`: one single-threaded task per pid, each the leader of its
+    /// own process group and session, parent 0.
+    pub fn write_pstree(dir: &Path, pids: &[u32]) -> io::Result<()> {
+        let mut b = header(PSTREE_MAGIC);
+        for &pid in pids {
+            push(
+                &mut b,
+                &PstreeEntry {
+                    pid,
+                    ppid: 0,
+                    pgid: pid,
+                    sid: pid,
+                    threads: vec![pid],
+                },
+            );
+        }
+        std::fs::write(dir.join("pstree.img"), b)
+    }
 }
 
 #[cfg(test)]
