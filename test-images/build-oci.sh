@@ -7,13 +7,12 @@
 #
 # Inputs (environment): BUSYBOX (default /bin/busybox, must be static), MEMHOG (memhog kind:
 # path of the static memhog binary). Output is reproducible: fixed mtimes, sorted entries,
-# numeric owners 0:0, fixed modes; only coreutils, tar and sha256sum are used.
+# numeric owners 0:0, fixed modes (test-images/oci-layout.sh packs the layout).
 set -euo pipefail
 
 kind=${1:?usage: build-oci.sh busybox|memhog OUT.tar}
 out=${2:?usage: build-oci.sh busybox|memhog OUT.tar}
 busybox=${BUSYBOX:-/bin/busybox}
-epoch=${SOURCE_DATE_EPOCH:-0}
 
 case "$kind" in
 busybox)
@@ -42,17 +41,14 @@ if command -v ldd >/dev/null && ldd "$busybox" >/dev/null 2>&1; then
     exit 1
 fi
 
-case "$(uname -m)" in
-x86_64) arch=amd64 ;;
-aarch64) arch=arm64 ;;
-*) arch=$(uname -m) ;;
-esac
+
+# shellcheck source=test-images/oci-layout.sh
+. "$(dirname "$0")/oci-layout.sh"
 
 work=$(mktemp -d /tmp/distriproc-oci.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
-layout=$work/layout
-mkdir -p "$root" "$layout/blobs/sha256"
+mkdir -p "$root"
 
 # --- root filesystem
 mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,run,var}
@@ -73,45 +69,6 @@ if [[ $kind == memhog ]]; then
     chmod 755 "$root/memhog"
 fi
 
-# --- helpers
-tar_repro() { # tar_repro OUT DIR: reproducible tar of DIR's contents
-    tar --sort=name --mtime="@$epoch" --owner=0 --group=0 --numeric-owner --format=gnu \
-        -C "$2" -cf "$1" .
-}
-sha() { sha256sum "$1" | cut -d' ' -f1; }
-size() { stat -c %s "$1"; }
-add_blob() { # add_blob FILE -> prints digest hex, moves FILE into blobs
-    local h
-    h=$(sha "$1")
-    mv "$1" "$layout/blobs/sha256/$h"
-    echo "$h"
-}
-
-# --- layer (uncompressed: diff_id == digest)
-tar_repro "$work/layer.tar" "$root"
-layer_size=$(size "$work/layer.tar")
-layer=$(add_blob "$work/layer.tar")
-
-# --- image config
-printf '{"architecture":"%s","os":"linux","created":"1970-01-01T00:00:00Z","config":{"Env":["PATH=/bin:/sbin:/usr/bin:/usr/sbin"],"Cmd":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"1970-01-01T00:00:00Z","created_by":"distriproc test-images/build-oci.sh %s"}]}' \
-    "$arch" "$cmd" "$layer" "$kind" >"$work/config.json"
-config_size=$(size "$work/config.json")
-config=$(add_blob "$work/config.json")
-
-# --- manifest
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
-    "$config" "$config_size" "$layer" "$layer_size" >"$work/manifest.json"
-manifest_size=$(size "$work/manifest.json")
-manifest=$(add_blob "$work/manifest.json")
-
-# --- index and layout marker
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"platform":{"architecture":"%s","os":"linux"},"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' \
-    "$manifest" "$manifest_size" "$arch" "$ref" >"$layout/index.json"
-printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
-find "$layout" -type d -exec chmod 755 {} +
-find "$layout" -type f -exec chmod 644 {} +
-
-mkdir -p "$(dirname "$out")"
-tar_repro "$work/image.tar" "$layout"
-mv "$work/image.tar" "$out"
-echo "built $out: $ref (manifest sha256:$manifest, layer $layer_size bytes)"
+packed=$(oci_pack "$root" "$out" "$ref" /bin:/sbin:/usr/bin:/usr/sbin "$cmd" / \
+    "distriproc test-images/build-oci.sh $kind")
+echo "built $out: $ref ($packed)"
