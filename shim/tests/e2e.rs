@@ -152,33 +152,6 @@ fn plain_lifecycle_ctd17() -> Result<()> {
     plain_lifecycle(CONTAINERD_1_7_DIR)
 }
 
-/// The content-store path of the CRIU tar in checkpoint image `ref_`.
-fn criu_blob(ctd: &Containerd, image: &str) -> Result<std::path::PathBuf> {
-    let ls = ctd.ctr_ok(&["images", "ls"])?;
-    let line = ls
-        .lines()
-        .find(|l| l.starts_with(image))
-        .with_context(|| format!("image {image} not in {ls}"))?;
-    let digest = line
-        .split_whitespace()
-        .find(|f| f.starts_with("sha256:"))
-        .context("no digest")?;
-    let index = ctd.ctr_ok(&["content", "get", digest])?;
-    let v: serde_json::Value = serde_json::from_str(&index)?;
-    let manifests = v["manifests"].as_array().context("no manifests")?;
-    for m in manifests {
-        if m["mediaType"] == "application/vnd.containerd.container.criu.checkpoint.criu.tar" {
-            let d = m["digest"].as_str().context("digest")?;
-            let hex = d.trim_start_matches("sha256:");
-            return Ok(ctd
-                .root_dir()
-                .join("io.containerd.content.v1.content/blobs/sha256")
-                .join(hex));
-        }
-    }
-    bail!("no CRIU tar in {index}")
-}
-
 /// Zero the data of `member` inside a tar file, in place (size unchanged).
 fn corrupt_tar_member(tar: &Path, member: &str) -> Result<()> {
     let mut data = std::fs::read(tar)?;
@@ -343,7 +316,7 @@ fn checkpoint_restore(dir: &str) -> Result<()> {
         "k2",
         "localhost/k2-cp:1",
     ])?;
-    let blob = criu_blob(&ctd, "localhost/k2-cp:1")?;
+    let blob = ctd.criu_blob("localhost/k2-cp:1")?;
     corrupt_tar_member(&blob, "inventory.img")?;
     let out = ctd.ctr(&[
         "containers",

@@ -130,34 +130,6 @@ fn run_memhog(ctd: &Containerd, id: &str, mib: u64) -> Result<u32> {
     Ok(pid)
 }
 
-/// The CRIU tar blob of a checkpoint image in the content store.
-fn criu_blob(ctd: &Containerd, image: &str) -> Result<PathBuf> {
-    let ls = ctd.ctr_ok(&["images", "ls"])?;
-    let line = ls
-        .lines()
-        .find(|l| l.starts_with(image))
-        .with_context(|| format!("image {image} not in {ls}"))?;
-    let digest = line
-        .split_whitespace()
-        .find(|f| f.starts_with("sha256:"))
-        .context("no digest")?;
-    let index = ctd.ctr_ok(&["content", "get", digest])?;
-    let v: serde_json::Value = serde_json::from_str(&index)?;
-    for m in v["manifests"].as_array().context("no manifests")? {
-        if m["mediaType"] == "application/vnd.containerd.container.criu.checkpoint.criu.tar" {
-            let hex = m["digest"]
-                .as_str()
-                .context("digest")?
-                .trim_start_matches("sha256:");
-            return Ok(ctd
-                .root_dir()
-                .join("io.containerd.content.v1.content/blobs/sha256")
-                .join(hex));
-        }
-    }
-    bail!("no CRIU tar in {index}")
-}
-
 /// (name, size) of every member of a tar file.
 fn tar_members(tar: &Path) -> Result<Vec<(String, u64)>> {
     let out = Command::new("tar").arg("tvf").arg(tar).output()?;
@@ -177,7 +149,7 @@ fn remote_checkpoint(ctd: &Containerd, id: &str, image: &str, mib: u64) -> Resul
     let t0 = Instant::now();
     ctd.ctr_ok(&["containers", "checkpoint", "--task", id, image])?;
     let took = t0.elapsed();
-    let blob = criu_blob(ctd, image)?;
+    let blob = ctd.criu_blob(image)?;
     let size = std::fs::metadata(&blob)?.len();
     let members = tar_members(&blob)?;
     let pages: u64 = members

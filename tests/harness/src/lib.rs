@@ -361,6 +361,35 @@ impl Containerd {
         Ok(())
     }
 
+    /// The content-store path of the CRIU tar (`...checkpoint.criu.tar`) of checkpoint image
+    /// `image` (as `ctr images ls` names it).
+    pub fn criu_blob(&self, image: &str) -> Result<PathBuf> {
+        let ls = self.ctr_ok(&["images", "ls"])?;
+        let line = ls
+            .lines()
+            .find(|l| l.starts_with(image))
+            .with_context(|| format!("image {image} not in {ls}"))?;
+        let digest = line
+            .split_whitespace()
+            .find(|f| f.starts_with("sha256:"))
+            .context("no digest")?;
+        let index = self.ctr_ok(&["content", "get", digest])?;
+        let v: serde_json::Value = serde_json::from_str(&index)?;
+        for m in v["manifests"].as_array().context("no manifests")? {
+            if m["mediaType"] == "application/vnd.containerd.container.criu.checkpoint.criu.tar" {
+                let hex = m["digest"]
+                    .as_str()
+                    .context("digest")?
+                    .trim_start_matches("sha256:");
+                return Ok(self
+                    .root_dir()
+                    .join("io.containerd.content.v1.content/blobs/sha256")
+                    .join(hex));
+            }
+        }
+        bail!("no CRIU tar in {index}")
+    }
+
     /// Runs ctr and returns its stdout; fails with its stderr unless it exits 0.
     pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
         let out = self.ctr(args)?;
