@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Read-mostly Redis workload of `make bench`, sourced by bench/run.sh while its containerd runs
-# (needs log/ctd_t/remove_container/now_ns/json_get/write_shim_config/$PY/$RUNS/$WORK/$OUT and,
+# (needs log/ctd_t/remove_container/now_ns/write_shim_config/$PY/$RUNS/$WORK/$OUT and,
 # for the remote system, $PS_LO: a page server run.sh started).
 #
 # Debian's Redis (redis-tools ships the server as redis-check-rdb) in an image built by

@@ -209,18 +209,6 @@ touch_us() {
     echo $(((b - a) / 1000))
 }
 bundle_of() { echo "$CTD_STATE/io.containerd.runtime.v2.task/$CTD_NS/$1"; }
-json_get() { # json_get FILE KEY[.SUB] -> value or empty
-    "$PY" - "$1" "$2" <<'EOF'
-import json, sys
-try:
-    v = json.load(open(sys.argv[1]))
-    for k in sys.argv[2].split("."):
-        v = v[k]
-    print("" if v is None else v)
-except Exception:
-    print("")
-EOF
-}
 # Figures from a `criu lazy-pages -v4` log as JSON: end_s (last line, seconds since the daemon
 # started), first_pid_s ("Received PID"), faults, and the daemon-side fault service time per
 # "#PF at ADDR" up to the "uffd_copy: ADDR/" that resolves it (us; log-timestamp resolution).
@@ -347,9 +335,9 @@ restore_run() {
             # Wait for the fill to finish (the shim rewrites the stats file every second).
             while ((waited < 6000)); do
                 if [[ $sys == criu* ]]; then
-                    [[ $(json_get "$bundle/distriproc-lazy-stats.json" finished) == True ]] && break
+                    [[ $(json_field "$bundle/distriproc-lazy-stats.json" finished) == True ]] && break
                 else
-                    [[ -n $(json_get "$bundle/distriproc-lazy-stats.json" fill_complete_us) ]] && break
+                    [[ -n $(json_field "$bundle/distriproc-lazy-stats.json" fill_complete_us) ]] && break
                 fi
                 sleep 0.1
                 waited=$((waited + 1))

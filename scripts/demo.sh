@@ -88,19 +88,6 @@ query() { # query PID TIMEOUT_MS CMD...
     "$MEMHOG" query --pid "$pid" --port "$PORT" --timeout-ms "$t" "$@" 2>/dev/null
 }
 stats_file() { echo "$CTD_STATE/io.containerd.runtime.v2.task/$CTD_NS/$1/distriproc-lazy-stats.json"; }
-stat_field() { # stat_field FILE KEY[.SUB]: prints the value or "-"
-    python3 - "$1" "$2" <<'EOF'
-import json, sys
-try:
-    v = json.load(open(sys.argv[1]))
-    for k in sys.argv[2].split("."):
-        v = v[k]
-    print("-" if v is None else v)
-except Exception:
-    print("-")
-EOF
-}
-
 declare -A R
 
 # run_case LABEL RUNTIME: run memhog, checkpoint it, remove it, restore it, measure.
@@ -164,7 +151,7 @@ run_case() {
     if [[ $runtime == io.containerd.distriproc.v2 ]]; then
         ctd_log "[$label] waiting for the background fill to complete ($f)"
         for _ in $(seq 1 600); do
-            [[ $(stat_field "$f" fill_complete_us) != - ]] && break
+            [[ $(json_field "$f" fill_complete_us -) != - ]] && break
             sleep 0.2
         done
         if [[ -f $f ]]; then
@@ -241,7 +228,7 @@ stat_vals() { # stat_vals KEY [us]: a fetcher statistic per case ("-" for eager)
     local c f x
     for c in "${CASES[@]}"; do
         f=${R[$c.stats]:-/nonexistent}
-        x=$(stat_field "$f" "$1")
+        x=$(json_field "$f" "$1" -)
         if [[ $c == eager ]]; then echo "${3:--}"; elif [[ ${2:-} == us ]]; then us_to_s "$x"; else echo "$x"; fi
     done
 }

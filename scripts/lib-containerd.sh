@@ -25,6 +25,22 @@ ctd_t() {
     timeout --kill-after=5 "$t" "$CTD_BIN_DIR/ctr" -a "$CTD_SOCK" -n "$CTD_NS" "$@"
 }
 
+# json_field FILE KEY[.SUB] [MISSING]: the value at that key path of a JSON file (such as a lazy
+# restore's distriproc-lazy-stats.json), or MISSING (default empty) when the file, the key or the
+# value is absent.
+json_field() {
+    "${PY:-python3}" - "$1" "$2" "${3:-}" <<'EOF'
+import json, sys
+try:
+    v = json.load(open(sys.argv[1]))
+    for k in sys.argv[2].split("."):
+        v = v[k]
+    print(sys.argv[3] if v is None else v)
+except Exception:
+    print(sys.argv[3])
+EOF
+}
+
 # ctd_shim_connect_ns ID: epoch ns of the last "connecting to shim ID" line of the containerd log
 # (0 when there is none): when containerd, done unpacking a checkpoint, reached the task's shim.
 ctd_shim_connect_ns() {
