@@ -49,16 +49,7 @@ skip() {
 WORK=$(mktemp -d /tmp/dpk.XXXXXX)
 CTD_PID=
 cleanup() {
-    if [[ -n $CTD_PID ]] && kill -0 "$CTD_PID" 2>/dev/null; then
-        kill -TERM "$CTD_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$CTD_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$CTD_PID" 2>/dev/null || true
-        wait "$CTD_PID" 2>/dev/null || true
-    fi
-    CTD_PID=
+    cleanup_ctd
     awk -v d="$WORK/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r |
         while read -r m; do umount -l "$m" 2>/dev/null || true; done
     if [[ -n ${DISTRIPROC_KEEP_TMP:-} ]]; then
