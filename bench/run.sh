@@ -21,9 +21,9 @@
 # eager (bench/redis.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
 # bench/remote/: our fetcher with pages from distriproc-pageserver over loopback and over a veth
 # into a netns this script creates, also behind bench/delayproxy.py; CRIU's daemon over the veth).
-# A full run takes about 17 minutes on a 2-vCPU VM (8 GiB included). Everything started is stopped by pid at exit
-# (containerd and its shims, containers, page servers, proxies, the netns and veth); no sysctl
-# is changed.
+# A full run takes about 17 minutes on a 2-vCPU VM (8 GiB included). Everything started is
+# stopped by pid at exit (containerd and its shims, containers, page servers, proxies, the netns
+# and veth); no sysctl is changed.
 #
 # Every run appends one JSON object to bench/out/runs.jsonl; at the end bench/out/results.json
 # (machine, command, runs) is written and bench/report.py renders docs/BENCHMARKS.md and
