@@ -4,9 +4,11 @@
 //! statistics (`stats`) and the runc command lines (`runc_cmd`).
 pub mod fetcher;
 pub mod images;
+pub mod layer;
 pub mod profile;
 pub mod protocol;
 pub mod remote;
+pub mod residency;
 pub mod runc_cmd;
 pub mod source;
 pub mod stats;

@@ -25,6 +25,7 @@
 //! following the `parent` symlink chain up to [`MAX_PARENT_DEPTH`] levels.
 
 pub mod proto;
+pub mod write;
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -755,6 +756,28 @@ pub mod testutil {
             push(&mut b, e);
         }
         std::fs::write(dir.join(format!("pagemap-{pid}.img")), b)
+    }
+
+    /// Writes `mm-<pid>.img` into `dir` with one private anonymous read-write VMA per range.
+    pub fn write_mm(dir: &Path, pid: u32, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let vmas = ranges
+            .iter()
+            .map(|&(start, end)| VmaEntry {
+                start,
+                end,
+                pgoff: 0,
+                shmid: 0,
+                prot: 3,
+                flags: MAP_PRIVATE | MAP_ANONYMOUS,
+                status: 1 | (1 << 9),
+                fd: -1,
+                madv: None,
+                fdflags: None,
+            })
+            .collect();
+        let mut b = header(MM_MAGIC);
+        push(&mut b, &MmEntry { vmas });
+        std::fs::write(dir.join(format!("mm-{pid}.img")), b)
     }
 
     /// Writes `pstree.img` into `dir`: one single-threaded task per pid, each the leader of its
