@@ -2,7 +2,7 @@
 //! default) or CRIU's own `criu lazy-pages` daemon (`criu`, the fallback and baseline).
 //!
 //! Both listen on `<work>/lazy-pages.socket` before `runc restore --lazy-pages` runs; pages
-//! come from the local checkpoint directory (the embedded default of DESIGN.md) or, for a
+//! come from the local checkpoint directory (the embedded default) or, for a
 //! remote checkpoint, from the page server: `RemotePages` in native mode, and in criu mode a
 //! connection the shim opens and authenticates itself (`HELLO_CRIU`) and hands to
 //! `criu lazy-pages --page-server --ps-socket FD`. Either way the server's digest of the

@@ -3,7 +3,7 @@
 //!
 //! `shim_killed_*`: memhog is restored with fill policy `none` (most pages stay missing), then
 //! its shim is SIGKILLed. Without the uffd keeper the last reference to each task's
-//! userfaultfd would close and the kernel would hand the tasks zero pages (perf-facts §3.2).
+//! userfaultfd would close and the kernel would hand the tasks zero pages, as measured on kernel 6.18.
 //! With it, the keeper poisons the missing pages: reading one gives SIGBUS. containerd is
 //! SIGSTOPped around the kill so that its own clean-up of a dead shim (`shim delete`: runc
 //! delete --force) cannot hide the outcome. The test checks that VERIFY never answers BAD (it

@@ -2,7 +2,7 @@
 //! fetcher receives, so that the descriptor never closes when the fetcher's process dies.
 //!
 //! Why: when the last reference to a task's userfaultfd closes, the kernel resolves that task's
-//! pending and later faults with zero-filled pages (perf-facts §3.2; CRIU's restorer closes the
+//! pending and later faults with zero-filled pages (CRIU's restorer closes the
 //! task's own copy). A shim killed mid-restore would leave its containers running on zeroed
 //! memory. With a keeper the uffd stays open; when the link to the fetcher ends without a
 //! "done" message (the fetcher's process died) or with "abandon" (the fetcher failed), the keeper

@@ -5,7 +5,7 @@
 //! It owns the handshake and the fault/fill loop. It does not run criu or runc, and it does not
 //! know where pages live (that is the [`PageSource`]).
 //!
-//! # Handshake (criu/uffd.c; docs/criu-facts.md §1)
+//! # Handshake (criu/uffd.c)
 //!
 //! ```text
 //! criu restore                                   fetcher (listening before restore starts)

@@ -822,7 +822,7 @@ mod tests {
         let img = ImageDir::open(d.path()).unwrap();
         let t = img.pstree().unwrap();
         assert_eq!(t.len(), 1);
-        // Varint fe 97 01 is 19454 (criu-facts.md labels these bytes with pid 20338, a typo).
+        // Varint fe 97 01 is 19454.
         assert_eq!((t[0].pid, t[0].ppid, t[0].sid), (19454, 0, 19454));
         assert_eq!(t[0].threads, vec![19454]);
     }

@@ -1,7 +1,7 @@
 //! The protobuf (proto2) messages of the CRIU images the lazy path reads, defined in-crate with
 //! `prost` derives. Only the fields we use are declared; prost skips the others on decode.
 //!
-//! Field numbers follow CRIU's `images/*.proto` (see docs/criu-facts.md §2).
+//! Field numbers follow CRIU's `images/*.proto` (criu's images/pagemap.proto, mm.proto, pstree.proto).
 
 /// `inventory_entry` (images/inventory.proto): only the version fields.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -1,6 +1,6 @@
 //! Codec of CRIU's page-server header (`struct page_server_iov`, criu/include/page-xfer.h),
 //! as spoken by `criu lazy-pages --page-server` (GET) and `criu dump --page-server` (OPEN2,
-//! ADD_F, PARENT, CLOSE). See docs/criu-facts.md §3.
+//! ADD_F, PARENT, CLOSE). Wire format as in criu/page-xfer.c.
 //!
 //! # Byte layouts (host order = little-endian; no version negotiation exists)
 //!
@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn decodes_observed_41_get_and_reply() {
-        // criu-facts §3.3: raw 4.1.1 GET and its reply.
+        // A raw GET as CRIU 4.1.1 sends it, and its reply.
         let get = hex("07000000 01000000 00c046d6e87f0000 724f000000000000");
         let first: [u8; 24] = get[..].try_into().unwrap();
         assert_eq!(detect_layout(&first), HeaderLayout::V41);
@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn decodes_observed_42_get() {
-        // criu-facts §5.4.
+        // A GET as CRIU 4.2 sends it.
         let get = hex("07000000 00000000 0100000000000000 00708457ad7f0000 0100000000000000");
         let first: [u8; 24] = get[..24].try_into().unwrap();
         assert_eq!(detect_layout(&first), HeaderLayout::V42);

@@ -1,4 +1,4 @@
-//! End-to-end test harness shared by the workspace's real-stack tests (docs/TEAM-CONTRACT.md).
+//! End-to-end test harness shared by the workspace's real-stack tests (docs/TESTING.md).
 //!
 //! It owns: a private containerd per test ([`Containerd`]: own root, state, socket, namespace
 //! and temp dir under `/tmp`, CRI disabled, debug log, our shim first on its `PATH`), `ctr`
