@@ -10,6 +10,7 @@
 pub mod container;
 pub mod error;
 pub mod fetcher;
+pub mod info;
 pub mod io;
 pub mod lazy;
 pub mod oom;

@@ -20,6 +20,7 @@ usage:
   containerd-shim-distriproc-v2 stats BUNDLE-DIR|CONTAINER-ID
                                    print <bundle>/distriproc-lazy-stats.json of a lazy restore
                                    (an id is looked up under /run/containerd/io.containerd.runtime.v2.task/*/)
+  containerd-shim-distriproc-v2 -info  runtime options (protobuf Any) on stdin -> RuntimeInfo on stdout
   containerd-shim-distriproc-v2 -v|--version
   containerd-shim-distriproc-v2 -h|--help
 
@@ -103,6 +104,10 @@ fn main() {
     {
         print!("{USAGE}");
         return;
+    }
+    // containerd 2.x asks for the runtime's introspection this way (before any shim runs).
+    if args.iter().any(|a| a == "-info" || a == "--info") {
+        std::process::exit(containerd_shim_distriproc_v2::info::main());
     }
     if args.first().map(String::as_str) == Some("stats") {
         std::process::exit(stats(&args[1..]));

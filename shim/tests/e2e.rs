@@ -152,6 +152,30 @@ fn plain_lifecycle_ctd17() -> Result<()> {
     plain_lifecycle(CONTAINERD_1_7_DIR)
 }
 
+/// containerd 2.x asks the shim binary for its runtime information (`-info`, options on stdin):
+/// `ctr plugins inspect-runtime` shows our name and runc's features (1.7 has no such call).
+#[test]
+fn runtime_info_ctd21() -> Result<()> {
+    let Some(ctd) = start(CONTAINERD_2_1_DIR)? else {
+        return Ok(());
+    };
+    let out = ctd.ctr_ok(&[
+        "plugins",
+        "inspect-runtime",
+        "--runtime",
+        DISTRIPROC_RUNTIME,
+    ])?;
+    ensure!(
+        out.contains("containerd-shim-distriproc-v2"),
+        "inspect-runtime does not name our shim: {out}"
+    );
+    ensure!(
+        out.contains("ociVersionMin") || out.contains("OCIVersionMin"),
+        "inspect-runtime has no runc features: {out}"
+    );
+    Ok(())
+}
+
 /// Zero the data of `member` inside a tar file, in place (size unchanged).
 fn corrupt_tar_member(tar: &Path, member: &str) -> Result<()> {
     let mut data = std::fs::read(tar)?;
