@@ -17,10 +17,18 @@
 //! |---|---|---|---|
 //! | present | clean, same pid and address | yes | `PE_PARENT` (data dropped) |
 //! | present | anything else | - | the dumped data |
-//! | absent | remote or clean, same pid and address | yes | `PE_PARENT` |
-//! | absent | remote or clean | no, or moved/forked | data read from the page source |
-//! | absent | dirty | - | nothing (the task dropped it: zero) |
+//! | absent | any, same pid and address | yes | `PE_PARENT` |
+//! | absent | any | no, or moved/forked | data read from the page source |
 //! | absent | not lazily managed | - | nothing (a hole, as CRIU saw it) |
+//!
+//! Why "any" for absent pages: a page the fetcher manages that is absent from the dump was not
+//! present when CRIU scanned the frozen task, so its content then was the checkpoint's (never
+//! installed, or being installed right then), or zero because the source holds a zero page
+//! there (then the source says so and it stays a hole). A page the task dropped
+//! (`MADV_DONTNEED`, `munmap`) is no longer managed: the fetcher removes it on the event. The
+//! report must therefore describe the frozen tasks; [`crate::fetcher::ResidencyProbe`] gives a
+//! generation counter to prove that no address-space event happened between the report and
+//! the end of the dump.
 //!
 //! "Same pid and address": `PE_PARENT` means "the parent layer holds this page for this pid at
 //! this address", so a run the task `mremap`ped, or a forked child's inherited pages, are
@@ -199,7 +207,7 @@ pub fn complete_dump(
                     sum.data_pages += n;
                 }
                 (Some(d), _) => w.hole(a, n, d.flags).map_err(io("write in", dir))?,
-                (None, Some(r)) if in_vma && r.state != PageState::Dirty => {
+                (None, Some(_)) if in_vma => {
                     if parent_ok {
                         w.hole(a, n, PE_PARENT).map_err(io("write in", dir))?;
                         sum.parent_pages += n;
@@ -403,6 +411,7 @@ mod tests {
                     run(0xb0000, 0xb0000, 4, PageState::Remote),
                 ],
             }],
+            forked_remote_pages: 0,
         }
     }
 

@@ -50,6 +50,9 @@ pub struct TaskResidency {
 pub struct Residency {
     /// One entry per live task.
     pub tasks: Vec<TaskResidency>,
+    /// Pages still remote in tasks forked after the restore, which are not in `tasks` (a
+    /// checkpoint cannot complete them and must refuse while this is not 0).
+    pub forked_remote_pages: u64,
 }
 
 impl Residency {

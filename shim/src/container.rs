@@ -108,6 +108,8 @@ pub struct Container {
     pub restore: Option<RestorePlan>,
     /// The thread watching a lazy restore's fetcher.
     pub lazy: Option<crate::lazy::Waiter>,
+    /// What a checkpoint needs to complete its dump while memory is still lazily managed.
+    pub lazy_view: Option<crate::lazy::CheckpointView>,
 }
 
 impl Container {

@@ -39,6 +39,9 @@ pub enum ShimError {
         op: &'static str,
         state: String,
     },
+    /// A checkpoint that would lose memory still remote, refused before or after the dump.
+    #[error("checkpoint of {id} refused: {reason}")]
+    CheckpointRefused { id: String, reason: String },
     /// A runc command failed.
     #[error("runc {verb} of {id} failed: {detail}")]
     Runc {
@@ -111,7 +114,9 @@ impl ShimError {
             ShimError::InvalidArgument(_)
             | ShimError::UnknownOptions { .. }
             | ShimError::InvalidGroup { .. } => Code::INVALID_ARGUMENT,
-            ShimError::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
+            ShimError::FailedPrecondition { .. } | ShimError::CheckpointRefused { .. } => {
+                Code::FAILED_PRECONDITION
+            }
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
             ShimError::Runc { .. }
             | ShimError::Checkpoint { .. }

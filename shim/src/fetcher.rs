@@ -169,7 +169,7 @@ fn start_native(
         }
     };
     let opts = FetcherOptions::from_config(cfg);
-    let server = LazyPagesServer::bind(work, images, source, opts)
+    let server = LazyPagesServer::bind(work, images, source.clone(), opts)
         .map_err(|e| fail("bind lazy-pages socket", &e))?;
     let keeper = spawn_keeper(work)?;
     let handle = server
@@ -178,6 +178,7 @@ fn start_native(
         .map_err(|e| fail("start fetcher", &e))?;
     Ok(Box::new(Native {
         handle,
+        source,
         remote,
         keeper,
     }))
@@ -185,6 +186,8 @@ fn start_native(
 
 struct Native {
     handle: FetcherHandle,
+    /// The fetcher's page source, also read when a checkpoint completes a dump.
+    source: Arc<dyn PageSource>,
     remote: Option<Arc<RemotePages>>,
     /// Released when the fill ends well, abandoned (poison server) otherwise.
     keeper: Arc<KeeperLink>,
@@ -217,6 +220,12 @@ fn stats_json(
 }
 
 impl LazySession for Native {
+    fn checkpoint_view(&self) -> Option<crate::lazy::CheckpointView> {
+        Some(crate::lazy::CheckpointView {
+            probe: self.handle.residency_probe(),
+            source: self.source.clone(),
+        })
+    }
     fn stats_json(&self) -> String {
         stats_json(&self.handle.stats(), self.remote.as_ref())
     }
@@ -231,6 +240,7 @@ impl LazySession for Native {
             handle,
             remote,
             keeper,
+            ..
         } = *self;
         match handle.wait() {
             Ok(s) => {

@@ -19,8 +19,10 @@ use std::{
 };
 
 use distriproc_config::FetcherConfig;
+use distriproc_runtime::fetcher::ResidencyProbe;
 use distriproc_runtime::protocol::upload::MemoryDigest;
 use distriproc_runtime::remote::{Endpoint, RemoteOptions};
+use distriproc_runtime::source::PageSource;
 
 use crate::error::Result;
 
@@ -58,8 +60,31 @@ pub trait LazyBackend: Send + Sync {
     ) -> Result<Box<dyn LazySession>>;
 }
 
+/// What a checkpoint of a lazily restored container needs from its fetcher: where the memory
+/// still managed lazily is ([`ResidencyProbe`]) and where its pages come from.
+#[derive(Clone)]
+pub struct CheckpointView {
+    /// The fetcher's view of the tasks' lazy ranges.
+    pub probe: ResidencyProbe,
+    /// The source the fetcher reads pages from.
+    pub source: Arc<dyn PageSource>,
+}
+
+impl std::fmt::Debug for CheckpointView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointView")
+            .field("probe", &self.probe)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A running fetcher.
 pub trait LazySession: Send {
+    /// The view a later checkpoint needs; `None` when the fetcher cannot give one (CRIU's
+    /// daemon).
+    fn checkpoint_view(&self) -> Option<CheckpointView> {
+        None
+    }
     /// Current statistics as JSON.
     fn stats_json(&self) -> String;
     /// Abandon the restore (runc restore failed).
@@ -305,6 +330,13 @@ pub struct Waiter {
 }
 
 impl Waiter {
+    /// Whether the watched fetcher has ended (its memory is all local, or it gave up).
+    pub fn is_finished(&self) -> bool {
+        self.thread
+            .as_ref()
+            .is_none_or(std::thread::JoinHandle::is_finished)
+    }
+
     /// Ask the fetcher to end if it still runs (its tasks are gone) and wait up to `limit` for
     /// the summary line, the final stats and the checkpoint clean-up.
     pub fn finish(mut self, limit: Duration) {

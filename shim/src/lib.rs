@@ -7,6 +7,7 @@
 //! The lazy-pages engine is reached only through [`lazy::LazyBackend`]; this crate does not
 //! read CRIU images or serve page faults itself.
 
+pub mod checkpoint_lazy;
 pub mod container;
 pub mod error;
 pub mod fetcher;

@@ -384,6 +384,7 @@ impl TaskService {
             rootfs_mounted,
             restore,
             lazy: None,
+            lazy_view: None,
         })
     }
 
@@ -616,6 +617,7 @@ impl TaskService {
         c.restore = None;
         match session {
             Some(s) => {
+                c.lazy_view = s.checkpoint_view();
                 let w = lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
                     .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?;
                 c.lazy = Some(w);
@@ -960,9 +962,23 @@ impl TaskService {
             PathBuf::from(&copts.work_path)
         };
         std::fs::create_dir_all(&work).map_err(|e| ShimError::io("create", &work, e))?;
+        // Memory still remote must be completed into the dump (crate::checkpoint_lazy).
+        let paused = c.init.status == ProcStatus::Paused;
+        let pending = crate::checkpoint_lazy::prepare(c, &req.id, paused).await?;
         let args = checkpoint_args(&copts, &image, &work);
-        let out = c.runc.run_raw(args.args(&req.id), None).await?;
+        let out = match c.runc.run_raw(args.args(&req.id), None).await {
+            Ok(out) => out,
+            Err(e) => {
+                if let Some(p) = pending {
+                    crate::checkpoint_lazy::undo(c, &req.id, p).await;
+                }
+                return Err(e);
+            }
+        };
         if !out.status.success() {
+            if let Some(p) = pending {
+                crate::checkpoint_lazy::undo(c, &req.id, p).await;
+            }
             let copy = c.bundle.join("criu-dump.log");
             let _ = std::fs::copy(work.join("dump.log"), &copy);
             return Err(ShimError::Checkpoint {
@@ -976,6 +992,19 @@ impl TaskService {
         }
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
+        }
+        if let Some(p) = pending {
+            let t0 = std::time::Instant::now();
+            let s =
+                crate::checkpoint_lazy::complete(c, &req.id, p, PathBuf::from(&image), !copts.exit)
+                    .await?;
+            info!(
+                "checkpoint of {}: dump completed with {} pages still remote, read from the \
+                 page source in {:?}",
+                req.id,
+                s.fetched_pages,
+                t0.elapsed()
+            );
         }
         let (cfg, annotations) = (&c.cfg, &c.annotations);
         let remote = crate::remote::wanted(&cfg.pageserver, annotations)

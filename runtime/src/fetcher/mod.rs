@@ -80,6 +80,7 @@ mod fault;
 mod fill;
 pub mod keeper;
 mod prefetch;
+mod resident;
 mod server;
 mod space;
 mod task;
@@ -95,6 +96,7 @@ use crate::images::ImageError;
 use crate::source::{PageSource, SourceError};
 use crate::stats::FetchCounters;
 pub use crate::stats::{FetchStats, LatencySummary, ProfileState};
+pub use resident::ResidencyProbe;
 
 /// The socket name criu restore connects to, relative to its work dir.
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
@@ -344,11 +346,13 @@ impl LazyPagesServer {
     /// returns at once.
     pub fn spawn(self) -> Result<FetcherHandle, FetchError> {
         let counters = Arc::new(FetchCounters::default());
-        let (stop, thread) = self.inner.spawn(counters.clone())?;
+        let reg = Arc::new(resident::Registry::default());
+        let (stop, thread) = self.inner.spawn(counters.clone(), reg.clone())?;
         Ok(FetcherHandle {
             counters,
             stop,
             thread,
+            probe: ResidencyProbe { reg },
         })
     }
 }
@@ -358,12 +362,19 @@ pub struct FetcherHandle {
     counters: Arc<FetchCounters>,
     stop: Arc<server::StopFd>,
     thread: JoinHandle<Result<(), FetchError>>,
+    probe: ResidencyProbe,
 }
 
 impl FetcherHandle {
     /// A live snapshot of the counters (cheap: atomics).
     pub fn stats(&self) -> FetchStats {
         self.counters.snapshot()
+    }
+
+    /// A view of the memory this fetcher manages, usable after [`FetcherHandle::wait`] took
+    /// the handle (a checkpoint of the restored tasks needs it; see [`crate::layer`]).
+    pub fn residency_probe(&self) -> ResidencyProbe {
+        self.probe.clone()
     }
 
     /// Asks the fetcher to end now (restore failed, or the container is going away). Pages not

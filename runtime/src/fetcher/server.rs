@@ -21,6 +21,7 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 
 use super::fault::{self, FaultShared, Helpers, Recording, Scratch, Served};
 use super::fill::Pool;
+use super::resident::Registry;
 use super::space::{lazy_ranges, Bits, Space};
 use super::task::{poison, Task, PAGE};
 use super::{FetchError, FetcherOptions, LAZY_PAGES_SOCKET, RESTORE_FINISHED};
@@ -175,6 +176,7 @@ impl Prepared {
     pub fn spawn(
         self,
         counters: Arc<FetchCounters>,
+        reg: Arc<Registry>,
     ) -> Result<(Arc<StopFd>, FetcherThread), FetchError> {
         let stop = Arc::new(StopFd::new().map_err(|source| FetchError::Sys {
             what: "eventfd",
@@ -186,11 +188,12 @@ impl Prepared {
             .name("dp-fetcher".into())
             .spawn(move || {
                 let c = counters.clone();
-                let r = Loop::new(self, stop2, counters, t0).and_then(|mut lp| {
+                let r = Loop::new(self, stop2, counters, t0, reg.clone()).and_then(|mut lp| {
                     let r = lp.run();
                     lp.finish(&r);
                     r
                 });
+                reg.clear();
                 c.finished.store(true, Relaxed);
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "lazy-pages fetcher failed");
@@ -248,6 +251,8 @@ struct Loop {
     received: usize,
     finished: bool,
     tasks: Vec<Option<Entry>>,
+    /// The tasks as [`super::ResidencyProbe`]s see them.
+    reg: Arc<Registry>,
     pool: Pool,
     notify: Arc<StopFd>,
     fill_on: bool,
@@ -286,6 +291,7 @@ impl Loop {
         stop: Arc<StopFd>,
         c: Arc<FetchCounters>,
         t0: Instant,
+        reg: Arc<Registry>,
     ) -> Result<Loop, FetchError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sys("epoll_create"))?;
         epoll
@@ -383,6 +389,7 @@ impl Loop {
             received: 0,
             finished: false,
             tasks: Vec::new(),
+            reg,
             c,
             t0,
             deadline: Some((t0 + accept, "criu to connect to lazy-pages.socket", accept)),
@@ -757,6 +764,7 @@ impl Loop {
             .map_err(sys("epoll_ctl"))?;
         let task = Arc::new(t);
         self.pool.add_task(task.clone());
+        self.reg.add(&task);
         self.tasks.push(Some(Entry { task }));
         self.c.tasks.fetch_add(1, Relaxed);
         Ok(())
@@ -767,6 +775,7 @@ impl Loop {
             let _ = self.epoll.delete(&e.task.uffd);
             e.task.gone.store(true, Relaxed);
             self.pool.remove_task(&e.task);
+            self.reg.remove(&e.task);
             self.c.tasks_exited.fetch_add(1, Relaxed);
         }
         self.deferred.retain(|d| d.0 != slot);
@@ -879,6 +888,7 @@ impl Loop {
                 if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
                     e.task.space_mut().remap(from as u64, to as u64, len as u64);
                 }
+                self.reg.bump();
             }
             Event::Remove { start, end } | Event::Unmap { start, end } => {
                 // The range is no longer served from the images; later faults in it get
@@ -890,6 +900,7 @@ impl Loop {
                     let n = t.space_mut().drop_range(start as u64, end as u64, &t.bits);
                     t.remaining.fetch_sub(n, Relaxed);
                 }
+                self.reg.bump();
             }
         }
         Ok(())

@@ -1,0 +1,119 @@
+//! What the fetcher tells others about the memory it manages: [`ResidencyProbe`].
+//!
+//! The fault thread registers each task when its userfaultfd arrives (forks included) and
+//! unregisters it when it is gone; every registration and address-space event it applies
+//! (fork, mremap, munmap, MADV_DONTNEED) bumps a generation counter. A checkpoint takes a snapshot of the lazy
+//! ranges before the dump and compares the generation after it: equal means no range moved or
+//! vanished in between, so the snapshot describes the frozen tasks. When the fetcher ends
+//! (fill complete, every task gone, stopped) the registry empties: after that nothing tracks
+//! the tasks' layout, and nothing of their memory is remote any more.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::task::Task;
+use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
+
+/// The tasks a fetcher serves, shared by the fault thread and [`ResidencyProbe`]s.
+#[derive(Default)]
+pub(crate) struct Registry {
+    tasks: Mutex<Vec<Arc<Task>>>,
+    generation: AtomicU64,
+}
+
+impl Registry {
+    pub fn add(&self, t: &Arc<Task>) {
+        self.lock().push(t.clone());
+        self.bump();
+    }
+
+    /// A task is gone. Not an address-space change: a snapshot that had it stays right for the
+    /// dump (tasks that a checkpoint ends go away right after it).
+    pub fn remove(&self, t: &Arc<Task>) {
+        self.lock().retain(|x| !Arc::ptr_eq(x, t));
+    }
+
+    /// The fetcher ended: nothing is tracked any more.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// An address-space event was applied.
+    pub fn bump(&self) {
+        self.generation.fetch_add(1, SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Task>>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A cheap, cloneable view of a fetcher's lazily managed memory (see the module docs).
+#[derive(Clone)]
+pub struct ResidencyProbe {
+    pub(crate) reg: Arc<Registry>,
+}
+
+impl std::fmt::Debug for ResidencyProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResidencyProbe")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResidencyProbe {
+    /// Counter of registrations and address-space events; equal before and after a dump means
+    /// a [`ResidencyProbe::snapshot`] taken before it still holds.
+    pub fn generation(&self) -> u64 {
+        self.reg.generation.load(SeqCst)
+    }
+
+    /// The current lazy ranges of every task the fetcher serves. Writes are not tracked, so
+    /// every claimed (installed or being installed) page is reported `Dirty` and every other
+    /// one `Remote`; forked children are counted in `forked_remote_pages` only (they carry
+    /// their parent's pid for the source, not their own).
+    pub fn snapshot(&self) -> Residency {
+        let tasks = self.reg.lock().clone();
+        let mut out = Residency::default();
+        for t in tasks {
+            if t.forked {
+                out.forked_remote_pages += t.remaining.load(SeqCst);
+                continue;
+            }
+            let space = t.space();
+            let mut runs = Vec::with_capacity(space.iovs.len());
+            for iov in &space.iovs {
+                let mut p = 0u64;
+                let pages = iov.pages();
+                while p < pages {
+                    let bit = |p: u64| iov.bit + usize::try_from(p).unwrap_or(usize::MAX);
+                    let claimed = t.bits.test(bit(p));
+                    let s = p;
+                    while p < pages && t.bits.test(bit(p)) == claimed {
+                        p += 1;
+                    }
+                    runs.push(ResidentRun {
+                        addr: iov.start + s * 4096,
+                        img: iov.img + s * 4096,
+                        pages: p - s,
+                        state: if claimed {
+                            PageState::Dirty
+                        } else {
+                            PageState::Remote
+                        },
+                    });
+                }
+            }
+            runs.sort_by_key(|r| r.addr);
+            out.tasks.push(TaskResidency {
+                pid: t.pid,
+                source_pid: t.pid,
+                tracked: false,
+                runs,
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,178 @@
+//! Checkpoint of a container whose memory is still partly remote (a lazy restore whose fetcher
+//! has not finished, e.g. fill policy `none`).
+//!
+//! CRIU's dump only writes the pages present in the tasks; pages the fetcher has not installed
+//! would be missing from the checkpoint and read as zeros after its restore
+//! (`distriproc_runtime::layer`). So, around `runc checkpoint`:
+//!
+//! 1. [`prepare`]: the container is frozen (`runc pause`, unless it already is) so that its
+//!    address space cannot change, and the fetcher's residency is taken once its generation is
+//!    stable (every event the tasks raised before the freeze has been applied).
+//! 2. `runc checkpoint` dumps the frozen tasks (CRIU keeps the freezer state it found).
+//! 3. [`complete`]: the generation must be unchanged (else the report may not describe the
+//!    dump: refused, nothing published); then every page the fetcher still manages and the dump
+//!    lacks is copied into it from the fetcher's page source. The container is thawed again if
+//!    this module froze it and it keeps running.
+//!
+//! Refused with a clear error instead: memory still arriving through CRIU's own lazy-pages
+//! daemon (no residency to complete from), and processes forked after the restore that still
+//! have remote pages (the fetcher knows them only by their parent's pid).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use distriproc_runtime::layer::{complete_dump, LayerSummary};
+use distriproc_runtime::residency::{PageState, Residency};
+use log::{info, warn};
+
+use crate::container::Container;
+use crate::error::{Result, ShimError};
+use crate::lazy::CheckpointView;
+use crate::runc::RuncClient;
+use distriproc_runtime::error_chain;
+
+/// How long the fetcher's generation must stay still before the residency is taken.
+const SETTLE: Duration = Duration::from_millis(20);
+/// How long to wait for it to settle at most.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+
+/// A checkpoint in progress that must be completed from the fetcher's residency.
+pub struct Pending {
+    view: CheckpointView,
+    generation: u64,
+    taken: Residency,
+    /// Whether [`prepare`] paused the container (and must resume it).
+    paused_here: bool,
+}
+
+fn refused(id: &str, reason: String) -> ShimError {
+    ShimError::CheckpointRefused {
+        id: id.to_string(),
+        reason,
+    }
+}
+
+/// Decides whether the checkpoint of `c` needs completing and, if so, freezes the container
+/// and takes the residency. `Ok(None)`: all memory is local, a plain dump is complete.
+pub async fn prepare(c: &Container, id: &str, paused: bool) -> Result<Option<Pending>> {
+    let still_lazy = c.lazy.as_ref().is_some_and(|w| !w.is_finished());
+    if !still_lazy {
+        return Ok(None);
+    }
+    let Some(view) = c.lazy_view.clone() else {
+        return Err(refused(
+            id,
+            "its memory is still arriving through CRIU's lazy-pages daemon (fetcher mode \
+             criu), whose pages a dump would miss; wait until the restore's fill completed, or \
+             restore with fetcher mode native"
+                .into(),
+        ));
+    };
+    if view.probe.snapshot().tasks.is_empty() {
+        return Ok(None); // the fetcher ended meanwhile: nothing is remote any more
+    }
+    let paused_here = !paused;
+    if paused_here {
+        pause(&c.runc, id).await?;
+    }
+    let taken = settle(&view).await;
+    let pending = Pending {
+        generation: taken.0,
+        taken: taken.1,
+        view,
+        paused_here,
+    };
+    if pending.taken.forked_remote_pages > 0 {
+        let n = pending.taken.forked_remote_pages;
+        undo(c, id, pending).await;
+        return Err(refused(
+            id,
+            format!(
+                "a process forked after the lazy restore still has {n} remote pages, which \
+                 the checkpoint cannot name; retry once the fill has completed"
+            ),
+        ));
+    }
+    let remote = pending.taken.pages(PageState::Remote);
+    info!(
+        "checkpoint of {id}: {remote} pages still remote in {} tasks; the dump is completed \
+         from the page source",
+        pending.taken.tasks.len()
+    );
+    Ok(Some(pending))
+}
+
+/// The residency once the generation stayed still for [`SETTLE`].
+async fn settle(view: &CheckpointView) -> (u64, Residency) {
+    let deadline = std::time::Instant::now() + SETTLE_LIMIT;
+    loop {
+        let g = view.probe.generation();
+        tokio::time::sleep(SETTLE).await;
+        let taken = view.probe.snapshot();
+        if view.probe.generation() == g || std::time::Instant::now() > deadline {
+            return (view.probe.generation(), taken);
+        }
+    }
+}
+
+/// The checkpoint failed or was refused: thaw what [`prepare`] froze.
+pub async fn undo(c: &Container, id: &str, p: Pending) {
+    if p.paused_here {
+        if let Err(e) = resume(&c.runc, id).await {
+            warn!("checkpoint of {id}: resuming the container after a failed checkpoint: {e}");
+        }
+    }
+}
+
+/// Completes the dump in `image` (see the module docs); thaws the container if [`prepare`]
+/// froze it and it still runs.
+pub async fn complete(
+    c: &Container,
+    id: &str,
+    p: Pending,
+    image: PathBuf,
+    leave_running: bool,
+) -> Result<LayerSummary> {
+    let moved = p.view.probe.generation() != p.generation;
+    let result = if moved {
+        Err(refused(
+            id,
+            "the address space of its processes changed while they were frozen for the dump; \
+             nothing was published, retry"
+                .into(),
+        ))
+    } else {
+        let (taken, source, dir) = (p.taken.clone(), p.view.source.clone(), image.clone());
+        tokio::task::spawn_blocking(move || complete_dump(&dir, &taken, false, source.as_ref()))
+            .await
+            .map_err(|e| ShimError::Other(format!("checkpoint of {id}: completion task: {e}")))?
+            .map_err(|e| {
+                ShimError::Other(format!(
+                    "checkpoint of {id}: completing the dump in {} with the pages still \
+                     remote failed: {}",
+                    image.display(),
+                    error_chain(&e)
+                ))
+            })
+    };
+    if leave_running || result.is_err() {
+        undo(c, id, p).await;
+    }
+    result
+}
+
+async fn pause(runc: &RuncClient, id: &str) -> Result<()> {
+    runc.runc.pause(id).await.map_err(|e| ShimError::Runc {
+        verb: "pause",
+        id: id.to_string(),
+        detail: runc.describe(&e),
+    })
+}
+
+async fn resume(runc: &RuncClient, id: &str) -> Result<()> {
+    runc.runc.resume(id).await.map_err(|e| ShimError::Runc {
+        verb: "resume",
+        id: id.to_string(),
+        detail: runc.describe(&e),
+    })
+}
