@@ -23,11 +23,7 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 const CYCLES: usize = 2;
 
 fn kill_rm(ctd: &Containerd, id: &str) -> Result<()> {
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", id])?;
-    ctd.wait_status(id, "STOPPED", STATUS_TIMEOUT)?;
-    ctd.ctr_ok(&["tasks", "rm", id])?;
-    ctd.ctr_ok(&["containers", "rm", id])?;
-    Ok(())
+    ctd.remove_container(id, STATUS_TIMEOUT)
 }
 
 fn migration_cycle(dir: &str) -> Result<()> {

@@ -454,6 +454,16 @@ impl Containerd {
         )
     }
 
+    /// SIGKILLs task `id`, waits up to `timeout` for it to stop, removes the task and the
+    /// container.
+    pub fn remove_container(&self, id: &str, timeout: Duration) -> Result<()> {
+        self.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", id])?;
+        self.wait_status(id, "STOPPED", timeout)?;
+        self.ctr_ok(&["tasks", "rm", id])?;
+        self.ctr_ok(&["containers", "rm", id])?;
+        Ok(())
+    }
+
     fn task_row(&self, id: &str) -> Result<Option<(String, String, String)>> {
         let out = self.ctr_ok(&["tasks", "ls"])?;
         Ok(out.lines().skip(1).find_map(|l| {
