@@ -11,11 +11,16 @@
  * inside it, to one thread's contiguous slice; that thread fills it at start-up and computes
  * over it on every request. Page contents depend only on (seed, g):
  *
- *   zero(g)   = mix(seed ^ ZERO_SALT ^ g * GOLDEN) % 100 < Z          (page stays all-zero)
- *   base(g)   = mix(seed ^ g * PAGE_MUL)
+ *   zero(g)   = epoch(g) == 0 && mix(seed ^ ZERO_SALT ^ g * GOLDEN) % 100 < Z  (all-zero page)
+ *   base(g)   = mix(seed ^ g * PAGE_MUL)                            if epoch(g) == 0
+ *             = mix(seed ^ g * PAGE_MUL ^ mix(epoch(g) * EPOCH_SALT)) otherwise
  *   word(g,i) = mix(base(g) + (i + 1) * GOLDEN)      i = 0..511 (8-byte words, little endian)
  *
- * where mix() is the splitmix64 finaliser. The checksum is
+ * where mix() is the splitmix64 finaliser and epoch(g) the number of the last WRITE that
+ * rewrote page g (0: never rewritten). WRITE <pct> number e rewrites the pages whose g % 100
+ * falls in the next pct residues of a cursor that starts at 0 and advances by pct each time
+ * (so ten WRITE 10 rewrite every page once); epoch(g) = last[g % 100] is process state, kept
+ * by every process alike and carried through checkpoints with the rest of its memory. The checksum is
  *
  *   SUM = sum over g of mix(page_hash(page g) ^ g * PAGE_MUL)      (mod 2^64)
  *
@@ -28,6 +33,7 @@
  *   EXPECT      -> SUM <16 hex> pages=<n>      same, from the generator, memory untouched
  *   VERIFY      -> OK pages=<n> | BAD page=<idx> proc=<p>   (lowest bad global page index)
  *   TOUCH <pct> -> OK                          reads one word of pct% of the pages
+ *   WRITE <pct> -> OK pages=<n>                rewrites pct% of the pages (see epoch above)
  *   anything else -> ERR <reason>
  *
  * The parent serves TCP and asks the children over socketpairs ("<CMD> <arg>\n" ->
@@ -74,6 +80,7 @@
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define PAGE_MUL 0xD1B54A32D192ED03ull
 #define ZERO_SALT 0x5A17E5A1A5A17E00ull
+#define EPOCH_SALT 0x6C8E9CF570932BD5ull
 #define MAX_PROCS 64
 #define MAX_THREADS 64
 #define LINE_MAX_LEN 256
@@ -91,10 +98,26 @@ static inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r
 
 static uint64_t g_seed = 1;
 static unsigned g_zero_pct = 0;
+/* WRITE state: the epoch of the last WRITE, the epoch per residue g % 100, the cursor. */
+static uint32_t g_epoch;
+static uint32_t g_last_epoch[100];
+static unsigned g_write_cursor;
+
+static inline uint32_t page_epoch(uint64_t g) { return g_last_epoch[g % 100u]; }
 
 static inline int page_is_zero(uint64_t g)
 {
-	return g_zero_pct > 0 && mix(g_seed ^ ZERO_SALT ^ (g * GOLDEN)) % 100u < g_zero_pct;
+	return g_zero_pct > 0 && page_epoch(g) == 0 &&
+	       mix(g_seed ^ ZERO_SALT ^ (g * GOLDEN)) % 100u < g_zero_pct;
+}
+
+/* Starts WRITE <pct>: the next pct residues from the cursor get a new epoch. */
+static void begin_write(uint64_t pct)
+{
+	g_epoch++;
+	for (uint64_t i = 0; i < pct; i++)
+		g_last_epoch[(g_write_cursor + i) % 100u] = g_epoch;
+	g_write_cursor = (unsigned)((g_write_cursor + pct) % 100u);
 }
 
 static void gen_page(uint64_t g, uint64_t *out)
@@ -104,6 +127,8 @@ static void gen_page(uint64_t g, uint64_t *out)
 		return;
 	}
 	uint64_t base = mix(g_seed ^ (g * PAGE_MUL));
+	if (page_epoch(g) != 0)
+		base = mix(base ^ mix((uint64_t)page_epoch(g) * EPOCH_SALT));
 	for (unsigned i = 0; i < WORDS; i++)
 		out[i] = mix(base + (uint64_t)(i + 1) * GOLDEN);
 }
@@ -212,7 +237,7 @@ static uint64_t parse_u64(const char *opt, const char *s)
 
 /* ------------------------------------------------------------------ per-process worker pool */
 
-enum job { JOB_FILL, JOB_SUM, JOB_EXPECT, JOB_VERIFY, JOB_TOUCH };
+enum job { JOB_FILL, JOB_SUM, JOB_EXPECT, JOB_VERIFY, JOB_TOUCH, JOB_WRITE };
 
 struct worker {
 	pthread_t th;
@@ -267,6 +292,13 @@ static uint64_t run_job(struct worker *w, enum job job, uint64_t arg)
 			if ((w->first + i) % 100u < arg)
 				acc += *(volatile uint64_t *)(w->mem + i * PAGE);
 		return acc;
+	case JOB_WRITE:
+		for (uint64_t i = 0; i < w->count; i++)
+			if (page_epoch(w->first + i) == g_epoch) {
+				gen_page(w->first + i, (uint64_t *)(w->mem + i * PAGE));
+				acc++;
+			}
+		return acc;
 	}
 	return 0;
 }
@@ -298,6 +330,8 @@ static void *worker_main(void *p)
 /* Runs a job on every thread of this process and combines the results. */
 static uint64_t pool_run(enum job job, uint64_t arg)
 {
+	if (job == JOB_WRITE)
+		begin_write(arg);
 	pthread_mutex_lock(&pool.mu);
 	pool.job = job;
 	pool.arg = arg;
@@ -363,12 +397,12 @@ static int parse_job(const char *cmd, enum job *job, uint64_t *arg)
 		*job = JOB_EXPECT;
 	else if (strcmp(cmd, "VERIFY") == 0)
 		*job = JOB_VERIFY;
-	else if (strncmp(cmd, "TOUCH ", 6) == 0) {
+	else if (strncmp(cmd, "TOUCH ", 6) == 0 || strncmp(cmd, "WRITE ", 6) == 0) {
 		char *end;
 		unsigned long v = strtoul(cmd + 6, &end, 10);
 		if (end == cmd + 6 || *end != '\0' || v > 100)
 			return -1;
-		*job = JOB_TOUCH;
+		*job = cmd[0] == 'T' ? JOB_TOUCH : JOB_WRITE;
 		*arg = v;
 	} else
 		return -1;
@@ -382,6 +416,7 @@ static const char *job_word(enum job j)
 	case JOB_EXPECT: return "EXPECT";
 	case JOB_VERIFY: return "VERIFY";
 	case JOB_TOUCH: return "TOUCH";
+	case JOB_WRITE: return "WRITE";
 	default: return "FILL";
 	}
 }
@@ -401,8 +436,8 @@ static void child_loop(int fd)
 		char cmd[LINE_MAX_LEN];
 		if (sscanf(line, "%15s %llu", word, &arg) < 1)
 			_exit(1);
-		if (strcmp(word, "TOUCH") == 0)
-			snprintf(cmd, sizeof cmd, "TOUCH %llu", arg);
+		if (strcmp(word, "TOUCH") == 0 || strcmp(word, "WRITE") == 0)
+			snprintf(cmd, sizeof cmd, "%s %llu", word, arg);
 		else
 			snprintf(cmd, sizeof cmd, "%s", word);
 		if (parse_job(cmd, &job, &targ) != 0)
@@ -481,6 +516,9 @@ static void handle_command(const char *cmd, char *reply, size_t cap)
 			snprintf(reply, cap, "OK pages=%" PRIu64, g_total_pages);
 		else
 			snprintf(reply, cap, "BAD page=%" PRIu64 " proc=%u", res, bad_proc);
+		break;
+	case JOB_WRITE:
+		snprintf(reply, cap, "OK pages=%" PRIu64, res);
 		break;
 	default:
 		snprintf(reply, cap, "OK");
