@@ -212,6 +212,7 @@ impl Server {
             })?;
         }
         let store = Store::open(&opts.store, opts.max_cached)?;
+        crate::upload::sweep_incoming(&store);
         let logs = AccessLogs::new(opts.access_log.then(|| store.state_dir().join("access")));
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();

@@ -3,30 +3,50 @@
 //! checkpoint `<store>/<id>`.
 //!
 //! The files are written into `<store>/.distriproc/incoming/<id>.upload`, each fsynced; after
-//! the `End` message (whose file count must match) the directory is renamed to `<store>/<id>`
-//! and the store directory fsynced, so a checkpoint appears whole or not at all. An id already
-//! taken (or being uploaded) is refused with `Exists` at the hello. A failed or abandoned
-//! upload leaves nothing behind. The total size is limited by `--max-upload-bytes`.
+//! the `End` message (whose file count must match) the new checkpoint is indexed (every task
+//! pagemap, through its parents: a layer that does not resolve is refused), the directory is
+//! renamed to `<store>/<id>` and the store directory fsynced, so a checkpoint appears whole or
+//! not at all. An id already taken (or being uploaded) is refused with `Exists` at the hello.
+//! A failed or abandoned upload leaves nothing behind; one cut short by the server's own death
+//! is removed when a server next starts on the store ([`sweep_incoming`]: an upload in
+//! progress holds an `flock` on its directory). The total size is limited by
+//! `--max-upload-bytes`.
+//!
+//! A layered upload (protocol v3) names its parent first; see
+//! `distriproc_runtime::protocol::upload` for what is checked. The new checkpoint then holds a
+//! `parent -> ../<parent id>` link.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
-use distriproc_runtime::protocol::upload::{pagemap_checksum, FileHeader, FileKind, MAX_FILES};
+use distriproc_runtime::images::MAX_PARENT_DEPTH;
+use distriproc_runtime::protocol::upload::{
+    pagemap_checksum, FileHeader, FileKind, ParentRef, MAX_FILES,
+};
 use distriproc_runtime::protocol::{
     encode_response_header, Hello, HelloReply, HelloStatus, ProtocolError, RequestStatus,
-    MAX_RANGES, MAX_REQUEST_PAGES,
+    MAX_RANGES, MAX_REQUEST_PAGES, VERSION_LAYERS,
 };
+use nix::fcntl::{Flock, FlockArg};
 
+use crate::checkpoint::{Checkpoint, Store};
 use crate::server::Ctx;
 use crate::stream::Stream;
 use crate::PageServerError;
 
-/// Removes the incoming directory unless the upload was published.
+/// Suffix of an upload's directory under `incoming/`.
+const UPLOAD_SUFFIX: &str = ".upload";
+/// Name of the parent link in a layered checkpoint (CRIU's name).
+const PARENT_LINK: &str = "parent";
+
+/// Removes the incoming directory unless the upload was published; holds its `flock`.
 struct Incoming {
     tmp: PathBuf,
     published: bool,
+    _lock: Option<Flock<File>>,
 }
 
 impl Drop for Incoming {
@@ -35,6 +55,112 @@ impl Drop for Incoming {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Removes upload directories left by a server that died mid-upload: those nobody holds the
+/// `flock` of. Returns how many were removed.
+pub fn sweep_incoming(store: &Store) -> usize {
+    let incoming = store.state_dir().join("incoming");
+    let mut removed = 0;
+    for e in std::fs::read_dir(&incoming).into_iter().flatten().flatten() {
+        let path = e.path();
+        if !e.file_name().to_string_lossy().ends_with(UPLOAD_SUFFIX) {
+            continue;
+        }
+        let Ok(dir) = File::open(&path) else { continue };
+        // Taken: a live upload (of this or another server on the same store) holds it.
+        let Ok(lock) = Flock::lock(dir, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if std::fs::remove_dir_all(&path).is_ok() {
+            tracing::warn!(path = %path.display(), "removed an upload cut short by a server exit");
+            removed += 1;
+        }
+        drop(lock);
+    }
+    removed
+}
+
+/// Layers in the chain that starts at `dir` (1 without a parent link); refuses a chain that
+/// loops, leaves the store or is deeper than [`MAX_PARENT_DEPTH`].
+fn chain_depth(store: &Store, dir: &Path) -> Result<usize, String> {
+    let root = std::fs::canonicalize(store.root()).map_err(|e| format!("store: {e}"))?;
+    let mut seen = HashSet::new();
+    let mut at = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut depth = 1;
+    loop {
+        seen.insert(at.clone());
+        let link = at.join(PARENT_LINK);
+        if std::fs::symlink_metadata(&link).is_err() {
+            return Ok(depth);
+        }
+        let next = std::fs::canonicalize(&link)
+            .map_err(|e| format!("{}: broken parent link ({e})", link.display()))?;
+        if next.parent() != Some(root.as_path()) {
+            return Err(format!("{} leaves the store", link.display()));
+        }
+        if !seen.insert(next.clone()) {
+            return Err(format!("{}: the parent chain loops", link.display()));
+        }
+        depth += 1;
+        if depth > MAX_PARENT_DEPTH {
+            return Err(format!(
+                "the chain below {} is deeper than {MAX_PARENT_DEPTH} layers",
+                dir.display()
+            ));
+        }
+        at = next;
+    }
+}
+
+/// Checks the parent an upload of `child` names; its directory.
+fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<PathBuf, String> {
+    if p.checkpoint == child {
+        return Err(format!("checkpoint {child:?} cannot be its own parent"));
+    }
+    let dir = store.dir_of(&p.checkpoint).map_err(|e| e.to_string())?;
+    if !dir.is_dir() {
+        return Err(format!(
+            "parent checkpoint {:?} is not in the store",
+            p.checkpoint
+        ));
+    }
+    let found = pagemap_checksum(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if found != p.digest {
+        return Err(format!(
+            "parent checkpoint {:?} holds {}, the upload names {}: not the layer it was taken \
+             from",
+            p.checkpoint,
+            found.to_message(),
+            p.digest.to_message()
+        ));
+    }
+    let depth = chain_depth(store, &dir)?;
+    if depth >= MAX_PARENT_DEPTH {
+        return Err(format!(
+            "parent checkpoint {:?} is {depth} layers deep; a child would exceed \
+             {MAX_PARENT_DEPTH} (compact the chain)",
+            p.checkpoint
+        ));
+    }
+    Ok(dir)
+}
+
+/// Indexes the upload in `tmp` (through `parent`, linked absolutely for the check) and leaves
+/// the link relative (`../<parent id>`), as it resolves once `tmp` is renamed into the store.
+fn finish_layer(id: &str, tmp: &Path, parent: Option<(&ParentRef, &Path)>) -> Result<(), String> {
+    let link = tmp.join(PARENT_LINK);
+    if let Some((_, dir)) = parent {
+        std::os::unix::fs::symlink(dir, &link).map_err(|e| format!("link the parent: {e}"))?;
+    }
+    Checkpoint::open(id, tmp).map_err(|e| distriproc_runtime::error_chain(&e))?;
+    if let Some((p, _)) = parent {
+        let new = tmp.join(".parent.tmp");
+        std::os::unix::fs::symlink(format!("../{}", p.checkpoint), &new)
+            .and_then(|()| std::fs::rename(&new, &link))
+            .map_err(|e| format!("link the parent: {e}"))?;
+    }
+    Ok(())
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PageServerError {
@@ -64,7 +190,7 @@ pub(crate) fn serve(
     };
     let incoming = ctx.store.state_dir().join("incoming");
     std::fs::create_dir_all(&incoming).map_err(io("create", &incoming))?;
-    let tmp = incoming.join(format!("{}.upload", hello.checkpoint));
+    let tmp = incoming.join(format!("{}{UPLOAD_SUFFIX}", hello.checkpoint));
     if dst.exists() {
         return refuse(
             &mut w,
@@ -80,9 +206,13 @@ pub(crate) fn serve(
             format!("checkpoint {:?} is being uploaded ({e})", hello.checkpoint),
         );
     }
+    let lock = File::open(&tmp)
+        .ok()
+        .and_then(|d| Flock::lock(d, FlockArg::LockExclusiveNonblock).ok());
     let mut guard = Incoming {
         tmp: tmp.clone(),
         published: false,
+        _lock: lock,
     };
     let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
     w.write_all(&HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode())
@@ -106,6 +236,7 @@ pub(crate) fn serve(
     };
     let mut files = 0u64;
     let mut total = 0u64;
+    let mut parent: Option<(ParentRef, PathBuf)> = None;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let h = match FileHeader::read(&mut r) {
@@ -125,6 +256,30 @@ pub(crate) fn serve(
                 return fail(&mut w, RequestStatus::Malformed, e);
             }
             break;
+        }
+        if h.kind == FileKind::Parent {
+            if version < VERSION_LAYERS || files > 0 || parent.is_some() {
+                let e = perr(ProtocolError::Invalid {
+                    what: "upload parent message (v3, once, before the files)",
+                    value: u64::from(version),
+                });
+                return fail(&mut w, RequestStatus::Malformed, e);
+            }
+            let p = match ParentRef::read_body(&h, &mut r) {
+                Ok(p) => p,
+                Err(e) => return Err(perr(e)),
+            };
+            match check_parent(&ctx.store, &hello.checkpoint, &p) {
+                Ok(dir) => parent = Some((p, dir)),
+                Err(why) => {
+                    let e = PageServerError::Criu {
+                        peer: peer.to_string(),
+                        what: format!("upload of {:?}: parent refused: {why}", hello.checkpoint),
+                    };
+                    return fail(&mut w, RequestStatus::BadParent, e);
+                }
+            }
+            continue;
         }
         files += 1;
         total = total.saturating_add(h.size);
@@ -159,6 +314,22 @@ pub(crate) fn serve(
             return fail(&mut w, RequestStatus::StoreFailed, io("sync", &path)(e));
         }
     }
+    let layer = parent.as_ref().map(|(p, d)| (p, d.as_path()));
+    if let Err(why) = finish_layer(&hello.checkpoint, &tmp, layer) {
+        let status = if parent.is_some() {
+            RequestStatus::BadParent
+        } else {
+            RequestStatus::Malformed
+        };
+        let e = PageServerError::Criu {
+            peer: peer.to_string(),
+            what: format!(
+                "upload of {:?} does not index as a checkpoint: {why}",
+                hello.checkpoint
+            ),
+        };
+        return fail(&mut w, status, e);
+    }
     let digest = match pagemap_checksum(&tmp) {
         Ok(d) => d,
         Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("read", &tmp)(e)),
@@ -186,7 +357,8 @@ pub(crate) fn serve(
     }
     ctx.metrics.uploads.fetch_add(1, Relaxed);
     ctx.metrics.upload_bytes.fetch_add(total, Relaxed);
-    tracing::info!(peer, checkpoint = %hello.checkpoint, files, bytes = total, "upload stored");
+    let parent_id = parent.as_ref().map_or("", |(p, _)| p.checkpoint.as_str());
+    tracing::info!(peer, checkpoint = %hello.checkpoint, parent = parent_id, files, bytes = total, "upload stored");
     let mut out = Vec::new();
     encode_response_header(0, RequestStatus::Ok, 0, &digest.to_message(), &mut out);
     w.write_all(&out).map_err(|source| {
@@ -301,5 +473,38 @@ mod tests {
             assert!(!d.path().join(id).exists(), "{id} was published");
         }
         srv.shutdown();
+    }
+
+    #[test]
+    fn sweep_removes_cut_uploads_and_keeps_live_ones() {
+        use nix::fcntl::{Flock, FlockArg};
+
+        use crate::checkpoint::Store;
+
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path(), 4).unwrap();
+        let incoming = store.state_dir().join("incoming");
+        std::fs::create_dir_all(incoming.join("cut.upload")).unwrap();
+        std::fs::write(incoming.join("cut.upload/pages-1.img"), b"partial").unwrap();
+        std::fs::create_dir_all(incoming.join("live.upload")).unwrap();
+        std::fs::create_dir_all(incoming.join("other")).unwrap();
+        let live = std::fs::File::open(incoming.join("live.upload")).unwrap();
+        let lock = Flock::lock(live, FlockArg::LockExclusiveNonblock).unwrap();
+        assert_eq!(super::sweep_incoming(&store), 1);
+        assert!(
+            !incoming.join("cut.upload").exists(),
+            "a cut upload was kept"
+        );
+        assert!(
+            incoming.join("live.upload").exists(),
+            "a live upload was removed"
+        );
+        assert!(
+            incoming.join("other").exists(),
+            "a foreign entry was removed"
+        );
+        drop(lock);
+        assert_eq!(super::sweep_incoming(&store), 1);
+        assert!(!incoming.join("live.upload").exists());
     }
 }

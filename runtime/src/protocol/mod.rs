@@ -112,6 +112,9 @@
 //!   pagemap checksum, so that a client detects a store that does not hold what it expects),
 //!   [`HelloStatus::Exists`] and [`RequestStatus::StoreFailed`]. A server refuses them on a
 //!   session that negotiated version 1; v1 clients are served as before.
+//! - Version 3 adds layered uploads: the upload message [`upload::FileKind::Parent`] (the new
+//!   checkpoint leaves pages to a stored parent) and [`RequestStatus::BadParent`]. A server
+//!   refuses a `Parent` message on a session that negotiated version 2.
 //!
 //! # Limits
 //!
@@ -129,10 +132,13 @@ pub const PAGE_SIZE: usize = 4096;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"DPPS";
 /// The protocol version this build speaks (and the highest).
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The first version with [`HELLO_UPLOAD`], [`RequestKind::Info`], [`HelloStatus::Exists`] and
 /// [`RequestStatus::StoreFailed`].
 pub const VERSION_UPLOAD: u16 = 2;
+/// The first version with layered uploads ([`upload::FileKind::Parent`],
+/// [`RequestStatus::BadParent`]).
+pub const VERSION_LAYERS: u16 = 3;
 /// Longest checkpoint id.
 pub const MAX_CHECKPOINT_ID_LEN: usize = 128;
 /// Longest credential token.
@@ -426,6 +432,9 @@ wire_enum! {
         /// (v2) An upload could not be stored (disk error, id taken meanwhile); the server
         /// closes.
         StoreFailed = 4 => "store failed",
+        /// (v3) An upload's parent is missing, holds other memory than named, or would make
+        /// the chain too deep; the server closes.
+        BadParent = 5 => "parent refused",
     }
 }
 

@@ -6,13 +6,28 @@
 //!
 //! ```text
 //! client                                                 page server
-//!   Hello {flags=HELLO_UPLOAD, version 2, checkpoint=ID, token} ─▶ token, id valid and unused
+//!   Hello {flags=HELLO_UPLOAD, version ≥ 2, checkpoint=ID, token} ─▶ token, id valid, unused
 //!   ◀─ HelloReply {Ok | Unauthorized | BadCheckpointId | Exists | ...}
+//!   (v3, optional, first) FileHeader {Parent, name_len, 16} parent id, its digest
+//!                                                               ─▶  parent exists, digest, depth
 //!   FileHeader {File, name_len, size} name bytes, `size` bytes  ─▶  (any number of files)
-//!   FileHeader {End, 0, size = number of files}                 ─▶  fsync, rename into place
-//!   ◀─ Response header {request_id 0, Ok | Malformed | TooLarge | StoreFailed, message}
+//!   FileHeader {End, 0, size = number of files}                 ─▶  index, fsync, rename
+//!   ◀─ Response header {request_id 0, Ok | Malformed | TooLarge | StoreFailed | BadParent, msg}
 //!      Ok message: `pages_bytes=<n> pagemap_checksum=<16 hex>` (see [`pagemap_checksum`])
 //! ```
+//!
+//! ## Layers (version 3)
+//!
+//! An upload may name a parent: a checkpoint already in the store whose pages the new one
+//! leaves to it (`PE_PARENT` pagemap entries, as CRIU's own `parent` chains). The `Parent`
+//! message carries the parent's id and its [`MemoryDigest`] as the client knows it (16 bytes:
+//! `pages_bytes` u64 LE, `pagemap_checksum` u64 LE). The server refuses with `BadParent` a
+//! parent that is missing, that holds other memory than the digest says, that is the new
+//! checkpoint itself or whose chain would be deeper than
+//! [`MAX_PARENT_DEPTH`](crate::images::MAX_PARENT_DEPTH) layers; it checks that the new layer
+//! indexes through its parents (every `PE_PARENT` page held by a layer below) before it
+//! publishes it with a `parent -> ../<parent id>` link. The new layer's digest covers its own
+//! files only.
 //!
 //! ## FileHeader, [`FILE_HEADER_LEN`] = 16 bytes
 //!
@@ -24,7 +39,7 @@
 //! | 8 | 8 | size | `File`: bytes that follow the name, ≤ [`MAX_FILE_BYTES`]; `End`: file count |
 //!
 //! A file name is a plain name of `A-Z a-z 0-9 . _ -` that does not start with `.` (no
-//! directories, no `parent` links: a checkpoint with a parent chain is not uploaded). Limits:
+//! directories, no `parent` links: the server makes the link from the `Parent` message). Limits:
 //! [`MAX_FILES`] files, [`MAX_FILE_BYTES`] per file, [`MAX_UPLOAD_BYTES`] in all; a server may
 //! set a lower total. Everything is checked before anything is allocated or written.
 
@@ -60,6 +75,51 @@ wire_enum! {
         File = 1 => "file",
         /// The end of the upload; `size` is the number of files sent.
         End = 2 => "end",
+        /// (v3) The parent layer: its id as the name, then its digest ([`PARENT_BODY_LEN`]
+        /// bytes). At most once, before any file.
+        Parent = 3 => "parent",
+    }
+}
+
+/// Bytes after a `Parent` header's name: the parent's [`MemoryDigest`].
+pub const PARENT_BODY_LEN: u64 = PARENT_BODY.len() as u64;
+const PARENT_BODY: [u8; 16] = [0; 16];
+
+/// The parent an upload names ([`FileKind::Parent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// The parent checkpoint's id in the store.
+    pub checkpoint: String,
+    /// Its digest as the client recorded it.
+    pub digest: MemoryDigest,
+}
+
+impl ParentRef {
+    /// Encodes the `Parent` message: header, id, digest.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        FileHeader {
+            kind: FileKind::Parent,
+            name: self.checkpoint.clone(),
+            size: PARENT_BODY_LEN,
+        }
+        .encode(out)?;
+        out.extend_from_slice(&self.digest.pages_bytes.to_le_bytes());
+        out.extend_from_slice(&self.digest.pagemap_checksum.to_le_bytes());
+        Ok(())
+    }
+
+    /// Reads the digest that follows a `Parent` header `h`.
+    pub fn read_body<R: Read>(h: &FileHeader, r: &mut R) -> Result<ParentRef, ProtocolError> {
+        let mut b = PARENT_BODY;
+        r.read_exact(&mut b)
+            .map_err(super::ProtocolError::io("read upload parent digest"))?;
+        Ok(ParentRef {
+            checkpoint: h.name.clone(),
+            digest: MemoryDigest {
+                pages_bytes: u64_at(&b, 0),
+                pagemap_checksum: u64_at(&b, 8),
+            },
+        })
     }
 }
 
@@ -110,6 +170,15 @@ impl FileHeader {
                 }
             }
             FileKind::End => zero("end name length", self.name.len() as u64)?,
+            FileKind::Parent => {
+                check_file_name(&self.name)?;
+                if self.size != PARENT_BODY_LEN {
+                    return Err(ProtocolError::Invalid {
+                        what: "upload parent body length",
+                        value: self.size,
+                    });
+                }
+            }
         }
         out.extend_from_slice(&self.kind.to_wire().to_le_bytes());
         out.extend_from_slice(&u16::try_from(self.name.len()).unwrap_or(0).to_le_bytes());
@@ -129,12 +198,18 @@ impl FileHeader {
         zero("upload reserved field", u64::from(u32_at(&b, 4)))?;
         let size = u64_at(&b, 8);
         match kind {
-            FileKind::File => {
+            FileKind::File | FileKind::Parent => {
                 if name_len == 0 || name_len > MAX_FILE_NAME_LEN {
                     return Err(ProtocolError::Limit {
                         what: "upload file name length",
                         value: name_len as u64,
                         limit: MAX_FILE_NAME_LEN as u64,
+                    });
+                }
+                if kind == FileKind::Parent && size != PARENT_BODY_LEN {
+                    return Err(ProtocolError::Invalid {
+                        what: "upload parent body length",
+                        value: size,
                     });
                 }
                 if size > MAX_FILE_BYTES {
@@ -157,7 +232,7 @@ impl FileHeader {
             }
         }
         let name = super::read_text(r, name_len, "upload file name", MAX_FILE_NAME_LEN)?;
-        if kind == FileKind::File {
+        if kind != FileKind::End {
             check_file_name(&name)?;
         }
         Ok(FileHeader { kind, name, size })
@@ -295,6 +370,23 @@ mod tests {
             FileHeader::read(&mut &h[..]),
             Err(ProtocolError::Limit { .. })
         ));
+        // A parent: id and digest round-trip; a wrong body length is refused.
+        let p = ParentRef {
+            checkpoint: "base-1".into(),
+            digest: MemoryDigest {
+                pages_bytes: 4096,
+                pagemap_checksum: 0xfeed,
+            },
+        };
+        let mut b = Vec::new();
+        p.encode(&mut b).unwrap();
+        let mut r = &b[..];
+        let h = FileHeader::read(&mut r).unwrap();
+        assert_eq!(h.kind, FileKind::Parent);
+        assert_eq!(ParentRef::read_body(&h, &mut r).unwrap(), p);
+        assert!(r.is_empty());
+        b[8] = 17;
+        assert!(FileHeader::read(&mut &b[..]).is_err());
         // Kind 0 is reserved.
         let z = [0u8; FILE_HEADER_LEN];
         assert!(FileHeader::read(&mut &z[..]).is_err());
