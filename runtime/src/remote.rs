@@ -29,12 +29,12 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::tls::{rustls, TlsClient, TlsError};
-use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest};
+use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest, ParentRef};
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
     HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
     ResponseHeader, HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE,
-    REQ_FIRST_RUN, VERSION, VERSION_UPLOAD,
+    REQ_FIRST_RUN, VERSION, VERSION_LAYERS, VERSION_UPLOAD,
 };
 use crate::source::{PageKind, PageRead, PageSource, SourceError};
 
@@ -522,13 +522,15 @@ pub fn open_criu_session(
 
 /// Uploads `files` (plain names) of the images directory `dir` as the new checkpoint
 /// `opts.checkpoint` ([`crate::protocol::upload`]). Returns what the server computed over
-/// what it stored. Every step has the options' timeouts; the final answer (after the server's
-/// fsync) may take up to `max(io_timeout, 120 s)`.
+/// what it stored. With `parent`, the new checkpoint is a layer over that stored checkpoint
+/// (protocol v3; its `PE_PARENT` pages resolve there). Every step has the options' timeouts;
+/// the final answer (after the server's fsync) may take up to `max(io_timeout, 120 s)`.
 pub fn upload_checkpoint(
     endpoint: &Endpoint,
     opts: &RemoteOptions,
     dir: &std::path::Path,
     files: &[String],
+    parent: Option<&ParentRef>,
 ) -> Result<MemoryDigest, RemoteError> {
     let ep = endpoint.to_string();
     let proto = |source| RemoteError::Protocol {
@@ -545,6 +547,19 @@ pub fn upload_checkpoint(
     }
     let wio = |what| move |source| ProtocolError::Io { what, source };
     let mut head = Vec::with_capacity(256);
+    if let Some(p) = parent {
+        if reply.version < VERSION_LAYERS {
+            return Err(proto(ProtocolError::UnsupportedVersion {
+                ours: VERSION,
+                theirs: reply.version,
+            }));
+        }
+        p.encode(&mut head).map_err(proto)?;
+        r.get_mut()
+            .write_all(&head)
+            .map_err(wio("send upload parent"))
+            .map_err(proto)?;
+    }
     for name in files {
         let path = dir.join(name);
         let mut f = std::fs::File::open(&path).map_err(|source| RemoteError::Upload {
@@ -1247,11 +1262,11 @@ mod tests {
             .map(String::from)
             .to_vec();
         let local = crate::protocol::upload::pagemap_checksum(&img).unwrap();
-        let got = upload_checkpoint(&ep, &o, &img, &files).unwrap();
+        let got = upload_checkpoint(&ep, &o, &img, &files, None).unwrap();
         assert_eq!(got, local);
         assert!(store.join("up-1/pages-1.img").exists());
         // The same id again is refused; so is a wrong token.
-        let e = upload_checkpoint(&ep, &o, &img, &files).unwrap_err();
+        let e = upload_checkpoint(&ep, &o, &img, &files, None).unwrap_err();
         assert!(
             e.to_string().contains("exists") || format!("{e:?}").contains("Exists"),
             "{e:?}"
@@ -1259,18 +1274,125 @@ mod tests {
         let mut bad = o.clone();
         bad.checkpoint = "up-2".into();
         bad.token = "wrong".into();
-        let e = upload_checkpoint(&ep, &bad, &img, &files).unwrap_err();
+        let e = upload_checkpoint(&ep, &bad, &img, &files, None).unwrap_err();
         assert!(format!("{e:?}").contains("Unauthorized"), "{e:?}");
         assert!(!store.join("up-2").exists());
         // A file name that would escape the store never leaves the client.
         let mut o3 = o.clone();
         o3.checkpoint = "up-3".into();
-        assert!(upload_checkpoint(&ep, &o3, &img, &["../x".to_string()]).is_err());
+        assert!(upload_checkpoint(&ep, &o3, &img, &["../x".to_string()], None).is_err());
         let rp = RemotePages::connect(ep, o).unwrap();
         assert_eq!(rp.info().unwrap(), local);
         let mut buf = vec![0u8; 8192];
         rp.read_pages(1, 0x10000, &mut buf).unwrap();
         assert_eq!(buf, pages);
+        srv.shutdown();
+    }
+
+    #[test]
+    fn layered_uploads_resolve_and_bad_parents_are_refused() {
+        use crate::images::testutil::{pm, write_inventory, write_pagemap};
+        use crate::images::{MAX_PARENT_DEPTH, PE_LAZY, PE_PARENT, PE_PRESENT};
+        use crate::protocol::upload::pagemap_checksum;
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let srv = Server::start(ServerOptions::for_store(store.clone())).unwrap();
+        let ep: Endpoint = srv.addrs()[0].parse().unwrap();
+        let files: Vec<String> = ["inventory.img", "pagemap-1.img", "pages-1.img"]
+            .map(String::from)
+            .to_vec();
+        // A layer: `entries` in its pagemap, `pages` as its pages file.
+        let layer = |name: &str, entries: &[crate::images::PagemapEntry], pages: &[u8]| {
+            let img = d.path().join(name);
+            std::fs::create_dir_all(&img).unwrap();
+            write_inventory(&img).unwrap();
+            write_pagemap(&img, 1, 1, entries).unwrap();
+            std::fs::write(img.join("pages-1.img"), pages).unwrap();
+            img
+        };
+        let upload = |id: &str, img: &std::path::Path, parent: Option<&ParentRef>| {
+            upload_checkpoint(&ep, &RemoteOptions::new(id), img, &files, parent)
+        };
+        let lazy = PE_LAZY | PE_PRESENT;
+        // Base: pages 0x10000..0x13000 = 1, 2, 3.
+        let mut base_pages = vec![1u8; 4096];
+        base_pages.extend_from_slice(&[2u8; 4096]);
+        base_pages.extend_from_slice(&[3u8; 4096]);
+        let base = layer("base", &[pm(0x10000, 3, lazy)], &base_pages);
+        let base_digest = upload("l0", &base, None).unwrap();
+        // Child: page 2 rewritten (9), pages 1 and 3 left to the parent.
+        let child = layer(
+            "child",
+            &[
+                pm(0x10000, 1, PE_PARENT),
+                pm(0x11000, 1, lazy),
+                pm(0x12000, 1, PE_PARENT),
+            ],
+            &[9u8; 4096],
+        );
+        let p0 = ParentRef {
+            checkpoint: "l0".into(),
+            digest: base_digest,
+        };
+        let got = upload("l1", &child, Some(&p0)).unwrap();
+        assert_eq!(got, pagemap_checksum(&child).unwrap());
+        assert_eq!(
+            std::fs::read_link(store.join("l1/parent")).unwrap(),
+            std::path::Path::new("../l0")
+        );
+        let rp = RemotePages::connect(ep.clone(), RemoteOptions::new("l1")).unwrap();
+        let mut buf = vec![0u8; 3 * 4096];
+        rp.read_pages(1, 0x10000, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 1));
+        assert!(buf[4096..8192].iter().all(|b| *b == 9));
+        assert!(buf[8192..].iter().all(|b| *b == 3));
+        // Refused with BadParent, nothing stored: a parent that is not there, one with other
+        // memory than named, a child whose parent pages the chain does not hold.
+        let bad = |id: &str, img: &std::path::Path, p: &ParentRef, want: &str| {
+            let e = upload(id, img, Some(p)).unwrap_err();
+            let text = format!("{e:?} {}", crate::error_chain(&e));
+            assert!(
+                text.contains("BadParent") || text.contains("parent refused"),
+                "{text}"
+            );
+            assert!(text.contains(want), "{want}: {text}");
+            assert!(!store.join(id).exists(), "{id} was stored");
+        };
+        let missing = ParentRef {
+            checkpoint: "nope".into(),
+            digest: base_digest,
+        };
+        bad("x1", &child, &missing, "not in the store");
+        let mut other = p0.clone();
+        other.digest.pagemap_checksum ^= 1;
+        bad("x2", &child, &other, "not the layer it was taken from");
+        let beyond = layer(
+            "beyond",
+            &[pm(0x10000, 1, lazy), pm(0x20000, 1, PE_PARENT)],
+            &[5u8; 4096],
+        );
+        bad("x3", &beyond, &p0, "does not index");
+        let own = ParentRef {
+            checkpoint: "x4".into(),
+            digest: base_digest,
+        };
+        bad("x4", &child, &own, "its own parent");
+        // A chain may be MAX_PARENT_DEPTH layers deep, not deeper.
+        let mut top = p0.clone();
+        top.checkpoint = "l1".into();
+        top.digest = got;
+        for depth in 3..=MAX_PARENT_DEPTH {
+            let id = format!("l{}", depth - 1);
+            top.digest = upload(&id, &child, Some(&top)).unwrap();
+            top.checkpoint = id;
+        }
+        bad("too-deep", &child, &top, "compact the chain");
+        let rp = RemotePages::connect(ep, RemoteOptions::new(&top.checkpoint)).unwrap();
+        rp.read_pages(1, 0x10000, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 1));
+        assert!(buf[8192..].iter().all(|b| *b == 3));
         srv.shutdown();
     }
 }

@@ -204,7 +204,13 @@ fn tls_session_works_and_bad_peers_are_refused() -> Result<()> {
     .iter()
     .map(|f| f.to_string())
     .collect();
-    distriproc_runtime::remote::upload_checkpoint(&tcp(&h), &up, &s.dir.join("store/ck"), &files)?;
+    distriproc_runtime::remote::upload_checkpoint(
+        &tcp(&h),
+        &up,
+        &s.dir.join("store/ck"),
+        &files,
+        None,
+    )?;
     read_all(&RemotePages::connect(tcp(&h), up)?)?;
     // Unix sockets stay plaintext.
     let unix = Endpoint::Unix(s.dir.join("ps.sock"));

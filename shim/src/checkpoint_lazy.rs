@@ -11,8 +11,10 @@
 //! 2. `runc checkpoint` dumps the frozen tasks (CRIU keeps the freezer state it found).
 //! 3. [`complete`]: the generation must be unchanged (else the report may not describe the
 //!    dump: refused, nothing published); then every page the fetcher still manages and the dump
-//!    lacks is copied into it from the fetcher's page source. The container is thawed again if
-//!    this module froze it and it keeps running.
+//!    lacks is added to it: as a `PE_PARENT` entry when the checkpoint goes to the page server
+//!    that holds the checkpoint the container was restored from (a layer over it,
+//!    `crate::remote`), else copied in from the fetcher's page source. The container is thawed
+//!    again if this module froze it and it keeps running.
 //!
 //! Refused with a clear error instead: memory still arriving through CRIU's own lazy-pages
 //! daemon (no residency to complete from), and processes forked after the restore that still
@@ -124,14 +126,17 @@ pub async fn undo(c: &Container, id: &str, p: Pending) {
     }
 }
 
-/// Completes the dump in `image` (see the module docs); thaws the container if [`prepare`]
-/// froze it and it still runs.
+/// Completes the dump in `image` (see the module docs), leaving the pages still remote to the
+/// base layer when `parent_usable` (the new checkpoint goes to the page server that holds the
+/// checkpoint the tasks were restored from) and copying them in otherwise; thaws the
+/// container if [`prepare`] froze it and it still runs.
 pub async fn complete(
     c: &Container,
     id: &str,
     p: Pending,
     image: PathBuf,
     leave_running: bool,
+    parent_usable: bool,
 ) -> Result<LayerSummary> {
     let moved = p.view.probe.generation() != p.generation;
     let result = if moved {
@@ -143,17 +148,19 @@ pub async fn complete(
         ))
     } else {
         let (taken, source, dir) = (p.taken.clone(), p.view.source.clone(), image.clone());
-        tokio::task::spawn_blocking(move || complete_dump(&dir, &taken, false, source.as_ref()))
-            .await
-            .map_err(|e| ShimError::Other(format!("checkpoint of {id}: completion task: {e}")))?
-            .map_err(|e| {
-                ShimError::Other(format!(
-                    "checkpoint of {id}: completing the dump in {} with the pages still \
+        tokio::task::spawn_blocking(move || {
+            complete_dump(&dir, &taken, parent_usable, source.as_ref())
+        })
+        .await
+        .map_err(|e| ShimError::Other(format!("checkpoint of {id}: completion task: {e}")))?
+        .map_err(|e| {
+            ShimError::Other(format!(
+                "checkpoint of {id}: completing the dump in {} with the pages still \
                      remote failed: {}",
-                    image.display(),
-                    error_chain(&e)
-                ))
-            })
+                image.display(),
+                error_chain(&e)
+            ))
+        })
     };
     if leave_running || result.is_err() {
         undo(c, id, p).await;

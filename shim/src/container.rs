@@ -110,6 +110,9 @@ pub struct Container {
     pub lazy: Option<crate::lazy::Waiter>,
     /// What a checkpoint needs to complete its dump while memory is still lazily managed.
     pub lazy_view: Option<crate::lazy::CheckpointView>,
+    /// The page-server checkpoint this container was lazily restored from: a checkpoint to the
+    /// same page server is a layer over it.
+    pub base_layer: Option<crate::remote::BaseLayer>,
 }
 
 impl Container {

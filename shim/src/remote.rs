@@ -6,14 +6,23 @@
 //! 1. refuses nothing but skips (keeps the checkpoint local) when the directory has a
 //!    `parent` link (pre-dump chains stay local);
 //! 2. uploads every file of the directory to the page server as the new checkpoint
-//!    `<container>-<unix ms>-<shim pid>` (native protocol v2, `protocol::upload`: token,
+//!    `<container>-<unix ms>-<shim pid>` (native protocol, `protocol::upload`: token,
 //!    limits, stored atomically); the server's receipt must match the local [`MemoryDigest`];
 //! 3. strips the lazy pages locally ([`strip_lazy_pages`]): every `PE_LAZY` pagemap entry loses
 //!    `PE_PRESENT` and its data leaves `pages-<id>.img`, which keeps only the pages CRIU restores
-//!    eagerly (stacks' top pages, file-backed private pages: a few hundred KiB) — the images
-//!    then look like a `criu dump --lazy-pages` and `criu restore --lazy-pages` needs nothing
-//!    else locally;
+//!    eagerly (stacks' top pages, file-backed private pages: a few hundred KiB), and every
+//!    `PE_PARENT` entry becomes `PE_LAZY` — the images then look like a
+//!    `criu dump --lazy-pages` and `criu restore --lazy-pages` needs nothing else locally;
 //! 4. writes the reference file [`REFERENCE_FILE`].
+//!
+//! # Layers
+//!
+//! A container lazily restored from a checkpoint of this page server remembers it
+//! ([`BaseLayer`]). Its next checkpoint to the same server is a layer over it: the pages still
+//! remote are `PE_PARENT` entries (`distriproc_runtime::layer`), the upload names the base as
+//! its parent (protocol v3, checked by the server against the digest recorded at restore), and
+//! the server links the new checkpoint to it; a restore of the layer reads those pages through
+//! the chain. Checkpointing to another server, or without a server, copies them instead.
 //!
 //! containerd then tars a directory without the memory. On restore, a checkpoint directory
 //! holding the reference file is served by `RemotePages` (or `criu lazy-pages --ps-socket`);
@@ -41,9 +50,9 @@ use distriproc_config::pageserver::PageServerClientConfig;
 use distriproc_runtime::error_chain;
 use distriproc_runtime::images::{
     ImageDir, PagemapEntry, PagemapHead, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY,
-    PE_PRESENT,
+    PE_PARENT, PE_PRESENT,
 };
-use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest};
+use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest, ParentRef};
 use distriproc_runtime::remote::{upload_checkpoint, Endpoint, RemoteOptions};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -137,6 +146,23 @@ impl RemoteReference {
     }
 }
 
+/// The stored checkpoint a container was lazily restored from.
+#[derive(Debug, Clone)]
+pub struct BaseLayer {
+    /// The page server the restore read from (`Endpoint` text).
+    pub endpoint: String,
+    /// The checkpoint there and its digest as the reference recorded it.
+    pub parent: ParentRef,
+}
+
+impl BaseLayer {
+    /// Whether a checkpoint published with `cfg` goes to the server that holds this layer.
+    pub fn same_server(&self, cfg: &PageServerClientConfig) -> bool {
+        client(cfg, None, &self.parent.checkpoint, "layer")
+            .is_ok_and(|(endpoint, _)| endpoint.to_string() == self.endpoint)
+    }
+}
+
 /// Reads the reference file of `dir`; `None` for a local checkpoint.
 pub fn read_reference(dir: &Path) -> Result<Option<RemoteReference>> {
     let path = dir.join(REFERENCE_FILE);
@@ -219,12 +245,14 @@ pub fn checkpoint_id(container: &str) -> String {
     )
 }
 
-/// Publishes the checkpoint in `dir` to the page server (see the module documentation).
-/// `Ok(None)`: kept local (a parent chain).
+/// Publishes the checkpoint in `dir` to the page server (see the module documentation), as a
+/// layer over `parent` when its pagemaps leave pages to it. `Ok(None)`: kept local (a CRIU
+/// parent chain).
 pub fn publish(
     dir: &Path,
     cfg: &PageServerClientConfig,
     container: &str,
+    parent: Option<&ParentRef>,
 ) -> Result<Option<RemoteReference>> {
     if std::fs::symlink_metadata(dir.join("parent")).is_ok() {
         log::warn!(
@@ -253,7 +281,7 @@ pub fn publish(
     files.sort();
     let id = checkpoint_id(container);
     let (endpoint, opts) = client(cfg, None, &id, container)?;
-    let receipt = upload_checkpoint(&endpoint, &opts, dir, &files)
+    let receipt = upload_checkpoint(&endpoint, &opts, dir, &files, parent)
         .map_err(|e| RemoteCheckpointError::Server(error_chain(&e)))?;
     if receipt != digest {
         return Err(RemoteCheckpointError::Mismatch {
@@ -306,8 +334,9 @@ fn frame(w: &mut impl Write, m: &impl Message) -> std::io::Result<()> {
 }
 
 /// Removes the data of every lazy page from the task pagemaps and pages files of `dir`
-/// (entries with `PE_LAZY` lose `PE_PRESENT`; the pages file keeps the other present pages in
-/// pagemap order). Returns the lazy pages removed.
+/// (entries with `PE_LAZY` lose `PE_PRESENT`, `PE_PARENT` entries become `PE_LAZY`: their data
+/// is in the page server's parent layer; the pages file keeps the other present pages in
+/// pagemap order). Returns the pages left to the page server.
 pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
     let img = ImageDir::open(dir).map_err(|e| RemoteCheckpointError::Images {
         dir: dir.to_path_buf(),
@@ -338,7 +367,10 @@ pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
         let mut off = 0u64;
         for e in &entries {
             let mut flags = e.flags;
-            if e.flags & PE_PRESENT != 0 {
+            if e.flags & PE_PARENT != 0 && e.flags & PE_PRESENT == 0 {
+                flags = PE_LAZY;
+                removed += e.nr_pages;
+            } else if e.flags & PE_PRESENT != 0 {
                 let len = e.nr_pages * PAGE_SIZE;
                 if e.flags & PE_LAZY != 0 {
                     flags &= !PE_PRESENT;
@@ -397,6 +429,7 @@ mod tests {
                 pm(0x1000, 1, PE_PRESENT),
                 pm(0x10000, 2, PE_LAZY | PE_PRESENT),
                 pm(0x20000, 1, PE_PRESENT),
+                pm(0x30000, 3, PE_PARENT),
             ],
         )
         .unwrap();
@@ -404,7 +437,7 @@ mod tests {
         pages.extend_from_slice(&[2u8; 8192]);
         pages.extend_from_slice(&[3u8; 4096]);
         std::fs::write(d.path().join("pages-1.img"), &pages).unwrap();
-        assert_eq!(strip_lazy_pages(d.path()).unwrap(), 2);
+        assert_eq!(strip_lazy_pages(d.path()).unwrap(), 5);
         let after = std::fs::read(d.path().join("pages-1.img")).unwrap();
         assert_eq!(after.len(), 8192);
         assert!(after[..4096].iter().all(|b| *b == 1));
@@ -413,6 +446,7 @@ mod tests {
         let (_, e) = img.pagemap_entries(1).unwrap();
         assert_eq!(e[1].flags, PE_LAZY);
         assert_eq!(e[2].flags, PE_PRESENT);
+        assert_eq!((e[3].flags, e[3].nr_pages), (PE_LAZY, 3));
         let map = img.pagemap(1).unwrap();
         assert_eq!(map.present_pages(), 2);
     }

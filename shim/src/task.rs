@@ -38,6 +38,7 @@ use containerd_shim::{
 };
 use distriproc_config::ShimConfig;
 use distriproc_runtime::error_chain;
+use distriproc_runtime::protocol::upload::ParentRef;
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
@@ -385,6 +386,7 @@ impl TaskService {
             restore,
             lazy: None,
             lazy_view: None,
+            base_layer: None,
         })
     }
 
@@ -533,6 +535,7 @@ impl TaskService {
                 plan.images.display()
             )));
         }
+        let mut base_layer = None;
         let session = if self.inner.lazy.is_lazy() {
             let shim_cfg = &c.cfg;
             let pages = match &reference {
@@ -550,6 +553,13 @@ impl TaskService {
                         "restoring {id} from remote checkpoint {:?} at {endpoint}",
                         r.checkpoint
                     );
+                    base_layer = Some(crate::remote::BaseLayer {
+                        endpoint: endpoint.to_string(),
+                        parent: ParentRef {
+                            checkpoint: r.checkpoint.clone(),
+                            digest: expect,
+                        },
+                    });
                     lazy::PagesFrom::Remote {
                         endpoint,
                         opts: Box::new(opts),
@@ -618,6 +628,7 @@ impl TaskService {
         match session {
             Some(s) => {
                 c.lazy_view = s.checkpoint_view();
+                c.base_layer = base_layer;
                 let w = lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
                     .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?;
                 c.lazy = Some(w);
@@ -962,6 +973,15 @@ impl TaskService {
             PathBuf::from(&copts.work_path)
         };
         std::fs::create_dir_all(&work).map_err(|e| ShimError::io("create", &work, e))?;
+        let (cfg, annotations) = (&c.cfg, &c.annotations);
+        let remote = crate::remote::wanted(&cfg.pageserver, annotations)
+            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
+        // A checkpoint to the page server the container was restored from is a layer over
+        // that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
+        let base = match (&c.base_layer, remote) {
+            (Some(b), true) if b.same_server(&cfg.pageserver) => Some(b.parent.clone()),
+            _ => None,
+        };
         // Memory still remote must be completed into the dump (crate::checkpoint_lazy).
         let paused = c.init.status == ProcStatus::Paused;
         let pending = crate::checkpoint_lazy::prepare(c, &req.id, paused).await?;
@@ -993,22 +1013,26 @@ impl TaskService {
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
         }
+        let mut parent = None;
         if let Some(p) = pending {
             let t0 = std::time::Instant::now();
+            let dir = PathBuf::from(&image);
             let s =
-                crate::checkpoint_lazy::complete(c, &req.id, p, PathBuf::from(&image), !copts.exit)
+                crate::checkpoint_lazy::complete(c, &req.id, p, dir, !copts.exit, base.is_some())
                     .await?;
             info!(
-                "checkpoint of {}: dump completed with {} pages still remote, read from the \
-                 page source in {:?}",
+                "checkpoint of {}: dump completed in {:?}: {} pages left to layer {:?}, {} \
+                 pages still remote read from the page source",
                 req.id,
+                t0.elapsed(),
+                s.parent_pages,
+                base.as_ref().map_or("", |b| b.checkpoint.as_str()),
                 s.fetched_pages,
-                t0.elapsed()
             );
+            if s.parent_pages > 0 {
+                parent = base;
+            }
         }
-        let (cfg, annotations) = (&c.cfg, &c.annotations);
-        let remote = crate::remote::wanted(&cfg.pageserver, annotations)
-            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
         if remote {
             let (dir, ps, cid) = (
                 PathBuf::from(&image),
@@ -1016,17 +1040,18 @@ impl TaskService {
                 req.id.clone(),
             );
             let t0 = std::time::Instant::now();
-            let published =
-                tokio::task::spawn_blocking(move || crate::remote::publish(&dir, &ps, &cid))
-                    .await
-                    .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
-                    .map_err(|e| {
-                        ShimError::Other(format!(
-                            "checkpoint of {}: publishing its memory to the page server failed: {}",
-                            req.id,
-                            error_chain(&e)
-                        ))
-                    })?;
+            let published = tokio::task::spawn_blocking(move || {
+                crate::remote::publish(&dir, &ps, &cid, parent.as_ref())
+            })
+            .await
+            .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
+            .map_err(|e| {
+                ShimError::Other(format!(
+                    "checkpoint of {}: publishing its memory to the page server failed: {}",
+                    req.id,
+                    error_chain(&e)
+                ))
+            })?;
             if let Some(r) = published {
                 info!(
                     "checkpoint of {} published as {:?} at {} ({} lazy pages, {} bytes) in {:?}",

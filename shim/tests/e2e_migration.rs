@@ -74,7 +74,7 @@ fn migration_cycle(dir: &str) -> Result<()> {
         ctd.ctr_ok(&["containers", "checkpoint", "--task", &id, &next])?;
         let completed = ctd
             .log_text()
-            .matches("still remote, read from the page source")
+            .matches("pages still remote read from the page source")
             .count();
         ensure!(
             completed > completed_before,
