@@ -17,6 +17,7 @@
 //! handshake_timeout_ms = 30000 # CRIU must hand over every task's userfaultfd within this
 //! profile_dir = "/var/lib/distriproc/profiles"  # working-set profiles (fill = "profile")
 //! profile_window_ms = 10000    # how long a first restore records its working set
+//! track_writes = true          # uffd write-protect: re-checkpoints send only written pages
 //!
 //! [pageserver]                 # optional: where remote checkpoints' pages live
 //! address = ""                 # HOST:PORT or unix:PATH; empty = embedded default (local pages)
@@ -122,6 +123,7 @@ pub struct FetcherConfig {
     pub handshake_timeout_ms: u64,
     pub profile_dir: PathBuf,
     pub profile_window_ms: u64,
+    pub track_writes: bool,
 }
 
 impl Default for FetcherConfig {
@@ -137,6 +139,7 @@ impl Default for FetcherConfig {
             handshake_timeout_ms: 30_000,
             profile_dir: PathBuf::from("/var/lib/distriproc/profiles"),
             profile_window_ms: 10_000,
+            track_writes: true,
         }
     }
 }

@@ -123,6 +123,8 @@ pub struct FetchCounters {
     pub zero_pages: AtomicU64,
     /// Pages that were already present (EEXIST).
     pub pages_already_present: AtomicU64,
+    /// First writes to installed pages (write-protect faults resolved).
+    pub pages_written: AtomicU64,
     /// Bytes copied with UFFDIO_COPY.
     pub bytes: AtomicU64,
     /// Tasks whose userfaultfd arrived (forks included).
@@ -175,6 +177,7 @@ impl FetchCounters {
             pages_filled: self.pages_filled.load(Relaxed),
             zero_pages: self.zero_pages.load(Relaxed),
             pages_already_present: self.pages_already_present.load(Relaxed),
+            pages_written: self.pages_written.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
             tasks: self.tasks.load(Relaxed),
             tasks_exited: self.tasks_exited.load(Relaxed),
@@ -270,6 +273,8 @@ pub struct FetchStats {
     pub zero_pages: u64,
     /// Pages found already present (EEXIST).
     pub pages_already_present: u64,
+    /// Installed pages the tasks wrote since they arrived (tracked tasks only).
+    pub pages_written: u64,
     /// Bytes copied with UFFDIO_COPY.
     pub bytes: u64,
     /// Tasks served (forks included).

@@ -8,7 +8,8 @@
 //! "done" message (the fetcher's process died) or with "abandon" (the fetcher failed), the keeper
 //! takes over as a *poison server*: it UFFDIO_POISONs every lazy range it was told about (page
 //! by page where a page is already present) and then answers each further fault with
-//! UFFDIO_POISON, so the task gets SIGBUS, never zeros. It exits when all its tasks are gone.
+//! UFFDIO_POISON, so the task gets SIGBUS, never zeros (a write-protect fault, on a page that
+//! is present, is let through). It exits when all its tasks are gone.
 //! On "done" (fill complete, or every task exited) it drops its duplicates and exits at once.
 //!
 //! Wire (SOCK_SEQPACKET, one message per datagram): `F` vpid(u32 LE) then (start, end) u64 LE
@@ -25,7 +26,7 @@ use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use userfaultfd::{Event, EventBuffer, Uffd};
+use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use super::task::poison;
 
@@ -318,6 +319,21 @@ fn serve_poison(mut held: Vec<Held>) {
                     Ok(it) => {
                         for ev in it.flatten() {
                             match ev {
+                                Event::Pagefault {
+                                    kind: FaultKind::WriteProtected,
+                                    addr,
+                                    ..
+                                } => {
+                                    // A present page the task writes (tracked writes): its
+                                    // data is real, so let the write through.
+                                    let page = (addr as u64) & !(PAGE - 1);
+                                    served += 1;
+                                    let _ = h.uffd.remove_write_protection(
+                                        page as *mut libc::c_void,
+                                        PAGE_LEN,
+                                        true,
+                                    );
+                                }
                                 Event::Pagefault { addr, .. } => {
                                     let page = (addr as u64) & !(PAGE - 1);
                                     served += 1;

@@ -70,10 +70,11 @@ impl ResidencyProbe {
         self.reg.generation.load(SeqCst)
     }
 
-    /// The current lazy ranges of every task the fetcher serves. Writes are not tracked, so
-    /// every claimed (installed or being installed) page is reported `Dirty` and every other
-    /// one `Remote`; forked children are counted in `forked_remote_pages` only (they carry
-    /// their parent's pid for the source, not their own).
+    /// The current lazy ranges of every task the fetcher serves: unclaimed pages are `Remote`;
+    /// a claimed (installed or being installed) page is `Clean` if the task's writes are
+    /// tracked and it has not written it, else `Dirty`. Forked children are counted in
+    /// `forked_remote_pages` only (they carry their parent's pid for the source, not their
+    /// own).
     pub fn snapshot(&self) -> Residency {
         let tasks = self.reg.lock().clone();
         let mut out = Residency::default();
@@ -87,22 +88,27 @@ impl ResidencyProbe {
             for iov in &space.iovs {
                 let mut p = 0u64;
                 let pages = iov.pages();
+                let state = |p: u64| {
+                    let b = iov.bit + usize::try_from(p).unwrap_or(usize::MAX);
+                    if !t.bits.test(b) {
+                        PageState::Remote
+                    } else if t.tracked && !t.dirty.test(b) {
+                        PageState::Clean
+                    } else {
+                        PageState::Dirty
+                    }
+                };
                 while p < pages {
-                    let bit = |p: u64| iov.bit + usize::try_from(p).unwrap_or(usize::MAX);
-                    let claimed = t.bits.test(bit(p));
+                    let st = state(p);
                     let s = p;
-                    while p < pages && t.bits.test(bit(p)) == claimed {
+                    while p < pages && state(p) == st {
                         p += 1;
                     }
                     runs.push(ResidentRun {
                         addr: iov.start + s * 4096,
                         img: iov.img + s * 4096,
                         pages: p - s,
-                        state: if claimed {
-                            PageState::Dirty
-                        } else {
-                            PageState::Remote
-                        },
+                        state: st,
                     });
                 }
             }
@@ -110,7 +116,7 @@ impl ResidencyProbe {
             out.tasks.push(TaskResidency {
                 pid: t.pid,
                 source_pid: t.pid,
-                tracked: false,
+                tracked: t.tracked,
                 runs,
             });
         }

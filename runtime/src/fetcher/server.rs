@@ -17,13 +17,13 @@ use distriproc_config::FillPolicy;
 use libc::c_void;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-use userfaultfd::{Event, EventBuffer, Uffd};
+use userfaultfd::{Event, EventBuffer, FaultKind, RegisterMode, Uffd};
 
 use super::fault::{self, FaultShared, Helpers, Recording, Scratch, Served};
 use super::fill::Pool;
 use super::resident::Registry;
 use super::space::{lazy_ranges, Bits, Space};
-use super::task::{poison, Task, PAGE};
+use super::task::{poison, unprotect, Task, Unprotect, PAGE};
 use super::{FetchError, FetcherOptions, LAZY_PAGES_SOCKET, RESTORE_FINISHED};
 use crate::images::ImageDir;
 use crate::profile::{checkpoint_key, Profile, Recorder};
@@ -87,6 +87,9 @@ pub(crate) struct Prepared {
     dirfd: OwnedFd,
     listener: Option<UnixListener>,
     plans: HashMap<u32, Vec<(u64, u64)>>,
+    /// Per task, the VMAs holding lazy ranges (what CRIU's restorer registered), to re-register
+    /// with write-protect when writes are tracked.
+    vmas: HashMap<u32, Vec<(u64, u64)>>,
     expected: usize,
     source: Arc<dyn PageSource>,
     opts: FetcherOptions,
@@ -113,6 +116,7 @@ impl Prepared {
             }
         };
         let mut plans = HashMap::new();
+        let mut lazy_vmas = HashMap::new();
         for e in tree {
             if !images.join(format!("mm-{}.img", e.pid)).exists() {
                 continue; // a zombie: no memory
@@ -122,6 +126,13 @@ impl Prepared {
                 Some(entries) => lazy_ranges(entries, &vmas),
                 None => lazy_ranges(&img.pagemap_entries(e.pid)?.1, &vmas),
             };
+            let holding: Vec<(u64, u64)> = vmas
+                .iter()
+                .filter(|v| v.can_be_lazy())
+                .filter(|v| ranges.iter().any(|&(s, t)| s < v.end && t > v.start))
+                .map(|v| (v.start, v.end))
+                .collect();
+            lazy_vmas.insert(e.pid, holding);
             plans.insert(e.pid, ranges);
         }
         let expected = tree.len();
@@ -165,6 +176,7 @@ impl Prepared {
             dirfd,
             listener: Some(listener),
             plans,
+            vmas: lazy_vmas,
             expected,
             source,
             opts,
@@ -274,6 +286,10 @@ struct Loop {
     faults: Vec<(u64, Instant)>,
     deferred: Vec<(usize, u64, Instant)>,
     deferred_spare: Vec<(usize, u64, Instant)>,
+    /// Write-protect faults of the current batch, then those to retry (EAGAIN).
+    wp_faults: Vec<u64>,
+    deferred_wp: Vec<(usize, u64)>,
+    deferred_wp_spare: Vec<(usize, u64)>,
     last_probe: Instant,
     stopped: bool,
 }
@@ -398,6 +414,9 @@ impl Loop {
             faults: Vec::with_capacity(EVENT_BATCH),
             deferred: Vec::with_capacity(EVENT_BATCH),
             deferred_spare: Vec::with_capacity(EVENT_BATCH),
+            wp_faults: Vec::with_capacity(EVENT_BATCH),
+            deferred_wp: Vec::with_capacity(EVENT_BATCH),
+            deferred_wp_spare: Vec::with_capacity(EVENT_BATCH),
             last_probe: Instant::now(),
             pool,
             notify,
@@ -484,7 +503,7 @@ impl Loop {
     fn run(&mut self) -> Result<(), FetchError> {
         let mut evs = [EpollEvent::empty(); 32];
         loop {
-            let timeout = if !self.deferred.is_empty() {
+            let timeout = if !self.deferred.is_empty() || !self.deferred_wp.is_empty() {
                 EpollTimeout::from(1u16)
             } else {
                 let now = Instant::now();
@@ -680,6 +699,7 @@ impl Loop {
                         }
                         self.finished = true;
                         FetchCounters::mark_once(&self.c.restore_finished_us, self.elapsed_us());
+                        self.track_all();
                         self.deadline = None;
                         self.state = Conn::Done;
                         if let Some(c) = self.conn.take() {
@@ -749,9 +769,63 @@ impl Loop {
         }
         // SAFETY: `fd` is an owned userfaultfd; `Uffd` takes the ownership and closes it on drop.
         let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
-        let task = Task::new(vpid, uffd, space, Bits::new(nbits), false);
+        // Registered for write-protect once restore finished (`track_all`); what is installed
+        // before that lands unprotected and counts as written.
+        let tracked = self.p.opts.track_writes;
+        let task = Task::new(vpid, uffd, space, Bits::new(nbits), false, tracked);
         self.c.lazy_pages.fetch_add(nbits as u64, Relaxed);
         self.insert(task)
+    }
+
+    /// Once restore finished (the tasks' layout is final; while CRIU's restorer still runs the
+    /// kernel refuses the registration of ranges it is still moving), re-registers the lazy
+    /// VMAs of every restored task with `MISSING|WP`.
+    fn track_all(&self) {
+        if !self.p.opts.track_writes {
+            return;
+        }
+        for e in self.tasks.iter().flatten().filter(|e| !e.task.forked) {
+            self.track_writes(e.task.pid, &e.task.uffd);
+        }
+    }
+
+    /// Re-registers the task's lazy VMAs with `MISSING|WP` (`task.rs`, write tracking). A VMA
+    /// the kernel refuses stays as CRIU registered it: a protected copy there fails with
+    /// `EINVAL`, and the pages installed unprotected instead count as written (`copy_run`).
+    /// False, with a warning, when no VMA could be re-registered.
+    fn track_writes(&self, vpid: u32, uffd: &Uffd) -> bool {
+        let vmas = self.p.vmas.get(&vpid).map_or(&[][..], Vec::as_slice);
+        let mut tracked = 0usize;
+        for &(start, end) in vmas {
+            let r = uffd.register_with_mode(
+                start as *mut c_void,
+                usize::try_from(end - start).unwrap_or(0),
+                RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+            );
+            let why = match r {
+                Ok(ioctls) if ioctls.contains(userfaultfd::IoctlFlags::WRITE_PROTECT) => {
+                    tracked += 1;
+                    continue;
+                }
+                Ok(ioctls) => format!("UFFDIO_WRITEPROTECT not offered (ioctls {ioctls:?})"),
+                Err(e) => format!("UFFDIO_REGISTER MISSING|WP: {e:?}"),
+            };
+            tracing::debug!(
+                pid = vpid,
+                start = format_args!("{start:#x}"),
+                end = format_args!("{end:#x}"),
+                "writes in this range are not tracked ({why}): its installed pages count as \
+                 written"
+            );
+        }
+        if tracked == 0 && !vmas.is_empty() {
+            tracing::warn!(
+                pid = vpid,
+                "writes of this task are not tracked (no lazy VMA accepts uffd write-protect); \
+                 a checkpoint of it keeps every page it installed"
+            );
+        }
+        tracked > 0
     }
 
     fn insert(&mut self, t: Task) -> Result<(), FetchError> {
@@ -779,6 +853,7 @@ impl Loop {
             self.c.tasks_exited.fetch_add(1, Relaxed);
         }
         self.deferred.retain(|d| d.0 != slot);
+        self.deferred_wp.retain(|d| d.0 != slot);
     }
 
     /// Reads and handles every pending message of one uffd.
@@ -825,9 +900,15 @@ impl Loop {
             // mremap, or in the parent after a fork). So apply the address-space events of the
             // batch first, then serve its faults.
             let mut faults = std::mem::take(&mut self.faults);
+            let mut wp = std::mem::take(&mut self.wp_faults);
             let mut r = Ok(());
             for ev in batch.drain(..) {
                 match ev {
+                    Event::Pagefault {
+                        kind: FaultKind::WriteProtected,
+                        addr,
+                        ..
+                    } => wp.push(addr as u64),
                     Event::Pagefault { addr, .. } => faults.push((addr as u64, Instant::now())),
                     other => {
                         if r.is_ok() {
@@ -837,6 +918,12 @@ impl Loop {
                 }
             }
             self.batch = batch;
+            for addr in wp.drain(..) {
+                if r.is_ok() {
+                    r = self.write_fault(slot, addr);
+                }
+            }
+            self.wp_faults = wp;
             let n = faults.len();
             for (i, (addr, t0)) in faults.drain(..).enumerate() {
                 if r.is_ok() {
@@ -857,8 +944,30 @@ impl Loop {
         self.serve(slot, addr, t0)
     }
 
+    /// A tracked task's first write to a page since it arrived (see `task.rs`); served on
+    /// this thread, never behind a source read.
+    fn write_fault(&mut self, slot: usize, addr: u64) -> Result<(), FetchError> {
+        let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) else {
+            return Ok(());
+        };
+        let page = addr & !(PAGE as u64 - 1);
+        match unprotect(&e.task, page)? {
+            Unprotect::Done => {
+                self.c.pages_written.fetch_add(1, Relaxed);
+            }
+            Unprotect::Again => self.deferred_wp.push((slot, page)),
+            Unprotect::Gone => self.task_gone(slot),
+        }
+        Ok(())
+    }
+
     fn handle_event(&mut self, slot: usize, ev: Event) -> Result<(), FetchError> {
         match ev {
+            Event::Pagefault {
+                kind: FaultKind::WriteProtected,
+                addr,
+                ..
+            } => self.write_fault(slot, addr as u64)?,
             Event::Pagefault { addr, .. } => self.fault(slot, addr as u64, Instant::now())?,
             Event::Fork { uffd } => {
                 // SAFETY: borrowing the fd only to set a flag; `uffd` keeps owning it.
@@ -878,7 +987,8 @@ impl Loop {
                 // the install log's lock: never both locks at once here.
                 let space = p.space().clone();
                 let bits = p.fork_bits(self.read_epoch);
-                let child = Task::new(p.pid, uffd, space, bits, true);
+                // The child inherits the registration (and the protection of every page).
+                let child = Task::new(p.pid, uffd, space, bits, true, p.tracked);
                 self.c
                     .lazy_pages
                     .fetch_add(child.remaining.load(Relaxed), Relaxed);
@@ -930,6 +1040,18 @@ impl Loop {
     }
 
     fn retry_deferred(&mut self) -> Result<(), FetchError> {
+        if !self.deferred_wp.is_empty() {
+            let spare = std::mem::take(&mut self.deferred_wp_spare);
+            let mut list = std::mem::replace(&mut self.deferred_wp, spare);
+            let mut r = Ok(());
+            for (slot, page) in list.drain(..) {
+                if r.is_ok() {
+                    r = self.write_fault(slot, page);
+                }
+            }
+            self.deferred_wp_spare = list;
+            r?;
+        }
         if self.deferred.is_empty() {
             return Ok(());
         }
@@ -974,6 +1096,26 @@ impl Loop {
         self.pool.shutdown(abnormal);
         if !abnormal {
             self.save_profile();
+        }
+        if !abnormal {
+            // Nobody serves write-protect faults after this (the keeper may still hold the
+            // uffds for a while): lift the protection of every lazy page, waking any writer.
+            for e in self.tasks.iter().flatten().filter(|e| e.task.tracked) {
+                let iovs: Vec<(u64, u64)> = e
+                    .task
+                    .space()
+                    .iovs
+                    .iter()
+                    .map(|v| (v.start, v.pages()))
+                    .collect();
+                for (start, pages) in iovs {
+                    let len = usize::try_from(pages).unwrap_or(0) * PAGE;
+                    let _ = e
+                        .task
+                        .uffd
+                        .remove_write_protection(start as *mut c_void, len, true);
+                }
+            }
         }
         let mut poisoned = 0u64;
         if abnormal {

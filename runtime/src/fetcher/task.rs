@@ -2,6 +2,17 @@
 //! fill workers, and the install path both use: read a run of pages from the source by
 //! dump-time address, then `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` each contiguous piece at its
 //! current address with one ioctl.
+//!
+//! # Write tracking
+//!
+//! A task whose ranges the fault thread re-registered with `MISSING|WP` is *tracked*: every
+//! page is installed write-protected (`UFFDIO_COPY_MODE_WP`, atomically with the copy), so the
+//! task's first write to it raises a synchronous write-protect fault; the fault thread sets the
+//! page's bit in [`Task::dirty`] and only then lifts the protection ([`unprotect`]). A page
+//! whose dirty bit is clear has therefore not been written since it arrived. Zero pages have no
+//! protected install (`UFFDIO_ZEROPAGE` has no WP mode, and protecting them afterwards would
+//! race with the task's other threads), so they are marked dirty when installed: conservative,
+//! and free for a checkpoint, whose dump skips a zero page that is still zero.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -85,6 +96,11 @@ pub(crate) struct Task {
     pub forked: bool,
     space: RwLock<Space>,
     pub bits: Bits,
+    /// Whether writes are tracked (see the module docs).
+    pub tracked: bool,
+    /// Pages written since they were installed (or installed as zero pages), by bit; only
+    /// meaningful when `tracked`.
+    pub dirty: Bits,
     /// Unclaimed bits.
     pub remaining: AtomicU64,
     /// Set by whoever sees ESRCH/ENOSPC; the fault thread then drops the task.
@@ -99,14 +115,24 @@ pub(crate) struct Task {
 }
 
 impl Task {
-    pub fn new(pid: u32, uffd: Uffd, space: Space, bits: Bits, forked: bool) -> Task {
+    pub fn new(
+        pid: u32,
+        uffd: Uffd,
+        space: Space,
+        bits: Bits,
+        forked: bool,
+        tracked: bool,
+    ) -> Task {
         let clear = bits.count_clear();
+        let dirty = Bits::new(if tracked { bits.len() } else { 0 });
         Task {
             pid,
             uffd,
             forked,
             space: RwLock::new(space),
             bits,
+            tracked,
+            dirty,
             remaining: AtomicU64::new(clear),
             gone: AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
@@ -269,8 +295,24 @@ pub(crate) fn fetch_bits(
         for &(addr, b, len) in pieces.iter() {
             let off = (b - b0 - out.done) * PAGE;
             let (res, installed) = match r.kind {
-                PageKind::Data => copy_run(t, addr, &data[off..off + len * PAGE], wake, c)?,
-                PageKind::Zero => zero_run(t, addr, len as u64, wake, c)?,
+                PageKind::Data => {
+                    let (res, k, unprotected) =
+                        copy_run(t, addr, &data[off..off + len * PAGE], wake, c)?;
+                    if unprotected {
+                        (b..b + len).for_each(|d| {
+                            t.dirty.claim(d);
+                        });
+                    }
+                    (res, k)
+                }
+                PageKind::Zero => {
+                    if t.tracked {
+                        (b..b + len).for_each(|d| {
+                            t.dirty.claim(d);
+                        });
+                    }
+                    zero_run(t, addr, len as u64, wake, c)?
+                }
             };
             out.installed += installed;
             if !wake && installed > 0 {
@@ -310,6 +352,27 @@ fn errno_outcome(e: i32) -> Option<Install> {
     }
 }
 
+/// A failed install ioctl, independent of the `userfaultfd` crate's error type.
+pub(crate) enum IoctlError {
+    /// `EAGAIN` after this many bytes.
+    Partial(usize),
+    /// Any other errno.
+    Errno(i32),
+    Other(io::Error),
+}
+
+impl From<userfaultfd::Error> for IoctlError {
+    fn from(e: userfaultfd::Error) -> IoctlError {
+        match e {
+            userfaultfd::Error::PartiallyCopied(n) => IoctlError::Partial(n),
+            userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e) => {
+                IoctlError::Errno(e as i32)
+            }
+            e => IoctlError::Other(io::Error::other(e)),
+        }
+    }
+}
+
 /// The loop `copy_run` and `zero_run` share: `op(off)` issues one ioctl for
 /// `[dst + off, dst + len)`, and the loop goes on past partial progress and page by page past
 /// `EEXIST` (counted as present, the page's waiter woken). Returns the outcome and the pages
@@ -319,7 +382,7 @@ fn install_loop(
     dst: u64,
     len: usize,
     c: &FetchCounters,
-    mut op: impl FnMut(usize) -> userfaultfd::Result<usize>,
+    mut op: impl FnMut(usize) -> Result<usize, IoctlError>,
 ) -> io::Result<(Install, u64)> {
     let mut off = 0usize;
     let mut installed = 0u64;
@@ -333,16 +396,14 @@ fn install_loop(
             }
             Ok(_) => return Ok((Install::Again, installed)),
             // UFFDIO_COPY's EAGAIN: `n` bytes were copied before the mm changed.
-            Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n < len - off => {
+            Err(IoctlError::Partial(n)) if n > 0 && n < len - off => {
                 installed += (n / PAGE) as u64;
                 off += n;
                 continue;
             }
-            Err(userfaultfd::Error::PartiallyCopied(_)) => return Ok((Install::Again, installed)),
-            Err(userfaultfd::Error::CopyFailed(e) | userfaultfd::Error::ZeropageFailed(e)) => {
-                e as i32
-            }
-            Err(e) => return Err(io::Error::other(e)),
+            Err(IoctlError::Partial(_)) => return Ok((Install::Again, installed)),
+            Err(IoctlError::Errno(e)) => e,
+            Err(IoctlError::Other(e)) => return Err(e),
         };
         if e == libc::EEXIST {
             c.pages_already_present.fetch_add(1, Relaxed);
@@ -358,32 +419,54 @@ fn install_loop(
 }
 
 /// UFFDIO_COPY of `src` to `dst` in `t` (one ioctl for the whole run), page by page past
-/// EEXIST; counts the bytes copied. Returns the outcome and the pages newly installed.
+/// EEXIST; counts the bytes copied. Returns the outcome, the pages newly installed and whether
+/// some of them were installed without write protection although `t` is tracked (a VMA whose
+/// re-registration with WP failed: `EINVAL` for a protected copy there), in which case the
+/// caller must count the run as written.
 pub(crate) fn copy_run(
     t: &Task,
     dst: u64,
     src: &[u8],
     wake: bool,
     c: &FetchCounters,
-) -> Result<(Install, u64), FetchError> {
+) -> Result<(Install, u64, bool), FetchError> {
     let len = src.len();
+    let unprotected = std::cell::Cell::new(false);
     let (o, k) = install_loop(&t.uffd, dst, len, c, |off| {
         // SAFETY: `src[off..]` is a live buffer (or read-only mapping) of `len - off` bytes
         // borrowed for the call; `dst + off` is an address in the target task's registered
         // range, checked by the kernel, and the ioctl writes only into the target mm, never
         // into our memory.
         unsafe {
-            t.uffd.copy(
-                src[off..].as_ptr().cast::<c_void>(),
-                (dst + off as u64) as *mut c_void,
-                len - off,
-                wake,
-            )
+            let protected = if t.tracked && !unprotected.get() {
+                copy_protected(
+                    &t.uffd,
+                    src[off..].as_ptr().cast::<c_void>(),
+                    (dst + off as u64) as *mut c_void,
+                    len - off,
+                    wake,
+                )
+            } else {
+                Err(IoctlError::Errno(libc::EINVAL))
+            };
+            if !t.tracked || matches!(protected, Err(IoctlError::Errno(libc::EINVAL))) {
+                unprotected.set(t.tracked);
+                t.uffd
+                    .copy(
+                        src[off..].as_ptr().cast::<c_void>(),
+                        (dst + off as u64) as *mut c_void,
+                        len - off,
+                        wake,
+                    )
+                    .map_err(IoctlError::from)
+            } else {
+                protected
+            }
         }
     })
     .map_err(|e| uffd_err("UFFDIO_COPY", t.pid, dst, e))?;
     c.bytes.fetch_add(k * PAGE_SIZE, Relaxed);
-    Ok((o, k))
+    Ok((o, k, unprotected.get()))
 }
 
 /// UFFDIO_ZEROPAGE of `pages` pages at `dst` in `t`, page by page past EEXIST; counts them in
@@ -402,11 +485,106 @@ pub(crate) fn zero_run(
         unsafe {
             t.uffd
                 .zeropage((dst + off as u64) as *mut c_void, len - off, wake)
+                .map_err(IoctlError::from)
         }
     })
     .map_err(|e| uffd_err("UFFDIO_ZEROPAGE", t.pid, dst, e))?;
     c.zero_pages.fetch_add(k, Relaxed);
     Ok((o, k))
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
+
+nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
+
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
+const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
+
+/// `UFFDIO_COPY` with `MODE_WP`: the page arrives write-protected in one step (the `userfaultfd`
+/// crate's `copy` has no WP mode). Same results as `Uffd::copy`.
+///
+/// # Safety
+///
+/// `src` must be readable for `len` bytes for the duration of the call.
+unsafe fn copy_protected(
+    uffd: &Uffd,
+    src: *const c_void,
+    dst: *mut c_void,
+    len: usize,
+    wake: bool,
+) -> Result<usize, IoctlError> {
+    let mut arg = UffdioCopy {
+        dst: dst as u64,
+        src: src as u64,
+        len: len as u64,
+        mode: UFFDIO_COPY_MODE_WP | if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+        copy: 0,
+    };
+    // SAFETY: `arg` is a live, correctly laid out uffdio_copy; the caller guarantees `src`.
+    match unsafe { uffdio_copy(uffd.as_raw_fd(), &mut arg) } {
+        Ok(_) => Ok(usize::try_from(arg.copy).unwrap_or(0)),
+        Err(nix::Error::EAGAIN) => Err(IoctlError::Partial(usize::try_from(arg.copy).unwrap_or(0))),
+        Err(e) => Err(IoctlError::Errno(e as i32)),
+    }
+}
+
+/// What resolving a write-protect fault came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unprotect {
+    Done,
+    /// The mm is changing: retry after draining events.
+    Again,
+    /// The task is gone.
+    Gone,
+}
+
+/// Resolves a write-protect fault at `page` of `t`: marks the page dirty first (so that a
+/// residency snapshot taken after the write sees it), then lifts the protection and wakes the
+/// writer. A page outside the lazy ranges (there is none after a `REMOVE`) is only unprotected.
+pub(crate) fn unprotect(t: &Task, page: u64) -> Result<Unprotect, FetchError> {
+    if t.tracked {
+        let sp = t.space();
+        if let Some(k) = sp.lookup(page) {
+            t.dirty.claim(sp.bit_of(k, page));
+        }
+    }
+    match t
+        .uffd
+        .remove_write_protection(page as *mut c_void, PAGE, true)
+    {
+        Ok(()) => Ok(Unprotect::Done),
+        Err(userfaultfd::Error::SystemError(e)) => match e as i32 {
+            libc::EAGAIN => Ok(Unprotect::Again),
+            libc::ESRCH | libc::ENOSPC => Ok(Unprotect::Gone),
+            // Unmapped meanwhile: let the writer retry (it faults afresh or segfaults, as it
+            // would without us).
+            libc::ENOENT => {
+                let _ = t.uffd.wake(page as *mut c_void, PAGE);
+                Ok(Unprotect::Done)
+            }
+            other => Err(uffd_err(
+                "UFFDIO_WRITEPROTECT",
+                t.pid,
+                page,
+                io::Error::from_raw_os_error(other),
+            )),
+        },
+        Err(e) => Err(uffd_err(
+            "UFFDIO_WRITEPROTECT",
+            t.pid,
+            page,
+            io::Error::other(e),
+        )),
+    }
 }
 
 #[repr(C)]
@@ -471,7 +649,7 @@ mod tests {
             return;
         };
         let (space, n) = Space::new(&[(0x10000, 0x10000 + 128 * PAGE_SIZE)]);
-        let t = Task::new(1, uffd, space, Bits::new(n), false);
+        let t = Task::new(1, uffd, space, Bits::new(n), false, false);
         // Installed long ago (before the fork): present in the child too.
         assert_eq!(t.claim(0, 8, n), 8);
         t.log().begin(0, 8);
@@ -494,5 +672,80 @@ mod tests {
         }
         assert_eq!(t.fork_bits(6).count_clear(), 128);
         assert_eq!(t.fork_bits(9).count_clear(), 128 - 14 + 4);
+    }
+
+    /// Bit 57 of the page's pagemap entry: write-protected by userfaultfd.
+    fn uffd_wp(addr: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, addr / PAGE_SIZE * 8).unwrap();
+        u64::from_le_bytes(e) & (1 << 57) != 0
+    }
+
+    #[test]
+    fn tracked_installs_are_protected_until_the_first_write_is_resolved() {
+        let Ok(uffd) = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .user_mode_only(true)
+            .create()
+        else {
+            eprintln!("SKIP: userfaultfd unavailable");
+            return;
+        };
+        let len = 4 * PAGE;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test and not
+        // used by anything else.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mode = userfaultfd::RegisterMode::MISSING | userfaultfd::RegisterMode::WRITE_PROTECT;
+        match uffd.register_with_mode(base, len, mode) {
+            Ok(io) if io.contains(userfaultfd::IoctlFlags::WRITE_PROTECT) => {}
+            other => {
+                eprintln!("SKIP: no uffd write-protect here: {other:?}");
+                return;
+            }
+        }
+        let a = base as u64;
+        let (space, n) = Space::new(&[(a, a + len as u64)]);
+        let t = Task::new(1, uffd, space, Bits::new(n), false, true);
+        let c = FetchCounters::default();
+        let data = vec![0x5au8; PAGE];
+        assert_eq!(
+            copy_run(&t, a, &data, true, &c).unwrap(),
+            (Install::Done, 1, false)
+        );
+        assert!(uffd_wp(a), "a tracked install must arrive write-protected");
+        // SAFETY: page 0 of the mapping is installed; reading it does not fault.
+        assert_eq!(unsafe { *(base as *const u8) }, 0x5a);
+        assert!(!t.dirty.test(0));
+        assert_eq!(unprotect(&t, a).unwrap(), Unprotect::Done);
+        assert!(
+            t.dirty.test(0),
+            "the page must be marked dirty before it is writable"
+        );
+        assert!(!uffd_wp(a));
+        // SAFETY: page 0 is installed and no longer protected: the write does not fault.
+        unsafe { *(base as *mut u8) = 1 };
+        assert!(!t.dirty.test(1));
+        // An untracked task installs writable pages.
+        let plain = Task::new(1, t.uffd, Space::new(&[]).0, Bits::new(0), false, false);
+        assert_eq!(
+            copy_run(&plain, a + PAGE as u64, &data, true, &c).unwrap(),
+            (Install::Done, 1, false)
+        );
+        assert!(!uffd_wp(a + PAGE as u64));
+        drop(plain);
+        // SAFETY: the mapping created above, no longer used.
+        unsafe { libc::munmap(base, len) };
     }
 }
