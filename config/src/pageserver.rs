@@ -23,6 +23,8 @@
 //! io_timeout_ms = 60000                      # idle/IO limit per connection
 //! max_cached_checkpoints = 64                # checkpoint indexes kept in memory
 //! busy_poll_us = 100                         # poll for a client's next request (µs, 0 = off)
+//! gc_interval_s = 600                        # run retention this often (s, 0 = only `gc`)
+//! expire_superseded_after_s = 0              # delete checkpoints superseded this long (0 = never)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -120,6 +122,12 @@ pub struct PageServerConfig {
     /// latency where waking an idle CPU is slow (VMs). Costs up to this much CPU per request
     /// (the thread yields between polls and stops once a yield let another thread run).
     pub busy_poll_us: u64,
+    /// How often the server runs retention (`distriproc-pageserver gc`) on its store, in
+    /// seconds; 0 = never by itself.
+    pub gc_interval_s: u64,
+    /// Retention deletes a checkpoint once a layer over it has existed this long (seconds;
+    /// 0 = never): in a migration chain only the newest checkpoints stay restorable.
+    pub expire_superseded_after_s: u64,
 }
 
 impl Default for PageServerConfig {
@@ -144,6 +152,8 @@ impl Default for PageServerConfig {
             io_timeout_ms: 60_000,
             max_cached_checkpoints: 64,
             busy_poll_us: 100,
+            gc_interval_s: 600,
+            expire_superseded_after_s: 0,
         }
     }
 }

@@ -19,10 +19,15 @@ use distriproc_config::pageserver::validate_checkpoint_id;
 use distriproc_runtime::images::{ImageDir, PageData, PageSegment, PAGE_SIZE, PE_LAZY};
 use distriproc_runtime::source::FileMapping;
 
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::layers::Tombstones;
 use crate::PageServerError;
 
 /// Where the server keeps its own files inside the store (not a valid checkpoint id).
 pub const STATE_DIR: &str = ".distriproc";
+/// The index lock under [`STATE_DIR`] (see [`Store::index_lock`]).
+const INDEX_LOCK: &str = "index.lock";
 
 /// What a run of pages is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,19 +317,27 @@ impl Store {
         Ok(self.root.join(id))
     }
 
-    /// The index of checkpoint `id`, built on first use and cached.
+    /// The index of checkpoint `id`, built on first use and cached. A deleted checkpoint is
+    /// refused even while its directory stays for the layers over it.
     pub fn get(&self, id: &str) -> Result<Arc<Checkpoint>, PageServerError> {
         let dir = self.dir_of(id)?;
+        if Tombstones::of(self).is_deleted(id) {
+            self.forget(id);
+            return Err(PageServerError::DeletedCheckpoint { id: id.to_string() });
+        }
         if let Some(c) = self.lock().0.get(id) {
             return Ok(c.clone());
         }
-        if !dir.is_dir() {
-            return Err(PageServerError::UnknownCheckpoint {
-                id: id.to_string(),
-                dir,
-            });
-        }
-        let ck = Arc::new(Checkpoint::open(id, &dir)?);
+        let ck = {
+            let _shared = self.index_lock(false)?;
+            if !dir.is_dir() {
+                return Err(PageServerError::UnknownCheckpoint {
+                    id: id.to_string(),
+                    dir,
+                });
+            }
+            Arc::new(Checkpoint::open(id, &dir)?)
+        };
         let mut g = self.lock();
         let (map, order) = &mut *g;
         if let Some(c) = map.get(id) {
@@ -338,6 +351,43 @@ impl Store {
             }
         }
         Ok(ck)
+    }
+
+    /// Drops the cached index of `id` (its files were rewritten or removed; sessions holding
+    /// it keep reading the files they opened).
+    pub fn forget(&self, id: &str) {
+        let mut g = self.lock();
+        let (map, order) = &mut *g;
+        if map.remove(id).is_some() {
+            order.retain(|o| o != id);
+        }
+    }
+
+    /// The store's index lock (`.distriproc/index.lock`): held shared while a chain of layers
+    /// is read to build an index, exclusively by [`crate::gc`] while it swaps or removes a
+    /// layer, so an index never mixes a layer's old and new files. Across processes too.
+    pub fn index_lock(&self, exclusive: bool) -> Result<Flock<File>, PageServerError> {
+        let path = self.state_dir().join(INDEX_LOCK);
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| PageServerError::Io {
+                what: "open",
+                path: path.clone(),
+                source,
+            })?;
+        let arg = if exclusive {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockShared
+        };
+        Flock::lock(f, arg).map_err(|(_, e)| PageServerError::Io {
+            what: "lock",
+            path,
+            source: e.into(),
+        })
     }
 
     /// Number of indexes in the cache.

@@ -4,7 +4,9 @@
 //! indexes ([`checkpoint`]), the native protocol sessions of DistriProc's fetchers
 //! ([`native`]), CRIU's own page-server protocol for unmodified `criu lazy-pages` and
 //! `criu dump --page-server` ([`criu`], [`push`]), the per-checkpoint access log and its
-//! hot/cold statistics ([`access`], [`stats`]) and Prometheus metrics ([`metrics`]).
+//! hot/cold statistics ([`access`], [`stats`]), Prometheus metrics ([`metrics`]), and
+//! retention: the layer graph of the store ([`layers`]), deleting and collecting checkpoints
+//! ([`gc`]) and squashing deleted layers into the layer over them ([`compact`]).
 //!
 //! It deliberately does not define wire formats or parse CRIU images: both live in
 //! `distriproc_runtime` (`protocol`, `images`) and are shared with the client side. It does
@@ -30,6 +32,9 @@
 //!     --tls-client-ca client-ca.pem --tokens-file /etc/distriproc/pageserver-tokens.toml
 //! # hot/cold pages per checkpoint, from the access logs:
 //! distriproc-pageserver stats --store /srv/ckpt web-1
+//! # retention: delete, then collect (also every gc_interval_s inside the server):
+//! distriproc-pageserver delete --store /srv/ckpt web-0
+//! distriproc-pageserver gc --store /srv/ckpt --expire-superseded-after-s 86400
 //! ```
 //!
 //! The shim reads pages with `distriproc_runtime::remote::RemotePages` (native protocol), or
@@ -43,7 +48,10 @@
 
 pub mod access;
 pub mod checkpoint;
+pub mod compact;
 pub mod criu;
+pub mod gc;
+pub mod layers;
 pub mod metrics;
 pub mod native;
 pub mod push;
@@ -77,6 +85,13 @@ pub enum PageServerError {
         id: String,
         /// Where it was looked for.
         dir: PathBuf,
+    },
+    /// The checkpoint was deleted (`distriproc-pageserver delete` or expiry); its pages may
+    /// still serve the layers over it, but it is not served or extended itself.
+    #[error("checkpoint {id:?} was deleted from the store")]
+    DeletedCheckpoint {
+        /// The id.
+        id: String,
     },
     /// The checkpoint's images cannot be read.
     #[error("checkpoint {id:?} is unreadable")]

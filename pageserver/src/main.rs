@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use distriproc_config::pageserver::{CriuHeader, PageServerConfig, DEFAULT_PAGESERVER_CONFIG_PATH};
+use distriproc_pageserver::checkpoint::Store;
+use distriproc_pageserver::gc::GcOptions;
+use distriproc_pageserver::layers::{LayerMap, Tombstones};
 use distriproc_pageserver::{Server, ServerOptions};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -28,7 +31,11 @@ use nix::sys::signal::{SigSet, Signal};
 /// only. SIGTERM or SIGINT stops the server. Logs go to stderr (RUST_LOG, default info); the
 /// listening addresses are printed on stdout.
 ///
-/// Exit status: 0 after SIGTERM/SIGINT (or a printed `stats`), 1 on a configuration or
+/// Retention: `delete` marks checkpoints deleted, `gc` (and the server every gc_interval_s)
+/// removes what no remaining checkpoint needs and squashes deleted layers into the one layer
+/// over them; `expire_superseded_after_s` deletes checkpoints a newer layer replaced.
+///
+/// Exit status: 0 after SIGTERM/SIGINT (or a printed `stats`, `delete`, `gc`), 1 on a configuration or
 /// start-up error (the message names the key and the file), 2 on a command-line usage error.
 /// Reference: docs/REFERENCE.md, man 8 distriproc-pageserver.
 #[derive(Parser, Debug)]
@@ -55,6 +62,34 @@ enum Cmd {
         store: PathBuf,
         /// One checkpoint (default: every checkpoint with an access log).
         id: Option<String>,
+    },
+    /// Deletes checkpoints: they are no longer served or accepted as parents. A deleted
+    /// checkpoint's pages stay on disk while layers over it read them; `gc` frees the rest.
+    Delete {
+        /// The checkpoint store (required).
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// The checkpoints (each must exist).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Runs retention once: removes deleted checkpoints no layer needs and squashes the ones
+    /// a single layer still reads into it (what the server does every gc_interval_s).
+    Gc {
+        /// The checkpoint store (required).
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// First delete checkpoints superseded by a layer older than this many seconds
+        /// [default: the configuration's expire_superseded_after_s, 0 = never].
+        #[arg(long, value_name = "SECS")]
+        expire_superseded_after_s: Option<u64>,
+        /// Configuration file for expire_superseded_after_s [default
+        /// /etc/distriproc/pageserver.toml if it exists].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Only report what would be expired and removed (default: act).
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -130,6 +165,14 @@ struct ServeArgs {
     /// sleeping, in µs (0..=1000) [config: busy_poll_us; default 0: off].
     #[arg(long, value_name = "US")]
     busy_poll_us: Option<u64>,
+    /// Run retention (see `gc`) every this many seconds, 0 = never by itself [config:
+    /// gc_interval_s; default 600].
+    #[arg(long, value_name = "SECS")]
+    gc_interval_s: Option<u64>,
+    /// Retention deletes a checkpoint once a layer over it has existed this long, 0 = never
+    /// [config: expire_superseded_after_s; default 0].
+    #[arg(long, value_name = "SECS")]
+    expire_superseded_after_s: Option<u64>,
     /// Largest native upload (remote checkpoint) in bytes [default 4 TiB].
     #[arg(long, value_name = "BYTES")]
     max_upload_bytes: Option<u64>,
@@ -198,6 +241,12 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
     if let Some(v) = a.busy_poll_us {
         cfg.busy_poll_us = v;
     }
+    if let Some(v) = a.gc_interval_s {
+        cfg.gc_interval_s = v;
+    }
+    if let Some(v) = a.expire_superseded_after_s {
+        cfg.expire_superseded_after_s = v;
+    }
     let origin = format!("{origin} + command line");
     cfg.validate(&origin)?;
     Ok((cfg, origin))
@@ -231,6 +280,73 @@ fn serve(a: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+fn delete(store: &Path, ids: &[String]) -> Result<()> {
+    let store = Store::open(store, 1)?;
+    let dead = Tombstones::of(&store);
+    for id in ids {
+        let dir = store.dir_of(id)?;
+        anyhow::ensure!(
+            dir.is_dir(),
+            "no checkpoint {id:?} in {}",
+            store.root().display()
+        );
+    }
+    let map = LayerMap::scan(&store);
+    let mut out = std::io::stdout().lock();
+    for id in ids {
+        dead.delete(id)
+            .with_context(|| format!("write the tombstone of {id:?}"))?;
+        let over = map.children(id).len();
+        writeln!(
+            out,
+            "deleted {id}{}",
+            if over > 0 {
+                format!(" ({over} layers over it keep its pages until they are deleted)")
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    Ok(())
+}
+
+fn gc(store: &Path, expire: Option<u64>, config: Option<&Path>, dry_run: bool) -> Result<()> {
+    let cfg = match config {
+        Some(p) => PageServerConfig::load(p)?,
+        None if Path::new(DEFAULT_PAGESERVER_CONFIG_PATH).exists() => {
+            PageServerConfig::load(Path::new(DEFAULT_PAGESERVER_CONFIG_PATH))?
+        }
+        None => PageServerConfig::default(),
+    };
+    let secs = expire.unwrap_or(cfg.expire_superseded_after_s);
+    let store = Store::open(store, 1)?;
+    let opts = GcOptions {
+        expire_superseded_after: (secs > 0).then(|| std::time::Duration::from_secs(secs)),
+        dry_run,
+    };
+    let r = distriproc_pageserver::gc::run(&store, opts)?;
+    let would = if dry_run { "would be " } else { "" };
+    let mut out = std::io::stdout().lock();
+    for id in &r.expired {
+        writeln!(out, "{would}expired {id}")?;
+    }
+    for id in &r.removed {
+        writeln!(out, "{would}removed {id}")?;
+    }
+    for (layer, into, pages) in &r.squashed {
+        writeln!(out, "squashed {layer} into {into} ({pages} pages moved)")?;
+    }
+    for (id, why) in &r.skipped {
+        writeln!(out, "kept {id}: {why}")?;
+    }
+    writeln!(
+        out,
+        "{} bytes {would}freed; store: {} checkpoints, {} layers, {} bytes, deepest chain {}",
+        r.freed_bytes, r.after.checkpoints, r.after.layers, r.after.bytes, r.after.max_depth
+    )?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -246,6 +362,18 @@ fn main() -> Result<()> {
             print!("{text}");
             Ok(())
         }
+        Some(Cmd::Delete { store, ids }) => delete(&store, &ids),
+        Some(Cmd::Gc {
+            store,
+            expire_superseded_after_s,
+            config,
+            dry_run,
+        }) => gc(
+            &store,
+            expire_superseded_after_s,
+            config.as_deref(),
+            dry_run,
+        ),
         None => serve(&cli.serve),
     }
 }

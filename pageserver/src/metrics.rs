@@ -15,6 +15,16 @@
 //! | `distriproc_pageserver_checkpoints_pushed_total` | counter | CRIU pushes stored |
 //! | `distriproc_pageserver_checkpoints_uploaded_total` | counter | native uploads stored |
 //! | `distriproc_pageserver_upload_bytes_total` | counter | bytes of stored uploads |
+//! | `distriproc_pageserver_store_checkpoints` | gauge | checkpoints not deleted |
+//! | `distriproc_pageserver_store_layers` | gauge | checkpoint directories (deleted ones still read included) |
+//! | `distriproc_pageserver_store_deleted` | gauge | deleted checkpoints still on disk |
+//! | `distriproc_pageserver_store_bytes` | gauge | bytes of all checkpoint directories |
+//! | `distriproc_pageserver_store_max_chain_depth` | gauge | layers in the deepest chain |
+//! | `distriproc_pageserver_gc_runs_total` | counter | retention runs |
+//! | `distriproc_pageserver_gc_layers_total` | counter | `action` = removed \| squashed \| expired |
+//! | `distriproc_pageserver_gc_freed_bytes_total` | counter | bytes freed by retention |
+//!
+//! The store gauges are set at start, after each upload and after each retention run.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -62,12 +72,41 @@ pub struct Metrics {
     pub upload_bytes: AtomicU64,
     /// Checkpoint indexes cached (set by the server when it renders).
     pub checkpoints_cached: AtomicU64,
+    /// Store gauges: checkpoints, layers, deleted, bytes, deepest chain.
+    store: [AtomicU64; 5],
+    /// Retention: runs, layers removed, squashed, expired, bytes freed.
+    gc: [AtomicU64; 5],
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
 }
 
 impl Metrics {
+    /// Sets the store gauges.
+    pub fn set_store(&self, s: &crate::layers::StoreSummary) {
+        for (g, v) in
+            self.store
+                .iter()
+                .zip([s.checkpoints, s.layers, s.deleted, s.bytes, s.max_depth])
+        {
+            g.store(v, Relaxed);
+        }
+    }
+
+    /// Counts one retention run.
+    pub fn count_gc(&self, r: &crate::gc::GcReport) {
+        let n = |v: usize| v as u64;
+        for (c, v) in self.gc.iter().zip([
+            1,
+            n(r.removed.len()),
+            n(r.squashed.len()),
+            n(r.expired.len()),
+            r.freed_bytes,
+        ]) {
+            c.fetch_add(v, Relaxed);
+        }
+    }
+
     /// Records the service time of one request.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
@@ -193,6 +232,49 @@ impl Metrics {
             "{p}_upload_bytes_total {}",
             self.upload_bytes.load(Relaxed)
         );
+        let gauges = [
+            (
+                "store_checkpoints",
+                "Checkpoints in the store that are not deleted.",
+            ),
+            (
+                "store_layers",
+                "Checkpoint directories, deleted ones other layers still read included.",
+            ),
+            (
+                "store_deleted",
+                "Deleted checkpoints still on disk for the layers over them.",
+            ),
+            ("store_bytes", "Bytes of all checkpoint directories."),
+            ("store_max_chain_depth", "Layers in the deepest chain."),
+        ];
+        for ((name, help), v) in gauges.iter().zip(&self.store) {
+            c(&mut o, name, help, "gauge");
+            let _ = writeln!(o, "{p}_{name} {}", v.load(Relaxed));
+        }
+        let g = |i: usize| self.gc[i].load(Relaxed);
+        c(&mut o, "gc_runs_total", "Retention runs.", "counter");
+        let _ = writeln!(o, "{p}_gc_runs_total {}", g(0));
+        c(
+            &mut o,
+            "gc_layers_total",
+            "Layers retention removed, squashed or expired.",
+            "counter",
+        );
+        let _ = writeln!(
+            o,
+            "{p}_gc_layers_total{{action=\"removed\"}} {}\n{p}_gc_layers_total{{action=\"squashed\"}} {}\n{p}_gc_layers_total{{action=\"expired\"}} {}",
+            g(1),
+            g(2),
+            g(3)
+        );
+        c(
+            &mut o,
+            "gc_freed_bytes_total",
+            "Bytes retention freed.",
+            "counter",
+        );
+        let _ = writeln!(o, "{p}_gc_freed_bytes_total {}", g(4));
         o
     }
 }

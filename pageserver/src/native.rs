@@ -17,7 +17,7 @@ use distriproc_runtime::protocol::{
     RangeStatus, RequestKind, RequestStatus, MAX_RANGES, MAX_REQUEST_PAGES, PAGE_SIZE,
     REQ_FIRST_RUN, VERSION,
 };
-use distriproc_runtime::protocol::{upload::pagemap_checksum, HELLO_UPLOAD, VERSION_UPLOAD};
+use distriproc_runtime::protocol::{HELLO_UPLOAD, VERSION_UPLOAD};
 
 use crate::checkpoint::{Checkpoint, RunKind};
 use crate::server::Ctx;
@@ -153,6 +153,9 @@ pub(crate) fn serve(
                 format!("no checkpoint {id:?} in the store"),
             )
         }
+        Err(e @ PageServerError::DeletedCheckpoint { .. }) => {
+            return refuse(&mut w, HelloStatus::UnknownCheckpoint, e.to_string())
+        }
         Err(e) => {
             let msg = error_chain(&e);
             return refuse(&mut w, HelloStatus::BadCheckpoint, msg);
@@ -199,7 +202,7 @@ pub(crate) fn serve(
                     value: u64::from(RequestKind::Info.to_wire()),
                 }));
             }
-            match pagemap_checksum(ck.dir()) {
+            match crate::layers::layer_digest(ck.dir()) {
                 Ok(d) => encode_response_header(
                     h.request_id,
                     RequestStatus::Ok,

@@ -73,6 +73,10 @@ pub struct ServerOptions {
     /// TLS on the TCP listeners (`tls_cert_file`, `tls_key_file`, `tls_client_ca_file`);
     /// `None`: plaintext. Unix listeners are always plaintext.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How often retention runs on the store (`None`: never by itself).
+    pub gc_interval: Option<Duration>,
+    /// Retention's expiry of superseded checkpoints (`None`: never).
+    pub expire_superseded_after: Option<Duration>,
 }
 
 impl ServerOptions {
@@ -152,6 +156,9 @@ impl ServerOptions {
             busy_poll: Duration::from_micros(cfg.busy_poll_us),
             max_upload_bytes: distriproc_runtime::protocol::upload::MAX_UPLOAD_BYTES,
             tls,
+            gc_interval: (cfg.gc_interval_s > 0).then(|| Duration::from_secs(cfg.gc_interval_s)),
+            expire_superseded_after: (cfg.expire_superseded_after_s > 0)
+                .then(|| Duration::from_secs(cfg.expire_superseded_after_s)),
         })
     }
 
@@ -181,6 +188,53 @@ pub(crate) struct Ctx {
     conns: Mutex<HashMap<u64, Stream>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
+}
+
+impl Ctx {
+    /// Sets the store gauges (checkpoints, layers, bytes, depth) from a scan of the store.
+    pub(crate) fn refresh_store_gauges(&self) {
+        self.metrics
+            .set_store(&crate::layers::LayerMap::scan(&self.store).summary());
+    }
+
+    /// One retention run, counted in the metrics.
+    pub(crate) fn gc(&self) -> Result<crate::gc::GcReport, PageServerError> {
+        let opts = crate::gc::GcOptions {
+            expire_superseded_after: self.opts.expire_superseded_after,
+            dry_run: false,
+        };
+        let r = crate::gc::run(&self.store, opts)?;
+        self.metrics.count_gc(&r);
+        self.metrics.set_store(&r.after);
+        Ok(r)
+    }
+}
+
+/// Runs retention every `every` until `ctx.stop`.
+fn gc_loop(ctx: &Ctx, every: Duration) {
+    let mut next = std::time::Instant::now() + every;
+    while !ctx.stop.load(Relaxed) {
+        let now = std::time::Instant::now();
+        if now < next {
+            // Woken early by `ServerHandle::stop`.
+            std::thread::park_timeout(next - now);
+            continue;
+        }
+        next = std::time::Instant::now() + every;
+        match ctx.gc() {
+            Ok(r) if !r.removed.is_empty() || !r.squashed.is_empty() || !r.expired.is_empty() => {
+                tracing::info!(
+                    expired = r.expired.len(),
+                    removed = r.removed.len(),
+                    squashed = r.squashed.len(),
+                    freed_bytes = r.freed_bytes,
+                    "retention run"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %error_chain(&e), "retention run failed"),
+        }
+    }
 }
 
 /// The page server.
@@ -252,8 +306,21 @@ impl Server {
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
         });
+        ctx.refresh_store_gauges();
         let metrics_stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        if let Some(every) = opts.gc_interval {
+            let c = ctx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("retention".into())
+                    .spawn(move || gc_loop(&c, every))
+                    .map_err(|source| PageServerError::Listen {
+                        addr: "retention thread".into(),
+                        source,
+                    })?,
+            );
+        }
         let mut metrics_addr = None;
         if let Some(m) = opts.metrics {
             let l = TcpListener::bind(m).map_err(|source| PageServerError::Listen {
@@ -312,6 +379,11 @@ impl ServerHandle {
         self.ctx.metrics.render()
     }
 
+    /// Runs retention now (as the `gc_interval_s` timer does).
+    pub fn gc(&self) -> Result<crate::gc::GcReport, PageServerError> {
+        self.ctx.gc()
+    }
+
     /// Open connections.
     pub fn clients(&self) -> u64 {
         self.ctx.metrics.clients.load(Relaxed)
@@ -333,6 +405,9 @@ impl ServerHandle {
             .values()
         {
             s.shutdown();
+        }
+        for t in &self.threads {
+            t.thread().unpark();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -194,9 +194,37 @@ pub fn report(id: &str, s: &LogSummary, ck: Option<&Checkpoint>) -> String {
     o
 }
 
-/// `stats --store DIR [ID]`: one checkpoint in detail, or every checkpoint with a log.
+/// The store's layer totals, one line, and with `id` its chain.
+pub fn store_report(store: &Store, id: Option<&str>) -> String {
+    let map = crate::layers::LayerMap::scan(store);
+    let s = map.summary();
+    let mut o = format!(
+        "store {}: {} checkpoints, {} layers ({} deleted, still read by layers over them), {} \
+         bytes, deepest chain {} layers\n",
+        store.root().display(),
+        s.checkpoints,
+        s.layers,
+        s.deleted,
+        s.bytes,
+        s.max_depth
+    );
+    if let Some(id) = id.filter(|id| map.layers.contains_key(*id)) {
+        let chain = map.chain(id);
+        let _ = writeln!(
+            o,
+            "checkpoint {id}: {} layers: {}",
+            chain.len(),
+            chain.join(" <- ")
+        );
+    }
+    o
+}
+
+/// `stats --store DIR [ID]`: the store's layers, then one checkpoint in detail or every
+/// checkpoint with a log.
 pub fn run(store_dir: &Path, id: Option<&str>) -> Result<String, PageServerError> {
     let store = Store::open(store_dir, 1)?;
+    let head = store_report(&store, id);
     let logs = store.state_dir().join("access");
     let ids: Vec<String> = match id {
         Some(id) => {
@@ -221,11 +249,11 @@ pub fn run(store_dir: &Path, id: Option<&str>) -> Result<String, PageServerError
     };
     if ids.is_empty() {
         return Ok(format!(
-            "no access logs in {} (nothing served yet, or access_log = false)\n",
+            "{head}no access logs in {} (nothing served yet, or access_log = false)\n",
             logs.display()
         ));
     }
-    let mut out = String::new();
+    let mut out = head;
     for id in ids {
         let path = logs.join(format!("{id}.log"));
         if !path.exists() {

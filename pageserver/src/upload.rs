@@ -33,14 +33,13 @@ use distriproc_runtime::protocol::{
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::checkpoint::{Checkpoint, Store};
+use crate::layers::{layer_digest, record_digest, Tombstones, PARENT_LINK};
 use crate::server::Ctx;
 use crate::stream::Stream;
 use crate::PageServerError;
 
 /// Suffix of an upload's directory under `incoming/`.
 const UPLOAD_SUFFIX: &str = ".upload";
-/// Name of the parent link in a layered checkpoint (CRIU's name).
-const PARENT_LINK: &str = "parent";
 
 /// Removes the incoming directory unless the upload was published; holds its `flock`.
 struct Incoming {
@@ -113,8 +112,15 @@ fn chain_depth(store: &Store, dir: &Path) -> Result<usize, String> {
     }
 }
 
-/// Checks the parent an upload of `child` names; its directory.
-fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<PathBuf, String> {
+/// A checked parent: its directory, with a shared `flock` on it held until the upload ends
+/// (retention leaves a layer alone while an upload builds on it, `crate::gc`).
+struct Parent {
+    dir: PathBuf,
+    _in_use: Flock<File>,
+}
+
+/// Checks the parent an upload of `child` names.
+fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, String> {
     if p.checkpoint == child {
         return Err(format!("checkpoint {child:?} cannot be its own parent"));
     }
@@ -125,7 +131,24 @@ fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<PathBuf, St
             p.checkpoint
         ));
     }
-    let found = pagemap_checksum(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let in_use = File::open(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+        .and_then(|d| {
+            Flock::lock(d, FlockArg::LockSharedNonblock).map_err(|_| {
+                format!(
+                    "parent checkpoint {:?} is being removed or compacted",
+                    p.checkpoint
+                )
+            })
+        })?;
+    // Checked with the lock held: a deleted checkpoint is never given a new layer.
+    if Tombstones::of(store).is_deleted(&p.checkpoint) {
+        return Err(format!(
+            "parent checkpoint {:?} was deleted from the store",
+            p.checkpoint
+        ));
+    }
+    let found = layer_digest(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     if found != p.digest {
         return Err(format!(
             "parent checkpoint {:?} holds {}, the upload names {}: not the layer it was taken \
@@ -139,21 +162,32 @@ fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<PathBuf, St
     if depth >= MAX_PARENT_DEPTH {
         return Err(format!(
             "parent checkpoint {:?} is {depth} layers deep; a child would exceed \
-             {MAX_PARENT_DEPTH} (compact the chain)",
+             {MAX_PARENT_DEPTH} (compact the chain: delete superseded checkpoints, then gc)",
             p.checkpoint
         ));
     }
-    Ok(dir)
+    Ok(Parent {
+        dir,
+        _in_use: in_use,
+    })
 }
 
 /// Indexes the upload in `tmp` (through `parent`, linked absolutely for the check) and leaves
 /// the link relative (`../<parent id>`), as it resolves once `tmp` is renamed into the store.
-fn finish_layer(id: &str, tmp: &Path, parent: Option<(&ParentRef, &Path)>) -> Result<(), String> {
+fn finish_layer(
+    store: &Store,
+    id: &str,
+    tmp: &Path,
+    parent: Option<(&ParentRef, &Path)>,
+) -> Result<(), String> {
     let link = tmp.join(PARENT_LINK);
     if let Some((_, dir)) = parent {
         std::os::unix::fs::symlink(dir, &link).map_err(|e| format!("link the parent: {e}"))?;
     }
-    Checkpoint::open(id, tmp).map_err(|e| distriproc_runtime::error_chain(&e))?;
+    {
+        let _shared = store.index_lock(false).map_err(|e| e.to_string())?;
+        Checkpoint::open(id, tmp).map_err(|e| distriproc_runtime::error_chain(&e))?;
+    }
     if let Some((p, _)) = parent {
         let new = tmp.join(".parent.tmp");
         std::os::unix::fs::symlink(format!("../{}", p.checkpoint), &new)
@@ -236,7 +270,7 @@ pub(crate) fn serve(
     };
     let mut files = 0u64;
     let mut total = 0u64;
-    let mut parent: Option<(ParentRef, PathBuf)> = None;
+    let mut parent: Option<(ParentRef, Parent)> = None;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let h = match FileHeader::read(&mut r) {
@@ -314,8 +348,8 @@ pub(crate) fn serve(
             return fail(&mut w, RequestStatus::StoreFailed, io("sync", &path)(e));
         }
     }
-    let layer = parent.as_ref().map(|(p, d)| (p, d.as_path()));
-    if let Err(why) = finish_layer(&hello.checkpoint, &tmp, layer) {
+    let layer = parent.as_ref().map(|(p, d)| (p, d.dir.as_path()));
+    if let Err(why) = finish_layer(&ctx.store, &hello.checkpoint, &tmp, layer) {
         let status = if parent.is_some() {
             RequestStatus::BadParent
         } else {
@@ -330,9 +364,9 @@ pub(crate) fn serve(
         };
         return fail(&mut w, status, e);
     }
-    let digest = match pagemap_checksum(&tmp) {
+    let digest = match pagemap_checksum(&tmp).and_then(|d| record_digest(&tmp, &d).map(|()| d)) {
         Ok(d) => d,
-        Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("read", &tmp)(e)),
+        Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("digest", &tmp)(e)),
     };
     if let Err(e) = File::open(&tmp).and_then(|d| d.sync_all()) {
         return fail(&mut w, RequestStatus::StoreFailed, io("sync", &tmp)(e));
@@ -357,6 +391,7 @@ pub(crate) fn serve(
     }
     ctx.metrics.uploads.fetch_add(1, Relaxed);
     ctx.metrics.upload_bytes.fetch_add(total, Relaxed);
+    ctx.refresh_store_gauges();
     let parent_id = parent.as_ref().map_or("", |(p, _)| p.checkpoint.as_str());
     tracing::info!(peer, checkpoint = %hello.checkpoint, parent = parent_id, files, bytes = total, "upload stored");
     let mut out = Vec::new();

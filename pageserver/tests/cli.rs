@@ -273,3 +273,60 @@ fn daemon_serves_checks_tokens_survives_garbage_and_stops_on_sigterm() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad checkpoint id"));
 }
+
+#[test]
+fn delete_and_gc_through_the_binary_while_a_server_serves() {
+    let store = tempfile::tempdir().unwrap();
+    checkpoint(&store.path().join("base"));
+    checkpoint(&store.path().join("lone"));
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let s = store.path().to_str().unwrap();
+    let mut d = Daemon::start(&[
+        "--store",
+        s,
+        "--listen",
+        "127.0.0.1:0",
+        "--gc-interval-s",
+        "0",
+    ]);
+    let ep: Endpoint = d.addrs[0].parse().unwrap();
+    // A session already open on a checkpoint keeps reading it after delete and gc.
+    let rp = RemotePages::connect(ep.clone(), RemoteOptions::new("lone")).unwrap();
+    let (code, t) = run(&["delete", "--store", s, "nope"]);
+    assert_eq!(code, Some(1), "{t}");
+    assert!(t.contains("no checkpoint \"nope\""), "{t}");
+    let (code, t) = run(&["delete", "--store", s, "lone"]);
+    assert_eq!(code, Some(0), "{t}");
+    assert!(t.contains("deleted lone"), "{t}");
+    let (code, t) = run(&["gc", "--store", s, "--dry-run"]);
+    assert_eq!(code, Some(0), "{t}");
+    assert!(t.contains("would be removed lone"), "{t}");
+    assert!(store.path().join("lone").exists());
+    let e = RemotePages::connect(ep.clone(), RemoteOptions::new("lone")).unwrap_err();
+    assert!(
+        distriproc_runtime::error_chain(&e).contains("was deleted"),
+        "{}",
+        distriproc_runtime::error_chain(&e)
+    );
+    let (code, t) = run(&["gc", "--store", s]);
+    assert_eq!(code, Some(0), "{t}");
+    assert!(
+        t.contains("removed lone") && t.contains("1 checkpoints, 1 layers"),
+        "{t}"
+    );
+    assert!(!store.path().join("lone").exists());
+    let mut buf = vec![0u8; 8 * 4096];
+    rp.read_pages(3, 0x40_0000, &mut buf).unwrap();
+    assert!(buf[7 * 4096..].iter().all(|b| *b == 8));
+    let (_, t) = run(&["stats", "--store", s]);
+    assert!(t.contains("1 checkpoints, 1 layers (0 deleted"), "{t}");
+    assert!(d.stop().success());
+}

@@ -1395,4 +1395,113 @@ mod tests {
         assert!(buf[8192..].iter().all(|b| *b == 3));
         srv.shutdown();
     }
+
+    #[test]
+    fn retention_keeps_what_the_live_layers_read() {
+        use crate::images::testutil::{pm, write_inventory, write_pagemap};
+        use crate::images::{PE_LAZY, PE_PARENT, PE_PRESENT};
+        use distriproc_pageserver::layers::Tombstones;
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let mut opts = ServerOptions::for_store(store.clone());
+        opts.gc_interval = None;
+        let srv = Server::start(opts).unwrap();
+        let ep: Endpoint = srv.addrs()[0].parse().unwrap();
+        let files: Vec<String> = ["inventory.img", "pagemap-1.img", "pages-1.img"]
+            .map(String::from)
+            .to_vec();
+        let lazy = PE_LAZY | PE_PRESENT;
+        // l0 holds pages 0..8 = 100..108; layer k rewrites page k with 200 + k.
+        let img = d.path().join("l0");
+        std::fs::create_dir_all(&img).unwrap();
+        write_inventory(&img).unwrap();
+        write_pagemap(&img, 1, 1, &[pm(0x10000, 8, lazy)]).unwrap();
+        let base: Vec<u8> = (0..8u8).flat_map(|i| [100 + i; 4096]).collect();
+        std::fs::write(img.join("pages-1.img"), &base).unwrap();
+        let mut top = ParentRef {
+            checkpoint: "l0".into(),
+            digest: upload_checkpoint(&ep, &RemoteOptions::new("l0"), &img, &files, None).unwrap(),
+        };
+        for k in 1..8u64 {
+            let img = d.path().join(format!("l{k}"));
+            std::fs::create_dir_all(&img).unwrap();
+            write_inventory(&img).unwrap();
+            let mut e = vec![pm(0x10000, k, PE_PARENT)];
+            e.push(pm(0x10000 + k * 4096, 1, lazy));
+            if k < 7 {
+                e.push(pm(0x10000 + (k + 1) * 4096, 7 - k, PE_PARENT));
+            }
+            write_pagemap(&img, 1, 1, &e).unwrap();
+            std::fs::write(
+                img.join("pages-1.img"),
+                [200 + u8::try_from(k).unwrap(); 4096],
+            )
+            .unwrap();
+            let id = format!("l{k}");
+            let digest =
+                upload_checkpoint(&ep, &RemoteOptions::new(&id), &img, &files, Some(&top)).unwrap();
+            top = ParentRef {
+                checkpoint: id,
+                digest,
+            };
+        }
+        let expect: Vec<u8> = std::iter::once(100).chain(201..208).collect();
+        let read = |id: &str| {
+            let rp = RemotePages::connect(ep.clone(), RemoteOptions::new(id)).unwrap();
+            let mut buf = vec![0u8; 8 * 4096];
+            rp.read_pages(1, 0x10000, &mut buf).unwrap();
+            buf.chunks(4096)
+                .map(|p| {
+                    assert!(p.iter().all(|b| *b == p[0]));
+                    p[0]
+                })
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(read("l7"), expect);
+        // Delete l1..l6 (l0 and l7 stay restorable): one retention run squashes them into l7.
+        let st = distriproc_pageserver::checkpoint::Store::open(&store, 4).unwrap();
+        for k in 1..7 {
+            Tombstones::of(&st).delete(&format!("l{k}")).unwrap();
+        }
+        let r = srv.gc().unwrap();
+        assert_eq!(r.squashed.len(), 6, "{r:?}");
+        assert_eq!(r.after.max_depth, 2, "{r:?}");
+        assert_eq!(read("l7"), expect, "l7 reads other memory after the squash");
+        assert_eq!(read("l0"), (100..108).collect::<Vec<u8>>());
+        let m = srv.metrics_text();
+        assert!(
+            m.contains("distriproc_pageserver_store_max_chain_depth 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("distriproc_pageserver_gc_layers_total{action=\"squashed\"} 6"),
+            "{m}"
+        );
+        // A deleted checkpoint is refused by name; a layer over it too.
+        Tombstones::of(&st).delete("l0").unwrap();
+        let e = RemotePages::connect(ep.clone(), RemoteOptions::new("l0")).unwrap_err();
+        assert!(
+            crate::error_chain(&e).contains("was deleted"),
+            "{}",
+            crate::error_chain(&e)
+        );
+        let p0 = ParentRef {
+            checkpoint: "l0".into(),
+            digest: top.digest,
+        };
+        let e =
+            upload_checkpoint(&ep, &RemoteOptions::new("x"), &img, &files, Some(&p0)).unwrap_err();
+        assert!(
+            crate::error_chain(&e).contains("was deleted"),
+            "{}",
+            crate::error_chain(&e)
+        );
+        // The squashed l7 keeps its digest: a restore of it can still be checkpointed over it.
+        let img8 = d.path().join("l1");
+        upload_checkpoint(&ep, &RemoteOptions::new("l8"), &img8, &files, Some(&top)).unwrap();
+        assert_eq!(read("l8")[..2], [100, 201]);
+        srv.shutdown();
+    }
 }

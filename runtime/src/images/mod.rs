@@ -396,7 +396,9 @@ impl ImageDir {
     }
 }
 
-fn read_pagemap(path: &Path) -> Result<(u32, Vec<PageRange>), ImageError> {
+/// The `pages_id` and entries of one pagemap file (a task's or a shared-memory one), as
+/// written: parents not followed, pages files not touched.
+pub fn read_pagemap(path: &Path) -> Result<(u32, Vec<PageRange>), ImageError> {
     let mut r = EntryReader::open(path, PAGEMAP_MAGIC)?;
     let head: PagemapHead = r.require("pagemap_head")?;
     let mut entries: Vec<PageRange> = Vec::new();

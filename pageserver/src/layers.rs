@@ -1,0 +1,301 @@
+//! The layer graph of a store: which checkpoint is whose parent, which are deleted, and what
+//! each one occupies.
+//!
+//! A checkpoint directory with a `parent -> ../<id>` link is a layer over checkpoint `<id>`
+//! (see [`crate::upload`]). Deleting a checkpoint (`distriproc-pageserver delete`, or the
+//! automatic expiry in [`crate::gc`]) writes a tombstone, `.distriproc/deleted/<id>`: from then
+//! on the checkpoint is refused to new sessions and as a parent, but its directory stays as long
+//! as a checkpoint that is not deleted resolves pages through it. [`crate::gc`] removes the rest.
+//!
+//! Each published layer records the digest it was published with (`distriproc-digest`, the
+//! [`MemoryDigest`] text): compaction rewrites a layer's files without changing its memory, and
+//! the digest a restore and a child upload check against is the one recorded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use distriproc_config::pageserver::validate_checkpoint_id;
+use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest};
+
+use crate::checkpoint::Store;
+
+/// Name of the parent link in a layer (CRIU's name).
+pub const PARENT_LINK: &str = "parent";
+/// File in a checkpoint directory holding the digest it was published with.
+pub const DIGEST_FILE: &str = "distriproc-digest";
+/// Directory of tombstones under the state directory.
+const DELETED_DIR: &str = "deleted";
+
+/// The digest of the checkpoint in `dir`: the recorded one, else computed from its files
+/// (checkpoints published before digests were recorded, and CRIU pushes).
+pub fn layer_digest(dir: &Path) -> std::io::Result<MemoryDigest> {
+    if let Ok(s) = std::fs::read_to_string(dir.join(DIGEST_FILE)) {
+        if let Some(d) = MemoryDigest::from_message(s.trim()) {
+            return Ok(d);
+        }
+    }
+    pagemap_checksum(dir)
+}
+
+/// Writes `digest` as the recorded digest of the checkpoint in `dir` (synced).
+pub fn record_digest(dir: &Path, digest: &MemoryDigest) -> std::io::Result<()> {
+    let path = dir.join(DIGEST_FILE);
+    let f = std::fs::File::create(&path)?;
+    std::io::Write::write_all(&mut &f, format!("{}\n", digest.to_message()).as_bytes())?;
+    f.sync_all()
+}
+
+/// The parent id a checkpoint directory of the store at `root` links to, if any: `Ok(None)`
+/// without a link, an error for a link that is broken or leaves the store.
+pub fn parent_of(root: &Path, dir: &Path) -> Result<Option<String>, String> {
+    let link = dir.join(PARENT_LINK);
+    match std::fs::symlink_metadata(&link) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", link.display())),
+    }
+    let bad = |why: String| format!("{}: {why}", link.display());
+    let target = std::fs::canonicalize(&link).map_err(|e| bad(format!("broken ({e})")))?;
+    let root = std::fs::canonicalize(root).map_err(|e| bad(format!("store: {e}")))?;
+    if target.parent() != Some(root.as_path()) {
+        return Err(bad(format!("{} is not in the store", target.display())));
+    }
+    match target.file_name().and_then(|n| n.to_str()) {
+        Some(id) if validate_checkpoint_id(id).is_ok() => Ok(Some(id.to_string())),
+        _ => Err(bad(format!("{} is not a checkpoint", target.display()))),
+    }
+}
+
+/// Tombstones of the store.
+pub struct Tombstones {
+    dir: PathBuf,
+}
+
+impl Tombstones {
+    /// The tombstones of `store`.
+    pub fn of(store: &Store) -> Tombstones {
+        Tombstones {
+            dir: store.state_dir().join(DELETED_DIR),
+        }
+    }
+
+    /// Whether checkpoint `id` is deleted.
+    pub fn is_deleted(&self, id: &str) -> bool {
+        self.dir.join(id).exists()
+    }
+
+    /// Marks `id` deleted (idempotent; the file holds the deletion time).
+    pub fn delete(&self, id: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let tmp = self.dir.join(format!(".{id}.tmp"));
+        std::fs::write(&tmp, format!("{secs}\n"))?;
+        std::fs::rename(&tmp, self.dir.join(id))
+    }
+
+    /// Forgets the tombstone of a checkpoint whose directory is gone.
+    pub fn clear(&self, id: &str) {
+        let _ = std::fs::remove_file(self.dir.join(id));
+    }
+
+    /// Ids with a tombstone.
+    pub fn list(&self) -> BTreeSet<String> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_checkpoint_id(n).is_ok())
+            .collect()
+    }
+}
+
+/// One checkpoint directory of the store.
+#[derive(Debug, Clone)]
+pub struct LayerInfo {
+    /// Its parent, if it is a layer.
+    pub parent: Option<String>,
+    /// A parent link that is broken or leaves the store (the layer is served as it is; no
+    /// checkpoint of the store is kept for it).
+    pub bad_link: Option<String>,
+    /// Tombstoned.
+    pub deleted: bool,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// When it was published (the directory's modification time).
+    pub published: SystemTime,
+}
+
+/// The layer graph of a store at one moment.
+#[derive(Debug, Default)]
+pub struct LayerMap {
+    /// Every checkpoint directory, by id.
+    pub layers: BTreeMap<String, LayerInfo>,
+}
+
+/// Totals of a [`LayerMap`], as `stats` and the metrics show them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSummary {
+    /// Checkpoints that are not deleted.
+    pub checkpoints: u64,
+    /// Checkpoint directories (including deleted ones still holding pages for others).
+    pub layers: u64,
+    /// Deleted checkpoints still on disk.
+    pub deleted: u64,
+    /// Bytes of all checkpoint directories.
+    pub bytes: u64,
+    /// Layers in the deepest chain.
+    pub max_depth: u64,
+}
+
+impl LayerMap {
+    /// Reads the store's checkpoint directories, links and tombstones.
+    pub fn scan(store: &Store) -> LayerMap {
+        let dead = Tombstones::of(store).list();
+        let mut layers = BTreeMap::new();
+        for id in store.list() {
+            let dir = store.root().join(&id);
+            let (parent, bad_link) = match parent_of(store.root(), &dir) {
+                Ok(p) => (p, None),
+                Err(why) => (None, Some(why)),
+            };
+            let mut bytes = 0;
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() {
+                        bytes += m.len();
+                    }
+                }
+            }
+            let published = std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            layers.insert(
+                id.clone(),
+                LayerInfo {
+                    parent,
+                    bad_link,
+                    deleted: dead.contains(&id),
+                    bytes,
+                    published,
+                },
+            );
+        }
+        LayerMap { layers }
+    }
+
+    /// Ids whose parent is `id`.
+    pub fn children(&self, id: &str) -> Vec<&str> {
+        self.layers
+            .iter()
+            .filter(|(_, l)| l.parent.as_deref() == Some(id))
+            .map(|(c, _)| c.as_str())
+            .collect()
+    }
+
+    /// The chain from `id` up to its base (`id` first); stops at a missing parent or a loop.
+    pub fn chain(&self, id: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let mut at = self.layers.get_key_value(id);
+        while let Some((k, l)) = at {
+            if out.contains(&k.as_str()) {
+                break;
+            }
+            out.push(k.as_str());
+            at = l
+                .parent
+                .as_deref()
+                .and_then(|p| self.layers.get_key_value(p));
+        }
+        out
+    }
+
+    /// Checkpoints that must stay on disk: those not deleted and every layer they resolve
+    /// pages through.
+    pub fn needed(&self) -> BTreeSet<String> {
+        let mut keep = BTreeSet::new();
+        for (id, l) in &self.layers {
+            if !l.deleted {
+                keep.extend(self.chain(id).into_iter().map(str::to_string));
+            }
+        }
+        keep
+    }
+
+    /// Totals.
+    pub fn summary(&self) -> StoreSummary {
+        let mut s = StoreSummary::default();
+        for (id, l) in &self.layers {
+            s.layers += 1;
+            s.bytes += l.bytes;
+            if l.deleted {
+                s.deleted += 1;
+            } else {
+                s.checkpoints += 1;
+            }
+            s.max_depth = s.max_depth.max(self.chain(id).len() as u64);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(store: &Path, id: &str, parent: Option<&str>) {
+        let d = store.join(id);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("pages-1.img"), vec![0u8; 4096]).unwrap();
+        if let Some(p) = parent {
+            std::os::unix::fs::symlink(format!("../{p}"), d.join(PARENT_LINK)).unwrap();
+        }
+    }
+
+    #[test]
+    fn graph_needed_and_summary() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path(), 4).unwrap();
+        layer(root.path(), "a", None);
+        layer(root.path(), "b", Some("a"));
+        layer(root.path(), "c", Some("b"));
+        layer(root.path(), "x", None);
+        layer(root.path(), "odd", None);
+        std::os::unix::fs::symlink("/etc", root.path().join("odd/parent")).unwrap();
+        let t = Tombstones::of(&store);
+        t.delete("a").unwrap();
+        t.delete("b").unwrap();
+        t.delete("x").unwrap();
+        t.delete("odd").unwrap();
+        assert!(t.is_deleted("a") && !t.is_deleted("c"));
+        let m = LayerMap::scan(&store);
+        assert_eq!(m.chain("c"), vec!["c", "b", "a"]);
+        assert_eq!(m.children("a"), vec!["b"]);
+        let needed: Vec<String> = m.needed().into_iter().collect();
+        // c is live, so b and a stay; x and odd (its link leaves the store) are not needed.
+        assert_eq!(needed, vec!["a", "b", "c"]);
+        let s = m.summary();
+        assert_eq!(
+            (s.checkpoints, s.layers, s.deleted, s.max_depth),
+            (1, 5, 4, 3)
+        );
+        assert_eq!(s.bytes, 5 * 4096);
+        assert!(m.layers["odd"].bad_link.is_some());
+    }
+
+    #[test]
+    fn recorded_digest_wins_over_the_files() {
+        let d = tempfile::tempdir().unwrap();
+        let computed = layer_digest(d.path()).unwrap();
+        let rec = MemoryDigest {
+            pages_bytes: 7,
+            pagemap_checksum: 9,
+        };
+        record_digest(d.path(), &rec).unwrap();
+        assert_eq!(layer_digest(d.path()).unwrap(), rec);
+        assert_ne!(computed, rec);
+    }
+}
