@@ -4,7 +4,9 @@
 //! `P` can be merged into `C`: every `PE_PARENT` range of `C` that `P` holds data for becomes
 //! data in `C`'s own pages file, the ranges `P` itself takes from its parent stay `PE_PARENT`,
 //! and `C`'s link moves to `P`'s parent. The chain is one layer shorter, and `P`'s pages that
-//! `C` had overwritten are freed with `P`.
+//! `C` had overwritten are freed with `P`. A run of such layers above `C` (deleted, each read
+//! only by the layer below it) is merged in one pass: every page is copied once, from the
+//! nearest layer that holds it.
 //!
 //! The new `C` is built beside the store (`.distriproc/compact/<C>`): the files it keeps are
 //! hard links, each rewritten task gets a new pagemap and pages file ([`PagemapWriter`]). It is
@@ -88,18 +90,74 @@ fn copy_pages(
     Ok(())
 }
 
-/// Writes task `pid`'s pagemap of `child` into `out` with `PE_PARENT` ranges resolved one
-/// level, against `parent`. Returns the pages moved.
-fn squash_task(child: &Path, parent: &Path, out: &Path, pid: u32) -> Result<u64, String> {
+/// One squashed layer's view of a task: its entries and pages file.
+struct Level {
+    entries: Entries,
+    pages: Result<File, String>,
+}
+
+/// Where a piece of a `PE_PARENT` range of the child ends up.
+enum Piece {
+    /// Data in `levels[level]`'s pages file at `offset`.
+    Data { level: usize, offset: u64 },
+    /// Still in the parent of the last squashed layer.
+    Parent,
+    /// Not in the store at all (a lazy range of that layer's dump), with its flags.
+    Absent(u32),
+}
+
+/// Resolves `[cur, end)` through `levels[at..]`, calling `emit` in address order.
+fn resolve(
+    levels: &[Level],
+    at: usize,
+    mut cur: u64,
+    end: u64,
+    name: &str,
+    emit: &mut dyn FnMut(u64, u64, Piece) -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(level) = levels.get(at) else {
+        return emit(cur, (end - cur) / PAGE_SIZE, Piece::Parent);
+    };
+    let ranges = &level.entries.ranges;
+    let mut i = ranges.partition_point(|(e, _)| e.end() <= cur);
+    while cur < end {
+        let Some((pe, poff)) = ranges.get(i).filter(|(e, _)| e.vaddr <= cur) else {
+            return Err(format!(
+                "{name}: squashed layer {at} has no entry for the page at {cur:#x}"
+            ));
+        };
+        let piece_end = pe.end().min(end);
+        let pages = (piece_end - cur) / PAGE_SIZE;
+        if pe.flags & PE_PRESENT != 0 {
+            let offset = poff + (cur - pe.vaddr);
+            emit(cur, pages, Piece::Data { level: at, offset })?;
+        } else if pe.flags & PE_PARENT != 0 {
+            resolve(levels, at + 1, cur, piece_end, name, emit)?;
+        } else {
+            emit(cur, pages, Piece::Absent(pe.flags))?;
+        }
+        cur = piece_end;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Writes task `pid`'s pagemap of `child` into `out` with its `PE_PARENT` ranges resolved
+/// through `parents` (nearest first). Returns the pages moved.
+fn squash_task(child: &Path, parents: &[PathBuf], out: &Path, pid: u32) -> Result<u64, String> {
     let name = format!("pagemap-{pid}.img");
-    let c = entries(&child.join(&name))?;
-    let p = entries(&parent.join(&name)).map_err(|e| format!("parent: {e}"))?;
     let open = |dir: &Path, id: u32| {
         let path = dir.join(format!("pages-{id}.img"));
         File::open(&path).map_err(|e| format!("{}: {e}", path.display()))
     };
+    let c = entries(&child.join(&name))?;
     let c_pages = open(child, c.pages_id)?;
-    let p_pages = open(parent, p.pages_id);
+    let mut levels = Vec::with_capacity(parents.len());
+    for dir in parents {
+        let entries = entries(&dir.join(&name)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let pages = open(dir, entries.pages_id);
+        levels.push(Level { entries, pages });
+    }
     let mut w = PagemapWriter::create(out, pid, c.pages_id).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut moved = 0;
@@ -115,33 +173,24 @@ fn squash_task(child: &Path, parent: &Path, out: &Path, pid: u32) -> Result<u64,
                 .map_err(|e| e.to_string())?;
             continue;
         }
-        // Walk the parent's entries over [vaddr, end).
-        let mut cur = r.vaddr;
-        let end = r.end();
-        let mut i = p.ranges.partition_point(|(e, _)| e.end() <= cur);
-        while cur < end {
-            let Some((pe, poff)) = p.ranges.get(i).filter(|(e, _)| e.vaddr <= cur) else {
-                return Err(format!(
-                    "{name}: the parent has no entry for the page at {cur:#x}"
-                ));
-            };
-            let piece_end = pe.end().min(end);
-            let pages = (piece_end - cur) / PAGE_SIZE;
-            if pe.flags & PE_PRESENT != 0 {
-                let from = p_pages.as_ref().map_err(Clone::clone)?;
-                let skip = (cur - pe.vaddr) / PAGE_SIZE * PAGE_SIZE;
-                let flags = (r.flags & !PE_PARENT) | PE_PRESENT;
-                copy_pages(&mut w, from, poff + skip, cur, pages, flags, &mut buf)?;
-                moved += pages;
-            } else if pe.flags & PE_PARENT != 0 {
-                w.hole(cur, pages, r.flags).map_err(|e| e.to_string())?;
-            } else {
-                // Not in the store at all (a lazy range of the parent's dump): the same here.
-                w.hole(cur, pages, pe.flags).map_err(|e| e.to_string())?;
-            }
-            cur = piece_end;
-            i += 1;
-        }
+        let flags = r.flags;
+        resolve(
+            &levels,
+            0,
+            r.vaddr,
+            r.end(),
+            &name,
+            &mut |va, pages, piece| match piece {
+                Piece::Data { level, offset } => {
+                    let from = levels[level].pages.as_ref().map_err(Clone::clone)?;
+                    let data = (flags & !PE_PARENT) | PE_PRESENT;
+                    moved += pages;
+                    copy_pages(&mut w, from, offset, va, pages, data, &mut buf)
+                }
+                Piece::Parent => w.hole(va, pages, flags).map_err(|e| e.to_string()),
+                Piece::Absent(f) => w.hole(va, pages, f).map_err(|e| e.to_string()),
+            },
+        )?;
     }
     w.commit().map_err(|e| e.to_string())?;
     Ok(moved)
@@ -162,10 +211,13 @@ fn coverage(ck: &Checkpoint, pid: u32) -> Vec<(u64, u64, bool)> {
 /// Builds the squashed child in `out` (which must not exist).
 fn build(
     store: &Store,
-    parent_dir: &Path,
+    parents: &[PathBuf],
     child_dir: &Path,
     out: &Path,
 ) -> Result<Squashed, String> {
+    let Some(last) = parents.last() else {
+        return Err("nothing to squash".into());
+    };
     std::fs::create_dir(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut tasks = Vec::new();
     let mut rewritten_pages = Vec::new();
@@ -192,7 +244,7 @@ fn build(
     }
     let mut moved = 0;
     for pid in &tasks {
-        moved += squash_task(child_dir, parent_dir, out, *pid)?;
+        moved += squash_task(child_dir, parents, out, *pid)?;
     }
     let written: Vec<String> = tasks.iter().map(|p| format!("pagemap-{p}.img")).collect();
     for n in &names {
@@ -210,7 +262,7 @@ fn build(
         let d = layer_digest(child_dir).map_err(|e| e.to_string())?;
         record_digest(out, &d).map_err(|e| e.to_string())?;
     }
-    let new_parent = parent_of(store.root(), parent_dir)?;
+    let new_parent = parent_of(store.root(), last)?;
     if let Some(g) = &new_parent {
         // Absolute while `out` is outside the store, for the check below.
         std::os::unix::fs::symlink(store.root().join(g), out.join(PARENT_LINK))
@@ -260,22 +312,32 @@ pub fn work_dir(store: &Store, child: &str) -> PathBuf {
     store.state_dir().join(COMPACT_DIR).join(child)
 }
 
-/// Merges layer `parent` into `child` (whose parent it must be) and swaps the result into
-/// place; the old files of `child` are moved to `trash` (to be removed by the caller once
-/// unlocked). The caller holds the gc lock and has checked that `parent` has no other child
-/// and no upload building on it. `parent` itself is left for the caller to remove.
-pub fn squash(store: &Store, parent: &str, child: &str, trash: &Path) -> Result<Squashed, String> {
-    let parent_dir = store.root().join(parent);
+/// Merges the layers `parents` (the chain above `child`, nearest first: each the parent of
+/// the one before) into `child` in one pass and swaps the result into place; the old files of
+/// `child` are moved to `trash` (to be removed by the caller once unlocked). The caller holds
+/// the gc lock and has checked that none of `parents` has another child or an upload building
+/// on it. The squashed layers themselves are left for the caller to remove.
+pub fn squash(
+    store: &Store,
+    parents: &[String],
+    child: &str,
+    trash: &Path,
+) -> Result<Squashed, String> {
     let child_dir = store.root().join(child);
-    if parent_of(store.root(), &child_dir)?.as_deref() != Some(parent) {
-        return Err(format!("{child} is not a layer over {parent}"));
+    let mut below = child_dir.clone();
+    for p in parents {
+        if parent_of(store.root(), &below)?.as_deref() != Some(p.as_str()) {
+            return Err(format!("{} is not a layer over {p}", below.display()));
+        }
+        below = store.root().join(p);
     }
+    let parent_dirs: Vec<PathBuf> = parents.iter().map(|p| store.root().join(p)).collect();
     let out = work_dir(store, child);
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     let _ = std::fs::remove_dir_all(&out);
-    let done = match build(store, &parent_dir, &child_dir, &out) {
+    let done = match build(store, &parent_dirs, &child_dir, &out) {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&out);

@@ -53,7 +53,7 @@ pub struct GcReport {
     pub expired: Vec<String>,
     /// Layers removed.
     pub removed: Vec<String>,
-    /// (squashed layer, the layer it went into, pages moved).
+    /// (squashed layer, the layer it went into, pages moved into that layer by its squash).
     pub squashed: Vec<(String, String, u64)>,
     /// Layers left alone this time, and why.
     pub skipped: Vec<(String, String)>,
@@ -214,56 +214,83 @@ pub fn run(store: &Store, opts: GcOptions) -> Result<GcReport, PageServerError> 
         }
     }
 
-    // 3. Squash deleted layers that one layer still reads.
+    // 3. Squash deleted layers that one layer still reads, each run of them into the layer
+    //    below it in one pass.
     let mut tried = std::collections::BTreeSet::new();
     loop {
-        let view = if opts.dry_run {
+        if opts.dry_run {
             break;
-        } else {
-            LayerMap::scan(store)
+        }
+        let view = LayerMap::scan(store);
+        let squashable = |id: &str| {
+            view.layers
+                .get(id)
+                .is_some_and(|l| l.deleted && l.bad_link.is_none())
+                && view.children(id).len() == 1
         };
         let candidate = view.layers.iter().find_map(|(id, l)| {
-            if !l.deleted || l.bad_link.is_some() || tried.contains(id) {
+            let p = l.parent.as_deref()?;
+            if squashable(id) || !squashable(p) || tried.contains(id) {
                 return None;
             }
-            match view.children(id).as_slice() {
-                [only] => Some((id.clone(), only.to_string())),
-                _ => None,
+            let mut run = vec![p.to_string()];
+            while let Some(up) = view.layers[run.last()?].parent.as_deref() {
+                if !squashable(up) || run.iter().any(|r| r == up) {
+                    break;
+                }
+                run.push(up.to_string());
             }
+            Some((id.clone(), run))
         });
-        let Some((parent, child)) = candidate else {
+        let Some((child, parents)) = candidate else {
             break;
         };
-        tried.insert(parent.clone());
-        let Some(_busy) = try_lock(&store.root().join(&parent)) else {
+        tried.insert(child.clone());
+        let mut held = Vec::new();
+        for p in &parents {
+            match try_lock(&store.root().join(p)) {
+                Some(l) => held.push(l),
+                None => break,
+            }
+        }
+        if held.len() < parents.len() {
+            let busy = parents[held.len()].clone();
             run.report
                 .skipped
-                .push((parent, "an upload is building on it".into()));
+                .push((busy, "an upload is building on it".into()));
             continue;
-        };
-        let before = view.layers[&parent].bytes + view.layers[&child].bytes;
+        }
+        let before: u64 = parents
+            .iter()
+            .chain(std::iter::once(&child))
+            .map(|id| view.layers[id].bytes)
+            .sum();
         let to = run.trash_path(&child);
-        match compact::squash(store, &parent, &child, &to) {
+        match compact::squash(store, &parents, &child, &to) {
             Ok(s) => {
-                if let Err(why) = run.remove(&parent) {
-                    run.report.skipped.push((parent.clone(), why));
-                    continue;
+                for p in &parents {
+                    if let Err(why) = run.remove(p) {
+                        run.report.skipped.push((p.clone(), why));
+                    }
                 }
                 let after = LayerMap::scan(store)
                     .layers
                     .get(&child)
                     .map_or(0, |l| l.bytes);
                 run.report.freed_bytes += before.saturating_sub(after);
-                tracing::info!(layer = %parent, into = %child, pages = s.pages_moved, "squashed a deleted layer");
-                run.report.squashed.push((parent, child, s.pages_moved));
+                tracing::info!(layers = ?parents, into = %child, pages = s.pages_moved, "squashed deleted layers");
+                for p in parents {
+                    run.report.squashed.push((p, child.clone(), s.pages_moved));
+                }
             }
             Err(why) => {
-                tracing::warn!(layer = %parent, into = %child, %why, "squash failed; both layers kept");
+                tracing::warn!(layers = ?parents, into = %child, %why, "squash failed; the layers are kept");
                 run.report
                     .skipped
-                    .push((parent, format!("squash into {child}: {why}")));
+                    .push((parents[0].clone(), format!("squash into {child}: {why}")));
             }
         }
+        drop(held);
     }
     if !opts.dry_run {
         sweep(store);

@@ -14,7 +14,10 @@
 //!    each page's last write, so a zero-filled or stale page fails) and `SUM == EXPECT`;
 //! 4. a page server stopped mid-upload fails the checkpoint at `ctr` with a clear error,
 //!    leaves no partial checkpoint in the store (and none under `incoming/`), the container
-//!    runs on, and the previous layer still restores intact once the server is back.
+//!    runs on, and the previous layer still restores intact once the server is back;
+//! 5. (2.1) retention: every checkpoint but the newest deleted, one gc run squashes the chain
+//!    into the newest layer (depth 1, about the memory's size stored), which restores with
+//!    every page right and takes a new layer over it.
 //!
 //! Skips with a reason when the stack is missing (fails instead when `CI=true`).
 
@@ -331,7 +334,7 @@ fn layers(containerd_dir: &str, cycles: usize) -> Result<()> {
     ctd.wait_status("lk", "RUNNING", STATUS_TIMEOUT)?;
     ctd.remove_container("lk", STATUS_TIMEOUT)?;
     // The server is back on the same store and address: the previous layer is intact.
-    let _srv = server(&store, &addr)?;
+    let back = server(&store, &addr)?;
     if ctd1 {
         // The image was removed for the cut checkpoint; the layer is still at the server.
         ensure!(
@@ -349,7 +352,100 @@ fn layers(containerd_dir: &str, cycles: usize) -> Result<()> {
         );
         ensure!(memhog_query(pid, MEMHOG_PORT, "SUM")? == sum);
         ctd.remove_container("lb", STATUS_TIMEOUT)?;
+        retention(&ctd, &store, &back, &top, &last, &sum)?;
     }
+    Ok(())
+}
+
+/// Every checkpoint but the newest is deleted and collected: the chain is squashed into the
+/// newest layer, which restores with every page right and still takes a layer over it (the
+/// digest the shim recorded at restore is the one the squashed layer keeps).
+fn retention(
+    ctd: &Containerd,
+    store: &Path,
+    srv: &ServerHandle,
+    top: &str,
+    last: &str,
+    sum: &str,
+) -> Result<()> {
+    let st = distriproc_pageserver::checkpoint::Store::open(store, 4)?;
+    let dead = distriproc_pageserver::layers::Tombstones::of(&st);
+    let others: Vec<String> = stored(store).into_iter().filter(|id| id != top).collect();
+    for id in &others {
+        dead.delete(id)?;
+    }
+    let t0 = Instant::now();
+    let r = srv.gc()?;
+    eprintln!(
+        "gc of {} deleted layers in {:?}: {} squashed, {} removed, {} MiB freed; store {} MiB, \
+         depth {} -> {}",
+        others.len(),
+        t0.elapsed(),
+        r.squashed.len(),
+        r.removed.len(),
+        r.freed_bytes >> 20,
+        r.after.bytes >> 20,
+        r.before.max_depth,
+        r.after.max_depth
+    );
+    ensure!(
+        r.after.layers == 1 && r.after.max_depth == 1 && r.skipped.is_empty(),
+        "after gc: {r:?}"
+    );
+    ensure!(
+        stored(store) == BTreeSet::from([top.to_string()]),
+        "left in the store: {:?}",
+        stored(store)
+    );
+    ensure!(
+        r.after.bytes <= (MIB << 20) + (64 << 20),
+        "the squashed chain holds {} bytes for {MIB} MiB of memory",
+        r.after.bytes
+    );
+    ctd.ctr_ok(&["containers", "restore", "--live", "lg", last])?;
+    ctd.wait_status("lg", "RUNNING", STATUS_TIMEOUT)?;
+    let pid = ctd.task_pid("lg")?;
+    let verify = memhog_query_timeout(pid, MEMHOG_PORT, "VERIFY", STATUS_TIMEOUT)?;
+    ensure!(
+        verify == format!("OK pages={PAGES}"),
+        "VERIFY of {last} after gc squashed its chain: {verify}"
+    );
+    ensure!(
+        memhog_query(pid, MEMHOG_PORT, "SUM")? == sum,
+        "SUM after gc"
+    );
+    memhog_query_timeout(
+        pid,
+        MEMHOG_PORT,
+        &format!("WRITE {WRITE_PCT}"),
+        STATUS_TIMEOUT,
+    )?;
+    let before = stored(store);
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "lg",
+        "localhost/l-cp:gc",
+    ])?;
+    let new = new_id(store, &before)?;
+    let depth = chain(store, &new)?;
+    ensure!(
+        depth == [new.clone(), top.to_string()],
+        "the checkpoint after gc should be a layer over {top}: {depth:?}"
+    );
+    ctd.remove_container("lg", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "lh", "localhost/l-cp:gc"])?;
+    ctd.wait_status("lh", "RUNNING", STATUS_TIMEOUT)?;
+    let pid = ctd.task_pid("lh")?;
+    let verify = memhog_query_timeout(pid, MEMHOG_PORT, "VERIFY", STATUS_TIMEOUT)?;
+    let sum = memhog_query_timeout(pid, MEMHOG_PORT, "SUM", STATUS_TIMEOUT)?;
+    let expect = memhog_query_timeout(pid, MEMHOG_PORT, "EXPECT", STATUS_TIMEOUT)?;
+    ensure!(
+        verify == format!("OK pages={PAGES}") && sum == expect,
+        "layer over the squashed chain: VERIFY {verify}, SUM {sum} EXPECT {expect}"
+    );
+    ctd.remove_container("lh", STATUS_TIMEOUT)?;
     Ok(())
 }
 
