@@ -16,6 +16,12 @@
 //!    `crate::remote`), else copied in from the fetcher's page source. The container is thawed
 //!    again if this module froze it and it keeps running.
 //!
+//! 4. When the container keeps running and the checkpoint goes to the page server, it becomes
+//!    the container's base layer once published: the pages written before it count as clean
+//!    again (the fetcher write-protects them while the tasks are still frozen), so the next
+//!    checkpoint is a layer over this one holding only what was written in between. If the
+//!    publish fails, they count as written again.
+//!
 //! Refused with a clear error instead: memory still arriving through CRIU's own lazy-pages
 //! daemon (no residency to complete from), and processes forked after the restore that still
 //! have remote pages (the fetcher knows them only by their parent's pid).
@@ -23,6 +29,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use distriproc_runtime::fetcher::LayerMark;
 use distriproc_runtime::layer::{complete_dump, LayerSummary};
 use distriproc_runtime::residency::{PageState, Residency};
 use log::{info, warn};
@@ -130,6 +137,10 @@ pub async fn undo(c: &Container, id: &str, p: Pending) {
 /// base layer when `parent_usable` (the new checkpoint goes to the page server that holds the
 /// checkpoint the tasks were restored from) and copying them in otherwise; thaws the
 /// container if [`prepare`] froze it and it still runs.
+///
+/// With `new_layer` (the container keeps running and the checkpoint will be its base layer
+/// once published), the written pages count as clean again from the dump on: the returned
+/// [`LayerMark`] is committed once the checkpoint is published, and undoes that if dropped.
 pub async fn complete(
     c: &Container,
     id: &str,
@@ -137,7 +148,8 @@ pub async fn complete(
     image: PathBuf,
     leave_running: bool,
     parent_usable: bool,
-) -> Result<LayerSummary> {
+    new_layer: bool,
+) -> Result<(LayerSummary, Option<LayerMark>)> {
     let moved = p.view.probe.generation() != p.generation;
     let result = if moved {
         Err(refused(
@@ -162,10 +174,12 @@ pub async fn complete(
             ))
         })
     };
+    // Still frozen: the mark describes exactly the dump.
+    let mark = (new_layer && leave_running && result.is_ok()).then(|| p.view.probe.begin_layer());
     if leave_running || result.is_err() {
         undo(c, id, p).await;
     }
-    result
+    result.map(|s| (s, mark))
 }
 
 async fn pause(runc: &RuncClient, id: &str) -> Result<()> {

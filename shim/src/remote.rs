@@ -163,6 +163,21 @@ impl BaseLayer {
     }
 }
 
+impl BaseLayer {
+    /// The layer a checkpoint just published with `cfg` (and described by `r`) becomes for
+    /// the container's next checkpoint.
+    pub fn published(cfg: &PageServerClientConfig, r: &RemoteReference) -> Result<BaseLayer> {
+        let (endpoint, _) = client(cfg, None, &r.checkpoint, "layer")?;
+        Ok(BaseLayer {
+            endpoint: endpoint.to_string(),
+            parent: ParentRef {
+                checkpoint: r.checkpoint.clone(),
+                digest: r.digest()?,
+            },
+        })
+    }
+}
+
 /// Reads the reference file of `dir`; `None` for a local checkpoint.
 pub fn read_reference(dir: &Path) -> Result<Option<RemoteReference>> {
     let path = dir.join(REFERENCE_FILE);

@@ -948,7 +948,7 @@ impl TaskService {
     /// `runc checkpoint` honouring runc's CheckpointOptions.
     pub async fn task_checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
         let copts = decode_checkpoint_options(&req)?;
-        let cs = self.inner.containers.lock().await;
+        let mut cs = self.inner.containers.lock().await;
         let c = cs
             .get(&req.id)
             .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
@@ -1014,12 +1014,21 @@ impl TaskService {
             let _ = std::fs::remove_dir_all(&work);
         }
         let mut parent = None;
+        let mut mark = None;
         if let Some(p) = pending {
             let t0 = std::time::Instant::now();
             let dir = PathBuf::from(&image);
-            let s =
-                crate::checkpoint_lazy::complete(c, &req.id, p, dir, !copts.exit, base.is_some())
-                    .await?;
+            let (s, m) = crate::checkpoint_lazy::complete(
+                c,
+                &req.id,
+                p,
+                dir,
+                !copts.exit,
+                base.is_some(),
+                remote,
+            )
+            .await?;
+            mark = m;
             info!(
                 "checkpoint of {}: dump completed in {:?}: {} pages left to layer {:?}, {} \
                  pages still remote read from the page source",
@@ -1062,6 +1071,31 @@ impl TaskService {
                     r.pages_bytes,
                     t0.elapsed()
                 );
+                // The container runs on: its next checkpoint is a layer over this one, holding
+                // only the pages written from the dump on.
+                if let Some(m) = mark.take() {
+                    match crate::remote::BaseLayer::published(&cfg.pageserver, &r) {
+                        Ok(b) => {
+                            info!(
+                                "checkpoint of {}: {} written pages count as clean again; the \
+                                 next checkpoint is a layer over {:?}",
+                                req.id,
+                                m.pages(),
+                                r.checkpoint
+                            );
+                            m.commit();
+                            if let Some(c) = cs.get_mut(&req.id) {
+                                c.base_layer = Some(b);
+                            }
+                        }
+                        Err(e) => warn!(
+                            "checkpoint of {}: {} cannot be the next base layer: {}",
+                            req.id,
+                            r.checkpoint,
+                            error_chain(&e)
+                        ),
+                    }
+                }
             }
         }
         send(

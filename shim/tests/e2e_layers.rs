@@ -449,6 +449,117 @@ fn retention(
     Ok(())
 }
 
+/// A container that keeps running is checkpointed twice: the second checkpoint is a layer over
+/// the first and holds only the pages written between the two (the fetcher counts the pages
+/// written before the first as clean again once it is published), and it restores right.
+fn layers_of_a_running_container(containerd_dir: &str) -> Result<()> {
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some()
+        || !require_stack_in(Path::new(containerd_dir))
+    {
+        eprintln!("SKIPPED: needs the lazy stack");
+        return Ok(());
+    }
+    const SMALL_MIB: u64 = 256;
+    let dir = tempfile::Builder::new()
+        .prefix("dp-e2e-running-")
+        .tempdir()?;
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let srv = server(&store, "127.0.0.1:0")?;
+    let cfg = write_config(dir.path(), &srv.addrs()[0])?;
+    let mut opts = ContainerdOpts::with_containerd_dir(containerd_dir).shim(SHIM);
+    opts.env
+        .push(("DISTRIPROC_CONFIG".into(), cfg.display().to_string()));
+    let ctd = Containerd::start(opts)?;
+    ctd.import_test_images()?;
+    ctd.run_detached(
+        &["io.distriproc.fill-policy=none"],
+        MEMHOG_IMAGE,
+        "r0",
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            &SMALL_MIB.to_string(),
+            "--procs",
+            "2",
+        ],
+        STATUS_TIMEOUT,
+    )?;
+    let pid = ctd.task_pid("r0")?;
+    ensure!(memhog_query_timeout(pid, MEMHOG_PORT, "PING", STATUS_TIMEOUT)? == "PONG");
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "r0",
+        "localhost/r-cp:0",
+    ])?;
+    let base = stored(&store);
+    ctd.remove_container("r0", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "r1", "localhost/r-cp:0"])?;
+    ctd.wait_status("r1", "RUNNING", STATUS_TIMEOUT)?;
+    let pid = ctd.task_pid("r1")?;
+    let mut layers = Vec::new();
+    let mut before = base;
+    for round in 1..=3 {
+        let w = memhog_query_timeout(
+            pid,
+            MEMHOG_PORT,
+            &format!("WRITE {WRITE_PCT}"),
+            STATUS_TIMEOUT,
+        )?;
+        let written: u64 = w
+            .strip_prefix("OK pages=")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("WRITE answered {w:?}"))?;
+        let image = format!("localhost/r-cp:{round}");
+        ctd.ctr_ok(&["containers", "checkpoint", "--task", "r1", &image])?;
+        ctd.wait_status("r1", "RUNNING", STATUS_TIMEOUT)?;
+        let new = new_id(&store, &before)?;
+        let grew = layer_bytes(&store.join(&new));
+        let depth = chain(&store, &new)?;
+        eprintln!(
+            "running container, checkpoint {round}: {written} pages written since the last, \
+             layer {new} of {} KiB, chain {depth:?}",
+            grew >> 10
+        );
+        ensure!(
+            depth.len() == round + 1 && layers.last().is_none_or(|l| depth.get(1) == Some(l)),
+            "checkpoint {round} should be a layer over the previous one: {depth:?}"
+        );
+        ensure!(
+            grew >= written * 4096 && grew <= written * 4096 * 11 / 10 + (8 << 20),
+            "checkpoint {round}: the layer holds {grew} bytes for {written} pages written since \
+             the previous checkpoint\n{}",
+            ctd.log_tail(30)
+        );
+        layers.push(new);
+        before = stored(&store);
+    }
+    let sum = memhog_query_timeout(pid, MEMHOG_PORT, "SUM", STATUS_TIMEOUT)?;
+    ctd.remove_container("r1", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["containers", "restore", "--live", "r2", "localhost/r-cp:3"])?;
+    ctd.wait_status("r2", "RUNNING", STATUS_TIMEOUT)?;
+    let pid = ctd.task_pid("r2")?;
+    let verify = memhog_query_timeout(pid, MEMHOG_PORT, "VERIFY", STATUS_TIMEOUT)?;
+    ensure!(
+        verify == format!("OK pages={}", SMALL_MIB * 256),
+        "VERIFY of the third layer: {verify}"
+    );
+    ensure!(
+        memhog_query(pid, MEMHOG_PORT, "SUM")? == sum,
+        "SUM of the third layer"
+    );
+    ctd.remove_container("r2", STATUS_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn layers_of_a_running_container_ctd21() -> Result<()> {
+    layers_of_a_running_container(CONTAINERD_2_1_DIR)
+}
+
 #[test]
 fn layers_ctd21() -> Result<()> {
     layers(CONTAINERD_2_1_DIR, 20)

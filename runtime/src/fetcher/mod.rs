@@ -96,7 +96,7 @@ use crate::images::ImageError;
 use crate::source::{PageSource, SourceError};
 use crate::stats::FetchCounters;
 pub use crate::stats::{FetchStats, LatencySummary, ProfileState};
-pub use resident::ResidencyProbe;
+pub use resident::{LayerMark, ResidencyProbe};
 
 /// The socket name criu restore connects to, relative to its work dir.
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";

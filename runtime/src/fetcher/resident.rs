@@ -7,12 +7,17 @@
 //! vanished in between, so the snapshot describes the frozen tasks. When the fetcher ends
 //! (fill complete, every task gone, stopped) the registry empties: after that nothing tracks
 //! the tasks' layout, and nothing of their memory is remote any more.
+//!
+//! [`ResidencyProbe::begin_layer`] starts a new layer once a checkpoint of the running tasks
+//! was taken: written pages count as clean again from then on (see `task`'s module docs). The
+//! [`LayerMark`] it returns must be committed once the checkpoint is published; dropped or
+//! aborted, it marks the pages written again.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::task::Task;
+use super::task::{begin_layer, restore_dirty, Task};
 use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
 
 /// The tasks a fetcher serves, shared by the fault thread and [`ResidencyProbe`]s.
@@ -49,6 +54,44 @@ impl Registry {
     }
 }
 
+/// The pages a [`ResidencyProbe::begin_layer`] counted as clean again, until the layer is
+/// published ([`LayerMark::commit`]); dropped without a commit, they count as written again.
+#[must_use = "commit the mark once the layer is published; dropping it undoes it"]
+pub struct LayerMark {
+    cleared: Vec<(Arc<Task>, Vec<usize>)>,
+}
+
+impl std::fmt::Debug for LayerMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerMark")
+            .field("pages", &self.pages())
+            .finish()
+    }
+}
+
+impl LayerMark {
+    /// Pages whose dirty bit was cleared.
+    pub fn pages(&self) -> usize {
+        self.cleared.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// The layer was published: the pages stay clean until written again.
+    pub fn commit(mut self) {
+        self.cleared.clear();
+    }
+
+    /// The layer was not published: the pages count as written again.
+    pub fn abort(self) {}
+}
+
+impl Drop for LayerMark {
+    fn drop(&mut self) {
+        for (t, bits) in self.cleared.drain(..) {
+            restore_dirty(&t, bits.as_slice());
+        }
+    }
+}
+
 /// A cheap, cloneable view of a fetcher's lazily managed memory (see the module docs).
 #[derive(Clone)]
 pub struct ResidencyProbe {
@@ -68,6 +111,23 @@ impl ResidencyProbe {
     /// a [`ResidencyProbe::snapshot`] taken before it still holds.
     pub fn generation(&self) -> u64 {
         self.reg.generation.load(SeqCst)
+    }
+
+    /// Starts a new layer: every tracked task's written pages are write-protected again and
+    /// count as clean (installed, identical to the checkpoint just taken) from now on. Call
+    /// only while the tasks are frozen, after the dump that the new layer holds.
+    pub fn begin_layer(&self) -> LayerMark {
+        let tasks = self.reg.lock().clone();
+        LayerMark {
+            cleared: tasks
+                .into_iter()
+                .filter(|t| t.tracked && !t.forked)
+                .map(|t| {
+                    let bits = begin_layer(&t);
+                    (t, bits)
+                })
+                .collect(),
+        }
     }
 
     /// The current lazy ranges of every task the fetcher serves: unclaimed pages are `Remote`;

@@ -119,6 +119,12 @@ impl Bits {
         n
     }
 
+    /// Clears bit `b`; true if it was set.
+    pub fn release(&self, b: usize) -> bool {
+        let m = 1u64 << (b % 64);
+        self.words[b / 64].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
     /// Clears `n` bits from `b0`; returns how many were set.
     pub fn release_run(&self, b0: usize, n: usize) -> u64 {
         let mut cleared = 0;

@@ -13,6 +13,19 @@
 //! protected install (`UFFDIO_ZEROPAGE` has no WP mode, and protecting them afterwards would
 //! race with the task's other threads), so they are marked dirty when installed: conservative,
 //! and free for a checkpoint, whose dump skips a zero page that is still zero.
+//!
+//! # A new layer
+//!
+//! Once a checkpoint of the running task has been published, the pages written before it are
+//! in that layer: [`begin_layer`] (called while the task is frozen, right after the dump)
+//! write-protects every dirty page again and clears its bit, so that the next checkpoint holds
+//! only what is written from then on. It returns the bits it cleared; if the layer is not
+//! published after all they are set again ([`restore_dirty`]), so a failed checkpoint never
+//! loses a write. Two races are closed by construction: a write-protect fault being resolved
+//! at the same moment (dirty bit, then unprotect) is serialised with it by [`Task::wp_gate`],
+//! and a zero page being installed (dirty bit, then `UFFDIO_ZEROPAGE`, which leaves the page
+//! writable) marks [`Task::zeroed`] first, which [`begin_layer`] reads after clearing: such
+//! pages stay dirty for good.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -98,9 +111,13 @@ pub(crate) struct Task {
     pub bits: Bits,
     /// Whether writes are tracked (see the module docs).
     pub tracked: bool,
-    /// Pages written since they were installed (or installed as zero pages), by bit; only
-    /// meaningful when `tracked`.
+    /// Pages written since they were installed or since the last [`begin_layer`] (or installed
+    /// as zero pages), by bit; only meaningful when `tracked`.
     pub dirty: Bits,
+    /// Pages installed as zero pages (never write-protected, so always dirty), by bit.
+    pub zeroed: Bits,
+    /// Held while a write-protect fault is resolved and while [`begin_layer`] runs.
+    wp_gate: Mutex<()>,
     /// Unclaimed bits.
     pub remaining: AtomicU64,
     /// Set by whoever sees ESRCH/ENOSPC; the fault thread then drops the task.
@@ -125,6 +142,7 @@ impl Task {
     ) -> Task {
         let clear = bits.count_clear();
         let dirty = Bits::new(if tracked { bits.len() } else { 0 });
+        let zeroed = Bits::new(if tracked { bits.len() } else { 0 });
         Task {
             pid,
             uffd,
@@ -133,6 +151,8 @@ impl Task {
             bits,
             tracked,
             dirty,
+            zeroed,
+            wp_gate: Mutex::new(()),
             remaining: AtomicU64::new(clear),
             gone: AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
@@ -307,7 +327,9 @@ pub(crate) fn fetch_bits(
                 }
                 PageKind::Zero => {
                     if t.tracked {
+                        // `zeroed` before `dirty`: see the module docs (a new layer).
                         (b..b + len).for_each(|d| {
+                            t.zeroed.claim(d);
                             t.dirty.claim(d);
                         });
                     }
@@ -551,6 +573,7 @@ pub(crate) enum Unprotect {
 /// residency snapshot taken after the write sees it), then lifts the protection and wakes the
 /// writer. A page outside the lazy ranges (there is none after a `REMOVE`) is only unprotected.
 pub(crate) fn unprotect(t: &Task, page: u64) -> Result<Unprotect, FetchError> {
+    let _gate = t.wp_gate.lock().unwrap_or_else(PoisonError::into_inner);
     if t.tracked {
         let sp = t.space();
         if let Some(k) = sp.lookup(page) {
@@ -584,6 +607,56 @@ pub(crate) fn unprotect(t: &Task, page: u64) -> Result<Unprotect, FetchError> {
             page,
             io::Error::other(e),
         )),
+    }
+}
+
+/// Starts a new layer for `t` (see the module docs): write-protects its dirty pages again and
+/// clears their bits; returns the bits cleared. Call only while the task is frozen.
+pub(crate) fn begin_layer(t: &Task) -> Vec<usize> {
+    let mut cleared = Vec::new();
+    if !t.tracked {
+        return cleared;
+    }
+    let _gate = t.wp_gate.lock().unwrap_or_else(PoisonError::into_inner);
+    let sp = t.space();
+    for iov in &sp.iovs {
+        let pages = usize::try_from(iov.pages()).unwrap_or(0);
+        let mut p = 0;
+        while p < pages {
+            if !t.dirty.test(iov.bit + p) || t.zeroed.test(iov.bit + p) {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < pages && t.dirty.test(iov.bit + p) && !t.zeroed.test(iov.bit + p) {
+                p += 1;
+            }
+            let addr = iov.start + s as u64 * PAGE_SIZE;
+            // Not protected (the mm is changing, the task is gone): the pages stay dirty.
+            if t.uffd
+                .write_protect(addr as *mut c_void, (p - s) * PAGE)
+                .is_err()
+            {
+                continue;
+            }
+            for b in iov.bit + s..iov.bit + p {
+                if t.dirty.release(b) {
+                    if t.zeroed.test(b) {
+                        t.dirty.claim(b);
+                    } else {
+                        cleared.push(b);
+                    }
+                }
+            }
+        }
+    }
+    cleared
+}
+
+/// Sets the dirty bits a [`begin_layer`] cleared again (its layer was not published).
+pub(crate) fn restore_dirty(t: &Task, bits: &[usize]) {
+    for &b in bits {
+        t.dirty.claim(b);
     }
 }
 
@@ -737,6 +810,30 @@ mod tests {
         // SAFETY: page 0 is installed and no longer protected: the write does not fault.
         unsafe { *(base as *mut u8) = 1 };
         assert!(!t.dirty.test(1));
+        // A new layer: the written page is protected again and clean; undone, dirty again.
+        let cleared = begin_layer(&t);
+        assert_eq!(cleared, vec![0]);
+        assert!(
+            uffd_wp(a),
+            "begin_layer must protect the written page again"
+        );
+        assert!(!t.dirty.test(0));
+        restore_dirty(&t, &cleared);
+        assert!(t.dirty.test(0));
+        assert_eq!(begin_layer(&t), vec![0]);
+        assert_eq!(unprotect(&t, a).unwrap(), Unprotect::Done);
+        assert!(
+            t.dirty.test(0),
+            "a write after the new layer is tracked again"
+        );
+        // A zero page stays dirty across layers (it is never protected).
+        let (_, k) = zero_run(&t, a + 2 * PAGE as u64, 1, true, &c).unwrap();
+        assert_eq!(k, 1);
+        t.zeroed.claim(2);
+        t.dirty.claim(2);
+        let cleared = begin_layer(&t);
+        assert_eq!(cleared, vec![0]);
+        assert!(t.dirty.test(2), "a zero page must stay dirty");
         // An untracked task installs writable pages.
         let plain = Task::new(1, t.uffd, Space::new(&[]).0, Bits::new(0), false, false);
         assert_eq!(
