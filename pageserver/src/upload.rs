@@ -45,7 +45,7 @@ const UPLOAD_SUFFIX: &str = ".upload";
 struct Incoming {
     tmp: PathBuf,
     published: bool,
-    _lock: Option<Flock<File>>,
+    lock: Option<Flock<File>>,
 }
 
 impl Drop for Incoming {
@@ -119,6 +119,25 @@ struct Parent {
     _in_use: Flock<File>,
 }
 
+/// How long an upload waits for a parent that retention holds.
+const PARENT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A shared `flock` on the parent's directory, waiting up to [`PARENT_LOCK_WAIT`] while
+/// retention holds it; `Err(None)` if it still does.
+fn lock_parent(dir: &Path) -> Result<Flock<File>, Option<std::io::Error>> {
+    let deadline = std::time::Instant::now() + PARENT_LOCK_WAIT;
+    loop {
+        let d = File::open(dir).map_err(Some)?;
+        match Flock::lock(d, FlockArg::LockSharedNonblock) {
+            Ok(l) => return Ok(l),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => return Err(None),
+        }
+    }
+}
+
 /// Checks the parent an upload of `child` names.
 fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, String> {
     if p.checkpoint == child {
@@ -131,16 +150,13 @@ fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, Str
             p.checkpoint
         ));
     }
-    let in_use = File::open(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))
-        .and_then(|d| {
-            Flock::lock(d, FlockArg::LockSharedNonblock).map_err(|_| {
-                format!(
-                    "parent checkpoint {:?} is being removed or compacted",
-                    p.checkpoint
-                )
-            })
-        })?;
+    let in_use = lock_parent(&dir).map_err(|e| match e {
+        Some(e) => format!("{}: {e}", dir.display()),
+        None => format!(
+            "parent checkpoint {:?} is being removed or compacted",
+            p.checkpoint
+        ),
+    })?;
     // Checked with the lock held: a deleted checkpoint is never given a new layer.
     if Tombstones::of(store).is_deleted(&p.checkpoint) {
         return Err(format!(
@@ -246,7 +262,7 @@ pub(crate) fn serve(
     let mut guard = Incoming {
         tmp: tmp.clone(),
         published: false,
-        _lock: lock,
+        lock,
     };
     let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
     w.write_all(&HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode())
@@ -386,6 +402,9 @@ pub(crate) fn serve(
         return fail(&mut w, RequestStatus::StoreFailed, io("publish", &dst)(e));
     }
     guard.published = true;
+    // The directory is a checkpoint now, no upload in progress: the next upload may build on
+    // it (it takes a shared lock on its parent), so the lock goes before the receipt does.
+    drop(guard.lock.take());
     if let Some(root) = dst.parent() {
         let _ = File::open(root).and_then(|d| d.sync_all());
     }
