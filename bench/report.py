@@ -330,7 +330,7 @@ def main():
     w(f"- Load: at start `{meta['uptime_start'].strip()}`; at end `{meta['uptime_end'].strip()}`.")
     w("- **Noise caveat**: a 2-vCPU Firecracker guest shared with other engineers' builds and tests "
       "(see the load averages above); waking a thread on the other vCPU costs ~90 µs here and freed "
-      "guest memory is returned to the host, so fresh allocations re-fault (perf-facts §0). Treat "
+      "guest memory is returned to the host, so fresh allocations re-fault. Treat "
       "single figures as ±30 %; ratios within one run are more robust than absolute values.")
     import datetime as _dt
     try:
@@ -679,7 +679,7 @@ def main():
       f"({verdict(p50w, lambda v: v <= 25)}). Page server over loopback through the shim, p99: {per(p99s)} µs "
       f"({verdict(p99w, lambda v: v <= 150)}); runtime level: {per(p99rt) or '–'} µs. A fault's service "
       "time includes the fault-around prefetch (up to 16 pages), so it is per fault, not per page; on "
-      "this VM a wake-up on the other vCPU alone costs ~90 µs (perf-facts §0), and the histograms "
+      "this VM a wake-up on the other vCPU alone costs ~90 µs, and the histograms "
       "include the faults of `SUM`, which reads all memory (fill none runs no background fill).")
     ratios_none = [v for v in touch_ratio.values() if v is not None]
     rn = min(ratios_none) if ratios_none else None
@@ -742,7 +742,7 @@ def main():
         w("- Fill below 3x CRIU's daemon at " + size_label(big) + ": " + "; ".join(
             f"{lbl} {fr(x)} ({fs(o, 's', 2)} vs {fs(k, 's', 2)} GiB/s)" for lbl, x, o, k in short) + ". "
           "Our local fill copies straight from the mapped pages files with both fill workers; one vCPU "
-          "of this VM installs at most ~2.6-2.9 GiB/s with UFFDIO_COPY (perf-facts §2: page "
+          "of this VM installs at most ~2.6-2.9 GiB/s with UFFDIO_COPY (page "
           "allocation, copy and PTE install per 4 KiB page), so 2 vCPUs cap any fill near 5.5-6 GiB/s, "
           "and during a restore through containerd the workload, containerd, the poller and (for "
           "remote pages) the page server and loopback softirqs share them. Where CRIU's daemon "
