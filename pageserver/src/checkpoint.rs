@@ -320,8 +320,14 @@ impl Store {
     /// The index of checkpoint `id`, built on first use and cached. A deleted checkpoint is
     /// refused even while its directory stays for the layers over it.
     pub fn get(&self, id: &str) -> Result<Arc<Checkpoint>, PageServerError> {
+        self.get_for(id, false)
+    }
+
+    /// As [`Store::get`]; with `resumed` (a client already reading it, protocol
+    /// `HELLO_RESUME`) a deleted checkpoint is served as long as its pages are stored.
+    pub fn get_for(&self, id: &str, resumed: bool) -> Result<Arc<Checkpoint>, PageServerError> {
         let dir = self.dir_of(id)?;
-        if Tombstones::of(self).is_deleted(id) {
+        if !resumed && Tombstones::of(self).is_deleted(id) {
             self.forget(id);
             return Err(PageServerError::DeletedCheckpoint { id: id.to_string() });
         }

@@ -17,7 +17,7 @@ use distriproc_runtime::protocol::{
     RangeStatus, RequestKind, RequestStatus, MAX_RANGES, MAX_REQUEST_PAGES, PAGE_SIZE,
     REQ_FIRST_RUN, VERSION,
 };
-use distriproc_runtime::protocol::{HELLO_UPLOAD, VERSION_UPLOAD};
+use distriproc_runtime::protocol::{HELLO_RESUME, HELLO_UPLOAD, VERSION_RESUME, VERSION_UPLOAD};
 
 use crate::checkpoint::{Checkpoint, RunKind};
 use crate::server::Ctx;
@@ -141,7 +141,15 @@ pub(crate) fn serve(
         }
         return crate::upload::serve(ctx, r, w, peer, &hello, version);
     }
-    let ck = match ctx.store.get(&hello.checkpoint) {
+    let resumed = flags & HELLO_RESUME != 0;
+    if resumed && (version < VERSION_RESUME || flags & HELLO_UPLOAD != 0) {
+        return refuse(
+            &mut w,
+            HelloStatus::Malformed,
+            format!("resume needs protocol version {VERSION_RESUME} and a read session"),
+        );
+    }
+    let ck = match ctx.store.get_for(&hello.checkpoint, resumed) {
         Ok(c) => c,
         Err(e @ PageServerError::BadCheckpointId { .. }) => {
             return refuse(&mut w, HelloStatus::BadCheckpointId, e.to_string())

@@ -24,7 +24,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,8 +33,8 @@ use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest, ParentRef};
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
     HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
-    ResponseHeader, HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE,
-    REQ_FIRST_RUN, VERSION, VERSION_LAYERS, VERSION_UPLOAD,
+    ResponseHeader, HELLO_RESUME, HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES,
+    PAGE_SIZE, REQ_FIRST_RUN, VERSION, VERSION_LAYERS, VERSION_RESUME, VERSION_UPLOAD,
 };
 use crate::source::{PageKind, PageRead, PageSource, SourceError};
 
@@ -651,6 +651,8 @@ pub struct RemotePages {
     pages: AtomicU64,
     bytes: AtomicU64,
     connects: AtomicU64,
+    /// The version the server answered the last hello with (0 before the first).
+    server_version: AtomicU16,
     retries: AtomicU64,
 }
 
@@ -697,6 +699,7 @@ impl RemotePages {
             pages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            server_version: AtomicU16::new(0),
             retries: AtomicU64::new(0),
         };
         let c = rp.open_conn()?;
@@ -741,7 +744,15 @@ impl RemotePages {
     }
 
     fn open_conn(&self) -> Result<Conn, RemoteError> {
-        let (r, reply) = open_session(&self.endpoint, &self.opts, false, 0)?;
+        // After the first session, a server that speaks version 4 is told this is the same
+        // client (it keeps serving a checkpoint deleted since then).
+        let flags = if self.server_version.load(Relaxed) >= VERSION_RESUME {
+            HELLO_RESUME
+        } else {
+            0
+        };
+        let (r, reply) = open_session(&self.endpoint, &self.opts, false, flags)?;
+        self.server_version.store(reply.version, Relaxed);
         self.connects.fetch_add(1, Relaxed);
         Ok(Conn {
             r,
@@ -1498,6 +1509,24 @@ mod tests {
             "{}",
             crate::error_chain(&e)
         );
+        // A client already reading l0 (a reconnect, HELLO_RESUME) is still served: l0's pages
+        // are stored for l7, and a container running from l0 must keep its memory.
+        let hello = |flags: u16| {
+            let mut s = std::net::TcpStream::connect(srv.addrs()[0].as_str()).unwrap();
+            let h = crate::protocol::Hello {
+                version: crate::protocol::VERSION,
+                checkpoint: "l0".into(),
+                token: String::new(),
+                client: "t".into(),
+                criu_mode: false,
+            };
+            std::io::Write::write_all(&mut s, &h.encode_with_flags(flags).unwrap()).unwrap();
+            crate::protocol::HelloReply::read(&mut s).unwrap()
+        };
+        assert_eq!(hello(HELLO_RESUME).status, HelloStatus::Ok);
+        let r = hello(0);
+        assert_eq!(r.status, HelloStatus::UnknownCheckpoint);
+        assert!(r.message.contains("was deleted"), "{}", r.message);
         // The squashed l7 keeps its digest: a restore of it can still be checkpointed over it.
         let img8 = d.path().join("l1");
         upload_checkpoint(&ep, &RemoteOptions::new("l8"), &img8, &files, Some(&top)).unwrap();

@@ -32,7 +32,7 @@
 //! |---|---|---|---|
 //! | 0 | 4 | magic | [`MAGIC`] `b"DPPS"` |
 //! | 4 | 2 | version | highest version the client speaks ([`VERSION`]) |
-//! | 6 | 2 | flags | [`HELLO_CRIU`]; other bits must be 0 |
+//! | 6 | 2 | flags | [`HELLO_CRIU`], [`HELLO_UPLOAD`], [`HELLO_RESUME`]; other bits must be 0 |
 //! | 8 | 2 | checkpoint_len | 1..=[`MAX_CHECKPOINT_ID_LEN`] |
 //! | 10 | 2 | token_len | 0..=[`MAX_TOKEN_LEN`] |
 //! | 12 | 2 | client_len | 0..=[`MAX_CLIENT_LABEL_LEN`] |
@@ -115,6 +115,11 @@
 //! - Version 3 adds layered uploads: the upload message [`upload::FileKind::Parent`] (the new
 //!   checkpoint leaves pages to a stored parent) and [`RequestStatus::BadParent`]. A server
 //!   refuses a `Parent` message on a session that negotiated version 2.
+//! - Version 4 adds the hello flag [`HELLO_RESUME`]: a further session of a client that is
+//!   already reading the checkpoint (a reconnect, another connection of its pool). A deleted
+//!   checkpoint whose pages are still stored is served to such sessions only, so a container
+//!   running from it keeps its memory while new restores of it are refused. A client sends
+//!   the flag only to a server that answered its first hello with version 4 or later.
 //!
 //! # Limits
 //!
@@ -132,13 +137,15 @@ pub const PAGE_SIZE: usize = 4096;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"DPPS";
 /// The protocol version this build speaks (and the highest).
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The first version with [`HELLO_UPLOAD`], [`RequestKind::Info`], [`HelloStatus::Exists`] and
 /// [`RequestStatus::StoreFailed`].
 pub const VERSION_UPLOAD: u16 = 2;
 /// The first version with layered uploads ([`upload::FileKind::Parent`],
 /// [`RequestStatus::BadParent`]).
 pub const VERSION_LAYERS: u16 = 3;
+/// The first version with [`HELLO_RESUME`].
+pub const VERSION_RESUME: u16 = 4;
 /// Longest checkpoint id.
 pub const MAX_CHECKPOINT_ID_LEN: usize = 128;
 /// Longest credential token.
@@ -163,7 +170,10 @@ pub const HELLO_CRIU: u16 = 1;
 /// Hello flag (version 2): the session uploads a new checkpoint under the hello's id
 /// ([`upload`]) instead of reading one.
 pub const HELLO_UPLOAD: u16 = 2;
-const HELLO_KNOWN_FLAGS: u16 = HELLO_CRIU | HELLO_UPLOAD;
+/// Hello flag (version 4): the client already reads this checkpoint through another session
+/// (see the version policy).
+pub const HELLO_RESUME: u16 = 4;
+const HELLO_KNOWN_FLAGS: u16 = HELLO_CRIU | HELLO_UPLOAD | HELLO_RESUME;
 
 /// Request flag: answer only the first run of one kind of each range.
 pub const REQ_FIRST_RUN: u32 = 1;
@@ -1130,7 +1140,7 @@ mod tests {
         b[14] = 1;
         assert!(Hello::read(&mut Cursor::new(&b)).is_err());
         let mut b = hello().encode().unwrap();
-        b[6] = 4; // an unknown flag (1 = HELLO_CRIU, 2 = HELLO_UPLOAD)
+        b[6] = 8; // an unknown flag (1 = HELLO_CRIU, 2 = HELLO_UPLOAD, 4 = HELLO_RESUME)
         assert!(Hello::read(&mut Cursor::new(&b)).is_err());
         let b = hello().encode_with_flags(HELLO_UPLOAD).unwrap();
         let (_, flags) = Hello::read_after_magic_with_flags(&mut Cursor::new(&b[4..])).unwrap();
