@@ -18,7 +18,9 @@
 #   ours-remote-none                fill `none` over loopback (TOUCH test: remote fault latency)
 #
 # plus (unless REDIS=0) Redis from Debian's packages, hot-half GETs after a fill-none restore vs
-# eager (bench/redis.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
+# eager (bench/redis.sh), (unless MIGRATION=0) migration downtime: checkpoint, remove, restore
+# with the runc shim and ours, first and repeated checkpoints to the page server
+# (bench/migration.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
 # bench/remote/: our fetcher with pages from distriproc-pageserver over loopback and over a veth
 # into a netns this script creates, also behind bench/delayproxy.py; CRIU's daemon over the veth).
 # A full run takes about 17 minutes on a 2-vCPU VM (8 GiB included). Everything started is
@@ -26,8 +28,9 @@
 # and veth); no sysctl is changed.
 #
 # Every run appends one JSON object to bench/out/runs.jsonl; at the end bench/out/results.json
-# (machine, command, runs) is written and bench/report.py renders docs/BENCHMARKS.md and
-# docs/bench/*.png from it.
+# (machine, command, runs) and bench/out/migration.json (the same for the migration runs, kind
+# "migration") are written and bench/report.py renders docs/BENCHMARKS.md and docs/bench/*.png
+# from them.
 #
 # Environment: SIZES (MiB, default "256 1024 4096 8192"; a size is skipped with a note when memory
 # or disk cannot hold it), REPS (default 5), REPS_BIG (repetitions at sizes >= 4096 MiB, default 3),
@@ -36,7 +39,8 @@
 # PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
 # threads, default 2), REMOTE (1: the runtime-level remote bench too; REMOTE_SIZES default
 # "256 1024", REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
-# REDIS (1; REDIS_KEYS, REDIS_REPS), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
+# REDIS (1; REDIS_KEYS, REDIS_REPS), MIGRATION (1; MIGRATION_ONLY, MIGRATION_SIZES,
+# MIGRATION_REPS, MIGRATION_WRITE_PCT: see bench/migration.sh), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
 # default docs/BENCHMARKS.md and docs/bench), BENCH_STRICT (1: exit 1 unless every run succeeded
 # with all memory correct), BENCH_OUT (default bench/out),
 # DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
@@ -51,6 +55,13 @@ SYSTEMS=${SYSTEMS:-eager criu ours ours-none ours-profile criu-remote ours-remot
 SYSTEMS_HUGE=${SYSTEMS_HUGE:-eager criu ours criu-remote ours-remote}
 THREADS=${THREADS:-2}
 REMOTE=${REMOTE:-1}
+# The migration section (bench/migration.sh); MIGRATION_ONLY=1 runs nothing else and keeps the
+# previous results.json (the doc is rendered from it and the new migration.json).
+MIGRATION=${MIGRATION:-1}
+MIGRATION_ONLY=${MIGRATION_ONLY:-0}
+if [[ $MIGRATION_ONLY == 1 ]]; then
+    SYSTEMS="" REDIS=0 REMOTE=0 MIGRATION=1
+fi
 REPORT=${REPORT:-1}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 MEMHOG=$ROOT/test-images/out/memhog
@@ -264,20 +275,53 @@ remove_container() {
     rm -rf "${CTD_DIR:?}"/tmp/ctrd-checkpoint* 2>/dev/null || true
 }
 
+# memhog_run RUNTIME MIB PORT ID: memhog in a new container ID under RUNTIME on the host network,
+# answering on PORT once all its memory is filled. Prints its EXPECT reply; fails with a logged
+# reason otherwise.
+memhog_run() {
+    local runtime=$1 mib=$2 port=$3 id=$4
+    ctd_t 120 run -d --net-host --runtime "$runtime" "$IMAGE" "$id" /memhog serve --mib "$mib" \
+        --threads "$THREADS" --port "$port" >/dev/null || { log "error: ctr run $id ($runtime, $mib MiB) failed"; return 1; }
+    q "$port" 600000 PING >/dev/null || { log "error: memhog ($id) did not answer PING after start"; return 1; }
+    q "$port" 600000 EXPECT || { log "error: memhog ($id) EXPECT failed"; return 1; }
+}
+
 # checkpoint RUNTIME MIB PORT REF: run memhog with RUNTIME on the host network, checkpoint it
 # into image REF, remove the container. Prints "EXPECT-reply<TAB>checkpoint-seconds".
 checkpoint() {
     local runtime=$1 mib=$2 port=$3 ref=$4 id=ck-$RANDOM expect t0 t1
-    ctd_t 120 run -d --net-host --runtime "$runtime" "$IMAGE" "$id" /memhog serve --mib "$mib" \
-        --threads "$THREADS" --port "$port" >/dev/null || die "ctr run ($runtime, $mib MiB) failed"
-    q "$port" 600000 PING >/dev/null || die "memhog ($id) did not answer PING after start"
-    expect=$(q "$port" 600000 EXPECT) || die "memhog ($id) EXPECT failed"
+    expect=$(memhog_run "$runtime" "$mib" "$port" "$id") || die "memhog under $runtime did not start"
     t0=$(now_ns)
     ctd_t 900 containers checkpoint --task "$id" "$ref" >/dev/null ||
         die "ctr containers checkpoint --task $id $ref failed (see $CTD_LOG)"
     t1=$(now_ns)
     remove_container "$id"
     printf '%s\t%s\n' "$expect" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')"
+}
+
+# timed_restore ID REF PORT: `ctr containers restore --live ID REF` with a PING probe that starts
+# just before the restore command and retries every 1 ms. Sets TR_T0 and TR_T1 (the restore
+# command's start and end, epoch ns; the probe started at TR_T0), TR_TTFR_US (probe start to the
+# first PONG, empty without one) and TR_ERR (empty on success).
+TR_T0='' TR_T1='' TR_TTFR_US='' TR_ERR=''
+timed_restore() {
+    local id=$1 ref=$2 port=$3 qout=$WORK/q.out rc=0
+    TR_ERR=
+    rm -f "$qout"
+    "$MEMHOG" query --port "$port" --timeout-ms 600000 --time-to-first-response PING >"$qout" 2>/dev/null &
+    QPID=$!
+    TR_T0=$(now_ns)
+    ctd_t 900 containers restore --live "$id" "$ref" </dev/null >"$WORK/restore.out" 2>&1 || rc=$?
+    TR_T1=$(now_ns)
+    if [[ $rc != 0 ]]; then
+        TR_ERR="ctr containers restore failed: $(tail -c 300 "$WORK/restore.out" | tr '\n"' ' _')"
+        kill "$QPID" 2>/dev/null || true
+    fi
+    wait "$QPID" || true
+    QPID=
+    TR_TTFR_US=$(awk -F= '/^ttfr_us=/ {print $2}' "$qout" 2>/dev/null || true)
+    [[ -z $TR_ERR && -z $TR_TTFR_US ]] && TR_ERR="no PONG within 600 s"
+    return 0
 }
 
 # restore_run SYSTEM MIB REP REF PORT EXPECT CKPT_S: one restore + measurements, one JSON line.
@@ -295,22 +339,9 @@ restore_run() {
     esac
     write_shim_config "$mode" "$fill" "$ps"
     sync
-    local qout=$WORK/q.out t0 t1 tc ttfr_us="" err="" restore_rc=0
-    rm -f "$qout"
-    # The probe starts before the restore command and retries every 1 ms.
-    "$MEMHOG" query --port "$port" --timeout-ms 600000 --time-to-first-response PING >"$qout" 2>/dev/null &
-    QPID=$!
-    t0=$(now_ns)
-    ctd_t 900 containers restore --live "$id" "$ref" </dev/null >"$WORK/restore.out" 2>&1 || restore_rc=$?
-    t1=$(now_ns)
-    if [[ $restore_rc != 0 ]]; then
-        err="ctr containers restore failed: $(tail -c 300 "$WORK/restore.out" | tr '\n"' ' _')"
-        kill "$QPID" 2>/dev/null || true
-    fi
-    wait "$QPID" || true
-    QPID=
-    ttfr_us=$(awk -F= '/^ttfr_us=/ {print $2}' "$qout" 2>/dev/null || true)
-    [[ -z $err && -z $ttfr_us ]] && err="no PONG within 600 s"
+    local t0 t1 tc ttfr_us err
+    timed_restore "$id" "$ref" "$port"
+    t0=$TR_T0 t1=$TR_T1 ttfr_us=$TR_TTFR_US err=$TR_ERR
     tc=$(ctd_shim_connect_ns "$id")
 
     local bundle stats="$WORK/stats.json" criu_json="null" criu_log="" touch_cold="" touch_warm=""
@@ -427,6 +458,9 @@ has() {
 # the runtime-level remote bench.
 # shellcheck source=bench/remote.sh
 . bench/remote.sh
+# bench/migration.sh: checkpoint, move, restore (migration_bench, run below unless MIGRATION=0).
+# shellcheck source=bench/migration.sh
+. bench/migration.sh
 
 # bench_group NAME MIB REPS RUNTIME PAGESERVER SYSTEM...: one memhog checkpoint (under RUNTIME,
 # published to PAGESERVER when set), restored REPS times by each SYSTEM in turn; nothing
@@ -449,15 +483,70 @@ bench_group() {
     ctd_t 120 images rm --sync "$ref" >/dev/null 2>&1 || true
 }
 
+# write_results FILE SELECT: FILE = {"meta": machine, command, load; "runs": the runs of $RUNS
+# SELECT keeps}: "migration" keeps the migration runs (bench/migration.sh; their own start, end
+# and load), "restore" every other run.
+write_results() {
+    local up_start=$UPTIME_START up_end=$UPTIME_END started=$START_UTC finished=""
+    if [[ $2 == migration ]]; then
+        up_start=$MIG_UPTIME_START up_end=$MIG_UPTIME_END started=$MIG_START_UTC finished=$MIG_END_UTC
+    fi
+    "$PY" - "$RUNS" "$1" "$2" <<EOF
+import json, os, platform, subprocess, sys
+def sh(c):
+    try:
+        return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return ""
+select = sys.argv[3]
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+runs = [r for r in runs if (r["kind"] == "migration") == (select == "migration")]
+keys = ("SIZES", "REPS", "REPS_BIG", "SYSTEMS", "SYSTEMS_HUGE", "REMOTE_SIZES", "MIGRATION",
+        "MIGRATION_ONLY", "MIGRATION_SIZES", "MIGRATION_REPS", "MIGRATION_WRITE_PCT")
+meta = {
+    "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in keys if k in os.environ),
+    "sizes_mib": [int(s) for s in "$SIZES".split()],
+    "reps": $REPS, "reps_big": $REPS_BIG, "threads": $THREADS,
+    "started_utc": "$started",
+    "finished_utc": "$finished" or sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+    "uptime_start": "$up_start", "uptime_end": "$up_end",
+    "nproc": sh("nproc"),
+    "cpu_model": sh("awk -F': ' '/model name/ {print \$2; exit}' /proc/cpuinfo"),
+    "kernel": platform.release(),
+    "mem_total": sh("awk '/MemTotal/ {print \$2 \" kB\"}' /proc/meminfo"),
+    "containerd": "$CTD_VERSION",
+    "runc": sh("runc --version | head -n 1"),
+    "criu": sh("criu --version | head -n 1"),
+    "git_head": sh("git rev-parse --short HEAD"),
+    "remote_status": "$REMOTE_STATUS",
+    "build": "$BUILD_NOTE",
+    "redis_status": "$REDIS_STATUS",
+    "systems": "$SYSTEMS".split(), "systems_huge": "$SYSTEMS_HUGE".split(),
+    "remote_sizes_mib": [int(s) for s in "${REMOTE_SIZES:-}".split()],
+    "skipped_sizes": [x for x in """$(printf '%s\n' "${SKIPPED_SIZES[@]}")""".splitlines() if x],
+}
+if select == "migration":
+    meta.update({
+        "migration_sizes_mib": [int(s) for s in "$MIGRATION_SIZES".split()],
+        "migration_reps": $MIGRATION_REPS, "write_pct": $MIGRATION_WRITE_PCT,
+        "migration_status": "$MIGRATION_STATUS",
+        "skipped_sizes": [x for x in """$(printf '%s\n' "${MIG_SKIPPED[@]}")""".splitlines() if x],
+    })
+json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
+print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
+EOF
+}
+
 ctd_start
 log "importing test images"
 ctd_t 120 images import test-images/out/memhog.oci.tar >/dev/null
-if [[ $SYSTEMS == *-remote* ]]; then
+if [[ $SYSTEMS == *-remote* || $MIGRATION == 1 ]]; then
     start_pageservers
 fi
 SKIPPED_SIZES=()
 
 for mib in $SIZES; do
+    [[ -n $SYSTEMS ]] || break
     n=$(reps_for "$mib")
     if ! why=$(size_fits "$mib"); then
         log "[$mib MiB] skipped: $why"
@@ -478,6 +567,10 @@ for mib in $SIZES; do
     bench_group remote "$mib" "$n" io.containerd.distriproc.v2 "$PS_LO" "${remote[@]}"
     rm -rf "${WORK:?}/ps-store/"*
 done
+MIGRATION_STATUS=skipped
+if [[ $MIGRATION == 1 ]]; then
+    if migration_bench; then MIGRATION_STATUS=ran; else MIGRATION_STATUS="failed (see log)"; fi
+fi
 write_shim_config native full
 REDIS_STATUS=skipped
 if [[ ${REDIS:-1} == 1 ]]; then
@@ -494,48 +587,26 @@ if [[ $REMOTE == 1 ]]; then
 fi
 
 UPTIME_END=$(uptime)
-"$PY" - "$RUNS" "$OUT/results.json" <<EOF
-import json, os, platform, subprocess, sys
-def sh(c):
-    try:
-        return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return ""
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-meta = {
-    "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in ("SIZES", "REPS", "REPS_BIG", "SYSTEMS", "SYSTEMS_HUGE", "REMOTE_SIZES") if k in os.environ),
-    "sizes_mib": [int(s) for s in "$SIZES".split()],
-    "reps": $REPS, "reps_big": $REPS_BIG, "threads": $THREADS,
-    "started_utc": "$START_UTC",
-    "finished_utc": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
-    "uptime_start": "$UPTIME_START", "uptime_end": "$UPTIME_END",
-    "nproc": sh("nproc"),
-    "cpu_model": sh("awk -F': ' '/model name/ {print \$2; exit}' /proc/cpuinfo"),
-    "kernel": platform.release(),
-    "mem_total": sh("awk '/MemTotal/ {print \$2 \" kB\"}' /proc/meminfo"),
-    "containerd": "$CTD_VERSION",
-    "runc": sh("runc --version | head -n 1"),
-    "criu": sh("criu --version | head -n 1"),
-    "git_head": sh("git rev-parse --short HEAD"),
-    "remote_status": "$REMOTE_STATUS",
-    "build": "$BUILD_NOTE",
-    "redis_status": "$REDIS_STATUS",
-    "systems": "$SYSTEMS".split(), "systems_huge": "$SYSTEMS_HUGE".split(),
-    "remote_sizes_mib": [int(s) for s in "${REMOTE_SIZES:-}".split()],
-    "skipped_sizes": [x for x in """$(printf '%s\n' "${SKIPPED_SIZES[@]}")""".splitlines() if x],
-}
-json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
-print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
-EOF
+# A migration-only run leaves results.json (the last full run) as it is.
+RESULT_FILES=()
+if [[ $MIGRATION_ONLY != 1 ]]; then
+    write_results "$OUT/results.json" restore
+    RESULT_FILES+=("$OUT/results.json")
+fi
+if [[ $MIGRATION == 1 ]]; then
+    write_results "$OUT/migration.json" migration
+    RESULT_FILES+=("$OUT/migration.json")
+fi
 if [[ $REPORT == 1 ]]; then
-    "$PY" bench/report.py "$OUT/results.json" --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" \
-        --png-dir "${BENCH_PNG_DIR:-docs/bench}"
+    # One document from both files: results.json (the restore sections) and migration.json.
+    "$PY" bench/report.py "$OUT/results.json" --migration "$OUT/migration.json" \
+        --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" --png-dir "${BENCH_PNG_DIR:-docs/bench}"
 fi
 if [[ ${BENCH_STRICT:-0} == 1 ]]; then
     # Every run must have succeeded with all memory correct (the test suite's smoke run).
-    "$PY" - "$OUT/results.json" <<'EOF'
+    "$PY" - "${RESULT_FILES[@]}" <<'EOF'
 import json, sys
-runs = json.load(open(sys.argv[1]))["runs"]
+runs = [r for f in sys.argv[1:] for r in json.load(open(f))["runs"]]
 bad = [r for r in runs if r.get("error") or not r.get("sum_ok", r.get("digest_ok"))]
 for r in bad:
     print(f"FAILED: {r['kind']} {r['system']} {r['mib']} MiB #{r['rep']}: {r.get('error') or 'SUM != EXPECT'}")
