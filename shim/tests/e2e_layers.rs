@@ -503,12 +503,14 @@ fn layers_of_a_running_container(containerd_dir: &str) -> Result<()> {
     let mut layers = Vec::new();
     let mut before = base;
     for round in 1..=3 {
+        let t0 = Instant::now();
         let w = memhog_query_timeout(
             pid,
             MEMHOG_PORT,
             &format!("WRITE {WRITE_PCT}"),
             STATUS_TIMEOUT,
         )?;
+        let write_time = t0.elapsed();
         let written: u64 = w
             .strip_prefix("OK pages=")
             .and_then(|n| n.parse().ok())
@@ -520,8 +522,8 @@ fn layers_of_a_running_container(containerd_dir: &str) -> Result<()> {
         let grew = layer_bytes(&store.join(&new));
         let depth = chain(&store, &new)?;
         eprintln!(
-            "running container, checkpoint {round}: {written} pages written since the last, \
-             layer {new} of {} KiB, chain {depth:?}",
+            "running container, checkpoint {round}: {written} pages written since the last (in \
+             {write_time:?}), layer {new} of {} KiB, chain {depth:?}",
             grew >> 10
         );
         ensure!(
