@@ -4,6 +4,7 @@
 #   scripts/test.sh all     unit + doc tests, e2e on containerd 2.1, then e2e on containerd 1.7,
 #                           then the scripts (demo and a small benchmark, each must end correct)
 #   scripts/test.sh scripts  `make demo` at 128 MiB and `make bench` at 128 MiB, one rep, strict
+#                           (its migration section at 256 MiB, one rep)
 #   scripts/test.sh unit    unit tests (lib and bin targets) and doc tests, in parallel
 #   scripts/test.sh e2e     integration test targets (<crate>/tests/*.rs) on 2.1, then on 1.7
 #   scripts/test.sh e2e-2 | e2e-1    one containerd series only
@@ -121,6 +122,7 @@ all | scripts)
         PAGESERVER_BIN="$PWD/target/debug/distriproc-pageserver" -- bash scripts/demo.sh
     script_step bench-smoke DISTRIPROC_CONTAINERD_DIR="$CTD_2" SIZES=128 REPS=1 BENCH_BUILD=debug \
         SYSTEMS="eager criu ours ours-none criu-remote ours-remote ours-remote-veth" REMOTE=0 REDIS=0 \
+        MIGRATION_SIZES=256 MIGRATION_REPS=1 \
         BENCH_STRICT=1 BENCH_OUT=target/bench-smoke BENCH_DOC=target/bench-smoke/BENCHMARKS.md \
         BENCH_PNG_DIR=target/bench-smoke -- bash bench/run.sh
     ;;&
