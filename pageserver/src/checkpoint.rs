@@ -174,6 +174,12 @@ impl Checkpoint {
         })
     }
 
+    /// The same index for the directory its files were renamed to (their handles stay open).
+    pub fn moved_to(mut self, dir: &Path) -> Checkpoint {
+        self.dir = dir.to_path_buf();
+        self
+    }
+
     /// The checkpoint id.
     pub fn id(&self) -> &str {
         &self.id
@@ -344,10 +350,23 @@ impl Store {
             }
             Arc::new(Checkpoint::open(id, &dir)?)
         };
+        Ok(self.cache(ck))
+    }
+
+    /// Caches an index built elsewhere (an upload's), replacing any older one of its id.
+    pub fn insert(&self, ck: Checkpoint) {
+        self.forget(&ck.id);
+        self.cache(Arc::new(ck));
+    }
+
+    /// Adds `ck` unless an index of its id is cached already; the cached one.
+    fn cache(&self, ck: Arc<Checkpoint>) -> Arc<Checkpoint> {
+        let id = ck.id.clone();
+        let id = id.as_str();
         let mut g = self.lock();
         let (map, order) = &mut *g;
         if let Some(c) = map.get(id) {
-            return Ok(c.clone());
+            return c.clone();
         }
         map.insert(id.to_string(), ck.clone());
         order.push_back(id.to_string());
@@ -356,7 +375,7 @@ impl Store {
                 map.remove(&old);
             }
         }
-        Ok(ck)
+        ck
     }
 
     /// Drops the cached index of `id` (its files were rewritten or removed; sessions holding

@@ -195,22 +195,22 @@ fn finish_layer(
     id: &str,
     tmp: &Path,
     parent: Option<(&ParentRef, &Path)>,
-) -> Result<(), String> {
+) -> Result<Checkpoint, String> {
     let link = tmp.join(PARENT_LINK);
     if let Some((_, dir)) = parent {
         std::os::unix::fs::symlink(dir, &link).map_err(|e| format!("link the parent: {e}"))?;
     }
-    {
+    let index = {
         let _shared = store.index_lock(false).map_err(|e| e.to_string())?;
-        Checkpoint::open(id, tmp).map_err(|e| distriproc_runtime::error_chain(&e))?;
-    }
+        Checkpoint::open(id, tmp).map_err(|e| distriproc_runtime::error_chain(&e))?
+    };
     if let Some((p, _)) = parent {
         let new = tmp.join(".parent.tmp");
         std::os::unix::fs::symlink(format!("../{}", p.checkpoint), &new)
             .and_then(|()| std::fs::rename(&new, &link))
             .map_err(|e| format!("link the parent: {e}"))?;
     }
-    Ok(())
+    Ok(index)
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PageServerError {
@@ -365,21 +365,24 @@ pub(crate) fn serve(
         }
     }
     let layer = parent.as_ref().map(|(p, d)| (p, d.dir.as_path()));
-    if let Err(why) = finish_layer(&ctx.store, &hello.checkpoint, &tmp, layer) {
-        let status = if parent.is_some() {
-            RequestStatus::BadParent
-        } else {
-            RequestStatus::Malformed
-        };
-        let e = PageServerError::Criu {
-            peer: peer.to_string(),
-            what: format!(
-                "upload of {:?} does not index as a checkpoint: {why}",
-                hello.checkpoint
-            ),
-        };
-        return fail(&mut w, status, e);
-    }
+    let index = match finish_layer(&ctx.store, &hello.checkpoint, &tmp, layer) {
+        Ok(index) => index,
+        Err(why) => {
+            let status = if parent.is_some() {
+                RequestStatus::BadParent
+            } else {
+                RequestStatus::Malformed
+            };
+            let e = PageServerError::Criu {
+                peer: peer.to_string(),
+                what: format!(
+                    "upload of {:?} does not index as a checkpoint: {why}",
+                    hello.checkpoint
+                ),
+            };
+            return fail(&mut w, status, e);
+        }
+    };
     let digest = match pagemap_checksum(&tmp).and_then(|d| record_digest(&tmp, &d).map(|()| d)) {
         Ok(d) => d,
         Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("digest", &tmp)(e)),
@@ -408,6 +411,9 @@ pub(crate) fn serve(
     if let Some(root) = dst.parent() {
         let _ = File::open(root).and_then(|d| d.sync_all());
     }
+    // The index built to check the upload serves its restores (its files stay open across
+    // the rename): a layer deep in a chain is not resolved a second time.
+    ctx.store.insert(index.moved_to(&dst));
     ctx.metrics.uploads.fetch_add(1, Relaxed);
     ctx.metrics.upload_bytes.fetch_add(total, Relaxed);
     ctx.refresh_store_gauges();
