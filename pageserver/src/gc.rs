@@ -15,7 +15,8 @@
 //!
 //! Safety against concurrent work on the same store, by this or another process: one run at a
 //! time (`.distriproc/gc.lock`); an upload holds a shared `flock` on its parent's directory
-//! until it is published, and a run skips a layer whose directory it cannot lock exclusively;
+//! until it is published, a read session on its checkpoint's directory while it lasts, and a
+//! run skips a layer whose directory it cannot lock exclusively;
 //! a deleted checkpoint is never accepted as a parent; layers are swapped or removed under the
 //! store's exclusive index lock ([`Store::index_lock`]), so no index is built from half a
 //! change. A removed layer is first renamed into `.distriproc/trash/` and deleted from there;
@@ -199,9 +200,10 @@ pub fn run(store: &Store, opts: GcOptions) -> Result<GcReport, PageServerError> 
             continue;
         }
         let Some(_busy) = try_lock(&store.root().join(id)) else {
-            run.report
-                .skipped
-                .push((id.clone(), "an upload is building on it".into()));
+            run.report.skipped.push((
+                id.clone(),
+                "in use: an upload builds on it or a restore reads it".into(),
+            ));
             continue;
         };
         match run.remove(id) {
@@ -255,9 +257,10 @@ pub fn run(store: &Store, opts: GcOptions) -> Result<GcReport, PageServerError> 
         }
         if held.len() < parents.len() {
             let busy = parents[held.len()].clone();
-            run.report
-                .skipped
-                .push((busy, "an upload is building on it".into()));
+            run.report.skipped.push((
+                busy,
+                "in use: an upload builds on it or a restore reads it".into(),
+            ));
             continue;
         }
         let before: u64 = parents

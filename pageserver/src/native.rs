@@ -176,6 +176,12 @@ pub(crate) fn serve(
         peer,
     )?;
     ctx.metrics.sessions_native.fetch_add(1, Relaxed);
+    // Held while the session reads: retention leaves a checkpoint alone while anyone reads it
+    // (crate::gc). The directory of a cached index may have been renamed away meanwhile (a
+    // squash): then there is nothing to hold.
+    let _reading = std::fs::File::open(ck.dir())
+        .ok()
+        .and_then(|d| nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockSharedNonblock).ok());
     if hello.criu_mode {
         return crate::criu::serve(ctx, r, w, peer, None, Some(ck), &hello.client);
     }
