@@ -25,6 +25,7 @@
 //! busy_poll_us = 100                         # poll for a client's next request (µs, 0 = off)
 //! gc_interval_s = 600                        # run retention this often (s, 0 = only `gc`)
 //! expire_superseded_after_s = 0              # delete checkpoints superseded this long (0 = never)
+//! flatten_depth = 16                         # copy a deeper layer's chain into it (0 = never)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -128,6 +129,11 @@ pub struct PageServerConfig {
     /// Retention deletes a checkpoint once a layer over it has existed this long (seconds;
     /// 0 = never): in a migration chain only the newest checkpoints stay restorable.
     pub expire_superseded_after_s: u64,
+    /// A layer whose chain is deeper than this is made self-contained by retention right after
+    /// its upload (the pages it reads through the chain are copied into it; the layers below
+    /// stay as they are): chains stay this short however often a container migrates
+    /// (1..=31; 0 = never, then a chain stops at 32 layers).
+    pub flatten_depth: u32,
 }
 
 impl Default for PageServerConfig {
@@ -154,6 +160,7 @@ impl Default for PageServerConfig {
             busy_poll_us: 100,
             gc_interval_s: 600,
             expire_superseded_after_s: 0,
+            flatten_depth: 16,
         }
     }
 }
@@ -519,6 +526,15 @@ impl PageServerConfig {
             return Err(invalid(
                 "max_cached_checkpoints",
                 "must be greater than 0".into(),
+            ));
+        }
+        if self.flatten_depth >= 32 {
+            return Err(invalid(
+                "flatten_depth",
+                format!(
+                    "{} is out of range 0..=31 (chains stop at 32 layers)",
+                    self.flatten_depth
+                ),
             ));
         }
         if self.busy_poll_us > MAX_BUSY_POLL_US {

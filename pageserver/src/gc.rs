@@ -12,6 +12,13 @@
 //! 3. Every deleted checkpoint that remains with exactly one layer over it is squashed into
 //!    that layer ([`crate::compact`]): chains stay as deep as the restorable checkpoints make
 //!    them, and pages a later layer overwrote are freed.
+//! 4. With `flatten_depth` set, a layer whose chain is deeper than that is made self-contained:
+//!    everything it reads through the chain is copied into it in the same one-pass way
+//!    (`compact::squash` over its whole chain), the layers below are left as they are. The
+//!    server runs this right after an upload that made a chain too deep, so a container that
+//!    migrates again and again never reaches the 32-layer limit, and no read goes through more
+//!    than `flatten_depth` layers. It costs one more copy of the memory in the store per
+//!    `flatten_depth` checkpoints, until the older ones are deleted.
 //!
 //! Safety against concurrent work on the same store, by this or another process: one run at a
 //! time (`.distriproc/gc.lock`); an upload holds a shared `flock` on its parent's directory
@@ -43,6 +50,9 @@ const TRASH_DIR: &str = "trash";
 pub struct GcOptions {
     /// Delete checkpoints superseded (a layer over them published) longer ago than this.
     pub expire_superseded_after: Option<Duration>,
+    /// Flatten layers whose chain is deeper than this (copy what they read through the chain
+    /// into them).
+    pub flatten_depth: Option<usize>,
     /// Report only: nothing is deleted, removed or squashed.
     pub dry_run: bool,
 }
@@ -56,6 +66,8 @@ pub struct GcReport {
     pub removed: Vec<String>,
     /// (squashed layer, the layer it went into, pages moved into that layer by its squash).
     pub squashed: Vec<(String, String, u64)>,
+    /// (layer made self-contained, pages copied into it).
+    pub flattened: Vec<(String, u64)>,
     /// Layers left alone this time, and why.
     pub skipped: Vec<(String, String)>,
     /// Bytes no longer used by checkpoint directories.
@@ -295,6 +307,36 @@ pub fn run(store: &Store, opts: GcOptions) -> Result<GcReport, PageServerError> 
         }
         drop(held);
     }
+    // 4. Flatten chains that grew too deep, shallowest first (a flattened layer makes the
+    //    layers over it shallower).
+    if let (Some(limit), false) = (opts.flatten_depth, opts.dry_run) {
+        let mut tried = std::collections::BTreeSet::new();
+        loop {
+            let view = LayerMap::scan(store);
+            let candidate = view
+                .layers
+                .iter()
+                .filter(|(id, l)| l.bad_link.is_none() && !tried.contains(*id))
+                .map(|(id, _)| view.chain(id))
+                .filter(|c| c.len() > limit)
+                .min_by_key(Vec::len);
+            let Some(chain) = candidate else { break };
+            let child = chain[0].to_string();
+            let parents: Vec<String> = chain[1..].iter().map(|p| p.to_string()).collect();
+            tried.insert(child.clone());
+            let to = run.trash_path(&child);
+            match compact::squash(store, &parents, &child, &to) {
+                Ok(s) => {
+                    tracing::info!(layer = %child, depth = chain.len(), pages = s.pages_moved, "flattened a deep layer");
+                    run.report.flattened.push((child, s.pages_moved));
+                }
+                Err(why) => {
+                    tracing::warn!(layer = %child, %why, "flatten failed; the layer is kept as it is");
+                    run.report.skipped.push((child, format!("flatten: {why}")));
+                }
+            }
+        }
+    }
     if !opts.dry_run {
         sweep(store);
     }
@@ -480,11 +522,41 @@ mod tests {
     }
 
     #[test]
+    fn deep_chains_are_flattened_and_the_layers_below_kept() {
+        let (root, store) = chain();
+        let before: Vec<Vec<u8>> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| served(root.path(), id))
+            .collect();
+        let opts = GcOptions {
+            flatten_depth: Some(2),
+            ..Default::default()
+        };
+        let r = run(&store, opts).unwrap();
+        // c (depth 3) is flattened; d is then 2 deep and stays a layer over c.
+        assert_eq!(r.flattened, vec![("c".into(), 52)], "{r:?}");
+        assert_eq!(r.after.max_depth, 2);
+        assert_eq!(r.after.layers, 4);
+        assert!(parent_of(root.path(), &root.path().join("c"))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            parent_of(root.path(), &root.path().join("d"))
+                .unwrap()
+                .as_deref(),
+            Some("c")
+        );
+        for (id, want) in ["a", "b", "c", "d"].iter().zip(&before) {
+            assert_eq!(&served(root.path(), id), want, "{id} changed");
+        }
+    }
+
+    #[test]
     fn expiry_deletes_superseded_checkpoints_only() {
         let (root, store) = chain();
         let opts = GcOptions {
             expire_superseded_after: Some(std::time::Duration::ZERO),
-            dry_run: false,
+            ..Default::default()
         };
         let r = run(&store, opts).unwrap();
         assert_eq!(r.expired, vec!["a", "b", "c"]);

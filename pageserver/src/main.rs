@@ -173,6 +173,10 @@ struct ServeArgs {
     /// [config: expire_superseded_after_s; default 0].
     #[arg(long, value_name = "SECS")]
     expire_superseded_after_s: Option<u64>,
+    /// Flatten a layer whose chain is deeper than this right after its upload, 0 = never
+    /// [config: flatten_depth; default 16; 0..=31].
+    #[arg(long, value_name = "N")]
+    flatten_depth: Option<u32>,
     /// Largest native upload (remote checkpoint) in bytes [default 4 TiB].
     #[arg(long, value_name = "BYTES")]
     max_upload_bytes: Option<u64>,
@@ -246,6 +250,9 @@ fn load_config(a: &ServeArgs) -> Result<(PageServerConfig, String)> {
     }
     if let Some(v) = a.expire_superseded_after_s {
         cfg.expire_superseded_after_s = v;
+    }
+    if let Some(v) = a.flatten_depth {
+        cfg.flatten_depth = v;
     }
     let origin = format!("{origin} + command line");
     cfg.validate(&origin)?;
@@ -322,6 +329,8 @@ fn gc(store: &Path, expire: Option<u64>, config: Option<&Path>, dry_run: bool) -
     let store = Store::open(store, 1)?;
     let opts = GcOptions {
         expire_superseded_after: (secs > 0).then(|| std::time::Duration::from_secs(secs)),
+        flatten_depth: (cfg.flatten_depth > 0)
+            .then(|| usize::try_from(cfg.flatten_depth).unwrap_or(16)),
         dry_run,
     };
     let r = distriproc_pageserver::gc::run(&store, opts)?;
@@ -335,6 +344,9 @@ fn gc(store: &Path, expire: Option<u64>, config: Option<&Path>, dry_run: bool) -
     }
     for (layer, into, pages) in &r.squashed {
         writeln!(out, "squashed {layer} into {into} ({pages} pages moved)")?;
+    }
+    for (id, pages) in &r.flattened {
+        writeln!(out, "flattened {id} ({pages} pages copied in)")?;
     }
     for (id, why) in &r.skipped {
         writeln!(out, "kept {id}: {why}")?;

@@ -21,7 +21,7 @@
 //! | `distriproc_pageserver_store_bytes` | gauge | bytes of all checkpoint directories |
 //! | `distriproc_pageserver_store_max_chain_depth` | gauge | layers in the deepest chain |
 //! | `distriproc_pageserver_gc_runs_total` | counter | retention runs |
-//! | `distriproc_pageserver_gc_layers_total` | counter | `action` = removed \| squashed \| expired |
+//! | `distriproc_pageserver_gc_layers_total` | counter | `action` = removed \| squashed \| expired \| flattened |
 //! | `distriproc_pageserver_gc_freed_bytes_total` | counter | bytes freed by retention |
 //!
 //! The store gauges are set at start, after each upload and after each retention run.
@@ -74,8 +74,8 @@ pub struct Metrics {
     pub checkpoints_cached: AtomicU64,
     /// Store gauges: checkpoints, layers, deleted, bytes, deepest chain.
     store: [AtomicU64; 5],
-    /// Retention: runs, layers removed, squashed, expired, bytes freed.
-    gc: [AtomicU64; 5],
+    /// Retention: runs, layers removed, squashed, expired, bytes freed, flattened.
+    gc: [AtomicU64; 6],
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -102,6 +102,7 @@ impl Metrics {
             n(r.squashed.len()),
             n(r.expired.len()),
             r.freed_bytes,
+            n(r.flattened.len()),
         ]) {
             c.fetch_add(v, Relaxed);
         }
@@ -263,10 +264,11 @@ impl Metrics {
         );
         let _ = writeln!(
             o,
-            "{p}_gc_layers_total{{action=\"removed\"}} {}\n{p}_gc_layers_total{{action=\"squashed\"}} {}\n{p}_gc_layers_total{{action=\"expired\"}} {}",
+            "{p}_gc_layers_total{{action=\"removed\"}} {}\n{p}_gc_layers_total{{action=\"squashed\"}} {}\n{p}_gc_layers_total{{action=\"expired\"}} {}\n{p}_gc_layers_total{{action=\"flattened\"}} {}",
             g(1),
             g(2),
-            g(3)
+            g(3),
+            g(5)
         );
         c(
             &mut o,

@@ -77,6 +77,8 @@ pub struct ServerOptions {
     pub gc_interval: Option<Duration>,
     /// Retention's expiry of superseded checkpoints (`None`: never).
     pub expire_superseded_after: Option<Duration>,
+    /// Layers deeper than this are flattened after their upload (`None`: never).
+    pub flatten_depth: Option<usize>,
 }
 
 impl ServerOptions {
@@ -159,6 +161,8 @@ impl ServerOptions {
             gc_interval: (cfg.gc_interval_s > 0).then(|| Duration::from_secs(cfg.gc_interval_s)),
             expire_superseded_after: (cfg.expire_superseded_after_s > 0)
                 .then(|| Duration::from_secs(cfg.expire_superseded_after_s)),
+            flatten_depth: (cfg.flatten_depth > 0)
+                .then(|| usize::try_from(cfg.flatten_depth).unwrap_or(16)),
         })
     }
 
@@ -201,6 +205,7 @@ impl Ctx {
     pub(crate) fn gc(&self) -> Result<crate::gc::GcReport, PageServerError> {
         let opts = crate::gc::GcOptions {
             expire_superseded_after: self.opts.expire_superseded_after,
+            flatten_depth: self.opts.flatten_depth,
             dry_run: false,
         };
         let r = crate::gc::run(&self.store, opts)?;

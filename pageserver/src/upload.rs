@@ -116,6 +116,8 @@ fn chain_depth(store: &Store, dir: &Path) -> Result<usize, String> {
 /// (retention leaves a layer alone while an upload builds on it, `crate::gc`).
 struct Parent {
     dir: PathBuf,
+    /// Layers in the parent's chain (itself included).
+    depth: usize,
     _in_use: Flock<File>,
 }
 
@@ -184,6 +186,7 @@ fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, Str
     }
     Ok(Parent {
         dir,
+        depth,
         _in_use: in_use,
     })
 }
@@ -421,12 +424,46 @@ pub(crate) fn serve(
     tracing::info!(peer, checkpoint = %hello.checkpoint, parent = parent_id, files, bytes = total, "upload stored");
     let mut out = Vec::new();
     encode_response_header(0, RequestStatus::Ok, 0, &digest.to_message(), &mut out);
-    w.write_all(&out).map_err(|source| {
+    let sent = w.write_all(&out).map_err(|source| {
         perr(ProtocolError::Io {
             what: "write upload receipt",
             source,
         })
-    })
+    });
+    // Too deep now: flatten it at once (the client has its receipt; restores of the layer use
+    // the index cached above until the flattened one is swapped in).
+    let depth = parent.as_ref().map_or(1, |(_, d)| d.depth + 1);
+    drop(parent);
+    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit) {
+        flatten_soon(ctx, &hello.checkpoint);
+    }
+    sent
+}
+
+/// Runs retention until it gets the store's gc lock (another run may hold it), for at most a
+/// minute.
+fn flatten_soon(ctx: &Ctx, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match ctx.gc() {
+            Ok(r) => {
+                tracing::info!(
+                    checkpoint = id,
+                    flattened = r.flattened.len(),
+                    "retention after a deep upload"
+                );
+                return;
+            }
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %distriproc_runtime::error_chain(&e), "retention busy; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => {
+                tracing::warn!(checkpoint = id, error = %distriproc_runtime::error_chain(&e), "retention after a deep upload failed");
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1309,7 +1309,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = d.path().join("store");
         std::fs::create_dir_all(&store).unwrap();
-        let srv = Server::start(ServerOptions::for_store(store.clone())).unwrap();
+        let mut so = ServerOptions::for_store(store.clone());
+        so.flatten_depth = None; // the chain must reach the depth limit
+        let srv = Server::start(so).unwrap();
         let ep: Endpoint = srv.addrs()[0].parse().unwrap();
         let files: Vec<String> = ["inventory.img", "pagemap-1.img", "pages-1.img"]
             .map(String::from)
@@ -1531,6 +1533,91 @@ mod tests {
         let img8 = d.path().join("l1");
         upload_checkpoint(&ep, &RemoteOptions::new("l8"), &img8, &files, Some(&top)).unwrap();
         assert_eq!(read("l8")[..2], [100, 201]);
+        srv.shutdown();
+    }
+
+    #[test]
+    fn deep_uploads_are_flattened_by_the_server() {
+        use crate::images::testutil::{pm, write_inventory, write_pagemap};
+        use crate::images::{PE_LAZY, PE_PARENT, PE_PRESENT};
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let mut opts = ServerOptions::for_store(store.clone());
+        opts.gc_interval = None;
+        opts.flatten_depth = Some(3);
+        let srv = Server::start(opts).unwrap();
+        let ep: Endpoint = srv.addrs()[0].parse().unwrap();
+        let files: Vec<String> = ["inventory.img", "pagemap-1.img", "pages-1.img"]
+            .map(String::from)
+            .to_vec();
+        let lazy = PE_LAZY | PE_PRESENT;
+        let img = d.path().join("f0");
+        std::fs::create_dir_all(&img).unwrap();
+        write_inventory(&img).unwrap();
+        write_pagemap(&img, 1, 1, &[pm(0x10000, 8, lazy)]).unwrap();
+        std::fs::write(img.join("pages-1.img"), vec![100u8; 8 * 4096]).unwrap();
+        let mut top = ParentRef {
+            checkpoint: "f0".into(),
+            digest: upload_checkpoint(&ep, &RemoteOptions::new("f0"), &img, &files, None).unwrap(),
+        };
+        // Ten migrations, each rewriting page k % 8: no chain ever goes past 4 layers.
+        let mut want = [100u8; 8];
+        for k in 1..=10u64 {
+            let page = k % 8;
+            let img = d.path().join(format!("f{k}"));
+            std::fs::create_dir_all(&img).unwrap();
+            write_inventory(&img).unwrap();
+            let mut e = Vec::new();
+            if page > 0 {
+                e.push(pm(0x10000, page, PE_PARENT));
+            }
+            e.push(pm(0x10000 + page * 4096, 1, lazy));
+            if page < 7 {
+                e.push(pm(0x10000 + (page + 1) * 4096, 7 - page, PE_PARENT));
+            }
+            write_pagemap(&img, 1, 1, &e).unwrap();
+            let tag = u8::try_from(k).unwrap();
+            std::fs::write(img.join("pages-1.img"), [tag; 4096]).unwrap();
+            want[usize::try_from(page).unwrap()] = tag;
+            let id = format!("f{k}");
+            // The digest recorded at upload stays the layer's even once it is flattened.
+            let digest =
+                upload_checkpoint(&ep, &RemoteOptions::new(&id), &img, &files, Some(&top)).unwrap();
+            top = ParentRef {
+                checkpoint: id,
+                digest,
+            };
+        }
+        let st = distriproc_pageserver::checkpoint::Store::open(&store, 4).unwrap();
+        // Flattening runs right after each upload's receipt (a quick next upload may land
+        // over a layer still being flattened): wait for the last one.
+        let t0 = std::time::Instant::now();
+        let depth = loop {
+            let d = distriproc_pageserver::layers::LayerMap::scan(&st)
+                .summary()
+                .max_depth;
+            if d <= 4 || t0.elapsed() > Duration::from_secs(10) {
+                break d;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(depth <= 4, "chains {depth} deep with flatten_depth 3");
+        let rp = RemotePages::connect(ep, RemoteOptions::new("f10")).unwrap();
+        let mut buf = vec![0u8; 8 * 4096];
+        rp.read_pages(1, 0x10000, &mut buf).unwrap();
+        let got: Vec<u8> = buf.chunks(4096).map(|p| p[0]).collect();
+        assert_eq!(got, want);
+        let m = srv.metrics_text();
+        let flattened: u64 = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("distriproc_pageserver_gc_layers_total{action=\"flattened\"} ")
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(flattened >= 2, "{m}");
         srv.shutdown();
     }
 }

@@ -44,6 +44,9 @@ fn server(store: &Path, listen: &str) -> Result<ServerHandle> {
     let mut o = ServerOptions::for_store(store.to_path_buf());
     o.listen = vec![listen.to_string()];
     o.token = Some(TOKEN.into());
+    // The chain of 20 migrations is kept whole here (flattening is tested in the page
+    // server's own tests); with the default a layer deeper than 16 is made self-contained.
+    o.flatten_depth = None;
     Ok(Server::start(o)?)
 }
 
