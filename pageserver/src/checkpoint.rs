@@ -62,6 +62,15 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, File)>,
     /// Read-only mappings of `files` (same index), for replies sent without a copy.
     maps: Vec<Option<FileMapping>>,
+    /// Device and inode of `dir` when the index was built: a cached index whose directory was
+    /// removed or replaced since is dropped, not served.
+    dir_id: Option<(u64, u64)>,
+}
+
+/// Device and inode of `dir`, `None` if it cannot be read.
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -171,12 +180,14 @@ impl Checkpoint {
             tasks,
             files,
             maps,
+            dir_id: dir_identity(dir),
         })
     }
 
     /// The same index for the directory its files were renamed to (their handles stay open).
     pub fn moved_to(mut self, dir: &Path) -> Checkpoint {
         self.dir = dir.to_path_buf();
+        self.dir_id = dir_identity(dir);
         self
     }
 
@@ -337,8 +348,13 @@ impl Store {
             self.forget(id);
             return Err(PageServerError::DeletedCheckpoint { id: id.to_string() });
         }
-        if let Some(c) = self.lock().0.get(id) {
-            return Ok(c.clone());
+        let cached = self.lock().0.get(id).cloned();
+        if let Some(c) = cached {
+            if c.dir_id.is_some() && c.dir_id == dir_identity(&dir) {
+                return Ok(c);
+            }
+            // The directory was removed or replaced behind the server's back.
+            self.forget(id);
         }
         let ck = {
             let _shared = self.index_lock(false)?;
@@ -497,5 +513,33 @@ mod tests {
             );
         }
         assert_eq!(store.list(), vec!["ck1".to_string()]);
+    }
+
+    #[test]
+    fn a_cached_index_of_a_removed_or_replaced_directory_is_not_served() {
+        let root = tempfile::tempdir().unwrap();
+        let make = |dir: &Path, byte: u8| {
+            std::fs::create_dir(dir).unwrap();
+            write_inventory(dir).unwrap();
+            write_pagemap(dir, 5, 1, &[pm(0x10000, 1, PE_PRESENT | PE_LAZY)]).unwrap();
+            std::fs::write(dir.join("pages-1.img"), [byte; 4096]).unwrap();
+        };
+        let d = root.path().join("ck");
+        make(&d, 1);
+        let store = Store::open(root.path(), 4).unwrap();
+        let first = store.get("ck").unwrap();
+        std::fs::rename(&d, root.path().join("away")).unwrap();
+        assert!(matches!(
+            store.get("ck"),
+            Err(PageServerError::UnknownCheckpoint { .. })
+        ));
+        // Other files under the same id: a new index, not the one cached before.
+        make(&d, 2);
+        let second = store.get("ck").unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        let mut b = [0u8; 4096];
+        second.read(0, 0, &mut b).unwrap();
+        assert_eq!(b[0], 2);
+        assert!(Arc::ptr_eq(&second, &store.get("ck").unwrap()));
     }
 }

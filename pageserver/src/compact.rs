@@ -248,7 +248,11 @@ fn build(
     }
     let written: Vec<String> = tasks.iter().map(|p| format!("pagemap-{p}.img")).collect();
     for n in &names {
-        if n == PARENT_LINK || written.contains(n) || rewritten_pages.contains(n) {
+        if n == PARENT_LINK
+            || n == DIGEST_FILE
+            || written.contains(n)
+            || rewritten_pages.contains(n)
+        {
             continue;
         }
         let from = child_dir.join(n);
@@ -258,10 +262,9 @@ fn build(
         }
         std::fs::hard_link(&from, out.join(n)).map_err(|e| format!("link {n}: {e}"))?;
     }
-    if !names.iter().any(|n| n == DIGEST_FILE) {
-        let d = layer_digest(child_dir).map_err(|e| e.to_string())?;
-        record_digest(out, &d).map_err(|e| e.to_string())?;
-    }
+    // The same memory in other files: the digest stays, recorded for the new files.
+    let d = layer_digest(child_dir).map_err(|e| e.to_string())?;
+    record_digest(out, &d).map_err(|e| e.to_string())?;
     let new_parent = parent_of(store.root(), last)?;
     if let Some(g) = &new_parent {
         // Absolute while `out` is outside the store, for the check below.

@@ -9,7 +9,10 @@
 //!
 //! Each published layer records the digest it was published with (`distriproc-digest`, the
 //! [`MemoryDigest`] text): compaction rewrites a layer's files without changing its memory, and
-//! the digest a restore and a child upload check against is the one recorded.
+//! the digest a restore and a child upload check against is the one recorded. The record also
+//! holds the checksum of the files it was written for: files changed since (by anything but
+//! compaction, which records afresh) show as their own checksum, so a restore or a child
+//! upload is refused as "not the memory of this checkpoint" rather than served other memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -27,23 +30,39 @@ pub const DIGEST_FILE: &str = "distriproc-digest";
 /// Directory of tombstones under the state directory.
 const DELETED_DIR: &str = "deleted";
 
-/// The digest of the checkpoint in `dir`: the recorded one, else computed from its files
-/// (checkpoints published before digests were recorded, and CRIU pushes).
+/// The digest of the checkpoint in `dir`: the recorded one while its files are those it was
+/// recorded for, else computed from its files (checkpoints published before digests were
+/// recorded, CRIU pushes, and files changed behind the store's back).
 pub fn layer_digest(dir: &Path) -> std::io::Result<MemoryDigest> {
-    if let Ok(s) = std::fs::read_to_string(dir.join(DIGEST_FILE)) {
-        if let Some(d) = MemoryDigest::from_message(s.trim()) {
-            return Ok(d);
-        }
+    let files = pagemap_checksum(dir)?;
+    let Ok(text) = std::fs::read_to_string(dir.join(DIGEST_FILE)) else {
+        return Ok(files);
+    };
+    let mut lines = text.lines().map(str::trim);
+    let Some(recorded) = lines.next().and_then(MemoryDigest::from_message) else {
+        return Ok(files);
+    };
+    match lines
+        .next()
+        .and_then(|l| l.strip_prefix("files "))
+        .and_then(MemoryDigest::from_message)
+    {
+        Some(was) if was != files => Ok(files),
+        _ => Ok(recorded),
     }
-    pagemap_checksum(dir)
 }
 
-/// Writes `digest` as the recorded digest of the checkpoint in `dir` (synced).
+/// Records `digest` as the digest of the checkpoint in `dir`, for the files `dir` holds now
+/// (synced).
 pub fn record_digest(dir: &Path, digest: &MemoryDigest) -> std::io::Result<()> {
+    let files = pagemap_checksum(dir)?;
     let path = dir.join(DIGEST_FILE);
-    let f = std::fs::File::create(&path)?;
-    std::io::Write::write_all(&mut &f, format!("{}\n", digest.to_message()).as_bytes())?;
-    f.sync_all()
+    let tmp = dir.join(format!(".{DIGEST_FILE}.tmp"));
+    let f = std::fs::File::create(&tmp)?;
+    let text = format!("{}\nfiles {}\n", digest.to_message(), files.to_message());
+    std::io::Write::write_all(&mut &f, text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)
 }
 
 /// The parent id a checkpoint directory of the store at `root` links to, if any: `Ok(None)`
@@ -297,5 +316,17 @@ mod tests {
         record_digest(d.path(), &rec).unwrap();
         assert_eq!(layer_digest(d.path()).unwrap(), rec);
         assert_ne!(computed, rec);
+        // Files changed since the record: their own checksum, not the record.
+        std::fs::write(d.path().join("pages-1.img"), [0u8; 4096]).unwrap();
+        let changed = layer_digest(d.path()).unwrap();
+        assert_eq!(changed, pagemap_checksum(d.path()).unwrap());
+        assert_ne!(changed, rec);
+        // A record without the files line (older stores) is taken as it is.
+        std::fs::write(
+            d.path().join(DIGEST_FILE),
+            format!("{}\n", rec.to_message()),
+        )
+        .unwrap();
+        assert_eq!(layer_digest(d.path()).unwrap(), rec);
     }
 }

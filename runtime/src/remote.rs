@@ -568,69 +568,29 @@ pub fn upload_checkpoint(
             theirs: reply.version,
         }));
     }
-    let wio = |what| move |source| ProtocolError::Io { what, source };
-    let mut head = Vec::with_capacity(256);
-    let mut chunk = vec![0u8; UPLOAD_CHUNK];
-    if let Some(p) = parent {
-        if reply.version < VERSION_LAYERS {
-            return Err(proto(ProtocolError::UnsupportedVersion {
-                ours: VERSION,
-                theirs: reply.version,
-            }));
-        }
-        p.encode(&mut head).map_err(proto)?;
-        r.get_mut()
-            .write_all(&head)
-            .map_err(wio("send upload parent"))
-            .map_err(proto)?;
+    if parent.is_some() && reply.version < VERSION_LAYERS {
+        return Err(proto(ProtocolError::UnsupportedVersion {
+            ours: VERSION,
+            theirs: reply.version,
+        }));
     }
-    for name in files {
-        let path = dir.join(name);
-        let mut f = std::fs::File::open(&path).map_err(|source| RemoteError::Upload {
-            path: path.clone(),
-            source,
-        })?;
-        let size = f
-            .metadata()
-            .map_err(|source| RemoteError::Upload {
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        head.clear();
-        FileHeader {
-            kind: FileKind::File,
-            name: name.clone(),
-            size,
+    if let Err(e) = send_upload(&mut r, dir, files, parent).map_err(|e| e.into_remote(&proto)) {
+        // A server that refuses the upload part-way (a deleted parent, a full disk) answers
+        // and closes, and the rest of the data then meets a reset: its answer is the error.
+        if matches!(&e, RemoteError::Protocol { source, .. } if source.is_transport()) {
+            let _ = r.get_ref().set_timeouts(Duration::from_secs(2));
+            if let Ok(h) = read_response_header(&mut r) {
+                if h.status != RequestStatus::Ok {
+                    return Err(proto(ProtocolError::RequestFailed {
+                        request_id: h.request_id,
+                        status: h.status,
+                        message: h.message,
+                    }));
+                }
+            }
         }
-        .encode(&mut head)
-        .map_err(proto)?;
-        r.get_mut()
-            .write_all(&head)
-            .map_err(wio("send upload file header"))
-            .map_err(proto)?;
-        let sent = copy_file(&mut f, size, r.get_mut(), &mut chunk)
-            .map_err(wio("send upload file"))
-            .map_err(proto)?;
-        if sent != size {
-            return Err(RemoteError::Upload {
-                path,
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while sent"),
-            });
-        }
+        return Err(e);
     }
-    head.clear();
-    FileHeader {
-        kind: FileKind::End,
-        name: String::new(),
-        size: files.len() as u64,
-    }
-    .encode(&mut head)
-    .map_err(proto)?;
-    r.get_mut()
-        .write_all(&head)
-        .map_err(wio("send upload end"))
-        .map_err(proto)?;
     let _ = r
         .get_ref()
         .set_timeouts(opts.io_timeout.max(Duration::from_secs(120)));
@@ -648,6 +608,79 @@ pub fn upload_checkpoint(
             value: h.message.len() as u64,
         })
     })
+}
+
+/// Why sending an upload's messages failed.
+enum SendError {
+    Protocol(ProtocolError),
+    File {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+}
+
+impl SendError {
+    fn into_remote(self, proto: &impl Fn(ProtocolError) -> RemoteError) -> RemoteError {
+        match self {
+            SendError::Protocol(e) => proto(e),
+            SendError::File { path, source } => RemoteError::Upload { path, source },
+        }
+    }
+}
+
+/// Sends an upload's parent reference, files and end marker.
+fn send_upload(
+    r: &mut BufReader<Stream>,
+    dir: &std::path::Path,
+    files: &[String],
+    parent: Option<&ParentRef>,
+) -> Result<(), SendError> {
+    let wio = |what| move |source| SendError::Protocol(ProtocolError::Io { what, source });
+    let mut head = Vec::with_capacity(256);
+    let mut chunk = vec![0u8; UPLOAD_CHUNK];
+    if let Some(p) = parent {
+        p.encode(&mut head).map_err(SendError::Protocol)?;
+        r.get_mut()
+            .write_all(&head)
+            .map_err(wio("send upload parent"))?;
+    }
+    for name in files {
+        let path = dir.join(name);
+        let file_err = |source| SendError::File {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(file_err)?;
+        let size = f.metadata().map_err(file_err)?.len();
+        head.clear();
+        FileHeader {
+            kind: FileKind::File,
+            name: name.clone(),
+            size,
+        }
+        .encode(&mut head)
+        .map_err(SendError::Protocol)?;
+        r.get_mut()
+            .write_all(&head)
+            .map_err(wio("send upload file header"))?;
+        let sent =
+            copy_file(&mut f, size, r.get_mut(), &mut chunk).map_err(wio("send upload file"))?;
+        if sent != size {
+            return Err(file_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while sent",
+            )));
+        }
+    }
+    head.clear();
+    FileHeader {
+        kind: FileKind::End,
+        name: String::new(),
+        size: files.len() as u64,
+    }
+    .encode(&mut head)
+    .map_err(SendError::Protocol)?;
+    r.get_mut().write_all(&head).map_err(wio("send upload end"))
 }
 
 struct Conn {
