@@ -6,6 +6,16 @@
 //! the `runc` crate's `Spawner` so the crate's create/start/exec/kill/... use it too.
 //! Checkpoint and restore, which the crate does not implement, are run from the typed argv of
 //! `distriproc_runtime::runc_cmd` through the same executor ([`RuncClient::run_raw`]).
+//!
+//! Every runc command, the crate's and the raw ones, runs the way containerd's runc shim
+//! (go-runc, `pkg/process.NewRunc`) runs it, so that a wrapper chosen as `BinaryName` (such as
+//! containerd's failpoint `runc-fp`, which reads `config.json` and `init.pid` from its working
+//! directory) sees the same thing under both shims: the binary is resolved like Go's
+//! `exec.LookPath` ([`resolve_binary`]), the working directory is the container's bundle (the
+//! runc shim's own cwd), the environment is the shim's without `NOTIFY_SOCKET`, the argv starts
+//! with `--root <root>/<ns> --log <bundle>/log.json --log-format json`. (go-runc's
+//! `PdeathSignal` is not copied: the parent-death signal follows the forking thread, and a
+//! tokio blocking-pool thread that exits when idle would kill a runc still at work.)
 
 use std::{
     ffi::OsString,
@@ -25,14 +35,35 @@ use crate::{
     options::ShimOptions,
 };
 
-/// Spawns runc and collects its exit from the shim's exit monitor.
-#[derive(Debug, Default)]
-pub struct ShimExecutor;
+/// Spawns runc (in the container's bundle) and collects its exit from the shim's exit monitor.
+#[derive(Debug, Default, Clone)]
+pub struct ShimExecutor {
+    /// Working directory of the commands: the container's bundle. `None`, or a directory that
+    /// is gone (a bundle deleted under a grouped shim), leaves the shim's own.
+    cwd: Option<PathBuf>,
+}
+
+impl ShimExecutor {
+    /// An executor running its commands in `bundle`.
+    pub fn in_dir(bundle: &Path) -> Self {
+        Self {
+            cwd: Some(bundle.to_path_buf()),
+        }
+    }
+
+    /// Applies the working directory to `cmd`.
+    fn prepare(&self, cmd: &mut Command) {
+        if let Some(dir) = self.cwd.as_deref().filter(|d| d.is_dir()) {
+            cmd.current_dir(dir);
+        }
+    }
+}
 
 #[async_trait]
 impl Spawner for ShimExecutor {
     async fn execute(&self, cmd: Command) -> runc::Result<(ExitStatus, u32, String, String)> {
         let mut cmd = cmd;
+        self.prepare(&mut cmd);
         // Subscribe first: the reaper may see runc's exit before `spawn` returns.
         let mut sub = monitor_subscribe(Topic::Pid)
             .await
@@ -104,34 +135,101 @@ pub struct RawOutput {
     pub stderr: String,
 }
 
+/// A runc binary (`BinaryName`) that cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum BinaryError {
+    /// A bare name not found as an executable file in any `$PATH` directory.
+    #[error("runc binary {name:?} not found in $PATH ({path})")]
+    NotInPath {
+        /// The name looked up.
+        name: String,
+        /// The `$PATH` searched.
+        path: String,
+    },
+    /// A path that is not an executable file.
+    #[error("runc binary {}: {reason}", path.display())]
+    NotExecutable {
+        /// The path (made absolute).
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Why `path` cannot be executed, if it cannot.
+fn not_executable(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Err(e) => Some(e.to_string()),
+        Ok(m) if !m.is_file() => Some("not a regular file".into()),
+        Ok(m) if m.permissions().mode() & 0o111 == 0 => Some("not executable".into()),
+        Ok(_) => None,
+    }
+}
+
+/// The runc binary `name` as the runc shim finds it (Go's `exec.LookPath`, then run from the
+/// shim's cwd): a name containing `/` is a path, relative ones taken from `cwd` (the bundle);
+/// a bare name is the first executable regular file of that name in a `$PATH` directory.
+pub fn resolve_binary(name: &str, cwd: &Path) -> std::result::Result<PathBuf, BinaryError> {
+    if name.contains('/') {
+        let path = cwd.join(name);
+        return match not_executable(&path) {
+            None => Ok(path),
+            Some(reason) => Err(BinaryError::NotExecutable { path, reason }),
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .map(|dir| {
+            // An empty $PATH entry means the current directory, as in Go and the shells.
+            let dir = if dir.as_os_str().is_empty() {
+                cwd.to_path_buf()
+            } else {
+                cwd.join(dir)
+            };
+            dir.join(name)
+        })
+        .find(|p| not_executable(p).is_none())
+        .ok_or_else(|| BinaryError::NotInPath {
+            name: name.to_owned(),
+            path: search.to_string_lossy().into_owned(),
+        })
+}
+
 /// runc for one container: the crate client plus what is needed to build raw command lines.
 #[derive(Debug, Clone)]
 pub struct RuncClient {
     pub runc: Arc<Runc>,
+    /// The resolved binary (absolute unless `$PATH` names relative directories).
     pub binary: PathBuf,
     pub global: GlobalArgs,
     pub bundle: PathBuf,
+    executor: ShimExecutor,
 }
 
 impl RuncClient {
-    /// runc with `--root <root>/<ns> --log <bundle>/log.json --log-format json`.
+    /// runc with `--root <root>/<ns> --log <bundle>/log.json --log-format json`, run in `bundle`.
     pub fn new(opts: &ShimOptions, namespace: &str, bundle: &Path) -> Result<Self> {
+        let setup_err = |detail: String| ShimError::Runc {
+            verb: "setup",
+            id: bundle.display().to_string(),
+            detail,
+        };
+        let binary =
+            resolve_binary(opts.runc_binary(), bundle).map_err(|e| setup_err(e.to_string()))?;
         let root = opts.runc_root(namespace);
         let log = bundle.join("log.json");
+        let executor = ShimExecutor::in_dir(bundle);
         let mut g = GlobalOpts::new()
-            .command(opts.runc_binary())
+            .command(&binary)
             .root(&root)
             .log(&log)
             .log_json()
             .systemd_cgroup(opts.systemd_cgroup);
-        g.custom_spawner(Arc::new(ShimExecutor));
-        let runc = g.build().map_err(|e| ShimError::Runc {
-            verb: "setup",
-            id: bundle.display().to_string(),
-            detail: format!("{e} (binary {:?})", opts.runc_binary()),
-        })?;
-        let binary = runc::utils::binary_path(opts.runc_binary())
-            .unwrap_or_else(|| PathBuf::from(opts.runc_binary()));
+        g.custom_spawner(Arc::new(executor.clone()));
+        let runc = g
+            .build()
+            .map_err(|e| setup_err(format!("{e} (binary {})", binary.display())))?;
         Ok(Self {
             runc: Arc::new(runc),
             binary,
@@ -143,6 +241,7 @@ impl RuncClient {
                 criu: (!opts.criu.is_empty()).then(|| PathBuf::from(&opts.criu)),
             },
             bundle: bundle.to_path_buf(),
+            executor,
         })
     }
 
@@ -155,12 +254,7 @@ impl RuncClient {
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global.args()).args(args);
         cmd.env_remove("NOTIFY_SOCKET");
-        // The container's bundle, not the shim's cwd: a grouped shim's cwd is the bundle of
-        // the container it was started for, which may be deleted by now.
-        if self.bundle.is_dir() {
-            cmd.current_dir(&self.bundle);
-        }
-        log::debug!("run {:?}", cmd.as_std());
+        log::debug!("run {:?} in {}", cmd.as_std(), self.bundle.display());
         match stdio {
             Some((i, o, e)) => {
                 cmd.stdin(i).stdout(o).stderr(e);
@@ -172,7 +266,7 @@ impl RuncClient {
             }
         }
         let (status, _pid, stdout, stderr) =
-            ShimExecutor
+            self.executor
                 .execute(cmd)
                 .await
                 .map_err(|e| ShimError::Runc {
@@ -279,5 +373,37 @@ mod tests {
         .unwrap();
         assert_eq!(log_json_tail(&p, 2), "b | plain");
         assert_eq!(log_json_tail(&dir.path().join("none"), 2), "");
+    }
+
+    #[test]
+    fn binaries_resolve_like_go_lookpath() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("myrunc");
+        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        // Paths: relative ones from the bundle; a file without an x bit is refused.
+        assert_eq!(resolve_binary("./myrunc", dir.path()).unwrap(), exe);
+        assert_eq!(
+            resolve_binary(exe.to_str().unwrap(), Path::new("/")).unwrap(),
+            exe
+        );
+        let e = resolve_binary("./plain", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not executable"), "{e}");
+        let e = resolve_binary("./gone", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("No such file"), "{e}");
+        // A bare name is searched in $PATH (sh is on every test machine); an unknown one names
+        // the search path.
+        assert!(resolve_binary("sh", dir.path()).unwrap().is_absolute());
+        let e = resolve_binary("no-such-runc-here", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not found in $PATH"), "{e}");
     }
 }

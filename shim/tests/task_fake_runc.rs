@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
 done
 dir=$(dirname "$log")
 case "$verb" in
-  create) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile"; echo $! > "$dir/fake.pid";;
+  create) pwd > "$dir/fake.cwd"; sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile"; echo $! > "$dir/fake.pid";;
   start|pause|resume) ;;
   exec) sleep 1000 >/dev/null 2>&1 </dev/null & echo $! > "$pidfile";;
   kill) kill -"$last" "$(cat "$dir/fake.pid")";;
@@ -128,6 +128,13 @@ async fn lifecycle_create_start_kill_wait_delete() {
         .await
         .unwrap();
     assert!(r.pid > 0);
+    // runc runs in the bundle, as under containerd's runc shim (wrappers such as runc-fp read
+    // config.json from their working directory).
+    let cwd = std::fs::read_to_string(dir.path().join("fake.cwd")).unwrap();
+    assert_eq!(
+        std::fs::canonicalize(cwd.trim()).unwrap(),
+        std::fs::canonicalize(dir.path()).unwrap()
+    );
     let dup = s
         .task_create(CreateTaskRequest {
             id: "c1".into(),
@@ -397,4 +404,34 @@ async fn lifecycle_create_start_kill_wait_delete() {
     assert!(msg.contains("criu failed"), "{msg}");
     // CRIU never ran, so there is no restore.log to point at.
     assert!(!msg.contains("restore.log"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_binary_that_is_not_there_fails_create_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _ev, _) = setup(dir.path());
+    for (name, want) in [
+        ("no-such-runc-binary", "not found in $PATH"),
+        ("./missing-runc", "missing-runc"),
+    ] {
+        let o = containerd_shim::protos::shim::oci::Options {
+            binary_name: name.into(),
+            root: dir.path().join("root").display().to_string(),
+            ..Default::default()
+        };
+        let mut any = Any::new();
+        any.type_url = RUNC_OPTIONS.into();
+        any.value = o.write_to_bytes().unwrap();
+        let e = s
+            .task_create(CreateTaskRequest {
+                id: "c1".into(),
+                bundle: dir.path().display().to_string(),
+                options: MessageField::some(any),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{name}: {e}");
+    }
 }
