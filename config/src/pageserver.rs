@@ -180,6 +180,7 @@ impl Default for PageServerConfig {
 /// tls_server_name = ""        # name in the server certificate ("" = the address's host)
 /// tls_cert_file = ""          # PEM client certificate, for servers that require one
 /// tls_key_file = ""           # its private key
+/// upload_during_dump = true   # a first checkpoint sends its pages while CRIU writes them
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -204,6 +205,9 @@ pub struct PageServerClientConfig {
     pub tls_cert_file: PathBuf,
     /// Private key of `tls_cert_file`.
     pub tls_key_file: PathBuf,
+    /// A checkpoint whose memory is all local (not a layer) sends its pages files to the page
+    /// server while CRIU writes them (upload parts, protocol v5), instead of after the dump.
+    pub upload_during_dump: bool,
 }
 
 impl Default for PageServerClientConfig {
@@ -219,6 +223,7 @@ impl Default for PageServerClientConfig {
             tls_server_name: String::new(),
             tls_cert_file: PathBuf::new(),
             tls_key_file: PathBuf::new(),
+            upload_during_dump: true,
         }
     }
 }

@@ -12,11 +12,14 @@
 //! progress holds an `flock` on its directory). The total size is limited by
 //! `--max-upload-bytes`.
 //!
+//! Files may come in parts (protocol v5: pages sent while CRIU still writes them); each part is
+//! appended to its file, and every file is fsynced before the checkpoint is indexed.
+//!
 //! A layered upload (protocol v3) names its parent first; see
 //! `distriproc_runtime::protocol::upload` for what is checked. The new checkpoint then holds a
 //! `parent -> ../<parent id>` link.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -28,7 +31,7 @@ use distriproc_runtime::protocol::upload::{
 };
 use distriproc_runtime::protocol::{
     encode_response_header, Hello, HelloReply, HelloStatus, ProtocolError, RequestStatus,
-    MAX_RANGES, MAX_REQUEST_PAGES, VERSION_LAYERS,
+    MAX_RANGES, MAX_REQUEST_PAGES, VERSION_LAYERS, VERSION_PARTS,
 };
 use nix::fcntl::{Flock, FlockArg};
 
@@ -136,6 +139,45 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     // open file for the duration of the call.
     unsafe {
         libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// A file of the upload being written: its bytes so far and how far writeback was started.
+struct Received {
+    f: File,
+    written: u64,
+    flushed: u64,
+}
+
+enum ReceiveError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+impl Received {
+    fn new(f: File) -> Received {
+        Received {
+            f,
+            written: 0,
+            flushed: 0,
+        }
+    }
+
+    /// Appends the next `n` bytes of `r`, starting the writeback of every [`WRITEBACK_STEP`].
+    fn receive(&mut self, r: &mut impl Read, n: u64, buf: &mut [u8]) -> Result<(), ReceiveError> {
+        let mut left = n;
+        while left > 0 {
+            let k = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            r.read_exact(&mut buf[..k]).map_err(ReceiveError::Read)?;
+            self.f.write_all(&buf[..k]).map_err(ReceiveError::Write)?;
+            left -= k as u64;
+            self.written += k as u64;
+            if self.written - self.flushed >= WRITEBACK_STEP {
+                start_writeback(&self.f, self.flushed, self.written - self.flushed);
+                self.flushed = self.written;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -308,6 +350,9 @@ pub(crate) fn serve(
     let mut files = 0u64;
     let mut total = 0u64;
     let mut parent: Option<(ParentRef, Parent)> = None;
+    // Files being received (sent in parts, or the whole file now), and those received whole.
+    let mut parts: HashMap<String, Received> = HashMap::new();
+    let mut whole: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let h = match FileHeader::read(&mut r) {
@@ -352,7 +397,25 @@ pub(crate) fn serve(
             }
             continue;
         }
-        files += 1;
+        let part = h.kind == FileKind::Part;
+        if part && version < VERSION_PARTS {
+            let e = perr(ProtocolError::Invalid {
+                what: "upload part message (v5)",
+                value: u64::from(version),
+            });
+            return fail(&mut w, RequestStatus::Malformed, e);
+        }
+        let known = parts.contains_key(&h.name);
+        if (part && whole.contains(&h.name)) || (!part && known) {
+            let e = perr(ProtocolError::Invalid {
+                what: "upload file sent both whole and in parts",
+                value: h.size,
+            });
+            return fail(&mut w, RequestStatus::Malformed, e);
+        }
+        if !known {
+            files += 1;
+        }
         total = total.saturating_add(h.size);
         if files > MAX_FILES || total > ctx.opts.max_upload_bytes {
             let e = perr(ProtocolError::Limit {
@@ -363,34 +426,43 @@ pub(crate) fn serve(
             return fail(&mut w, RequestStatus::TooLarge, e);
         }
         let path = tmp.join(&h.name);
-        let mut f = match File::options().write(true).create_new(true).open(&path) {
-            Ok(f) => f,
-            Err(e) => return fail(&mut w, RequestStatus::Malformed, io("create", &path)(e)),
+        if !known {
+            let f = match File::options().write(true).create_new(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => return fail(&mut w, RequestStatus::Malformed, io("create", &path)(e)),
+            };
+            parts.insert(h.name.clone(), Received::new(f));
+        }
+        let Some(into) = parts.get_mut(&h.name) else {
+            unreachable!("inserted above");
         };
-        let mut left = h.size;
-        let mut flushed = 0u64;
-        while left > 0 {
-            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            if let Err(source) = r.read_exact(&mut buf[..n]) {
+        match into.receive(&mut r, h.size, &mut buf) {
+            Ok(()) => {}
+            Err(ReceiveError::Read(source)) => {
                 return Err(perr(ProtocolError::Io {
                     what: "read upload data",
                     source,
-                }));
+                }))
             }
-            if let Err(e) = f.write_all(&buf[..n]) {
-                return fail(&mut w, RequestStatus::StoreFailed, io("write", &path)(e));
-            }
-            left -= n as u64;
-            let written = h.size - left;
-            if written - flushed >= WRITEBACK_STEP {
-                start_writeback(&f, flushed, written - flushed);
-                flushed = written;
+            Err(ReceiveError::Write(e)) => {
+                return fail(&mut w, RequestStatus::StoreFailed, io("write", &path)(e))
             }
         }
-        if let Err(e) = f.sync_all() {
+        if !part {
+            let done = parts.remove(&h.name).map(|p| p.f.sync_all());
+            if let Some(Err(e)) = done {
+                return fail(&mut w, RequestStatus::StoreFailed, io("sync", &path)(e));
+            }
+            whole.insert(h.name);
+        }
+    }
+    for (name, p) in &parts {
+        if let Err(e) = p.f.sync_all() {
+            let path = tmp.join(name);
             return fail(&mut w, RequestStatus::StoreFailed, io("sync", &path)(e));
         }
     }
+    drop(parts);
     let layer = parent.as_ref().map(|(p, d)| (p, d.dir.as_path()));
     let index = match finish_layer(&ctx.store, &hello.checkpoint, &tmp, layer) {
         Ok(index) => index,
@@ -576,6 +648,22 @@ mod tests {
             read_response_header(&mut s).unwrap().status,
             RequestStatus::Malformed
         );
+        // Parts need version 5.
+        let (mut s, r) = connect("old", 4);
+        assert_eq!(r.status, HelloStatus::Ok);
+        let mut b = Vec::new();
+        FileHeader {
+            kind: FileKind::Part,
+            name: "pages-1.img".into(),
+            size: 3,
+        }
+        .encode(&mut b)
+        .unwrap();
+        s.write_all(&b).unwrap();
+        assert_eq!(
+            read_response_header(&mut s).unwrap().status,
+            RequestStatus::Malformed
+        );
         // Over the server's limit: refused before the data is read.
         let (mut s, _) = connect("big", VERSION);
         s.write_all(&file("pages-1.img", 20_000)).unwrap();
@@ -590,7 +678,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(empty(&incoming), "incoming uploads left behind");
-        for id in ["v1", "gone", "count", "big"] {
+        for id in ["v1", "gone", "count", "old", "big"] {
             assert!(!d.path().join(id).exists(), "{id} was published");
         }
         srv.shutdown();

@@ -12,6 +12,7 @@ pub mod residency;
 pub mod runc_cmd;
 pub mod source;
 pub mod stats;
+pub mod upload_client;
 
 /// An error and its sources on one line, joined with ": " (for logs and messages that must carry
 /// the cause, e.g. an `io::Error` under a protocol error).

@@ -29,12 +29,12 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::tls::{rustls, TlsClient, TlsError};
-use crate::protocol::upload::{FileHeader, FileKind, MemoryDigest, ParentRef};
+use crate::protocol::upload::MemoryDigest;
 use crate::protocol::{
     bitmap_get, check_bitmap, encode_request, read_range_reply_header, read_response_header, Hello,
     HelloReply, HelloStatus, ProtocolError, Range, RangeStatus, RequestKind, RequestStatus,
-    ResponseHeader, HELLO_RESUME, HELLO_UPLOAD, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES,
-    PAGE_SIZE, REQ_FIRST_RUN, VERSION, VERSION_LAYERS, VERSION_RESUME, VERSION_UPLOAD,
+    ResponseHeader, HELLO_RESUME, MAX_RANGES, MAX_RANGE_PAGES, MAX_REQUEST_PAGES, PAGE_SIZE,
+    REQ_FIRST_RUN, VERSION, VERSION_RESUME,
 };
 use crate::source::{PageKind, PageRead, PageSource, SourceError};
 
@@ -302,7 +302,7 @@ impl RangeAnswer {
     }
 }
 
-enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
@@ -356,7 +356,7 @@ impl Stream {
         }
     }
 
-    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+    pub(crate) fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
                 s.set_read_timeout(Some(t))?;
@@ -435,7 +435,7 @@ fn dial(endpoint: &Endpoint, timeout: Duration, tls: Option<&TlsClient>) -> io::
 
 /// Opens a session with `flags` (e.g. [`crate::protocol::HELLO_CRIU`]) and returns the
 /// connected, authenticated socket after an `Ok` hello reply, with `io_timeout` set on it.
-fn open_session(
+pub(crate) fn open_session(
     endpoint: &Endpoint,
     opts: &RemoteOptions,
     criu_mode: bool,
@@ -520,168 +520,7 @@ pub fn open_criu_session(
     })
 }
 
-/// Bytes per read and write of an upload (io::copy's 8 KiB costs a syscall pair per 2 pages).
-const UPLOAD_CHUNK: usize = 1 << 20;
-
-/// Sends `size` bytes of `f` to `w` in [`UPLOAD_CHUNK`] pieces; the bytes sent.
-fn copy_file(
-    f: &mut std::fs::File,
-    size: u64,
-    w: &mut impl Write,
-    chunk: &mut [u8],
-) -> io::Result<u64> {
-    let mut sent = 0u64;
-    while sent < size {
-        let want = usize::try_from(size - sent).map_or(chunk.len(), |n| n.min(chunk.len()));
-        let n = f.read(&mut chunk[..want])?;
-        if n == 0 {
-            break;
-        }
-        w.write_all(&chunk[..n])?;
-        sent += n as u64;
-    }
-    Ok(sent)
-}
-
-/// Uploads `files` (plain names) of the images directory `dir` as the new checkpoint
-/// `opts.checkpoint` ([`crate::protocol::upload`]). Returns what the server computed over
-/// what it stored. With `parent`, the new checkpoint is a layer over that stored checkpoint
-/// (protocol v3; its `PE_PARENT` pages resolve there). Every step has the options' timeouts;
-/// the final answer (after the server's fsync) may take up to `max(io_timeout, 120 s)`.
-pub fn upload_checkpoint(
-    endpoint: &Endpoint,
-    opts: &RemoteOptions,
-    dir: &std::path::Path,
-    files: &[String],
-    parent: Option<&ParentRef>,
-) -> Result<MemoryDigest, RemoteError> {
-    let ep = endpoint.to_string();
-    let proto = |source| RemoteError::Protocol {
-        endpoint: ep.clone(),
-        checkpoint: opts.checkpoint.clone(),
-        source,
-    };
-    let (mut r, reply) = open_session(endpoint, opts, false, HELLO_UPLOAD)?;
-    if reply.version < VERSION_UPLOAD {
-        return Err(proto(ProtocolError::UnsupportedVersion {
-            ours: VERSION,
-            theirs: reply.version,
-        }));
-    }
-    if parent.is_some() && reply.version < VERSION_LAYERS {
-        return Err(proto(ProtocolError::UnsupportedVersion {
-            ours: VERSION,
-            theirs: reply.version,
-        }));
-    }
-    if let Err(e) = send_upload(&mut r, dir, files, parent).map_err(|e| e.into_remote(&proto)) {
-        // A server that refuses the upload part-way (a deleted parent, a full disk) answers
-        // and closes, and the rest of the data then meets a reset: its answer is the error.
-        if matches!(&e, RemoteError::Protocol { source, .. } if source.is_transport()) {
-            let _ = r.get_ref().set_timeouts(Duration::from_secs(2));
-            if let Ok(h) = read_response_header(&mut r) {
-                if h.status != RequestStatus::Ok {
-                    return Err(proto(ProtocolError::RequestFailed {
-                        request_id: h.request_id,
-                        status: h.status,
-                        message: h.message,
-                    }));
-                }
-            }
-        }
-        return Err(e);
-    }
-    let _ = r
-        .get_ref()
-        .set_timeouts(opts.io_timeout.max(Duration::from_secs(120)));
-    let h = read_response_header(&mut r).map_err(proto)?;
-    if h.status != RequestStatus::Ok {
-        return Err(proto(ProtocolError::RequestFailed {
-            request_id: h.request_id,
-            status: h.status,
-            message: h.message,
-        }));
-    }
-    MemoryDigest::from_message(&h.message).ok_or_else(|| {
-        proto(ProtocolError::Invalid {
-            what: "upload receipt",
-            value: h.message.len() as u64,
-        })
-    })
-}
-
-/// Why sending an upload's messages failed.
-enum SendError {
-    Protocol(ProtocolError),
-    File {
-        path: std::path::PathBuf,
-        source: io::Error,
-    },
-}
-
-impl SendError {
-    fn into_remote(self, proto: &impl Fn(ProtocolError) -> RemoteError) -> RemoteError {
-        match self {
-            SendError::Protocol(e) => proto(e),
-            SendError::File { path, source } => RemoteError::Upload { path, source },
-        }
-    }
-}
-
-/// Sends an upload's parent reference, files and end marker.
-fn send_upload(
-    r: &mut BufReader<Stream>,
-    dir: &std::path::Path,
-    files: &[String],
-    parent: Option<&ParentRef>,
-) -> Result<(), SendError> {
-    let wio = |what| move |source| SendError::Protocol(ProtocolError::Io { what, source });
-    let mut head = Vec::with_capacity(256);
-    let mut chunk = vec![0u8; UPLOAD_CHUNK];
-    if let Some(p) = parent {
-        p.encode(&mut head).map_err(SendError::Protocol)?;
-        r.get_mut()
-            .write_all(&head)
-            .map_err(wio("send upload parent"))?;
-    }
-    for name in files {
-        let path = dir.join(name);
-        let file_err = |source| SendError::File {
-            path: path.clone(),
-            source,
-        };
-        let mut f = std::fs::File::open(&path).map_err(file_err)?;
-        let size = f.metadata().map_err(file_err)?.len();
-        head.clear();
-        FileHeader {
-            kind: FileKind::File,
-            name: name.clone(),
-            size,
-        }
-        .encode(&mut head)
-        .map_err(SendError::Protocol)?;
-        r.get_mut()
-            .write_all(&head)
-            .map_err(wio("send upload file header"))?;
-        let sent =
-            copy_file(&mut f, size, r.get_mut(), &mut chunk).map_err(wio("send upload file"))?;
-        if sent != size {
-            return Err(file_err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file shrank while sent",
-            )));
-        }
-    }
-    head.clear();
-    FileHeader {
-        kind: FileKind::End,
-        name: String::new(),
-        size: files.len() as u64,
-    }
-    .encode(&mut head)
-    .map_err(SendError::Protocol)?;
-    r.get_mut().write_all(&head).map_err(wio("send upload end"))
-}
+pub use crate::upload_client::upload_checkpoint;
 
 struct Conn {
     r: BufReader<Stream>,
@@ -1232,6 +1071,7 @@ impl PageSource for RemotePages {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::upload::ParentRef;
 
     #[test]
     fn endpoints_parse() {

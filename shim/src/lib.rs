@@ -9,6 +9,7 @@
 
 pub mod checkpoint_lazy;
 pub mod container;
+pub mod dump_stream;
 pub mod error;
 pub mod fetcher;
 pub mod info;

@@ -54,6 +54,8 @@ use distriproc_runtime::images::{
 };
 use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest, ParentRef};
 use distriproc_runtime::remote::{upload_checkpoint, Endpoint, RemoteOptions};
+
+use crate::dump_stream::Streamed;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -260,6 +262,26 @@ pub fn checkpoint_id(container: &str) -> String {
     )
 }
 
+/// Starts sending the pages files of the checkpoint directory `dir` while CRIU writes them
+/// (`[pageserver] upload_during_dump`), for [`publish`]; `None` when it is off or the client
+/// configuration is unusable (then `publish` reports that).
+pub fn start_dump_stream(
+    cfg: &PageServerClientConfig,
+    container: &str,
+    dir: &str,
+) -> Option<crate::dump_stream::DumpStreamer> {
+    if !cfg.upload_during_dump {
+        return None;
+    }
+    let id = checkpoint_id(container);
+    let (endpoint, opts) = client(cfg, None, &id, container).ok()?;
+    Some(crate::dump_stream::DumpStreamer::start(
+        PathBuf::from(dir),
+        endpoint,
+        opts,
+    ))
+}
+
 /// Publishes the checkpoint in `dir` to the page server (see the module documentation), as a
 /// layer over `parent` when its pagemaps leave pages to it. `Ok(None)`: kept local (a CRIU
 /// parent chain).
@@ -268,6 +290,7 @@ pub fn publish(
     cfg: &PageServerClientConfig,
     container: &str,
     parent: Option<&ParentRef>,
+    streamed: Option<Streamed>,
 ) -> Result<Option<RemoteReference>> {
     if std::fs::symlink_metadata(dir.join("parent")).is_ok() {
         log::warn!(
@@ -294,11 +317,47 @@ pub fn publish(
         files.push(name);
     }
     files.sort();
-    let id = checkpoint_id(container);
-    let (endpoint, opts) = client(cfg, None, &id, container)?;
-    let receipt = upload_checkpoint(&endpoint, &opts, dir, &files, parent)
-        .map_err(|e| RemoteCheckpointError::Server(error_chain(&e)))?;
+    let mut done = None;
+    let tried_streaming = streamed.is_some();
+    if let Some(st) = streamed.filter(|_| parent.is_none()) {
+        let streamed_bytes = st.bytes();
+        match finish_streamed(dir, &files, st) {
+            Ok((id, receipt)) if receipt == digest => {
+                log::info!(
+                    "checkpoint of {container}: {streamed_bytes} bytes of pages were sent while \
+                     CRIU wrote them"
+                );
+                done = Some((id, receipt));
+            }
+            Ok((id, receipt)) => log::warn!(
+                "checkpoint of {container}: the upload streamed during the dump stored other \
+                 memory ({} instead of {}); uploading it again. {id:?} is left on the page \
+                 server, referenced by nothing (distriproc-pageserver delete {id})",
+                receipt.to_message(),
+                digest.to_message()
+            ),
+            Err(why) => log::warn!(
+                "checkpoint of {container}: the upload during the dump did not complete \
+                 ({why}); uploading it after the dump"
+            ),
+        }
+    }
+    let (id, receipt) = match done {
+        Some(d) => d,
+        None => {
+            if tried_streaming {
+                // A new id: its time in ms must differ from the abandoned upload's.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let id = checkpoint_id(container);
+            let (endpoint, opts) = client(cfg, None, &id, container)?;
+            let receipt = upload_checkpoint(&endpoint, &opts, dir, &files, parent)
+                .map_err(|e| RemoteCheckpointError::Server(error_chain(&e)))?;
+            (id, receipt)
+        }
+    };
     if receipt != digest {
+        let (endpoint, _) = client(cfg, None, &id, container)?;
         return Err(RemoteCheckpointError::Mismatch {
             endpoint: endpoint.to_string(),
             checkpoint: id,
@@ -321,6 +380,46 @@ pub fn publish(
     std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(io("write", &path))?;
     Ok(Some(r))
+}
+
+/// Completes an upload streamed during the dump: the rest of every pages file it sent part
+/// of, the other files whole; the id and the receipt.
+fn finish_streamed(
+    dir: &Path,
+    files: &[String],
+    st: Streamed,
+) -> std::result::Result<(String, MemoryDigest), String> {
+    let mut up = match (st.upload, st.failed) {
+        (Some(up), _) => up,
+        (None, Some(why)) => return Err(why),
+        (None, None) => return Err("nothing was written while it ran".into()),
+    };
+    let id = up.checkpoint().to_string();
+    for name in files {
+        let Some(&sent) = st.sent.get(name) else {
+            up.send_file(dir, name).map_err(|e| error_chain(&e))?;
+            continue;
+        };
+        let path = dir.join(name);
+        let mut f = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let size = f
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        if size < sent {
+            return Err(format!(
+                "{} shrank below the {sent} bytes already sent",
+                path.display()
+            ));
+        }
+        up.send_part(name, &path, &mut f, sent, size - sent)
+            .map_err(|e| error_chain(&e))?;
+    }
+    if let Some(gone) = st.sent.keys().find(|n| !files.contains(n)) {
+        return Err(format!("{gone} was sent but is no longer in the directory"));
+    }
+    let receipt = up.finish().map_err(|e| error_chain(&e))?;
+    Ok((id, receipt))
 }
 
 /// Pids of the task pagemaps (`pagemap-<pid>.img`) in `dir`.

@@ -986,6 +986,10 @@ impl TaskService {
         let paused = c.init.status == ProcStatus::Paused;
         let pending = crate::checkpoint_lazy::prepare(c, &req.id, paused).await?;
         let args = checkpoint_args(&copts, &image, &work);
+        // All memory local (no layer): the pages go to the page server while CRIU writes them.
+        let streamer = (remote && pending.is_none() && base.is_none())
+            .then(|| crate::remote::start_dump_stream(&cfg.pageserver, &req.id, &image))
+            .flatten();
         let out = match c.runc.run_raw(args.args(&req.id), None).await {
             Ok(out) => out,
             Err(e) => {
@@ -1050,7 +1054,8 @@ impl TaskService {
             );
             let t0 = std::time::Instant::now();
             let published = tokio::task::spawn_blocking(move || {
-                crate::remote::publish(&dir, &ps, &cid, parent.as_ref())
+                let streamed = streamer.map(crate::dump_stream::DumpStreamer::stop);
+                crate::remote::publish(&dir, &ps, &cid, parent.as_ref(), streamed)
             })
             .await
             .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?

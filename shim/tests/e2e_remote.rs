@@ -168,8 +168,16 @@ fn remote_checkpoint(ctd: &Containerd, id: &str, image: &str, mib: u64) -> Resul
         pages < (mib << 20) / 100 && size < (mib << 20) / 20,
         "CRIU tar of a {mib} MiB container is {size} bytes with {pages} bytes of pages-*.img"
     );
+    // A fresh container's pages went to the page server while CRIU wrote them.
+    let streamed = streamed_bytes(ctd, id)?;
+    ensure!(
+        streamed > 0,
+        "checkpoint of {id}: nothing was sent during the dump: {}",
+        ctd.log_tail(20)
+    );
     eprintln!(
-        "remote checkpoint of {mib} MiB in {took:?}: CRIU tar {size} bytes, pages-*.img {pages} bytes"
+        "remote checkpoint of {mib} MiB in {took:?}: CRIU tar {size} bytes, pages-*.img {pages} \
+         bytes, {streamed} bytes sent during the dump"
     );
     let mut tmp = tempfile::tempdir()?;
     let out = Command::new("tar")
@@ -196,6 +204,23 @@ fn remote_checkpoint(ctd: &Containerd, id: &str, image: &str, mib: u64) -> Resul
         .as_str()
         .context("checkpoint id")?
         .to_string())
+}
+
+/// The bytes the shim's last checkpoint of `id` sent while CRIU was writing them (its log).
+fn streamed_bytes(ctd: &Containerd, id: &str) -> Result<u64> {
+    let log = ctd.log_text();
+    let want = format!("checkpoint of {id}: ");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&want) && l.contains("bytes of pages were sent while CRIU wrote them"))
+        .with_context(|| format!("no streamed upload logged for {id}: {}", ctd.log_tail(20)))?;
+    let rest = &line[line.find(&want).unwrap_or(0) + want.len()..];
+    Ok(rest
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
 }
 
 /// `ctr c restore --live` that must fail with a message containing `want`, within `limit`.

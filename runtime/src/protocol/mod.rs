@@ -120,6 +120,9 @@
 //!   checkpoint whose pages are still stored is served to such sessions only, so a container
 //!   running from it keeps its memory while new restores of it are refused. A client sends
 //!   the flag only to a server that answered its first hello with version 4 or later.
+//! - Version 5 adds the upload message [`upload::FileKind::Part`]: a file sent in pieces
+//!   while it is still being written (the pages CRIU is dumping), so an upload overlaps the
+//!   dump. A server refuses it on a session that negotiated an older version.
 //!
 //! # Limits
 //!
@@ -137,7 +140,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"DPPS";
 /// The protocol version this build speaks (and the highest).
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// The first version with [`HELLO_UPLOAD`], [`RequestKind::Info`], [`HelloStatus::Exists`] and
 /// [`RequestStatus::StoreFailed`].
 pub const VERSION_UPLOAD: u16 = 2;
@@ -146,6 +149,8 @@ pub const VERSION_UPLOAD: u16 = 2;
 pub const VERSION_LAYERS: u16 = 3;
 /// The first version with [`HELLO_RESUME`].
 pub const VERSION_RESUME: u16 = 4;
+/// The first version with streamed uploads ([`upload::FileKind::Part`]).
+pub const VERSION_PARTS: u16 = 5;
 /// Longest checkpoint id.
 pub const MAX_CHECKPOINT_ID_LEN: usize = 128;
 /// Longest credential token.

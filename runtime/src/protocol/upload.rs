@@ -11,6 +11,7 @@
 //!   (v3, optional, first) FileHeader {Parent, name_len, 16} parent id, its digest
 //!                                                               ─▶  parent exists, digest, depth
 //!   FileHeader {File, name_len, size} name bytes, `size` bytes  ─▶  (any number of files)
+//!   (v5) FileHeader {Part, name_len, size} name, `size` bytes   ─▶  appended to that file
 //!   FileHeader {End, 0, size = number of files}                 ─▶  index, fsync, rename
 //!   ◀─ Response header {request_id 0, Ok | Malformed | TooLarge | StoreFailed | BadParent, msg}
 //!      Ok message: `pages_bytes=<n> pagemap_checksum=<16 hex>` (see [`pagemap_checksum`])
@@ -29,14 +30,24 @@
 //! publishes it with a `parent -> ../<parent id>` link. The new layer's digest covers its own
 //! files only.
 //!
+//! ## Streamed files (version 5)
+//!
+//! A file still being written (a `pages-*.img` while CRIU dumps) is sent as `Part` messages:
+//! each appends its `size` bytes to the named file, the first creates it. Parts of several
+//! files may interleave with each other and with whole files; a name sent whole is never sent
+//! in parts or the other way round. A part of 0 bytes only shows the client is alive (the
+//! server's idle timeout applies between messages). `End` counts each file once, however it
+//! was sent. The receipt's digest is what the client compares with its own, so a file the
+//! client cut short or sent twice is caught there.
+//!
 //! ## FileHeader, [`FILE_HEADER_LEN`] = 16 bytes
 //!
 //! | offset | size | field | notes |
 //! |---|---|---|---|
 //! | 0 | 2 | kind | [`FileKind`] (0 reserved) |
-//! | 2 | 2 | name_len | `File`: 1..=[`MAX_FILE_NAME_LEN`]; `End`: 0 |
+//! | 2 | 2 | name_len | `File`, `Part`: 1..=[`MAX_FILE_NAME_LEN`]; `End`: 0 |
 //! | 4 | 4 | reserved | 0 |
-//! | 8 | 8 | size | `File`: bytes that follow the name, ≤ [`MAX_FILE_BYTES`]; `End`: file count |
+//! | 8 | 8 | size | `File`, `Part`: bytes that follow the name, ≤ [`MAX_FILE_BYTES`]; `End`: file count |
 //!
 //! A file name is a plain name of `A-Z a-z 0-9 . _ -` that does not start with `.` (no
 //! directories, no `parent` links: the server makes the link from the `Parent` message). Limits:
@@ -78,6 +89,9 @@ wire_enum! {
         /// (v3) The parent layer: its id as the name, then its digest ([`PARENT_BODY_LEN`]
         /// bytes). At most once, before any file.
         Parent = 3 => "parent",
+        /// (v5) A piece of a file streamed while it is written: the name, then `size` bytes
+        /// appended to it.
+        Part = 4 => "part",
     }
 }
 
@@ -159,7 +173,7 @@ impl FileHeader {
     /// Encodes the header and the name.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         match self.kind {
-            FileKind::File => {
+            FileKind::File | FileKind::Part => {
                 check_file_name(&self.name)?;
                 if self.size > MAX_FILE_BYTES {
                     return Err(ProtocolError::Limit {
@@ -198,7 +212,7 @@ impl FileHeader {
         zero("upload reserved field", u64::from(u32_at(&b, 4)))?;
         let size = u64_at(&b, 8);
         match kind {
-            FileKind::File | FileKind::Parent => {
+            FileKind::File | FileKind::Part | FileKind::Parent => {
                 if name_len == 0 || name_len > MAX_FILE_NAME_LEN {
                     return Err(ProtocolError::Limit {
                         what: "upload file name length",
