@@ -13,9 +13,9 @@
 #                      writes every page into the checkpoint, containerd stores it as content, the
 #                      restore reads all of it back before the process runs
 #   ours-first         our shim with [pageserver] (fill none): the first checkpoint of a fresh,
-#                      never restored memhog (CRIU dumps all memory locally, the shim uploads it
-#                      to the page server and containerd keeps CRIU's metadata), then a restore
-#                      with fill none
+#                      never restored memhog (CRIU dumps all memory locally, the shim uploads the
+#                      pages to the page server while CRIU writes them and containerd keeps CRIU's
+#                      metadata), then a restore with fill none
 #   ours-recheckpoint  that restored container, its memory still at the page server, rewrites
 #                      MIGRATION_WRITE_PCT % of its pages (memhog WRITE) and is checkpointed again:
 #                      a layer over the checkpoint it was restored from that holds the written
@@ -60,7 +60,7 @@ mig_fetched() {
 # mig_shim_log ID: KEY=VALUE words from the shim's lines about container ID's checkpoint in
 # containerd's log (docs/REFERENCE.md): remote_at_checkpoint_pages, complete_s, parent_pages,
 # pulled_pages (the dump completion), checkpoint_id, sent_lazy_pages, sent_bytes, upload_s (the
-# upload to the page server).
+# upload to the page server once the dump ended), streamed_bytes (pages sent while CRIU wrote them).
 mig_shim_log() {
     "$PY" - "$CTD_LOG" "$1" <<'EOF'
 import re, sys
@@ -80,6 +80,8 @@ pats = [
                 + r" at \S+ \((\d+) lazy pages, (\d+) bytes\) in ([0-9.]+(?:s|ms|µs|us|ns))"),
      lambda m: {"checkpoint_id": m.group(1), "sent_lazy_pages": m.group(2), "sent_bytes": m.group(3),
                 "upload_s": dur(m.group(4))}),
+    (re.compile(r"checkpoint of " + cid + r": (\d+) bytes of pages were sent while CRIU wrote them"),
+     lambda m: {"streamed_bytes": m.group(1)}),
 ]
 out = {}
 for line in open(sys.argv[1], errors="replace"):

@@ -788,8 +788,9 @@ def migration_section(w, meta, runs, standalone):
       "back before the process runs.")
     w("- **ours-first**: our shim with `[pageserver]` (a `distriproc-pageserver` on 127.0.0.1, as the "
       "remote systems above): the first checkpoint of a fresh, never restored memhog. CRIU dumps all "
-      "memory into the local checkpoint directory, the shim uploads the pages to the page server and "
-      "containerd's checkpoint keeps CRIU's metadata; restored with fill `none`.")
+      "memory into the local checkpoint directory, the shim sends the pages files to the page server "
+      "while CRIU writes them (`upload_during_dump`) and the rest after the dump, and containerd's "
+      "checkpoint keeps CRIU's metadata; restored with fill `none`.")
     w(f"- **ours-recheckpoint**: that restored container, its memory still at the page server, rewrites "
       f"{pct_w} % of its pages (memhog `WRITE {pct_w}`) and is checkpointed again: the checkpoint is a "
       "layer over the one it was restored from and holds the written pages (every run checks the new "
@@ -914,11 +915,13 @@ def migration_section(w, meta, runs, standalone):
     miss = ""
     if e_f is not None and e_f < 4:
         rest = None if ck is None or up is None else ck - up
+        streamed = c("ours-first", "streamed_bytes")
         miss = (f" It misses by {4 / e_f:.1f}x: 4x needs the first checkpoint in {fs(ek / 4)} s, it takes "
-                f"{fs(ck)} s. The shim's first checkpoint has CRIU write all memory into the local "
-                f"checkpoint directory and then uploads it: the upload is {fs(up)} s of it "
-                f"({'–' if up is None or not ck else f'{100 * up / ck:.0f} %'}; "
-                f"{'–' if rate is None else f'{rate:.0f} MiB/s'} to the page server over loopback), the dump "
+                f"{fs(ck)} s. CRIU writes all memory into the local checkpoint directory while the shim "
+                f"sends it to the page server "
+                f"({'–' if streamed is None else f'{streamed / MIB:.0f} MiB'} of {'–' if sent is None else f'{sent / MIB:.0f} MiB'} "
+                f"sent during the dump); what is left after the dump takes {fs(up)} s "
+                f"({'–' if up is None or not ck else f'{100 * up / ck:.0f} %'} of the checkpoint), the dump "
                 f"and containerd's part the other {fs(rest)} s (eager's checkpoint / that part = "
                 f"{fr(ratio(ek, rest))}).")
     w(f"2. **First remote checkpoint at least 4x faster than the runc shim's checkpoint of the same "
@@ -937,14 +940,15 @@ def migration_section(w, meta, runs, standalone):
     w("")
     w("### Migration gaps")
     w("")
-    ups = ", ".join(f"{size_label(x)} {r:.0f} MiB/s" for x in sizes
-                    for r in [ratio(mm("ours-first", x, "sent_bytes"), mm("ours-first", x, "upload_s") and mm("ours-first", x, "upload_s") * MIB)]
-                    if r is not None)
-    w(f"- First checkpoint: all memory is written twice, by CRIU into the local checkpoint directory "
-      f"and by the shim's upload to the page server, one after the other; the upload runs at {ups or '–'} "
-      "(sent / upload time, loopback). Streaming CRIU's dump straight to the page server (which already "
-      "accepts `criu dump --page-server` pushes) or overlapping the upload with the dump "
-      "would remove one of the two passes.")
+    streamed = ", ".join(
+        f"{size_label(x)} {100 * r:.0f} %" for x in sizes
+        for r in [ratio(mm("ours-first", x, "streamed_bytes"), mm("ours-first", x, "sent_bytes"))]
+        if r is not None)
+    w(f"- First checkpoint: CRIU writes all memory into the local checkpoint directory and the shim "
+      f"reads it back to send it, during the dump (share of the pages sent before CRIU ended: "
+      f"{streamed or '–'}); the memory still passes through the node's page cache once. CRIU writing "
+      "straight to the page server (`criu dump --page-server`, which the page server accepts) would "
+      "save that pass but not the dump itself.")
     rk, rup, rco = c("ours-recheckpoint", "checkpoint_s"), c("ours-recheckpoint", "upload_s"), c("ours-recheckpoint", "complete_s")
     w(f"- Re-checkpoint at {size_label(big)}: {fs(rk)} s, of which the upload of the written pages "
       f"{fs(rup)} s and the completion of the dump from the fetcher's residency {fs(rco)} s; the rest is "
