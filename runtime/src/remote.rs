@@ -534,6 +534,19 @@ struct Pool {
     open: usize,
 }
 
+/// Stops a [`RemotePages::keep_alive`] thread when dropped.
+pub struct KeepAlive {
+    stop: std::sync::Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
 /// A [`PageSource`] over `distriproc-pageserver`'s native protocol. Share it with `Arc`; all
 /// methods take `&self` and may be called from any number of threads.
 pub struct RemotePages {
@@ -981,6 +994,49 @@ impl RemotePages {
         })
     }
 
+    /// Keeps a session with the server open while `self` lives: every `every` (if no other
+    /// thread holds it first) a pooled connection answers an `Info` request. An open session is
+    /// the server's lease on the checkpoint (retention leaves a checkpoint alone while a
+    /// session reads it), so the checkpoint of a container whose memory stays remote is kept
+    /// even when the container faults nothing for longer than the server's idle limit
+    /// (`io_timeout_ms`, which must be longer than `every`). Ends when the returned guard or
+    /// the last other `Arc` of `self` is dropped.
+    pub fn keep_alive(self: &std::sync::Arc<Self>, every: Duration) -> KeepAlive {
+        let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
+        let weak = std::sync::Arc::downgrade(self);
+        let s = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ps-keepalive".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    stopped = cv
+                        .wait_timeout(stopped, every)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if *stopped {
+                        return;
+                    }
+                    let Some(rp) = weak.upgrade() else { return };
+                    drop(stopped);
+                    if let Err(e) = rp.info() {
+                        tracing::warn!(
+                            checkpoint = rp.checkpoint(),
+                            "page server keepalive failed: {}",
+                            crate::error_chain(&e)
+                        );
+                    }
+                    drop(rp);
+                    stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                }
+            });
+        if let Err(e) = &spawned {
+            tracing::warn!("page server keepalive thread not started: {e}");
+        }
+        KeepAlive { stop }
+    }
+
     /// Ends every idle session politely (Goodbye). Busy connections close when dropped.
     pub fn close(&self) {
         let idle = std::mem::take(&mut self.lock().idle);
@@ -1303,6 +1359,60 @@ mod tests {
         rp.read_pages(1, 0x10000, &mut buf).unwrap();
         assert!(buf[..4096].iter().all(|b| *b == 1));
         assert!(buf[8192..].iter().all(|b| *b == 3));
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_kept_alive_session_holds_its_checkpoint_past_the_idle_limit() {
+        use crate::images::testutil::{pm, write_inventory, write_pagemap};
+        use crate::images::{PE_LAZY, PE_PRESENT};
+        use distriproc_pageserver::layers::Tombstones;
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        for id in ["idle", "kept"] {
+            let img = store.join(id);
+            std::fs::create_dir_all(&img).unwrap();
+            write_inventory(&img).unwrap();
+            write_pagemap(&img, 1, 1, &[pm(0x10000, 1, PE_LAZY | PE_PRESENT)]).unwrap();
+            std::fs::write(img.join("pages-1.img"), [5u8; 4096]).unwrap();
+        }
+        let mut opts = ServerOptions::for_store(store.clone());
+        opts.gc_interval = None;
+        opts.io_timeout = Duration::from_millis(600);
+        let srv = Server::start(opts).unwrap();
+        let ep: Endpoint = srv.addrs()[0].parse().unwrap();
+        let idle = RemotePages::connect(ep.clone(), RemoteOptions::new("idle")).unwrap();
+        let kept = std::sync::Arc::new(
+            RemotePages::connect(ep.clone(), RemoteOptions::new("kept")).unwrap(),
+        );
+        let guard = kept.keep_alive(Duration::from_millis(200));
+        // Both are deleted while their readers live; only the kept-alive one still has a
+        // session once the server's idle limit has passed.
+        std::thread::sleep(Duration::from_millis(1500));
+        let st = distriproc_pageserver::checkpoint::Store::open(&store, 4).unwrap();
+        Tombstones::of(&st).delete("idle").unwrap();
+        Tombstones::of(&st).delete("kept").unwrap();
+        let r = srv.gc().unwrap();
+        assert!(r.removed.iter().any(|x| x == "idle"), "{r:?}");
+        assert!(r.skipped.iter().any(|(x, _)| x == "kept"), "{r:?}");
+        assert!(store.join("kept").is_dir());
+        let mut buf = vec![0u8; 4096];
+        kept.read_pages(1, 0x10000, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 5));
+        drop(idle);
+        // The reader is gone: the next run removes it.
+        drop(guard);
+        drop(kept);
+        let t0 = Instant::now();
+        loop {
+            let r = srv.gc().unwrap();
+            if r.removed.iter().any(|x| x == "kept") {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "{r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         srv.shutdown();
     }
 

@@ -6,7 +6,9 @@
 //! remote checkpoint, from the page server: `RemotePages` in native mode, and in criu mode a
 //! connection the shim opens and authenticates itself (`HELLO_CRIU`) and hands to
 //! `criu lazy-pages --page-server --ps-socket FD`. Either way the server's digest of the
-//! checkpoint must match the reference before the restore goes on.
+//! checkpoint must match the reference before the restore goes on. In native mode one session
+//! stays open while the fetcher runs ([`REMOTE_KEEPALIVE`]): it is the checkpoint's lease at
+//! the page server, whose retention leaves a checkpoint alone while a session reads it.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +22,7 @@ use distriproc_runtime::{
     error_chain,
     fetcher::{keeper::KeeperLink, FetcherHandle, FetcherOptions, LazyPagesServer},
     protocol::upload::MemoryDigest,
-    remote::{open_criu_session, Endpoint, RemoteOptions, RemotePages},
+    remote::{open_criu_session, Endpoint, KeepAlive, RemoteOptions, RemotePages},
     source::{LocalImages, PageSource},
 };
 
@@ -101,6 +103,10 @@ impl LazyBackend for Fetchers {
     }
 }
 
+/// How often an otherwise idle page-server session of a restore is used, so that it stays
+/// open (the server's `io_timeout_ms`, 60 s by default, must be longer).
+const REMOTE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Error) -> ShimError {
     ShimError::Other(format!(
         "remote checkpoint {:?} at page server {endpoint}: {}",
@@ -168,6 +174,8 @@ fn start_native(
             (rp.clone(), Some(rp))
         }
     };
+    // While memory stays remote the session is the checkpoint's lease at the server.
+    let lease = remote.as_ref().map(|rp| rp.keep_alive(REMOTE_KEEPALIVE));
     let opts = FetcherOptions::from_config(cfg);
     let server = LazyPagesServer::bind(work, images, source.clone(), opts)
         .map_err(|e| fail("bind lazy-pages socket", &e))?;
@@ -181,6 +189,7 @@ fn start_native(
         source,
         remote,
         keeper,
+        _lease: lease,
     }))
 }
 
@@ -191,6 +200,8 @@ struct Native {
     remote: Option<Arc<RemotePages>>,
     /// Released when the fill ends well, abandoned (poison server) otherwise.
     keeper: Arc<KeeperLink>,
+    /// Keeps a session with the page server open while the fetcher runs.
+    _lease: Option<KeepAlive>,
 }
 
 /// FetchStats as JSON, with a `remote` object when pages come from a page server.
