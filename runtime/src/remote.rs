@@ -994,8 +994,8 @@ impl RemotePages {
         })
     }
 
-    /// Keeps a session with the server open while `self` lives: every `every` (if no other
-    /// thread holds it first) a pooled connection answers an `Info` request. An open session is
+    /// Keeps a session with the server open while `self` lives: when no request was sent for
+    /// `every`, a pooled connection answers an `Info` request. An open session is
     /// the server's lease on the checkpoint (retention leaves a checkpoint alone while a
     /// session reads it), so the checkpoint of a container whose memory stays remote is kept
     /// even when the container faults nothing for longer than the server's idle limit
@@ -1005,6 +1005,7 @@ impl RemotePages {
         let stop = std::sync::Arc::new((Mutex::new(false), Condvar::new()));
         let weak = std::sync::Arc::downgrade(self);
         let s = stop.clone();
+        let mut seen = self.requests.load(Relaxed);
         let spawned = std::thread::Builder::new()
             .name("ps-keepalive".into())
             .spawn(move || {
@@ -1020,7 +1021,11 @@ impl RemotePages {
                     }
                     let Some(rp) = weak.upgrade() else { return };
                     drop(stopped);
-                    if let Err(e) = rp.info() {
+                    // A request since the last look used a connection: nothing to do.
+                    let now = rp.requests.load(Relaxed);
+                    if now != seen {
+                        seen = now;
+                    } else if let Err(e) = rp.info() {
                         tracing::warn!(
                             checkpoint = rp.checkpoint(),
                             "page server keepalive failed: {}",
