@@ -40,7 +40,9 @@
 # threads, default 2), REMOTE (1: the runtime-level remote bench too; REMOTE_SIZES default
 # "256 1024", REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
 # REDIS (1; REDIS_KEYS, REDIS_REPS), MIGRATION (1; MIGRATION_ONLY, MIGRATION_SIZES,
-# MIGRATION_REPS, MIGRATION_WRITE_PCT: see bench/migration.sh), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
+# MIGRATION_REPS, MIGRATION_WRITE_PCT: see bench/migration.sh), CHAIN (1, 0 with MIGRATION_ONLY:
+# the page server serving a deep chain of layers, pageserver/examples/chain_depth.rs; CHAIN_MIB,
+# default 1024, CHAIN_DEPTH, default 25), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
 # default docs/BENCHMARKS.md and docs/bench), BENCH_STRICT (1: exit 1 unless every run succeeded
 # with all memory correct), BENCH_OUT (default bench/out),
 # DISTRIPROC_CONTAINERD_DIR (default containerd 2.1).
@@ -59,6 +61,7 @@ REMOTE=${REMOTE:-1}
 # previous results.json (the doc is rendered from it and the new migration.json).
 MIGRATION=${MIGRATION:-1}
 MIGRATION_ONLY=${MIGRATION_ONLY:-0}
+CHAIN=${CHAIN:-$([[ $MIGRATION_ONLY == 1 ]] && echo 0 || echo 1)}
 if [[ $MIGRATION_ONLY == 1 ]]; then
     SYSTEMS="" REDIS=0 REMOTE=0 MIGRATION=1
 fi
@@ -586,6 +589,34 @@ if [[ $REMOTE == 1 ]]; then
     if remote_bench; then REMOTE_STATUS=ran; else REMOTE_STATUS="failed (see log)"; fi
 fi
 
+# The page server alone: a deep chain of layers vs its base and vs the chain after gc.
+CHAIN_STATUS=skipped
+if [[ $CHAIN == 1 ]]; then
+    chain_args=(--mib "${CHAIN_MIB:-1024}" --depth "${CHAIN_DEPTH:-25}")
+    chain_start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    log "chain depth: ${chain_args[*]}"
+    profile=(--release)
+    [[ $BUILD == release ]] || profile=()
+    if "${CARGO:-cargo}" run -q "${profile[@]}" -p distriproc-pageserver --example chain_depth -- \
+        "${chain_args[@]}" --json "$OUT/chain_depth.json" >"$WORK/chain_depth.txt" \
+        2>>"$WORK/chain_depth.log"; then
+        CHAIN_STATUS=ran
+        "$PY" - "$OUT/chain_depth.json" "$chain_start" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+            "cargo run --release -p distriproc-pageserver --example chain_depth -- ${chain_args[*]}" <<'CHAINEOF'
+import json, subprocess, sys
+d = json.load(open(sys.argv[1]))
+sh = lambda c: subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+d["meta"] = {"started_utc": sys.argv[2], "finished_utc": sys.argv[3], "command": sys.argv[4],
+             "git_head": sh("git rev-parse --short HEAD"), "uptime": sh("uptime")}
+json.dump(d, open(sys.argv[1], "w"), indent=1)
+CHAINEOF
+        cat "$WORK/chain_depth.txt"
+    else
+        CHAIN_STATUS="failed (see $WORK/chain_depth.log)"
+        log "chain depth failed: $(tail -n 3 "$WORK/chain_depth.log")"
+    fi
+fi
+
 UPTIME_END=$(uptime)
 # A migration-only run leaves results.json (the last full run) as it is.
 RESULT_FILES=()
@@ -600,7 +631,11 @@ fi
 if [[ $REPORT == 1 ]]; then
     # One document from both files: results.json (the restore sections) and migration.json.
     "$PY" bench/report.py "$OUT/results.json" --migration "$OUT/migration.json" \
-        --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" --png-dir "${BENCH_PNG_DIR:-docs/bench}"
+        --chain "$OUT/chain_depth.json" --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" --png-dir "${BENCH_PNG_DIR:-docs/bench}"
+fi
+if [[ ${BENCH_STRICT:-0} == 1 && $CHAIN_STATUS != ran && $CHAIN_STATUS != skipped ]]; then
+    echo "bench: chain depth $CHAIN_STATUS" >&2
+    exit 1
 fi
 if [[ ${BENCH_STRICT:-0} == 1 ]]; then
     # Every run must have succeeded with all memory correct (the test suite's smoke run).

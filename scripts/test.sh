@@ -122,7 +122,7 @@ all | scripts)
         PAGESERVER_BIN="$PWD/target/debug/distriproc-pageserver" -- bash scripts/demo.sh
     script_step bench-smoke DISTRIPROC_CONTAINERD_DIR="$CTD_2" SIZES=128 REPS=1 BENCH_BUILD=debug \
         SYSTEMS="eager criu ours ours-none criu-remote ours-remote ours-remote-veth" REMOTE=0 REDIS=0 \
-        MIGRATION_SIZES=256 MIGRATION_REPS=1 \
+        MIGRATION_SIZES=256 MIGRATION_REPS=1 CHAIN_MIB=64 CHAIN_DEPTH=5 \
         BENCH_STRICT=1 BENCH_OUT=target/bench-smoke BENCH_DOC=target/bench-smoke/BENCHMARKS.md \
         BENCH_PNG_DIR=target/bench-smoke -- bash bench/run.sh
     ;;&
