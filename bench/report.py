@@ -803,7 +803,7 @@ def migration_section(w, meta, runs, standalone):
     w(f"- Run: {meta['started_utc']} to {meta['finished_utc']}, git `{meta['git_head']}` ({meta.get('build', '')}); "
       f"containerd {meta['containerd']}, {meta['runc']}, {meta['criu']}.")
     w(f"- Machine: {meta['nproc']} vCPUs, {meta['cpu_model']}, {meta['mem_total']} RAM, kernel {meta['kernel']}.")
-    w(f"- Load (shared machine: another engineer's builds ran alongside): at start `{meta['uptime_start'].strip()}`; "
+    w(f"- Load (a shared machine; load averages around the run): at start `{meta['uptime_start'].strip()}`; "
       f"at end `{meta['uptime_end'].strip()}`.")
     w(f"- Repetitions: {meta.get('migration_reps', '?')} per size; quoted: median ({tail} of the runs in "
       "brackets" + (": with so few runs that is the worst run" if tail == "max" else "") + "). "
@@ -814,8 +814,9 @@ def migration_section(w, meta, runs, standalone):
     w("### What is measured")
     w("")
     w("- **Checkpoint**: the `ctr containers checkpoint --task` command (the container is frozen for "
-      "the dump and runs on after it). *Upload*: the part of it the shim spends publishing to the page "
-      "server (its `published ... in T` log line).")
+      "the dump and runs on after it). *Upload*: the part of it after the dump that the shim spends "
+      "publishing to the page server (its `published ... in T` log line); for ours-first most pages "
+      "were already sent while CRIU wrote them, which is not in it.")
     w("- **Removal**: SIGKILL, task and container deleted. **TTFR**: restore command start to the first "
       "`PONG` of a poller started just before it (retrying every 1 ms).")
     w("- **Downtime**: checkpoint start to that first `PONG` (= checkpoint + removal + TTFR). For "
