@@ -592,4 +592,63 @@ mod tests {
         std::fs::write(d.path().join(REFERENCE_FILE), "{}").unwrap();
         assert!(read_reference(d.path()).is_err());
     }
+
+    #[test]
+    fn publish_streams_pages_written_during_the_dump_and_falls_back() {
+        use distriproc_pageserver::{Server, ServerOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let srv = Server::start(ServerOptions::for_store(store.clone())).unwrap();
+        let cfg = PageServerClientConfig {
+            address: srv.addrs()[0].clone(),
+            ..Default::default()
+        };
+        let pages: Vec<u8> = (1..=4u8).flat_map(|i| [i; 4096]).collect();
+        let dump = |dir: &Path| {
+            std::fs::create_dir_all(dir).unwrap();
+            write_inventory(dir).unwrap();
+            write_pagemap(dir, 1, 1, &[pm(0x10000, 4, PE_LAZY | PE_PRESENT)]).unwrap();
+        };
+        // "CRIU" writes half of the pages, then the rest while the streamer follows.
+        let img = d.path().join("img");
+        std::fs::create_dir_all(&img).unwrap();
+        let streamer = start_dump_stream(&cfg, "c", img.to_str().unwrap()).unwrap();
+        let mut f = File::create(img.join("pages-1.img")).unwrap();
+        f.write_all(&pages[..8192]).unwrap();
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        f.write_all(&pages[8192..]).unwrap();
+        drop(f);
+        dump(&img);
+        let st = streamer.stop();
+        assert!(st.failed.is_none(), "{:?}", st.failed);
+        assert!(st.bytes() >= 8192, "only {} bytes streamed in {:?}", st.bytes(), t0.elapsed());
+        let r = publish(&img, &cfg, "c", None, Some(st)).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read(store.join(&r.checkpoint).join("pages-1.img")).unwrap(),
+            pages
+        );
+        let rp = distriproc_runtime::remote::RemotePages::connect(
+            cfg.address.parse().unwrap(),
+            RemoteOptions::new(&r.checkpoint),
+        )
+        .unwrap();
+        assert_eq!(rp.info().unwrap(), r.digest().unwrap());
+        // A streamed upload that failed: the directory is uploaded after the dump instead.
+        let img2 = d.path().join("img2");
+        dump(&img2);
+        std::fs::write(img2.join("pages-1.img"), &pages).unwrap();
+        let failed = Streamed {
+            failed: Some("the page server went away".into()),
+            ..Streamed::default()
+        };
+        let r2 = publish(&img2, &cfg, "c", None, Some(failed)).unwrap().unwrap();
+        assert_ne!(r2.checkpoint, r.checkpoint);
+        assert_eq!(
+            std::fs::read(store.join(&r2.checkpoint).join("pages-1.img")).unwrap(),
+            pages
+        );
+        srv.shutdown();
+    }
 }
