@@ -11,8 +11,7 @@
 //! dockerd creates `/run/docker/plugins` unconditionally; the test removes it again when it
 //! did not exist before (only if empty).
 //!
-//! Three containers, each checkpointed once (containerd 1.7 cannot checkpoint a container
-//! twice) and restored through our shim:
+//! Four containers, each checkpointed once and restored through our shim:
 //! - runtime `distriproc` (daemon.json `runtimeType` only): full background fill, the shim's
 //!   `<bundle>/distriproc-lazy-stats.json` reaches `finished`;
 //! - runtime `distriproc-nofill` (daemon.json `options.ConfigPath` -> the shim reads a TOML
@@ -24,8 +23,11 @@
 //!   `distriproc-remote.json` and no page data, and the restore fetches the pages remotely.
 //!
 //! In each case memhog's `SUM` over all memory equals `EXPECT` and `VERIFY` is OK after the
-//! restore. Runs on containerd 2.1 (`docker_ctd21`) and 1.7 (`docker_ctd17`). Skips with a
-//! reason when docker.io or the real stack is missing; fails instead when `CI=true`.
+//! restore. Then the migration cycle: `distriproc-remote` with fill `none`, restored, 10 %
+//! rewritten, `docker checkpoint create` of the restored container (a new layer at the page
+//! server, nothing pulled), `docker start --checkpoint` of it, twice, every page checked.
+//! Runs on containerd 2.1 (`docker_ctd21`) and 1.7 (`docker_ctd17`). Skips with a reason when
+//! docker.io or the real stack is missing; fails instead when `CI=true`.
 //!
 //! The same file checks the deployment files under `deploy/` (docs/INTEGRATIONS.md):
 //! `deploy_config_files_parse` (example TOML files and the Kubernetes ConfigMaps' TOML through
@@ -529,6 +531,132 @@ fn run_checkpoint_restore(
     Ok(Restored { id, stats })
 }
 
+/// Kills `name` if it still runs (our shim leaves a checkpointed container running: Docker asks
+/// for the exit only through runc's options) and waits until Docker sees it stopped.
+fn stop_after_checkpoint(d: &Dockerd, name: &str) -> Result<()> {
+    if d.inspect(name, "{{.State.Running}}")? == "true" {
+        d.docker(&["kill", name])?;
+    }
+    ensure!(
+        wait_for(
+            || {
+                d.inspect(name, "{{.State.Running}}")
+                    .is_ok_and(|r| r == "false")
+            },
+            Duration::from_secs(30),
+        ),
+        "{name} still running after docker kill"
+    );
+    Ok(())
+}
+
+/// `docker start --checkpoint CP NAME`, retried while Docker reports the "already exists"
+/// content race of containerd 1.7 (see run_checkpoint_restore); the new pid.
+fn start_from_checkpoint(d: &Dockerd, name: &str, cp: &str) -> Result<u32> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match d.docker(&["start", "--checkpoint", cp, name]) {
+            Ok(_) => break,
+            Err(e) if attempt < 10 && e.to_string().contains("already exists") => {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let pid: u32 = d.inspect(name, "{{.State.Pid}}")?.parse()?;
+    ensure!(
+        pid != 0 && d.inspect(name, "{{.State.Running}}")? == "true",
+        "{name} is not running after docker start --checkpoint {cp}"
+    );
+    Ok(pid)
+}
+
+/// The migration cycle through Docker: a remote checkpoint, a lazy restore with fill `none`,
+/// 10 % of the pages rewritten, `docker checkpoint create` of the restored container (a layer
+/// over the checkpoint it came from at the page server, nothing pulled), `docker start
+/// --checkpoint` of that, twice; every page checked after each restore.
+fn docker_migration_cycle(ctd: &Containerd, d: &Dockerd, store: &Path) -> Result<()> {
+    let name = "dp-mig";
+    d.docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--runtime",
+        "distriproc-remote",
+        "--network",
+        "none",
+        "--annotation",
+        "io.distriproc.fill-policy=none",
+        MEMHOG_IMAGE,
+        "/memhog",
+        "serve",
+        "--mib",
+        MIB,
+    ])?;
+    let id = d.inspect(name, "{{.Id}}")?;
+    let pid: u32 = d.inspect(name, "{{.State.Pid}}")?.parse()?;
+    let mut expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    d.docker(&["checkpoint", "create", name, "m0"])?;
+    stop_after_checkpoint(d, name)?;
+    let mut pid = start_from_checkpoint(d, name, "m0")?;
+    let layers_before = |dir: &Path| -> Result<usize> {
+        Ok(fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.path().join("parent").exists())
+            .count())
+    };
+    for cycle in 1..=2 {
+        let got = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+        ensure!(
+            got == expect,
+            "{name} cycle {cycle}: EXPECT {got} != {expect}"
+        );
+        let wrote = memhog_query(pid, MEMHOG_PORT, "WRITE 10")?;
+        ensure!(wrote.starts_with("OK"), "{name} WRITE 10: {wrote}");
+        expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+        let fetched = ctd.lazy_stats(&id)?["bytes"].as_u64().unwrap_or(0);
+        let layers = layers_before(store)?;
+        let cp = format!("m{cycle}");
+        d.docker(&["checkpoint", "create", name, &cp])?;
+        // A layer over the checkpoint the container came from, and nothing pulled for it.
+        ensure!(
+            layers_before(store)? == layers + 1,
+            "{name} cycle {cycle}: the checkpoint is not a new layer at the page server"
+        );
+        let log = ctd.log_text();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(&format!("checkpoint of {id}: dump completed")))
+            .with_context(|| format!("no dump completion logged for {id}"))?;
+        ensure!(
+            line.contains(" 0 pages still remote read from the page source"),
+            "{name} cycle {cycle}: the checkpoint pulled memory: {line}"
+        );
+        stop_after_checkpoint(d, name)?;
+        ensure!(
+            fetched < 32 << 20,
+            "{name} cycle {cycle}: {fetched} bytes were fetched before the checkpoint (fill none)"
+        );
+        pid = start_from_checkpoint(d, name, &cp)?;
+        let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+        ensure!(
+            sum == expect,
+            "{name} cycle {cycle} restored: SUM {sum} != EXPECT {expect}"
+        );
+        let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(
+            verify.starts_with("OK"),
+            "{name} cycle {cycle} VERIFY: {verify}"
+        );
+        eprintln!("docker e2e: {name}: cycle {cycle} restored from layer {cp}: SUM and VERIFY OK");
+    }
+    d.docker(&["rm", "-f", name])?;
+    Ok(())
+}
+
 fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     if !require_docker_stack(containerd_dir) {
         return Ok(());
@@ -646,6 +774,11 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
         "dp-remote: the memory did not come from the page server: {}",
         r.stats
     );
+
+    // 5. The migration cycle: checkpoints of a restored container, restored again. (Docker
+    //    removes containerd's checkpoint image once it has copied it, so containerd 1.7's
+    //    second-checkpoint failure that `ctr` meets does not arise here.)
+    docker_migration_cycle(&ctd, &d, &remote_dir.join("store"))?;
     drop(d);
     drop(ctd);
     drop(server);
