@@ -623,7 +623,12 @@ mod tests {
         dump(&img);
         let st = streamer.stop();
         assert!(st.failed.is_none(), "{:?}", st.failed);
-        assert!(st.bytes() >= 8192, "only {} bytes streamed in {:?}", st.bytes(), t0.elapsed());
+        assert!(
+            st.bytes() >= 8192,
+            "only {} bytes streamed in {:?}",
+            st.bytes(),
+            t0.elapsed()
+        );
         let r = publish(&img, &cfg, "c", None, Some(st)).unwrap().unwrap();
         assert_eq!(
             std::fs::read(store.join(&r.checkpoint).join("pages-1.img")).unwrap(),
@@ -643,7 +648,9 @@ mod tests {
             failed: Some("the page server went away".into()),
             ..Streamed::default()
         };
-        let r2 = publish(&img2, &cfg, "c", None, Some(failed)).unwrap().unwrap();
+        let r2 = publish(&img2, &cfg, "c", None, Some(failed))
+            .unwrap()
+            .unwrap();
         assert_ne!(r2.checkpoint, r.checkpoint);
         assert_eq!(
             std::fs::read(store.join(&r2.checkpoint).join("pages-1.img")).unwrap(),
