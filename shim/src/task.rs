@@ -947,11 +947,19 @@ impl TaskService {
 
     /// `runc checkpoint` honouring runc's CheckpointOptions.
     pub async fn task_checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
-        let copts = decode_checkpoint_options(&req)?;
+        let mut copts = decode_checkpoint_options(&req)?;
         let mut cs = self.inner.containers.lock().await;
         let c = cs
             .get(&req.id)
             .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        copts.exit = exit_after_checkpoint(&req, &copts, &c.annotations)?;
+        debug!(
+            "checkpoint of {}: options {:?} ({} bytes), exit: {}",
+            req.id,
+            req.options.as_ref().map_or("", |a| a.type_url.as_str()),
+            req.options.as_ref().map_or(0, |a| a.value.len()),
+            copts.exit
+        );
         if !matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
             return Err(precondition(&req.id, "checkpoint", c.init.status));
         }
@@ -1304,6 +1312,29 @@ fn unmount(rootfs: &Path) {
     }
 }
 
+/// Annotation making every checkpoint of the container end it. runc's CheckpointOptions can
+/// only ask for the exit (`exit` is false by default, so "leave running" and "not said" are
+/// the same message), and nerdctl, Docker and `ctr tasks checkpoint` send them empty to any
+/// runtime but `io.containerd.runc.*`: a front end that means "stop it" cannot say so to us.
+pub const ANNOTATION_CHECKPOINT_EXIT: &str = "io.distriproc.checkpoint-exit";
+
+/// Whether the checkpoint ends the container: when its options ask for it, or when
+/// [`ANNOTATION_CHECKPOINT_EXIT`] is `true`; else it runs on (as under the runc shim).
+pub fn exit_after_checkpoint(
+    req: &CheckpointTaskRequest,
+    copts: &CheckpointOptions,
+    annotations: &std::collections::HashMap<String, String>,
+) -> Result<bool> {
+    match annotations.get(ANNOTATION_CHECKPOINT_EXIT).map(|v| v.trim()) {
+        None | Some("false") => Ok(copts.exit),
+        Some("true") => Ok(true),
+        Some(v) => Err(ShimError::InvalidArgument(format!(
+            "checkpoint of {}: annotation {ANNOTATION_CHECKPOINT_EXIT}={v:?}: expected true or false",
+            req.id
+        ))),
+    }
+}
+
 /// Decode the request's CheckpointOptions (absent or empty Any = defaults).
 pub fn decode_checkpoint_options(req: &CheckpointTaskRequest) -> Result<CheckpointOptions> {
     let Some(any) = req.options.as_ref() else {
@@ -1448,6 +1479,47 @@ mod tests {
         fn publish(&self, topic: String, _event: Box<dyn MessageDyn>) {
             self.0.lock().unwrap().push(topic);
         }
+    }
+
+    #[test]
+    fn checkpoint_exits_when_its_options_or_the_annotation_say_so() {
+        use std::collections::HashMap;
+        let ann = |v: Option<&str>| -> HashMap<String, String> {
+            v.map(|v| HashMap::from([(ANNOTATION_CHECKPOINT_EXIT.to_string(), v.to_string())]))
+                .unwrap_or_default()
+        };
+        let with = |exit: bool| {
+            let o = CheckpointOptions {
+                exit,
+                ..Default::default()
+            };
+            let mut any = Any::new();
+            any.type_url = format!("type.googleapis.com/{}", options::CHECKPOINT_OPTIONS);
+            any.value = o.write_to_bytes().unwrap();
+            CheckpointTaskRequest {
+                id: "c".into(),
+                options: MessageField::some(any),
+                ..Default::default()
+            }
+        };
+        let bare = CheckpointTaskRequest {
+            id: "c".into(),
+            ..Default::default()
+        };
+        let exit = |req: &CheckpointTaskRequest, a: Option<&str>| {
+            let copts = decode_checkpoint_options(req).unwrap();
+            exit_after_checkpoint(req, &copts, &ann(a))
+        };
+        // Without the annotation the options decide (absent or empty: run on).
+        assert!(!exit(&bare, None).unwrap());
+        assert!(!exit(&with(false), None).unwrap());
+        assert!(exit(&with(true), None).unwrap());
+        assert!(exit(&with(true), Some("false")).unwrap());
+        // With it every checkpoint ends the container: runc's options cannot say "run on".
+        assert!(exit(&bare, Some("true")).unwrap());
+        assert!(exit(&with(false), Some("true")).unwrap());
+        let e = exit(&bare, Some("yes")).unwrap_err().to_string();
+        assert!(e.contains(ANNOTATION_CHECKPOINT_EXIT), "{e}");
     }
 
     fn service() -> (TaskService, Arc<Captured>) {

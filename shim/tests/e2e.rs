@@ -494,11 +494,15 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         return Ok(());
     };
     use distriproc_harness::{memhog_query, MEMHOG_IMAGE, MEMHOG_PORT};
+    // The criu-daemon variant also asks, by annotation, for its checkpoints to end it.
+    let fetcher_mode = format!("io.distriproc.fetcher-mode={mode}");
+    let mut annotations = vec!["io.distriproc.fill-policy=none", fetcher_mode.as_str()];
+    let exits = mode == "criu";
+    if exits {
+        annotations.push("io.distriproc.checkpoint-exit=true");
+    }
     ctd.run_detached(
-        &[
-            "io.distriproc.fill-policy=none",
-            &format!("io.distriproc.fetcher-mode={mode}"),
-        ],
+        &annotations,
         MEMHOG_IMAGE,
         "m1",
         &[
@@ -523,8 +527,24 @@ fn lazy_memhog(dir: &str, mode: &str) -> Result<()> {
         "m1",
         "localhost/m1-cp:1",
     ])?;
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1"])?;
-    ctd.wait_status("m1", "STOPPED", STATUS_TIMEOUT)?;
+    if exits {
+        // `ctr containers checkpoint` sends runc's options without `exit`: the annotation ends
+        // the container all the same.
+        ctd.wait_status("m1", "STOPPED", STATUS_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "io.distriproc.checkpoint-exit=true: the checkpoint did not end m1: {}",
+                    ctd.log_tail(30)
+                )
+            })?;
+    } else {
+        ensure!(
+            ctd.status("m1") == "RUNNING",
+            "m1 did not run on after its checkpoint"
+        );
+        ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "m1"])?;
+        ctd.wait_status("m1", "STOPPED", STATUS_TIMEOUT)?;
+    }
     ctd.ctr_ok(&["tasks", "rm", "m1"])?;
     ctd.ctr_ok(&["containers", "rm", "m1"])?;
 

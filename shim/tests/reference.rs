@@ -248,11 +248,14 @@ fn annotation_table(doc: &str) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn annotations_match_the_reference() {
-    use containerd_shim_distriproc_v2::{remote::ANNOTATION_REMOTE, service::GROUP_ANNOTATIONS};
+    use containerd_shim_distriproc_v2::{
+        remote::ANNOTATION_REMOTE, service::GROUP_ANNOTATIONS, task::ANNOTATION_CHECKPOINT_EXIT,
+    };
     let code: std::collections::BTreeSet<String> = [
         distriproc_config::ANNOTATION_FILL,
         distriproc_config::ANNOTATION_MODE,
         ANNOTATION_REMOTE,
+        ANNOTATION_CHECKPOINT_EXIT,
     ]
     .into_iter()
     .chain(GROUP_ANNOTATIONS)
