@@ -9,6 +9,7 @@
 
 pub mod checkpoint_lazy;
 pub mod container;
+pub mod criu_fixup;
 pub mod dump_stream;
 pub mod error;
 pub mod fetcher;

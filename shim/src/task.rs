@@ -1025,6 +1025,21 @@ impl TaskService {
         if default_work {
             let _ = std::fs::remove_dir_all(&work);
         }
+        match crate::criu_fixup::mark_misfired_lazy(Path::new(&image)) {
+            Ok(fixed) => {
+                for (pid, n) in fixed {
+                    info!(
+                        "checkpoint of {}: CRIU marked no page of task {pid} lazy (a page-aligned \
+                         stack pointer, its is_stack misfire): {n} pages marked lazy",
+                        req.id
+                    );
+                }
+            }
+            Err(e) => warn!(
+                "checkpoint of {}: lazy flags of the dump not checked: {e}",
+                req.id
+            ),
+        }
         let mut parent = None;
         let mut mark = None;
         if let Some(p) = pending {

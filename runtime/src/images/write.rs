@@ -151,6 +151,76 @@ impl Drop for PagemapWriter {
     }
 }
 
+/// Rewrites `pagemap-<pid>.img` of `dir` (atomically; its pages file is untouched) with
+/// `PE_LAZY` added to every present page inside one of `lazy` (sorted, non-overlapping address
+/// ranges `[start, end)`); entries are split where a range starts or ends, their data stays in
+/// the same order. Returns the pages newly marked.
+pub fn mark_lazy(
+    dir: &Path,
+    pid: u32,
+    pages_id: u32,
+    entries: &[super::PageRange],
+    lazy: &[(u64, u64)],
+) -> io::Result<u64> {
+    use super::PE_LAZY;
+    let name = format!("pagemap-{pid}.img");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut map = BufWriter::new(File::create(&tmp)?);
+    let res = (|| {
+        map.write_all(&IMG_COMMON_MAGIC.to_le_bytes())?;
+        map.write_all(&PAGEMAP_MAGIC.to_le_bytes())?;
+        frame(&mut map, &PagemapHead { pages_id })?;
+        let mut marked = 0u64;
+        let mut put = |vaddr: u64, end: u64, flags: u32| -> io::Result<()> {
+            let nr = (end - vaddr) / PAGE_SIZE;
+            if nr == 0 {
+                return Ok(());
+            }
+            frame(
+                &mut map,
+                &PagemapEntry {
+                    vaddr,
+                    compat_nr_pages: u32::try_from(nr).unwrap_or(0),
+                    in_parent: None,
+                    flags: Some(flags),
+                    nr_pages: Some(nr),
+                },
+            )
+        };
+        for e in entries {
+            if e.flags & PE_PRESENT == 0 || e.flags & PE_LAZY != 0 {
+                put(e.vaddr, e.end(), e.flags)?;
+                continue;
+            }
+            let mut at = e.vaddr;
+            for &(start, end) in lazy {
+                if end <= at || start >= e.end() {
+                    continue;
+                }
+                let (from, to) = (start.max(at), end.min(e.end()));
+                put(at, from, e.flags)?;
+                put(from, to, e.flags | PE_LAZY)?;
+                marked += (to - from) / PAGE_SIZE;
+                at = to;
+            }
+            put(at, e.end(), e.flags)?;
+        }
+        map.flush()?;
+        map.get_ref().sync_all()?;
+        Ok(marked)
+    })();
+    match res {
+        Ok(marked) => {
+            std::fs::rename(&tmp, dir.join(&name))?;
+            Ok(marked)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +269,54 @@ mod tests {
         w.data(0x1000, PE_PRESENT, &[0u8; 4096]).unwrap();
         drop(w);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn mark_lazy_splits_entries_at_the_ranges_and_keeps_the_data() {
+        let d = tempfile::tempdir().unwrap();
+        write_inventory(d.path()).unwrap();
+        let mut w = PagemapWriter::create(d.path(), 2, 5).unwrap();
+        w.data(0x10000, PE_PRESENT, &[1u8; 4 * 4096]).unwrap();
+        w.hole(0x20000, 2, PE_PARENT).unwrap();
+        w.data(0x30000, PE_PRESENT | PE_LAZY, &[2u8; 4096]).unwrap();
+        w.data(0x40000, PE_PRESENT, &[3u8; 4096]).unwrap();
+        w.commit().unwrap();
+        let img = ImageDir::open(d.path()).unwrap();
+        let (pages_id, e) = img.pagemap_entries(2).unwrap();
+        let pages = std::fs::read(d.path().join("pages-5.img")).unwrap();
+        // Pages 0x11000..0x13000 and everything from 0x38000 on can be lazy.
+        let n = mark_lazy(
+            d.path(),
+            2,
+            pages_id,
+            &e,
+            &[(0x11000, 0x13000), (0x38000, 0x50000)],
+        )
+        .unwrap();
+        assert_eq!(n, 3);
+        let (_, after) = img.pagemap_entries(2).unwrap();
+        let got: Vec<_> = after
+            .iter()
+            .map(|e| (e.vaddr, e.nr_pages, e.flags))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x10000, 1, PE_PRESENT),
+                (0x11000, 2, PE_PRESENT | PE_LAZY),
+                (0x13000, 1, PE_PRESENT),
+                (0x20000, 2, PE_PARENT),
+                (0x30000, 1, PE_PRESENT | PE_LAZY),
+                (0x40000, 1, PE_PRESENT | PE_LAZY),
+            ]
+        );
+        assert_eq!(std::fs::read(d.path().join("pages-5.img")).unwrap(), pages);
+        let present: u64 = after
+            .iter()
+            .filter(|e| e.flags & PE_PRESENT != 0)
+            .map(|e| e.nr_pages)
+            .sum();
+        assert_eq!(present, 6);
+        assert!(!d.path().join(".pagemap-2.img.tmp").exists());
     }
 }
