@@ -82,24 +82,6 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-/// Pids of `pagemap-<pid>.img` files in `dir` (shmem pagemaps excluded), sorted.
-fn pagemap_pids(dir: &Path) -> std::io::Result<Vec<u32>> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let name = e?.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(pid) = name
-            .strip_prefix("pagemap-")
-            .and_then(|r| r.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    Ok(pids)
-}
-
 impl Checkpoint {
     /// Indexes every task pagemap of the images directory `dir`.
     pub fn open(id: &str, dir: &Path) -> Result<Checkpoint, PageServerError> {
@@ -108,10 +90,12 @@ impl Checkpoint {
             source,
         };
         let img = ImageDir::open(dir).map_err(images)?;
-        let pids = pagemap_pids(dir).map_err(|source| PageServerError::Io {
-            what: "list",
-            path: dir.to_path_buf(),
-            source,
+        let pids = distriproc_runtime::images::task_pagemap_pids(dir).map_err(|source| {
+            PageServerError::Io {
+                what: "list",
+                path: dir.to_path_buf(),
+                source,
+            }
         })?;
         // Every pagemap must belong to a task of pstree.img. A `criu dump --page-server` push
         // has no pstree.img (it stays with the dump's other images): nothing to check then.

@@ -13,25 +13,9 @@
 use std::path::Path;
 
 use distriproc_runtime::error_chain;
-use distriproc_runtime::images::{write::mark_lazy, ImageDir, PE_LAZY, PE_PRESENT};
-
-/// Pids of the task pagemaps (`pagemap-<pid>.img`) in `dir`.
-fn task_pids(dir: &Path) -> std::io::Result<Vec<u32>> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        if let Some(pid) = e?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("pagemap-"))
-            .and_then(|n| n.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    Ok(pids)
-}
+use distriproc_runtime::images::{
+    task_pagemap_pids, write::mark_lazy, ImageDir, PE_LAZY, PE_PRESENT,
+};
 
 /// Marks lazy the lazy-able present pages of every task of the dump in `dir` that CRIU left
 /// without a single lazy page (see the module documentation); (pid, pages marked) per task
@@ -39,7 +23,7 @@ fn task_pids(dir: &Path) -> std::io::Result<Vec<u32>> {
 pub fn mark_misfired_lazy(dir: &Path) -> Result<Vec<(u32, u64)>, String> {
     let img = ImageDir::open(dir).map_err(|e| error_chain(&e))?;
     let mut fixed = Vec::new();
-    for pid in task_pids(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+    for pid in task_pagemap_pids(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
         let (pages_id, entries) = img.pagemap_entries(pid).map_err(|e| error_chain(&e))?;
         let lazy = entries.iter().any(|e| e.flags & PE_LAZY != 0);
         let present = entries.iter().any(|e| e.flags & PE_PRESENT != 0);

@@ -422,24 +422,6 @@ fn finish_streamed(
     Ok((id, receipt))
 }
 
-/// Pids of the task pagemaps (`pagemap-<pid>.img`) in `dir`.
-fn task_pagemaps(dir: &Path) -> Result<Vec<u32>> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(io("list", dir))? {
-        let name = e.map_err(io("list", dir))?.file_name();
-        if let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("pagemap-"))
-            .and_then(|n| n.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        {
-            pids.push(pid);
-        }
-    }
-    pids.sort_unstable();
-    Ok(pids)
-}
-
 fn frame(w: &mut impl Write, m: &impl Message) -> std::io::Result<()> {
     let body = m.encode_to_vec();
     let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
@@ -457,7 +439,7 @@ pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
         detail: error_chain(&e),
     })?;
     let mut removed = 0u64;
-    for pid in task_pagemaps(dir)? {
+    for pid in distriproc_runtime::images::task_pagemap_pids(dir).map_err(io("list", dir))? {
         let (pages_id, entries) =
             img.pagemap_entries(pid)
                 .map_err(|e| RemoteCheckpointError::Images {

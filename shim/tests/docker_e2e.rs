@@ -426,45 +426,14 @@ fn run_checkpoint_restore(
     after_checkpoint(&id)?;
     // Docker asks for exit-after-checkpoint only through runc's CheckpointOptions, which a
     // non-runc runtime does not get: our shim leaves the container running. Stop it.
-    if d.inspect(name, "{{.State.Running}}")? == "true" {
-        d.docker(&["kill", name])?;
-    }
-    let stopped = wait_for(
-        || {
-            d.inspect(name, "{{.State.Running}}")
-                .is_ok_and(|r| r == "false")
-        },
-        Duration::from_secs(30),
-    );
-    ensure!(stopped, "{name} still running after docker kill");
+    stop_after_checkpoint(d, name)?;
     let listed = d.docker(&["checkpoint", "ls", name])?;
     ensure!(
         listed.contains("cp1"),
         "docker checkpoint ls {name}: {listed:?}"
     );
 
-    // Docker 26 re-tars its checkpoint directory into containerd's content store; when that
-    // tar is byte-identical to the one containerd wrote at checkpoint time (a small remote
-    // checkpoint) and containerd has not yet garbage-collected it, the commit fails with
-    // "content sha256:...: already exists" (seen with containerd 1.7). Docker does not treat
-    // that as success; a retry after containerd's GC goes through.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match d.docker(&["start", "--checkpoint", "cp1", name]) {
-            Ok(_) => break,
-            Err(e) if attempt < 10 && e.to_string().contains("already exists") => {
-                eprintln!("docker e2e: {name}: retrying docker start --checkpoint: {e}");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let new_pid: u32 = d.inspect(name, "{{.State.Pid}}")?.parse()?;
-    ensure!(
-        new_pid != 0 && d.inspect(name, "{{.State.Running}}")? == "true",
-        "{name} is not running after docker start --checkpoint"
-    );
+    let new_pid = start_from_checkpoint(d, name, "cp1")?;
     let sum = memhog_query(new_pid, MEMHOG_PORT, "SUM")?;
     ensure!(
         sum == expect,
@@ -550,8 +519,12 @@ fn stop_after_checkpoint(d: &Dockerd, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// `docker start --checkpoint CP NAME`, retried while Docker reports the "already exists"
-/// content race of containerd 1.7 (see run_checkpoint_restore); the new pid.
+/// `docker start --checkpoint CP NAME`; the new pid. Docker 26 re-tars its checkpoint
+/// directory into containerd's content store; when that tar is byte-identical to the one
+/// containerd wrote at checkpoint time (a small remote checkpoint) and containerd has not yet
+/// garbage-collected it, the commit fails with "content sha256:...: already exists" (seen with
+/// containerd 1.7). Docker does not treat that as success; a retry after containerd's GC goes
+/// through.
 fn start_from_checkpoint(d: &Dockerd, name: &str, cp: &str) -> Result<u32> {
     let mut attempt = 0;
     loop {
@@ -559,6 +532,7 @@ fn start_from_checkpoint(d: &Dockerd, name: &str, cp: &str) -> Result<u32> {
         match d.docker(&["start", "--checkpoint", cp, name]) {
             Ok(_) => break,
             Err(e) if attempt < 10 && e.to_string().contains("already exists") => {
+                eprintln!("docker e2e: {name}: retrying docker start --checkpoint: {e}");
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e) => return Err(e),

@@ -303,6 +303,25 @@ impl VmaEntry {
     }
 }
 
+/// Pids of the task pagemaps (`pagemap-<pid>.img`, shared-memory pagemaps excluded) in `dir`,
+/// sorted.
+pub fn task_pagemap_pids(dir: &Path) -> io::Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        if let Some(pid) = e?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
 /// An opened CRIU image directory.
 #[derive(Debug, Clone)]
 pub struct ImageDir {
