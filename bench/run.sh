@@ -122,7 +122,7 @@ RUNS=$OUT/runs.jsonl
 WORK=$(mktemp -d /tmp/dpbench.XXXXXX)
 SHIM_CFG=$WORK/shim.toml
 export DISTRIPROC_CONFIG=$SHIM_CFG
-printf '[fetcher]\nmode = "native"\nfill = "full"\n' >"$SHIM_CFG"
+printf '[fetcher]\nmode = "native"\nfill = "full"\n[store]\ndir = "%s"\n' "$WORK/store" >"$SHIM_CFG"
 START_UTC=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 UPTIME_START=$(uptime)
 PORT_SEQ=17000
@@ -154,6 +154,8 @@ write_shim_config() {
             "$1" "$2" "$WORK/profiles" "$PROFILE_WINDOW_MS"
         # FETCHER_EXTRA: more [fetcher] lines (the Redis runs set their fault-around window).
         [[ -z ${FETCHER_EXTRA:-} ]] || printf '%s\n' "$FETCHER_EXTRA"
+        # The node-local store (the default without a page server) lives in the run's directory.
+        printf '[store]\ndir = "%s"\n' "$WORK/store"
         if [[ -n ${3:-} ]]; then
             printf '[pageserver]\naddress = "%s"\ntoken_file = "%s"\n' "$3" "$WORK/ps-token"
         fi

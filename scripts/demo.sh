@@ -60,7 +60,9 @@ PS_PID=
 # The shim reads this file at each container's Create (DISTRIPROC_CONFIG reaches it
 # through containerd's environment); each case writes what it needs before it runs.
 export DISTRIPROC_CONFIG=$DEMO_DIR/shim.toml
-: >"$DISTRIPROC_CONFIG"
+# The embedded default: checkpoints keep their memory in a node-local store (here the demo's).
+local_config() { printf '[store]\ndir = "%s"\n' "$DEMO_DIR/local-store" >"$DISTRIPROC_CONFIG"; }
+local_config
 
 cleanup() {
     local rc=$?
@@ -198,7 +200,7 @@ status=0
 for c in "${CASES[@]}"; do
     case $c in
     lazy)
-        : >"$DISTRIPROC_CONFIG"
+        local_config
         run_case lazy io.containerd.distriproc.v2 || { ctd_log "[lazy] ${R[lazy.error]}"; status=1; }
         ;;
     remote)
@@ -206,7 +208,7 @@ for c in "${CASES[@]}"; do
         printf '[pageserver]\naddress = "unix:%s"\ntoken_file = "%s"\n' \
             "$DEMO_DIR/ps.sock" "$DEMO_DIR/token" >"$DISTRIPROC_CONFIG"
         run_case remote io.containerd.distriproc.v2 || { ctd_log "[remote] ${R[remote.error]}"; status=1; }
-        : >"$DISTRIPROC_CONFIG"
+        local_config
         ;;
     eager)
         run_case eager io.containerd.runc.v2 || { ctd_log "[eager] ${R[eager.error]}"; status=1; }

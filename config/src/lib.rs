@@ -27,6 +27,10 @@
 //! retry_timeout_ms = 30000
 //! max_connections = 8
 //!
+//! [store]                     # where checkpoints' memory lives without a page server
+//! dir = "/var/lib/distriproc/store"  # node-local page store (a page server store directory)
+//! mode = "local"               # local: pages in the store | inline: pages in containerd's tar
+//!
 //! [runc]
 //! binary = "runc"              # name or path of the runc binary
 //! root = "/run/containerd/runc"
@@ -170,6 +174,57 @@ pub struct ShimConfig {
     pub fetcher: FetcherConfig,
     pub runc: RuncConfig,
     pub pageserver: pageserver::PageServerClientConfig,
+    pub store: StoreConfig,
+}
+
+/// Annotation that overrides `store.mode` for one container (`local` or `inline`).
+pub const ANNOTATION_STORE_MODE: &str = "io.distriproc.checkpoint-store";
+
+/// Where a checkpoint's memory goes when no page server takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    /// Into the node-local page store; containerd's checkpoint holds CRIU's metadata and a
+    /// reference.
+    #[default]
+    Local,
+    /// Inside containerd's checkpoint (self-contained, e.g. to push to a registry).
+    Inline,
+}
+
+impl std::str::FromStr for StoreMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(Self::Local),
+            "inline" => Ok(Self::Inline),
+            other => Err(format!(
+                "unknown store mode {other:?} (expected local or inline)"
+            )),
+        }
+    }
+}
+
+/// The `[store]` section: the node-local page store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The store directory (the same layout a page server serves).
+    pub dir: PathBuf,
+    /// Where checkpoints' memory goes without a page server.
+    pub mode: StoreMode,
+}
+
+/// Default of `store.dir`.
+pub const DEFAULT_STORE_DIR: &str = "/var/lib/distriproc/store";
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dir: PathBuf::from(DEFAULT_STORE_DIR),
+            mode: StoreMode::Local,
+        }
+    }
 }
 
 /// A configuration that could not be read or is invalid. Always names where it came from.
@@ -306,10 +361,17 @@ impl ShimConfig {
             ));
         }
         self.pageserver.validate(origin, "pageserver.")?;
+        if !self.store.dir.is_absolute() {
+            return Err(invalid(
+                "store.dir",
+                format!("{} is not an absolute path", self.store.dir.display()),
+            ));
+        }
         Ok(())
     }
 
-    /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`]).
+    /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`],
+    /// [`ANNOTATION_STORE_MODE`]).
     pub fn apply_annotations(
         &mut self,
         annotations: &HashMap<String, String>,
@@ -324,6 +386,12 @@ impl ShimConfig {
         }
         if let Some(v) = annotations.get(ANNOTATION_MODE) {
             self.fetcher.mode = v.parse().map_err(|m| invalid(ANNOTATION_MODE, m))?;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_STORE_MODE) {
+            self.store.mode = v
+                .trim()
+                .parse()
+                .map_err(|m| invalid(ANNOTATION_STORE_MODE, m))?;
         }
         Ok(())
     }

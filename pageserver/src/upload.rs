@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use distriproc_runtime::images::MAX_PARENT_DEPTH;
 use distriproc_runtime::protocol::upload::{
-    pagemap_checksum, FileHeader, FileKind, ParentRef, MAX_FILES,
+    pagemap_checksum, FileHeader, FileKind, MemoryDigest, ParentRef, MAX_FILES,
 };
 use distriproc_runtime::protocol::{
     encode_response_header, Hello, HelloReply, HelloStatus, ProtocolError, RequestStatus,
@@ -117,7 +117,7 @@ fn chain_depth(store: &Store, dir: &Path) -> Result<usize, String> {
 
 /// A checked parent: its directory, with a shared `flock` on it held until the upload ends
 /// (retention leaves a layer alone while an upload builds on it, `crate::gc`).
-struct Parent {
+pub struct Parent {
     dir: PathBuf,
     /// Layers in the parent's chain (itself included).
     depth: usize,
@@ -201,7 +201,7 @@ fn lock_parent(dir: &Path) -> Result<Flock<File>, Option<std::io::Error>> {
 }
 
 /// Checks the parent an upload of `child` names.
-fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, String> {
+pub fn check_parent(store: &Store, child: &str, p: &ParentRef) -> Result<Parent, String> {
     if p.checkpoint == child {
         return Err(format!("checkpoint {child:?} cannot be its own parent"));
     }
@@ -279,6 +279,58 @@ fn finish_layer(
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PageServerError {
     let path = path.to_path_buf();
     move |source| PageServerError::Io { what, path, source }
+}
+
+/// Why [`commit`] refused a directory.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The directory does not index as a checkpoint (through its parent, if any).
+    Index(String),
+    /// Writing to the store failed.
+    Store(PageServerError),
+    /// A checkpoint with the id appeared in the meantime.
+    Exists,
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Index(why) => write!(f, "does not index as a checkpoint: {why}"),
+            CommitError::Store(e) => write!(f, "{}", distriproc_runtime::error_chain(e)),
+            CommitError::Exists => write!(f, "the checkpoint id is taken"),
+        }
+    }
+}
+
+/// Makes the complete images directory `tmp` (files synced) checkpoint `id` of `store`: indexed
+/// (through `parent`, checked with [`check_parent`]), its digest recorded, the directory
+/// synced, renamed to `<store>/<id>` and the store directory synced, so it appears whole or
+/// not at all. The upload session and the shim's node-local store both commit this way.
+/// Returns the digest and the index (its files stay open across the rename).
+pub fn commit(
+    store: &Store,
+    id: &str,
+    tmp: &Path,
+    parent: Option<(&ParentRef, &Parent)>,
+) -> Result<(MemoryDigest, Checkpoint), CommitError> {
+    let dst = store.dir_of(id).map_err(CommitError::Store)?;
+    let layer = parent.map(|(p, d)| (p, d.dir.as_path()));
+    let index = finish_layer(store, id, tmp, layer).map_err(CommitError::Index)?;
+    let digest = pagemap_checksum(tmp)
+        .and_then(|d| record_digest(tmp, &d).map(|()| d))
+        .map_err(|e| CommitError::Store(io("digest", tmp)(e)))?;
+    File::open(tmp)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CommitError::Store(io("sync", tmp)(e)))?;
+    // rename(2) onto an existing non-empty directory fails, so a racing publisher loses cleanly.
+    if dst.exists() {
+        return Err(CommitError::Exists);
+    }
+    std::fs::rename(tmp, &dst).map_err(|e| CommitError::Store(io("publish", &dst)(e)))?;
+    if let Some(root) = dst.parent() {
+        let _ = File::open(root).and_then(|d| d.sync_all());
+    }
+    Ok((digest, index.moved_to(&dst)))
 }
 
 /// Serves an upload session whose hello (`version` already negotiated) was read.
@@ -463,10 +515,10 @@ pub(crate) fn serve(
         }
     }
     drop(parts);
-    let layer = parent.as_ref().map(|(p, d)| (p, d.dir.as_path()));
-    let index = match finish_layer(&ctx.store, &hello.checkpoint, &tmp, layer) {
-        Ok(index) => index,
-        Err(why) => {
+    let layer = parent.as_ref().map(|(p, d)| (p, d));
+    let (digest, index) = match commit(&ctx.store, &hello.checkpoint, &tmp, layer) {
+        Ok(done) => done,
+        Err(CommitError::Index(why)) => {
             let status = if parent.is_some() {
                 RequestStatus::BadParent
             } else {
@@ -481,38 +533,25 @@ pub(crate) fn serve(
             };
             return fail(&mut w, status, e);
         }
+        Err(CommitError::Store(e)) => return fail(&mut w, RequestStatus::StoreFailed, e),
+        Err(CommitError::Exists) => {
+            let e = PageServerError::Criu {
+                peer: peer.to_string(),
+                what: format!(
+                    "checkpoint {:?} appeared during the upload",
+                    hello.checkpoint
+                ),
+            };
+            return fail(&mut w, RequestStatus::StoreFailed, e);
+        }
     };
-    let digest = match pagemap_checksum(&tmp).and_then(|d| record_digest(&tmp, &d).map(|()| d)) {
-        Ok(d) => d,
-        Err(e) => return fail(&mut w, RequestStatus::StoreFailed, io("digest", &tmp)(e)),
-    };
-    if let Err(e) = File::open(&tmp).and_then(|d| d.sync_all()) {
-        return fail(&mut w, RequestStatus::StoreFailed, io("sync", &tmp)(e));
-    }
-    // rename(2) onto an existing non-empty directory fails, so a racing publisher loses cleanly.
-    if dst.exists() {
-        let e = PageServerError::Criu {
-            peer: peer.to_string(),
-            what: format!(
-                "checkpoint {:?} appeared during the upload",
-                hello.checkpoint
-            ),
-        };
-        return fail(&mut w, RequestStatus::StoreFailed, e);
-    }
-    if let Err(e) = std::fs::rename(&tmp, &dst) {
-        return fail(&mut w, RequestStatus::StoreFailed, io("publish", &dst)(e));
-    }
     guard.published = true;
     // The directory is a checkpoint now, no upload in progress: the next upload may build on
     // it (it takes a shared lock on its parent), so the lock goes before the receipt does.
     drop(guard.lock.take());
-    if let Some(root) = dst.parent() {
-        let _ = File::open(root).and_then(|d| d.sync_all());
-    }
     // The index built to check the upload serves its restores (its files stay open across
     // the rename): a layer deep in a chain is not resolved a second time.
-    ctx.store.insert(index.moved_to(&dst));
+    ctx.store.insert(index);
     ctx.metrics.uploads.fetch_add(1, Relaxed);
     ctx.metrics.upload_bytes.fetch_add(total, Relaxed);
     ctx.refresh_store_gauges();

@@ -165,6 +165,10 @@ fn start_native(
             Arc::new(LocalImages::open(images).map_err(|e| fail("open images", &e))?),
             None,
         ),
+        PagesFrom::Store(entry) => (
+            Arc::new(LocalImages::open(&entry.dir).map_err(|e| fail("open the store entry", &e))?),
+            None,
+        ),
         PagesFrom::Remote {
             endpoint,
             opts,
@@ -184,12 +188,17 @@ fn start_native(
         .with_keeper(keeper.clone())
         .spawn()
         .map_err(|e| fail("start fetcher", &e))?;
+    let entry = match pages {
+        PagesFrom::Store(e) => Some(e.clone()),
+        _ => None,
+    };
     Ok(Box::new(Native {
         handle,
         source,
         remote,
         keeper,
         _lease: lease,
+        _entry: entry,
     }))
 }
 
@@ -202,6 +211,8 @@ struct Native {
     keeper: Arc<KeeperLink>,
     /// Keeps a session with the page server open while the fetcher runs.
     _lease: Option<KeepAlive>,
+    /// Keeps the node-local store entry leased while the fetcher runs.
+    _entry: Option<Arc<crate::store::Entry>>,
 }
 
 /// FetchStats as JSON, with a `remote` object when pages come from a page server.
@@ -276,9 +287,14 @@ fn start_criu(work: &Path, images: &Path, pages: &PagesFrom) -> Result<Box<dyn L
     // The daemon's parent exits once the socket listens; the shim's reaper collects it, so
     // readiness is judged by the socket and the pid file, not by waiting on the child.
     let mut cmd = Command::new("criu");
+    // A store checkpoint's pages are in its store entry, not in containerd's directory.
+    let pages_dir = match pages {
+        PagesFrom::Store(entry) => entry.dir.as_path(),
+        _ => images,
+    };
     cmd.arg("lazy-pages")
         .arg("--images-dir")
-        .arg(images)
+        .arg(pages_dir)
         .arg("--work-dir")
         .arg(work)
         .args(["--daemon", "--pidfile"])
@@ -291,7 +307,7 @@ fn start_criu(work: &Path, images: &Path, pages: &PagesFrom) -> Result<Box<dyn L
         .stderr(Stdio::null());
     // Keeps the page-server connection open in the shim until the daemon has inherited it.
     let _socket = match pages {
-        PagesFrom::Local => None,
+        PagesFrom::Local | PagesFrom::Store(_) => None,
         PagesFrom::Remote {
             endpoint,
             opts,

@@ -32,8 +32,10 @@ pub const STATS_FILE: &str = "distriproc-lazy-stats.json";
 /// Where a restore's pages come from.
 #[derive(Debug, Clone)]
 pub enum PagesFrom {
-    /// `pages-*.img` of the checkpoint directory (the embedded default).
+    /// `pages-*.img` of the checkpoint directory (an inline checkpoint).
     Local,
+    /// A checkpoint of the node-local store (`crate::store`), checked and leased.
+    Store(Arc<crate::store::Entry>),
     /// The page server (a remote checkpoint, `crate::remote`).
     Remote {
         /// The page server.

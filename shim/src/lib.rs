@@ -21,4 +21,5 @@ pub mod options;
 pub mod remote;
 pub mod runc;
 pub mod service;
+pub mod store;
 pub mod task;

@@ -93,6 +93,14 @@ pub enum RemoteCheckpointError {
     /// The page server failed or refused.
     #[error("page server: {0}")]
     Server(String),
+    /// The node-local store failed or refused (`crate::store`).
+    #[error("node-local store {}: {detail}", dir.display())]
+    Store {
+        /// The store directory.
+        dir: PathBuf,
+        /// What happened.
+        detail: String,
+    },
     /// The page server holds other memory than the reference describes.
     #[error("page server {endpoint} holds checkpoint {checkpoint:?} with {found}, the reference says {expected}: not the memory of this checkpoint")]
     Mismatch {
@@ -172,6 +180,20 @@ impl BaseLayer {
         let (endpoint, _) = client(cfg, None, &r.checkpoint, "layer")?;
         Ok(BaseLayer {
             endpoint: endpoint.to_string(),
+            parent: ParentRef {
+                checkpoint: r.checkpoint.clone(),
+                digest: r.digest()?,
+            },
+        })
+    }
+}
+
+impl BaseLayer {
+    /// The layer a checkpoint just committed to a node-local store (described by `r`) becomes
+    /// for the container's next checkpoint.
+    pub fn stored(r: &RemoteReference) -> Result<BaseLayer> {
+        Ok(BaseLayer {
+            endpoint: r.endpoint.clone(),
             parent: ParentRef {
                 checkpoint: r.checkpoint.clone(),
                 digest: r.digest()?,
@@ -374,12 +396,17 @@ pub fn publish(
         pages_bytes: digest.pages_bytes,
         pagemap_checksum: format!("{:016x}", digest.pagemap_checksum),
     };
+    write_reference(dir, &r)?;
+    Ok(Some(r))
+}
+
+/// Writes `r` as the reference file of `dir` (atomically).
+pub fn write_reference(dir: &Path, r: &RemoteReference) -> Result<()> {
     let path = dir.join(REFERENCE_FILE);
     let tmp = dir.join(format!(".{REFERENCE_FILE}.tmp"));
-    let json = serde_json::to_string(&r).unwrap_or_default();
+    let json = serde_json::to_string(r).unwrap_or_default();
     std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("write", &path))?;
-    Ok(Some(r))
+    std::fs::rename(&tmp, &path).map_err(io("write", &path))
 }
 
 /// Completes an upload streamed during the dump: the rest of every pages file it sent part

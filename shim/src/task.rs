@@ -44,6 +44,7 @@ use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
 use tokio::sync::Mutex;
 
+use crate::store::MemoryDestination;
 use crate::{
     container::{Container, ProcStatus, Process, RestorePlan},
     error::{Result, ShimError},
@@ -530,9 +531,9 @@ impl TaskService {
             .map_err(|e| restore_err(error_chain(&e)))?;
         if reference.is_some() && !self.inner.lazy.is_lazy() {
             return Err(restore_err(format!(
-                "{} is a remote checkpoint (its memory is in a page server) and needs a lazy \
-                 restore, but lazy restore is off",
-                plan.images.display()
+                "{} keeps its memory in {} and needs a lazy restore, but lazy restore is off",
+                plan.images.display(),
+                reference.as_ref().map_or("", |r| r.endpoint.as_str())
             )));
         }
         let mut base_layer = None;
@@ -540,6 +541,19 @@ impl TaskService {
             let shim_cfg = &c.cfg;
             let pages = match &reference {
                 None => lazy::PagesFrom::Local,
+                Some(r) if crate::store::parse_endpoint(&r.endpoint).is_some() => {
+                    let store = crate::store::parse_endpoint(&r.endpoint).unwrap_or_default();
+                    let expect = r.digest().map_err(|e| restore_err(error_chain(&e)))?;
+                    let entry = crate::store::open_entry(&store, &r.checkpoint, expect)
+                        .map_err(|e| restore_err(error_chain(&e)))?;
+                    info!(
+                        "restoring {id} from checkpoint {:?} of the node-local store {}",
+                        r.checkpoint,
+                        store.display()
+                    );
+                    base_layer = crate::remote::BaseLayer::stored(r).ok();
+                    lazy::PagesFrom::Store(std::sync::Arc::new(entry))
+                }
                 Some(r) => {
                     let (endpoint, opts) = crate::remote::client(
                         &shim_cfg.pageserver,
@@ -982,12 +996,20 @@ impl TaskService {
         };
         std::fs::create_dir_all(&work).map_err(|e| ShimError::io("create", &work, e))?;
         let (cfg, annotations) = (&c.cfg, &c.annotations);
-        let remote = crate::remote::wanted(&cfg.pageserver, annotations)
+        let dest = MemoryDestination::of(cfg, annotations)
             .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
-        // A checkpoint to the page server the container was restored from is a layer over
-        // that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
-        let base = match (&c.base_layer, remote) {
-            (Some(b), true) if b.same_server(&cfg.pageserver) => Some(b.parent.clone()),
+        let remote = dest == MemoryDestination::PageServer;
+        // A checkpoint to the page server or store the container was restored from is a layer
+        // over that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
+        let base = match (&c.base_layer, &dest) {
+            (Some(b), MemoryDestination::PageServer) if b.same_server(&cfg.pageserver) => {
+                Some(b.parent.clone())
+            }
+            (Some(b), MemoryDestination::Store(dir))
+                if b.endpoint == crate::store::endpoint(dir) =>
+            {
+                Some(b.parent.clone())
+            }
             _ => None,
         };
         // Memory still remote must be completed into the dump (crate::checkpoint_lazy).
@@ -1052,7 +1074,7 @@ impl TaskService {
                 dir,
                 !copts.exit,
                 base.is_some(),
-                remote,
+                dest != MemoryDestination::Inline,
             )
             .await?;
             mark = m;
@@ -1069,23 +1091,30 @@ impl TaskService {
                 parent = base;
             }
         }
-        if remote {
+        if dest != MemoryDestination::Inline {
             let (dir, ps, cid) = (
                 PathBuf::from(&image),
                 cfg.pageserver.clone(),
                 req.id.clone(),
             );
             let t0 = std::time::Instant::now();
-            let published = tokio::task::spawn_blocking(move || {
-                let streamed = streamer.map(crate::dump_stream::DumpStreamer::stop);
-                crate::remote::publish(&dir, &ps, &cid, parent.as_ref(), streamed)
+            let to = dest.clone();
+            let published = tokio::task::spawn_blocking(move || match to {
+                MemoryDestination::Store(store) => {
+                    crate::store::commit(&dir, &store, &cid, parent.as_ref())
+                }
+                _ => {
+                    let streamed = streamer.map(crate::dump_stream::DumpStreamer::stop);
+                    crate::remote::publish(&dir, &ps, &cid, parent.as_ref(), streamed)
+                }
             })
             .await
             .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
             .map_err(|e| {
                 ShimError::Other(format!(
-                    "checkpoint of {}: publishing its memory to the page server failed: {}",
+                    "checkpoint of {}: storing its memory {} failed: {}",
                     req.id,
+                    dest.describe(),
                     error_chain(&e)
                 ))
             })?;
@@ -1102,7 +1131,11 @@ impl TaskService {
                 // The container runs on: its next checkpoint is a layer over this one, holding
                 // only the pages written from the dump on.
                 if let Some(m) = mark.take() {
-                    match crate::remote::BaseLayer::published(&cfg.pageserver, &r) {
+                    let layer = match &dest {
+                        MemoryDestination::Store(_) => crate::remote::BaseLayer::stored(&r),
+                        _ => crate::remote::BaseLayer::published(&cfg.pageserver, &r),
+                    };
+                    match layer {
                         Ok(b) => {
                             info!(
                                 "checkpoint of {}: {} written pages count as clean again; the \

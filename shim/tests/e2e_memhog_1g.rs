@@ -6,7 +6,8 @@
 //! the checksum it had before (and VERIFY every page against the generator), CRIU's
 //! restore.log must show the lazy path, and the fetcher's stats must show faults served by the
 //! shim and, with the default fill policy (`full`), every lazy page filled in the background.
-//! Runs on containerd 2.1 and 1.7; skips with a reason without the stack, fails when CI=true.
+//! With the default configuration the memory goes to the node-local store, so containerd's
+//! checkpoint content must stay under 1 MiB. Runs on containerd 2.1 and 1.7; skips with a reason without the stack, fails when CI=true.
 
 use std::{path::Path, time::Duration};
 
@@ -58,6 +59,14 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     );
 
     ctd.checkpoint_and_remove(&id, &image, Duration::from_secs(30))?;
+    // The default configuration keeps the memory in the node-local store: containerd's
+    // checkpoint holds CRIU's metadata, the eager pages and the reference.
+    let blob = ctd.criu_blob(&image)?;
+    let tar_bytes = std::fs::metadata(&blob)?.len();
+    ensure!(
+        tar_bytes < 1 << 20,
+        "{name}: containerd's checkpoint content is {tar_bytes} bytes (>= 1 MiB)"
+    );
 
     ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
     ctd.wait_status(&restored, "RUNNING", Duration::from_secs(30))?;

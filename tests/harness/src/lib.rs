@@ -267,6 +267,15 @@ impl Containerd {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0);
+        // Our shim's node-local page store inside our dir, unless the test names its own
+        // configuration file.
+        let shim_config = ctd.dir.join("shim.toml");
+        fs::write(
+            &shim_config,
+            format!("[store]\ndir = {:?}\n", ctd.dir.join("store")),
+        )
+        .with_context(|| format!("writing {}", shim_config.display()))?;
+        cmd.env("DISTRIPROC_CONFIG", &shim_config);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
