@@ -44,11 +44,53 @@ use crate::PageServerError;
 /// Suffix of an upload's directory under `incoming/`.
 const UPLOAD_SUFFIX: &str = ".upload";
 
-/// Removes the incoming directory unless the upload was published; holds its `flock`.
-struct Incoming {
+/// A checkpoint being written into the store, `<store>/.distriproc/incoming/<id>.upload`:
+/// removed unless committed; holds its `flock` until then (so [`sweep_incoming`] leaves it).
+pub struct Incoming {
     tmp: PathBuf,
     published: bool,
     lock: Option<Flock<File>>,
+}
+
+/// Where [`Incoming`] directories are (created by their writer before the first one).
+pub fn incoming_root(store: &Store) -> PathBuf {
+    store.state_dir().join("incoming")
+}
+
+impl Incoming {
+    /// Creates the incoming directory of checkpoint `id`. `create_dir` is the lock: a second
+    /// writer of the same id fails here (`AlreadyExists`). [`incoming_root`] must exist.
+    pub fn create(store: &Store, id: &str) -> std::io::Result<Incoming> {
+        let tmp = incoming_root(store).join(format!("{id}{UPLOAD_SUFFIX}"));
+        std::fs::create_dir(&tmp)?;
+        let lock = File::open(&tmp)
+            .ok()
+            .and_then(|d| Flock::lock(d, FlockArg::LockExclusiveNonblock).ok());
+        Ok(Incoming {
+            tmp,
+            published: false,
+            lock,
+        })
+    }
+
+    /// The directory the files go into.
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// [`commit`]s the directory as checkpoint `id`. Once it is a checkpoint its `flock` goes:
+    /// the next upload may build on it (taking a shared lock on its parent).
+    pub fn commit(
+        &mut self,
+        store: &Store,
+        id: &str,
+        parent: Option<(&ParentRef, &Parent)>,
+    ) -> Result<(MemoryDigest, Checkpoint), CommitError> {
+        let done = commit(store, id, &self.tmp, parent)?;
+        self.published = true;
+        drop(self.lock.take());
+        Ok(done)
+    }
 }
 
 impl Drop for Incoming {
@@ -62,7 +104,7 @@ impl Drop for Incoming {
 /// Removes upload directories left by a server that died mid-upload: those nobody holds the
 /// `flock` of. Returns how many were removed.
 pub fn sweep_incoming(store: &Store) -> usize {
-    let incoming = store.state_dir().join("incoming");
+    let incoming = incoming_root(store);
     let mut removed = 0;
     for e in std::fs::read_dir(&incoming).into_iter().flatten().flatten() {
         let path = e.path();
@@ -353,9 +395,8 @@ pub(crate) fn serve(
         Ok(d) => d,
         Err(e) => return refuse(&mut w, HelloStatus::BadCheckpointId, e.to_string()),
     };
-    let incoming = ctx.store.state_dir().join("incoming");
+    let incoming = incoming_root(&ctx.store);
     std::fs::create_dir_all(&incoming).map_err(io("create", &incoming))?;
-    let tmp = incoming.join(format!("{}{UPLOAD_SUFFIX}", hello.checkpoint));
     if dst.exists() {
         return refuse(
             &mut w,
@@ -363,22 +404,17 @@ pub(crate) fn serve(
             format!("checkpoint {:?} already exists", hello.checkpoint),
         );
     }
-    // create_dir is the lock: a second upload of the same id fails here.
-    if let Err(e) = std::fs::create_dir(&tmp) {
-        return refuse(
-            &mut w,
-            HelloStatus::Exists,
-            format!("checkpoint {:?} is being uploaded ({e})", hello.checkpoint),
-        );
-    }
-    let lock = File::open(&tmp)
-        .ok()
-        .and_then(|d| Flock::lock(d, FlockArg::LockExclusiveNonblock).ok());
-    let mut guard = Incoming {
-        tmp: tmp.clone(),
-        published: false,
-        lock,
+    let mut guard = match Incoming::create(&ctx.store, &hello.checkpoint) {
+        Ok(g) => g,
+        Err(e) => {
+            return refuse(
+                &mut w,
+                HelloStatus::Exists,
+                format!("checkpoint {:?} is being uploaded ({e})", hello.checkpoint),
+            )
+        }
     };
+    let tmp = guard.dir().to_path_buf();
     let max_ranges = u16::try_from(MAX_RANGES).unwrap_or(u16::MAX);
     w.write_all(&HelloReply::ok(version, max_ranges, MAX_REQUEST_PAGES).encode())
         .map_err(|source| PageServerError::Protocol {
@@ -516,7 +552,8 @@ pub(crate) fn serve(
     }
     drop(parts);
     let layer = parent.as_ref().map(|(p, d)| (p, d));
-    let (digest, index) = match commit(&ctx.store, &hello.checkpoint, &tmp, layer) {
+    // Once a checkpoint, no upload is in progress: the lock goes before the receipt does.
+    let (digest, index) = match guard.commit(&ctx.store, &hello.checkpoint, layer) {
         Ok(done) => done,
         Err(CommitError::Index(why)) => {
             let status = if parent.is_some() {
@@ -545,10 +582,6 @@ pub(crate) fn serve(
             return fail(&mut w, RequestStatus::StoreFailed, e);
         }
     };
-    guard.published = true;
-    // The directory is a checkpoint now, no upload in progress: the next upload may build on
-    // it (it takes a shared lock on its parent), so the lock goes before the receipt does.
-    drop(guard.lock.take());
     // The index built to check the upload serves its restores (its files stay open across
     // the rename): a layer deep in a chain is not resolved a second time.
     ctx.store.insert(index);

@@ -186,9 +186,7 @@ impl BaseLayer {
             },
         })
     }
-}
 
-impl BaseLayer {
     /// The layer a checkpoint just committed to a node-local store (described by `r`) becomes
     /// for the container's next checkpoint.
     pub fn stored(r: &RemoteReference) -> Result<BaseLayer> {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use distriproc_config::StoreMode;
 use distriproc_pageserver::checkpoint::Store;
-use distriproc_pageserver::upload::{check_parent, commit as commit_dir, CommitError};
+use distriproc_pageserver::upload::{check_parent, incoming_root, Incoming};
 use distriproc_runtime::error_chain;
 use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest, ParentRef};
 use nix::fcntl::{Flock, FlockArg};
@@ -56,22 +56,6 @@ fn store_err(dir: &Path, detail: String) -> RemoteCheckpointError {
     }
 }
 
-/// Removes an incoming directory unless it was committed; holds its `flock` (so that a page
-/// server starting on the store does not sweep it as abandoned).
-struct Incoming {
-    tmp: PathBuf,
-    committed: bool,
-    _lock: Option<Flock<File>>,
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
-}
-
 /// Links (else copies) `src` to `dst` and syncs it.
 fn place(src: &Path, dst: &Path) -> std::io::Result<()> {
     if std::fs::hard_link(src, dst).is_err() {
@@ -99,27 +83,13 @@ pub fn commit(
     }
     std::fs::create_dir_all(store_dir).map_err(|e| store_err(store_dir, format!("create: {e}")))?;
     let store = Store::open(store_dir, 1).map_err(|e| store_err(store_dir, error_chain(&e)))?;
-    let digest = pagemap_checksum(dump).map_err(|e| {
-        store_err(
-            store_dir,
-            format!("read the pagemaps of {}: {e}", dump.display()),
-        )
-    })?;
     let id = checkpoint_id(container);
-    let incoming = store.state_dir().join("incoming");
+    let incoming = incoming_root(&store);
     std::fs::create_dir_all(&incoming)
         .map_err(|e| store_err(store_dir, format!("create {}: {e}", incoming.display())))?;
-    let tmp = incoming.join(format!("{id}.upload"));
-    std::fs::create_dir(&tmp)
-        .map_err(|e| store_err(store_dir, format!("create {}: {e}", tmp.display())))?;
-    let lock = File::open(&tmp)
-        .ok()
-        .and_then(|d| Flock::lock(d, FlockArg::LockExclusiveNonblock).ok());
-    let mut guard = Incoming {
-        tmp: tmp.clone(),
-        committed: false,
-        _lock: lock,
-    };
+    let mut guard = Incoming::create(&store, &id)
+        .map_err(|e| store_err(store_dir, format!("create the entry {id:?}: {e}")))?;
+    let tmp = guard.dir().to_path_buf();
     for e in std::fs::read_dir(dump)
         .map_err(|e| store_err(store_dir, format!("list {}: {e}", dump.display())))?
     {
@@ -153,18 +123,10 @@ pub fn commit(
         )),
         None => None,
     };
-    let (stored, _) = commit_dir(&store, &id, &tmp, checked.as_ref().map(|(p, d)| (*p, d)))
-        .map_err(|e: CommitError| store_err(store_dir, format!("checkpoint {id:?}: {e}")))?;
-    guard.committed = true;
+    let (digest, _) = guard
+        .commit(&store, &id, checked.as_ref().map(|(p, d)| (*p, d)))
+        .map_err(|e| store_err(store_dir, format!("checkpoint {id:?}: {e}")))?;
     drop(checked);
-    if stored != digest {
-        return Err(RemoteCheckpointError::Mismatch {
-            endpoint: endpoint(store_dir),
-            checkpoint: id,
-            found: stored.to_message(),
-            expected: digest.to_message(),
-        });
-    }
     let lazy_pages = strip_lazy_pages(dump)?;
     let r = RemoteReference {
         version: 1,

@@ -539,10 +539,12 @@ impl TaskService {
         let mut base_layer = None;
         let session = if self.inner.lazy.is_lazy() {
             let shim_cfg = &c.cfg;
-            let pages = match &reference {
-                None => lazy::PagesFrom::Local,
-                Some(r) if crate::store::parse_endpoint(&r.endpoint).is_some() => {
-                    let store = crate::store::parse_endpoint(&r.endpoint).unwrap_or_default();
+            let in_store = reference
+                .as_ref()
+                .and_then(|r| crate::store::parse_endpoint(&r.endpoint));
+            let pages = match (&reference, in_store) {
+                (None, _) => lazy::PagesFrom::Local,
+                (Some(r), Some(store)) => {
                     let expect = r.digest().map_err(|e| restore_err(error_chain(&e)))?;
                     let entry = crate::store::open_entry(&store, &r.checkpoint, expect)
                         .map_err(|e| restore_err(error_chain(&e)))?;
@@ -554,7 +556,7 @@ impl TaskService {
                     base_layer = crate::remote::BaseLayer::stored(r).ok();
                     lazy::PagesFrom::Store(std::sync::Arc::new(entry))
                 }
-                Some(r) => {
+                (Some(r), None) => {
                     let (endpoint, opts) = crate::remote::client(
                         &shim_cfg.pageserver,
                         Some(&r.endpoint),
