@@ -1,6 +1,6 @@
 # DistriProc: the front door.
 #
-#   make demo    lazy (local and remote checkpoint) vs eager restore of a 1 GiB container (MIB=...)
+#   make demo    checkpoint + lazy restore (embedded default store, page server) vs the runc shim, 1 GiB (MIB=...)
 #   make test    everything: deps, test images, unit tests, real-stack e2e on containerd 2.1 and 1.7
 #
 # Other targets: deps build install test-images e2e lint clean.

@@ -16,6 +16,8 @@
 #                      never restored memhog (CRIU dumps all memory locally, the shim uploads the
 #                      pages to the page server while CRIU writes them and containerd keeps CRIU's
 #                      metadata), then a restore with fill none
+#   store-first, store-recheckpoint  the same two with the default configuration: no page
+#                      server, the memory goes to the node-local store ([store] dir = $WORK/store)
 #   ours-recheckpoint  that restored container, its memory still at the page server, rewrites
 #                      MIGRATION_WRITE_PCT % of its pages (memhog WRITE) and is checkpointed again:
 #                      a layer over the checkpoint it was restored from that holds the written
@@ -181,14 +183,21 @@ mig_eager() {
     log "[migration eager $mib MiB #$rep] checkpoint $( ((t1)) && mig_s "$t0" "$t1") s, downtime ${down:-?} s, verified: $ok${err:+, error: $err}"
 }
 
-# mig_ours MIB REP PORT: an ours-first cycle, then an ours-recheckpoint cycle of the container it
-# restored.
+# mig_ours MIB REP PORT [FLAVOUR]: an ours-first cycle, then an ours-recheckpoint cycle of the
+# container it restored; FLAVOUR "store": the same with the default configuration (the node-local
+# store, no page server), recorded as store-first and store-recheckpoint.
 mig_ours() {
-    local mib=$1 rep=$2 port=$3 pages=$(($1 * 256)) store
+    local mib=$1 rep=$2 port=$3 pages=$(($1 * 256)) store flavour=${4:-remote}
+    local sys1=ours-first sys2=ours-recheckpoint ps=$PS_LO
     local s0=mo-$1-$2-src r1=mo-$1-$2 r2=mr-$1-$2
     local ref1=localhost/bench/mig-first-$1-$2:1 ref2=localhost/bench/mig-re-$1-$2:1
     store=$(mig_store)
-    write_shim_config native none "$PS_LO"
+    if [[ $flavour == store ]]; then
+        sys1=store-first sys2=store-recheckpoint ps="" store=$WORK/store
+        s0=ms-$1-$2-src r1=ms-$1-$2 r2=msr-$1-$2
+        ref1=localhost/bench/mig-sfirst-$1-$2:1 ref2=localhost/bench/mig-sre-$1-$2:1
+    fi
+    write_shim_config native none "$ps"
     # --- ours-first: a fresh memhog, its first checkpoint goes to the page server.
     local err1="" expect="" st0="" st1="" c0="" c1="" a0=0 a1=0 a2=0 a3=0 down1="" ttfr1="" rcmd1=""
     local first_log="" first_id=""
@@ -281,23 +290,23 @@ mig_ours() {
     ctd_t 120 images rm --sync "$ref1" >/dev/null 2>&1 || true
     rm -rf "${store:?}/"*
     # shellcheck disable=SC2086 # the shim-log words are KEY=VALUE pairs
-    mig_record system=ours-first mib="$mib" rep="$rep" runtime=io.containerd.distriproc.v2 fill=none \
-        pageserver="$PS_LO" checkpoint_s="$( ((a1)) && mig_s "$a0" "$a1")" remove_s="$(mig_s "$a2" "$a3")" \
+    mig_record system="$sys1" mib="$mib" rep="$rep" runtime=io.containerd.distriproc.v2 fill=none \
+        pageserver="$ps" checkpoint_s="$( ((a1)) && mig_s "$a0" "$a1")" remove_s="$(mig_s "$a2" "$a3")" \
         source_gap_s="$( ((a1)) && mig_s "$a1" "$a2")" ttfr_s="$ttfr1" restore_cmd_s="$rcmd1" downtime_s="$down1" \
         store_before="$st0" store_after="$st1" content_before="$c0" content_after="$c1" \
         pulled_pages=0 $first_log verify="$v1" sum="$s1" expect="$expect2" expect_restored="$x1" \
         sum_ok="$ok1" error="$err1"
     # shellcheck disable=SC2086
-    mig_record system=ours-recheckpoint mib="$mib" rep="$rep" runtime=io.containerd.distriproc.v2 fill=none \
-        pageserver="$PS_LO" write_pct="$MIGRATION_WRITE_PCT" written_pages="$written" \
+    mig_record system="$sys2" mib="$mib" rep="$rep" runtime=io.containerd.distriproc.v2 fill=none \
+        pageserver="$ps" write_pct="$MIGRATION_WRITE_PCT" written_pages="$written" \
         checkpoint_s="$( ((b1)) && mig_s "$b0" "$b1")" remove_s="$(mig_s "$b2" "$b3")" \
         source_gap_s="$( ((b1)) && mig_s "$b1" "$b2")" ttfr_s="$ttfr2" restore_cmd_s="$rcmd2" \
         downtime_s="$down2" store_before="$st2" store_after="$st3" content_before="$c2" \
         content_after="$c3" fetched_before="$f0" fetched_after="$f1" $re_log parent_id="$parent" \
         layer_of="$first_id" verify="$v2" sum="$s2" expect="$expect2" expect_restored="$x2" \
         sum_ok="$ok2" error="$err2"
-    log "[migration ours-first $mib MiB #$rep] checkpoint $( ((a1)) && mig_s "$a0" "$a1") s, downtime ${down1:-?} s, $((${st1:-0} - ${st0:-0})) bytes stored, verified: $ok1${err1:+, error: $err1}"
-    log "[migration ours-recheckpoint $mib MiB #$rep] $written pages written, checkpoint $( ((b1)) && mig_s "$b0" "$b1") s, downtime ${down2:-?} s, $((${st3:-0} - ${st2:-0})) bytes stored, layer over ${parent:-?}, verified: $ok2${err2:+, error: $err2}"
+    log "[migration $sys1 $mib MiB #$rep] checkpoint $( ((a1)) && mig_s "$a0" "$a1") s, downtime ${down1:-?} s, $((${st1:-0} - ${st0:-0})) bytes stored, verified: $ok1${err1:+, error: $err1}"
+    log "[migration $sys2 $mib MiB #$rep] $written pages written, checkpoint $( ((b1)) && mig_s "$b0" "$b1") s, downtime ${down2:-?} s, $((${st3:-0} - ${st2:-0})) bytes stored, layer over ${parent:-?}, verified: $ok2${err2:+, error: $err2}"
 }
 
 # shellcheck disable=SC2034 # the MIG_* figures are read by run.sh (write_results)
@@ -321,6 +330,8 @@ migration_bench() {
             mig_eager "$mib" "$rep" "$port"
             port=$((PORT_SEQ++))
             mig_ours "$mib" "$rep" "$port"
+            port=$((PORT_SEQ++))
+            mig_ours "$mib" "$rep" "$port" store
             # A failed cycle fails the section (BENCH_STRICT also checks every run).
             grep -q '"error": "' <(tail -n +"$((before + 1))" "$RUNS") && rc=1
         done

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# DistriProc demo: lazy restore through our shim, twice (pages served by the in-shim fetcher from
-# the local checkpoint, and from a remote checkpoint whose pages live at a local
-# distriproc-pageserver), next to an eager restore (containerd's runc shim) of the same kind of
-# checkpoint, on a private containerd. Prints a small comparison table.
+# DistriProc demo: checkpoint and lazy restore through our shim, twice: with the embedded default
+# (the checkpoint's memory stays in the node-local page store, served in-process by the shim's
+# fetcher; no daemon) and with a local distriproc-pageserver holding it; next to the runc shim's
+# checkpoint and eager restore of the same container, on a private containerd. Prints a small
+# comparison table (checkpoint and restore times, what containerd stores, memory checks).
 #
 #   scripts/demo.sh                 1 GiB memhog (make demo runs this after deps + build)
 #   MIB=4096 scripts/demo.sh        another size
@@ -113,6 +114,12 @@ run_case() {
         { R[$label.error]="checkpoint failed"; return 1; }
     t1=$(now_ns)
     R[$label.checkpoint]=$(secs "$t0" "$t1")
+    R[$label.content]=$(ctr_t 60 images ls | awk -v r="$ref" '$1 == r {print $4 " " $5}')
+    if [[ $label == lazy ]]; then
+        R[$label.stored]=$(du -sh "$DEMO_DIR/local-store" 2>/dev/null | awk '{print $1}')
+    elif [[ $label == remote ]]; then
+        R[$label.stored]=$(du -sh "$DEMO_DIR/store" 2>/dev/null | awk '{print $1}')
+    fi
     ctr_t 60 tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
     for _ in $(seq 1 100); do
         [[ $(task_status "$id") == STOPPED || -z $(task_status "$id") ]] && break
@@ -218,7 +225,7 @@ done
 
 v() { echo "${R[$1]:--}"; }
 us_to_s() { [[ $1 == - ]] && echo - || awk -v u="$1" 'BEGIN {printf "%.3f\n", u / 1e6}'; }
-declare -A TITLE=([lazy]="lazy (distriproc)" [remote]="remote (pageserver)" [eager]="eager (runc shim)")
+declare -A TITLE=([lazy]="default (local store)" [remote]="page server" [eager]="eager (runc shim)")
 row() { # row LABEL VALUE...
     printf '%-44s' "$1"
     shift
@@ -240,6 +247,8 @@ echo
 echo "DistriProc demo: memhog $MIB MiB ($PROCS procs x $THREADS threads), containerd $CTD_VERSION"
 row "" "${titles[@]}"
 for spec in "checkpoint:checkpoint (ctr c checkpoint --task) [s]" \
+    "content:checkpoint image in containerd" \
+    "stored:memory in the store (local / page server)" \
     "restore_cmd:ctr c restore --live returned after [s]" \
     "ttfr:time to first response (PONG) [s]" \
     "unpack:  containerd: unpack checkpoint, reach shim" \
@@ -262,6 +271,7 @@ for c in "${CASES[@]}"; do
     [[ -n ${R[$c.error]:-} ]] && echo "$c: FAILED: ${R[$c.error]}"
     [[ -n ${R[$c.stats]:-} ]] && echo "$c fetcher stats: ${R[$c.stats]}"
 done
-echo "Note: containerd untars each checkpoint into a temp dir before the shim runs; for local"
-echo "checkpoints that tar holds all $MIB MiB of pages, for a remote one only CRIU's metadata."
+echo "Note: containerd untars each checkpoint into a temp dir before the shim runs. The runc shim's"
+echo "tar holds all $MIB MiB of pages; ours (default and page server) holds CRIU's metadata and a"
+echo "reference, the memory stays in the store, so neither checkpoint nor restore copies it again."
 exit $status

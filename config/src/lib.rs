@@ -30,6 +30,9 @@
 //! [store]                     # where checkpoints' memory lives without a page server
 //! dir = "/var/lib/distriproc/store"  # node-local page store (a page server store directory)
 //! mode = "local"               # local: pages in the store | inline: pages in containerd's tar
+//! gc_interval_s = 600          # free entries no containerd image holds (0 = never)
+//! gc_grace_s = 300             # never free an entry younger than this
+//! gc_keep_namespaces = ["moby", "k8s.io"]  # checkpoints held outside containerd's images
 //!
 //! [runc]
 //! binary = "runc"              # name or path of the runc binary
@@ -213,6 +216,15 @@ pub struct StoreConfig {
     pub dir: PathBuf,
     /// Where checkpoints' memory goes without a page server.
     pub mode: StoreMode,
+    /// How often a shim sweeps the store for entries no containerd image holds any more (and
+    /// after each checkpoint into it); 0 = never (`distriproc-pageserver delete` only).
+    pub gc_interval_s: u64,
+    /// An entry younger than this is never freed (containerd creates the image holding a
+    /// checkpoint only after the shim's Checkpoint returns).
+    pub gc_grace_s: u64,
+    /// Namespaces whose checkpoints are never freed by the sweep: their owners keep the
+    /// checkpoint outside containerd's images (Docker's checkpoint directories, CRI archives).
+    pub gc_keep_namespaces: Vec<String>,
 }
 
 /// Default of `store.dir`.
@@ -223,6 +235,9 @@ impl Default for StoreConfig {
         StoreConfig {
             dir: PathBuf::from(DEFAULT_STORE_DIR),
             mode: StoreMode::Local,
+            gc_interval_s: 600,
+            gc_grace_s: 300,
+            gc_keep_namespaces: vec!["moby".into(), "k8s.io".into()],
         }
     }
 }
@@ -365,6 +380,20 @@ impl ShimConfig {
             return Err(invalid(
                 "store.dir",
                 format!("{} is not an absolute path", self.store.dir.display()),
+            ));
+        }
+        if self.store.gc_grace_s == 0 {
+            return Err(invalid(
+                "store.gc_grace_s",
+                "must be at least 1: containerd creates the image that holds a checkpoint \
+                 only after the shim's Checkpoint returned"
+                    .into(),
+            ));
+        }
+        if self.store.gc_keep_namespaces.iter().any(|n| n.is_empty()) {
+            return Err(invalid(
+                "store.gc_keep_namespaces",
+                "a namespace must not be empty".into(),
             ));
         }
         Ok(())

@@ -19,6 +19,7 @@ pub mod lazy;
 pub mod oom;
 pub mod options;
 pub mod remote;
+pub mod retention;
 pub mod runc;
 pub mod service;
 pub mod store;

@@ -163,6 +163,9 @@ pub struct BaseLayer {
     pub endpoint: String,
     /// The checkpoint there and its digest as the reference recorded it.
     pub parent: ParentRef,
+    /// For a node-local store entry: its lease, held while the container may build on it (the
+    /// store's retention leaves a leased entry alone).
+    pub lease: Option<std::sync::Arc<crate::store::Entry>>,
 }
 
 impl BaseLayer {
@@ -184,18 +187,24 @@ impl BaseLayer {
                 checkpoint: r.checkpoint.clone(),
                 digest: r.digest()?,
             },
+            lease: None,
         })
     }
 
     /// The layer a checkpoint just committed to a node-local store (described by `r`) becomes
     /// for the container's next checkpoint.
-    pub fn stored(r: &RemoteReference) -> Result<BaseLayer> {
+    /// `lease` holds the entry.
+    pub fn stored(
+        r: &RemoteReference,
+        lease: std::sync::Arc<crate::store::Entry>,
+    ) -> Result<BaseLayer> {
         Ok(BaseLayer {
             endpoint: r.endpoint.clone(),
             parent: ParentRef {
                 checkpoint: r.checkpoint.clone(),
                 digest: r.digest()?,
             },
+            lease: Some(lease),
         })
     }
 }

@@ -108,6 +108,8 @@ pub struct Service {
     exit: Arc<ExitSignal>,
     id: String,
     namespace: String,
+    /// containerd's API socket (`-address`).
+    address: String,
     bundle: PathBuf,
     /// The ttrpc socket the server listens on (`-socket`; empty for start/delete).
     socket: String,
@@ -135,6 +137,7 @@ impl Shim for Service {
             exit: Arc::new(ExitSignal::default()),
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
             bundle,
             socket: args.socket.clone(),
         }
@@ -202,7 +205,13 @@ impl Shim for Service {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let events = Arc::new(RemoteEvents::new(publisher, self.namespace.clone()));
-        let svc = TaskService::new(&self.namespace, events, self.exit.clone(), lazy_backend());
+        let svc = TaskService::new(
+            &self.namespace,
+            &self.address,
+            events,
+            self.exit.clone(),
+            lazy_backend(),
+        );
         if let Err(e) = svc.watch_exits().await {
             log::error!("subscribe to exits: {e}");
         }

@@ -149,6 +149,20 @@ pub struct Entry {
     _lease: Flock<File>,
 }
 
+/// Takes the shared lease on entry `id` of the store at `store_dir` (just committed: no check
+/// of its pages).
+pub fn lease(store_dir: &Path, id: &str) -> Result<Entry> {
+    let dir = store_dir.join(id);
+    let f = File::open(&dir).map_err(|e| store_err(store_dir, format!("open {id:?}: {e}")))?;
+    let lease = Flock::lock(f, FlockArg::LockSharedNonblock).map_err(|(_, e)| {
+        store_err(
+            store_dir,
+            format!("checkpoint {id:?} is being removed or compacted ({e})"),
+        )
+    })?;
+    Ok(Entry { dir, _lease: lease })
+}
+
 /// Opens checkpoint `id` of the store at `store_dir` for a restore: it must be there and hold
 /// the memory `expect` describes (a truncated or rewritten entry is refused, not served).
 pub fn open_entry(store_dir: &Path, id: &str, expect: MemoryDigest) -> Result<Entry> {
@@ -165,13 +179,7 @@ pub fn open_entry(store_dir: &Path, id: &str, expect: MemoryDigest) -> Result<En
             ),
         ));
     }
-    let f = File::open(&dir).map_err(|e| store_err(store_dir, format!("open {id:?}: {e}")))?;
-    let lease = Flock::lock(f, FlockArg::LockSharedNonblock).map_err(|(_, e)| {
-        store_err(
-            store_dir,
-            format!("checkpoint {id:?} is being removed or compacted ({e})"),
-        )
-    })?;
+    let entry = lease(store_dir, id)?;
     let found = pagemap_checksum(&dir).map_err(|e| {
         store_err(
             store_dir,
@@ -189,7 +197,7 @@ pub fn open_entry(store_dir: &Path, id: &str, expect: MemoryDigest) -> Result<En
             ),
         ));
     }
-    Ok(Entry { dir, _lease: lease })
+    Ok(entry)
 }
 
 /// Where a checkpoint's memory goes.

@@ -114,6 +114,8 @@ struct Inner {
     events: Arc<dyn EventSink>,
     exit: Arc<ExitSignal>,
     lazy: Arc<dyn LazyBackend>,
+    /// Retention of the node-local stores this process checkpoints into.
+    sweeper: Arc<crate::retention::Sweeper>,
 }
 
 /// The task service of one shim.
@@ -124,8 +126,11 @@ pub struct TaskService {
 
 impl TaskService {
     /// A service publishing to `events`; call [`TaskService::watch_exits`] before any runc runs.
+    /// `containerd` is containerd's API socket (the shim's `-address`), which the store's
+    /// retention asks which checkpoints its images hold.
     pub fn new(
         namespace: &str,
+        containerd: &str,
         events: Arc<dyn EventSink>,
         exit: Arc<ExitSignal>,
         lazy: Arc<dyn LazyBackend>,
@@ -138,6 +143,10 @@ impl TaskService {
                 events,
                 exit,
                 lazy,
+                sweeper: Arc::new(crate::retention::Sweeper::new(
+                    containerd,
+                    Arc::new(crate::retention::Containerd),
+                )),
             }),
         }
     }
@@ -418,6 +427,8 @@ impl TaskService {
                 c.init.status = ProcStatus::Running;
             }
             let pid = c.init.pid;
+            // Containers that live long keep their node's store swept (crate::retention).
+            self.inner.sweeper.watch(&c.cfg.store);
             send(
                 self.events(),
                 TaskStart {
@@ -553,8 +564,9 @@ impl TaskService {
                         r.checkpoint,
                         store.display()
                     );
-                    base_layer = crate::remote::BaseLayer::stored(r).ok();
-                    lazy::PagesFrom::Store(std::sync::Arc::new(entry))
+                    let entry = std::sync::Arc::new(entry);
+                    base_layer = crate::remote::BaseLayer::stored(r, entry.clone()).ok();
+                    lazy::PagesFrom::Store(entry)
                 }
                 (Some(r), None) => {
                     let (endpoint, opts) = crate::remote::client(
@@ -575,6 +587,7 @@ impl TaskService {
                             checkpoint: r.checkpoint.clone(),
                             digest: expect,
                         },
+                        lease: None,
                     });
                     lazy::PagesFrom::Remote {
                         endpoint,
@@ -1001,6 +1014,7 @@ impl TaskService {
         let dest = MemoryDestination::of(cfg, annotations)
             .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
         let remote = dest == MemoryDestination::PageServer;
+        let store_cfg = cfg.store.clone();
         // A checkpoint to the page server or store the container was restored from is a layer
         // over that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
         let base = match (&c.base_layer, &dest) {
@@ -1101,9 +1115,20 @@ impl TaskService {
             );
             let t0 = std::time::Instant::now();
             let to = dest.clone();
+            let owner = self.inner.sweeper.owner(&self.inner.namespace, &req.id);
             let published = tokio::task::spawn_blocking(move || match to {
                 MemoryDestination::Store(store) => {
-                    crate::store::commit(&dir, &store, &cid, parent.as_ref())
+                    let r = crate::store::commit(&dir, &store, &cid, parent.as_ref())?;
+                    if let (Some(r), Some(o)) = (&r, owner) {
+                        if let Err(e) = crate::retention::record_owner(&store, &r.checkpoint, &o) {
+                            warn!(
+                                "checkpoint of {cid}: no owner record for {:?} ({e}): the \
+                                 store's retention will keep it until it is deleted by hand",
+                                r.checkpoint
+                            );
+                        }
+                    }
+                    Ok(r)
                 }
                 _ => {
                     let streamed = streamer.map(crate::dump_stream::DumpStreamer::stop);
@@ -1134,7 +1159,8 @@ impl TaskService {
                 // only the pages written from the dump on.
                 if let Some(m) = mark.take() {
                     let layer = match &dest {
-                        MemoryDestination::Store(_) => crate::remote::BaseLayer::stored(&r),
+                        MemoryDestination::Store(dir) => crate::store::lease(dir, &r.checkpoint)
+                            .and_then(|l| crate::remote::BaseLayer::stored(&r, Arc::new(l))),
                         _ => crate::remote::BaseLayer::published(&cfg.pageserver, &r),
                     };
                     match layer {
@@ -1169,6 +1195,11 @@ impl TaskService {
                 ..Default::default()
             },
         );
+        if matches!(dest, MemoryDestination::Store(_)) {
+            // The store grew: free what containerd no longer holds (crate::retention).
+            self.inner.sweeper.watch(&store_cfg);
+            self.inner.sweeper.sweep_soon(&store_cfg);
+        }
         Ok(())
     }
 
@@ -1576,6 +1607,7 @@ mod tests {
         let ev = Arc::new(Captured::default());
         let s = TaskService::new(
             "test",
+            "",
             ev.clone(),
             Arc::new(ExitSignal::default()),
             Arc::new(lazy::EagerOnly),

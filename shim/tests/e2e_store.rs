@@ -208,3 +208,111 @@ fn store_default_ctd21() -> Result<()> {
 fn store_default_ctd17() -> Result<()> {
     store_default(CONTAINERD_1_7_DIR)
 }
+
+/// Waits until `pred` holds for the store's entries, up to `timeout`.
+fn wait_entries(store: &Path, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let e = entries(store);
+        if pred(&e) || t0.elapsed() > timeout {
+            return e;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Retention: deleting a checkpoint image in containerd frees its store entry (the shims sweep
+/// every `gc_interval_s`), while an entry a running container was restored from stays until
+/// that container is gone.
+fn store_retention(dir: &str) -> Result<()> {
+    let Some(ctd) = start(dir)? else {
+        return Ok(());
+    };
+    let store = ctd.dir().join("store");
+    // The shim reads its configuration at each Create: sweep every second, a short grace
+    // period (containerd creates the image only after the shim's Checkpoint returns).
+    std::fs::write(
+        ctd.dir().join("shim.toml"),
+        format!(
+            "[store]\ndir = {:?}\ngc_interval_s = 1\ngc_grace_s = 3\n",
+            store
+        ),
+    )?;
+    checkpoint_memhog(&ctd, &[], "g1", "localhost/g1-cp:1")?;
+    let first = entries(&store);
+    let sum2 = checkpoint_memhog(&ctd, &[], "g2", "localhost/g2-cp:1")?;
+    let both = entries(&store);
+    ensure!(
+        both.len() == 2,
+        "store entries after two checkpoints: {both:?}"
+    );
+    let e1 = first
+        .first()
+        .context("no entry after the first checkpoint")?
+        .clone();
+    let e2 = both
+        .iter()
+        .find(|e| **e != e1)
+        .context("no second entry")?
+        .clone();
+    // Restored and running: its shim sweeps the store every second.
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "g2r",
+        "localhost/g2-cp:1",
+    ])?;
+    ctd.wait_status("g2r", "RUNNING", STATUS_TIMEOUT)?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        entries(&store) == both,
+        "entries whose images exist were freed: {:?} of {both:?}",
+        entries(&store)
+    );
+    ctd.ctr_ok(&["images", "rm", "--sync", "localhost/g1-cp:1"])?;
+    ctd.ctr_ok(&["images", "rm", "--sync", "localhost/g2-cp:1"])?;
+    let left = wait_entries(&store, Duration::from_secs(20), |e| !e.contains(&e1));
+    ensure!(
+        !left.contains(&e1),
+        "entry {e1} of a deleted image still in the store after 20 s"
+    );
+    ensure!(
+        left.contains(&e2),
+        "entry {e2} freed while container g2r runs from it"
+    );
+    let pid = ctd.task_pid("g2r")?;
+    let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(verify.starts_with("OK"), "g2r: VERIFY: {verify}");
+    ensure!(
+        memhog_query(pid, MEMHOG_PORT, "SUM")? == sum2,
+        "g2r: checksum changed"
+    );
+    ctd.remove_container("g2r", STATUS_TIMEOUT)?;
+    // The next container that starts sweeps again: the entry nothing holds any more goes.
+    let mib = "8".to_string();
+    ctd.run_detached(
+        &[],
+        MEMHOG_IMAGE,
+        "g3",
+        &["/memhog", "serve", "--mib", &mib],
+        STATUS_TIMEOUT,
+    )?;
+    let left = wait_entries(&store, Duration::from_secs(20), |e| e.is_empty());
+    ensure!(
+        left.is_empty(),
+        "entries left after their images and containers went: {left:?}"
+    );
+    ctd.remove_container("g3", STATUS_TIMEOUT)?;
+    Ok(())
+}
+
+#[test]
+fn store_retention_ctd21() -> Result<()> {
+    store_retention(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn store_retention_ctd17() -> Result<()> {
+    store_retention(CONTAINERD_1_7_DIR)
+}

@@ -76,6 +76,7 @@ fn setup(dir: &Path) -> (TaskService, Arc<Captured>, Any) {
     let ev = Arc::new(Captured::default());
     let s = TaskService::new(
         "test",
+        "",
         ev.clone(),
         Arc::new(ExitSignal::default()),
         Arc::new(EagerOnly),
