@@ -17,7 +17,8 @@
 //! A restore serves the pages in-process from `<dir>/<id>` (`LocalImages`, parent chains
 //! followed) after checking it is there and holds the memory the reference describes
 //! ([`open_entry`]). While the container runs it holds a shared `flock` on the entry, which
-//! retention leaves alone.
+//! retention leaves alone; entries no containerd image references any more are freed by
+//! `crate::retention`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
