@@ -149,12 +149,12 @@ pub struct SweepReport {
     pub busy: bool,
 }
 
-/// Whether a shared lease (a restore or a container building on the entry) holds `dir`.
-fn leased(dir: &Path) -> bool {
-    match File::open(dir) {
-        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
-        Err(_) => false,
-    }
+/// The exclusive lock on entry `dir`, `None` while a shared lease (a restore or a container
+/// building on the entry) holds it. Held while the entry is marked deleted, so no lease is
+/// taken in between.
+fn unleased(dir: &Path) -> Option<Flock<File>> {
+    let f = File::open(dir).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 /// One retention pass over the store of `cfg` (see the module documentation).
@@ -215,10 +215,10 @@ pub async fn sweep(
             }
         };
         for id in ids.into_iter().filter(|id| !held.contains(id)) {
-            if leased(&store.root().join(&id)) {
+            let Some(_exclusive) = unleased(&store.root().join(&id)) else {
                 report.leased.push(id);
                 continue;
-            }
+            };
             tombstones
                 .delete(&id)
                 .map_err(|e| format!("mark {id:?} deleted: {e}"))?;
