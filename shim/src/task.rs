@@ -5,6 +5,11 @@
 //! error. Exits come from containerd-shim's exit monitor (the shim is a subreaper); an exit is
 //! published as TaskExit once the process's output has been drained, and only then does Wait
 //! return. Events leave through an [`EventSink`] so tests can capture them.
+//!
+//! Locking: each container has its own lock, held for the whole of one of its RPCs (a restore
+//! or a checkpoint's upload included); the map of containers is locked only to look a
+//! container up, and exits are routed by pid without it (`ExitRouting`), so in a grouped shim
+//! (a Kubernetes pod) a long checkpoint of one member never delays its siblings' RPCs or exits.
 
 use std::{
     collections::HashMap,
@@ -42,7 +47,7 @@ use distriproc_runtime::protocol::upload::ParentRef;
 use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
 use log::{debug, info, warn};
 use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use crate::store::MemoryDestination;
 use crate::{
@@ -107,10 +112,29 @@ fn send<E: Event + MessageDyn>(sink: &dyn EventSink, e: E) {
     sink.publish(e.topic(), Box::new(e));
 }
 
+/// A container's slot in the map: `None` while its Create runs (the creator holds the lock)
+/// and once it is deleted, for callers that were waiting on it.
+type Slot = Arc<Mutex<Option<Container>>>;
+
+/// A locked container. Each container has its own lock, held for as long as one of its RPCs
+/// runs (a restore or a checkpoint's upload included); the map of containers is only locked
+/// to look a slot up, so the siblings of a grouped shim never wait for each other.
+type ContainerGuard = OwnedMappedMutexGuard<Option<Container>, Container>;
+
+/// Which process a pid is, and the exits of pids not known yet. One lock for both, so an exit
+/// is either routed to its process or kept for the start that is about to claim its pid.
+#[derive(Default)]
+struct ExitRouting {
+    /// Pids of started processes: (container id, exec id).
+    owners: HashMap<u32, (String, String)>,
+    /// Exits of unknown pids: (code, time, when recorded).
+    orphans: HashMap<u32, (u32, Timestamp, std::time::Instant)>,
+}
+
 struct Inner {
     namespace: String,
-    containers: Mutex<HashMap<String, Container>>,
-    orphan_exits: StdMutex<HashMap<u32, (u32, Timestamp, std::time::Instant)>>,
+    containers: StdMutex<HashMap<String, Slot>>,
+    exits: StdMutex<ExitRouting>,
     events: Arc<dyn EventSink>,
     exit: Arc<ExitSignal>,
     lazy: Arc<dyn LazyBackend>,
@@ -138,8 +162,8 @@ impl TaskService {
         TaskService {
             inner: Arc::new(Inner {
                 namespace: namespace.to_owned(),
-                containers: Mutex::new(HashMap::new()),
-                orphan_exits: StdMutex::new(HashMap::new()),
+                containers: StdMutex::new(HashMap::new()),
+                exits: StdMutex::new(ExitRouting::default()),
                 events,
                 exit,
                 lazy,
@@ -167,35 +191,65 @@ impl TaskService {
         Ok(())
     }
 
-    /// Record an exit and publish it once the output is drained.
+    /// Record an exit and publish it once the output is drained. The exit is handled in a task
+    /// of its own: a container busy in a long RPC (a checkpoint's upload) delays its own exits
+    /// only, not the next exit the monitor reports.
     pub async fn handle_exit(&self, pid: u32, code: i32) {
         let code = u32::try_from(code).unwrap_or(255);
-        let mut cs = self.inner.containers.lock().await;
-        for c in cs.values_mut() {
-            let id = c.id.clone();
-            let found = if c.init.pid == pid && c.init.status != ProcStatus::Stopped {
-                Some(&mut c.init)
-            } else {
-                c.execs
-                    .values_mut()
-                    .find(|p| p.pid == pid && p.status != ProcStatus::Stopped)
-            };
-            if let Some(p) = found {
-                self.mark_exited(&id, p, code, now());
-                return;
+        let at = now();
+        let owner = {
+            let mut r = self.inner.exits.lock().expect("exit routing lock");
+            match r.owners.remove(&pid) {
+                Some(o) => o,
+                None => {
+                    // Mostly runc's, CRIU's and keepers' own exits. Only an exit recorded while
+                    // a start is under way can be claimed (see `claim_pid`), so old entries are
+                    // useless: a shim serving many containers for long would otherwise keep
+                    // them until the pid is reused.
+                    if r.orphans.len() >= ORPHAN_PRUNE_AT {
+                        r.orphans.retain(|_, e| e.2.elapsed() < ORPHAN_EXIT_TTL);
+                    }
+                    if r.orphans.len() < MAX_ORPHAN_EXITS {
+                        r.orphans.insert(pid, (code, at, std::time::Instant::now()));
+                    }
+                    return;
+                }
             }
-        }
-        let mut orphans = self.inner.orphan_exits.lock().expect("orphans lock");
-        // Mostly runc's, CRIU's and keepers' own exits. Only an exit recorded while a start is
-        // under way can be claimed (see `take_orphan_exit`), so old entries are useless: a
-        // shim serving many containers for long would otherwise keep them until the pid is
-        // reused.
-        if orphans.len() >= ORPHAN_PRUNE_AT {
-            orphans.retain(|_, e| e.2.elapsed() < ORPHAN_EXIT_TTL);
-        }
-        if orphans.len() < MAX_ORPHAN_EXITS {
-            orphans.insert(pid, (code, now(), std::time::Instant::now()));
-        }
+        };
+        let (id, exec_id) = owner;
+        let Some(slot) = self.slot(&id) else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut g = slot.lock().await;
+            let Some(c) = g.as_mut() else { return };
+            if let Some(p) = c.process_mut(&exec_id) {
+                if p.pid == pid && p.status != ProcStatus::Stopped {
+                    me.mark_exited(&id, p, code, at);
+                }
+            }
+        });
+    }
+
+    /// The slot of container `id`, if it is known.
+    fn slot(&self, id: &str) -> Option<Slot> {
+        self.inner
+            .containers
+            .lock()
+            .expect("containers lock")
+            .get(id)
+            .cloned()
+    }
+
+    /// Container `id`, locked for the caller; waits while another RPC of the same container
+    /// runs, never for another container.
+    async fn container(&self, id: &str) -> Result<ContainerGuard> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| ShimError::NotFound(id.to_owned()))?;
+        OwnedMutexGuard::try_map(slot.lock_owned().await, Option::as_mut)
+            .map_err(|_| ShimError::NotFound(id.to_owned()))
     }
 
     fn mark_exited(&self, id: &str, p: &mut Process, code: u32, at: Timestamp) {
@@ -231,17 +285,35 @@ impl TaskService {
         });
     }
 
-    /// An exit that arrived before its pid was recorded, during the start that began at
-    /// `since`. An older exit of the same pid is a previous process's (pids wrap around; a
-    /// grouped shim lives through many of them) and is dropped, not claimed.
-    fn take_orphan_exit(&self, pid: u32, since: std::time::Instant) -> Option<(u32, Timestamp)> {
+    /// Route the exits of `pid` to process `exec_id` of container `id` from now on, or return
+    /// its exit if it arrived before, during the start that began at `since`. An older exit of
+    /// the same pid is a previous process's (pids wrap around; a grouped shim lives through
+    /// many of them) and is dropped, not claimed.
+    fn claim_pid(
+        &self,
+        id: &str,
+        exec_id: &str,
+        pid: u32,
+        since: std::time::Instant,
+    ) -> Option<(u32, Timestamp)> {
+        let mut r = self.inner.exits.lock().expect("exit routing lock");
+        match r.orphans.remove(&pid) {
+            Some((code, at, recorded)) if recorded >= since => Some((code, at)),
+            _ => {
+                r.owners.insert(pid, (id.to_owned(), exec_id.to_owned()));
+                None
+            }
+        }
+    }
+
+    /// Forget the pids of a deleted container's processes.
+    fn release_pids(&self, id: &str) {
         self.inner
-            .orphan_exits
+            .exits
             .lock()
-            .expect("orphans lock")
-            .remove(&pid)
-            .filter(|(_, _, recorded)| *recorded >= since)
-            .map(|(code, at, _)| (code, at))
+            .expect("exit routing lock")
+            .owners
+            .retain(|_, o| o.0 != id);
     }
 
     fn watch_oom(&self, id: &str, pid: u32) {
@@ -258,32 +330,23 @@ impl TaskService {
 
     /// Create: mount the rootfs, `runc create` (or record a checkpoint to restore at Start).
     pub async fn task_create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
-        let mut cs = self.inner.containers.lock().await;
-        if cs.contains_key(&req.id) {
-            return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
-        }
-        let opts = options::decode(req.options.as_ref())?;
-        let bundle = PathBuf::from(&req.bundle);
-        let annotations = bundle_annotations(&bundle);
-        let cfg = config_with_annotations(&opts, &annotations)?;
-        let opts = opts.with_runc_config(&cfg.runc);
-        let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
-        let rootfs = bundle.join("rootfs");
-        let mut rootfs_mounted = false;
-        if !req.rootfs.is_empty() {
-            std::fs::create_dir_all(&rootfs).map_err(|e| ShimError::io("create", &rootfs, e))?;
-            for m in &req.rootfs {
-                containerd_shim::util::mount_rootfs(m, &rootfs)
-                    .await
-                    .map_err(|e| ShimError::Other(format!("mount rootfs of {}: {e}", req.id)))?;
+        // The id is taken at once, by a slot locked until the container exists.
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let mut guard = slot
+            .clone()
+            .try_lock_owned()
+            .expect("a new slot is unlocked");
+        {
+            let mut cs = self.inner.containers.lock().expect("containers lock");
+            if cs.contains_key(&req.id) {
+                return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
             }
-            rootfs_mounted = true;
+            cs.insert(req.id.clone(), slot);
         }
-        let result = self
-            .create_inner(&req, opts, (annotations, cfg), runc, rootfs_mounted)
-            .await;
+        let since = std::time::Instant::now();
+        let result = self.create_container(&req).await;
         match result {
-            Ok(c) => {
+            Ok(mut c) => {
                 let pid = c.init.pid;
                 let ev = TaskCreate {
                     container_id: req.id.clone(),
@@ -300,23 +363,58 @@ impl TaskService {
                     pid,
                     ..Default::default()
                 };
-                cs.insert(req.id.clone(), c);
                 send(self.events(), ev);
                 if pid > 0 {
+                    if let Some((code, at)) = self.claim_pid(&req.id, "", pid, since) {
+                        self.mark_exited(&req.id, &mut c.init, code, at);
+                    }
                     self.watch_oom(&req.id, pid);
                 }
+                *guard = Some(c);
                 Ok(CreateTaskResponse {
                     pid,
                     ..Default::default()
                 })
             }
             Err(e) => {
-                if rootfs_mounted {
-                    unmount(&rootfs);
-                }
+                self.inner
+                    .containers
+                    .lock()
+                    .expect("containers lock")
+                    .remove(&req.id);
                 Err(e)
             }
         }
+    }
+
+    /// Everything of Create but publishing it: options, config, rootfs, `runc create`.
+    async fn create_container(&self, req: &CreateTaskRequest) -> Result<Container> {
+        let opts = options::decode(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let annotations = bundle_annotations(&bundle);
+        let cfg = config_with_annotations(&opts, &annotations)?;
+        let opts = opts.with_runc_config(&cfg.runc);
+        let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
+        let rootfs = bundle.join("rootfs");
+        let mut rootfs_mounted = false;
+        if !req.rootfs.is_empty() {
+            std::fs::create_dir_all(&rootfs).map_err(|e| ShimError::io("create", &rootfs, e))?;
+            for m in &req.rootfs {
+                if let Err(e) = containerd_shim::util::mount_rootfs(m, &rootfs).await {
+                    // The mounts made so far go with the failed Create.
+                    unmount(&rootfs);
+                    return Err(ShimError::Other(format!("mount rootfs of {}: {e}", req.id)));
+                }
+            }
+            rootfs_mounted = true;
+        }
+        let result = self
+            .create_inner(req, opts, (annotations, cfg), runc, rootfs_mounted)
+            .await;
+        if result.is_err() && rootfs_mounted {
+            unmount(&rootfs);
+        }
+        result
     }
 
     async fn create_inner(
@@ -402,17 +500,14 @@ impl TaskService {
 
     /// Start the init process (`runc start`, or restore) or an exec process (`runc exec`).
     pub async fn task_start(&self, req: StartRequest) -> Result<StartResponse> {
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut c = self.container(&req.id).await?;
         let since = std::time::Instant::now();
         let pid = if req.exec_id.is_empty() {
             if c.init.status != ProcStatus::Created {
                 return Err(precondition(&req.id, "start", c.init.status));
             }
             if let Some(plan) = c.restore.clone() {
-                self.restore(c, &plan).await?;
+                self.restore(&mut c, &plan).await?;
                 self.watch_oom(&req.id, c.init.pid);
             } else {
                 c.runc
@@ -437,12 +532,12 @@ impl TaskService {
                     ..Default::default()
                 },
             );
-            if let Some((code, at)) = self.take_orphan_exit(pid, since) {
+            if let Some((code, at)) = self.claim_pid(&req.id, "", pid, since) {
                 self.mark_exited(&req.id, &mut c.init, code, at);
             }
             pid
         } else {
-            self.start_exec(c, &req.exec_id).await?
+            self.start_exec(&mut c, &req.exec_id).await?
         };
         Ok(StartResponse {
             pid,
@@ -506,7 +601,7 @@ impl TaskService {
                 ..Default::default()
             },
         );
-        if let Some((code, at)) = self.take_orphan_exit(pid, since) {
+        if let Some((code, at)) = self.claim_pid(&id, exec_id, pid, since) {
             self.mark_exited(&id, p, code, at);
         }
         Ok(pid)
@@ -669,11 +764,8 @@ impl TaskService {
 
     /// State of a process.
     pub async fn task_state(&self, req: StateRequest) -> Result<StateResponse> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
-        let p = process(c, &req.exec_id)?;
+        let c = self.container(&req.id).await?;
+        let p = process(&c, &req.exec_id)?;
         Ok(StateResponse {
             id: req.id.clone(),
             bundle: c.bundle.display().to_string(),
@@ -693,17 +785,15 @@ impl TaskService {
     /// Wait until a process has exited (and its TaskExit was published).
     pub async fn task_wait(&self, req: WaitRequest) -> Result<WaitResponse> {
         let mut rx = {
-            let cs = self.inner.containers.lock().await;
-            let c = cs
-                .get(&req.id)
-                .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
-            process(c, &req.exec_id)?.exited.subscribe()
+            let c = self.container(&req.id).await?;
+            process(&c, &req.exec_id)?.exited.subscribe()
         };
         let _ = rx.wait_for(|v| *v).await;
-        let cs = self.inner.containers.lock().await;
-        let (status, at) = match cs.get(&req.id).and_then(|c| c.process(&req.exec_id)) {
-            Some(p) => (p.exit_status, p.exited_at.clone()),
-            None => (0, None),
+        let (status, at) = match self.container(&req.id).await {
+            Ok(c) => c
+                .process(&req.exec_id)
+                .map_or((0, None), |p| (p.exit_status, p.exited_at.clone())),
+            Err(_) => (0, None),
         };
         Ok(WaitResponse {
             exit_status: status,
@@ -714,11 +804,8 @@ impl TaskService {
 
     /// Signal a process.
     pub async fn task_kill(&self, req: KillRequest) -> Result<()> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
-        let p = process(c, &req.exec_id)?;
+        let c = self.container(&req.id).await?;
+        let p = process(&c, &req.exec_id)?;
         if p.status == ProcStatus::Stopped {
             return Err(ShimError::ProcessFinished {
                 id: req.id.clone(),
@@ -773,9 +860,12 @@ impl TaskService {
 
     /// Delete an exec process, or the container (runc delete, unmount, TaskDelete).
     pub async fn task_delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get_mut(&req.id)
+        let slot = self
+            .slot(&req.id)
+            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut held = slot.lock().await;
+        let c = held
+            .as_mut()
             .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
         if !req.exec_id.is_empty() {
             let p = process(c, &req.exec_id)?;
@@ -810,7 +900,14 @@ impl TaskService {
         if c.rootfs_mounted {
             unmount(&c.bundle.join("rootfs"));
         }
-        let mut c = cs.remove(&req.id).expect("checked above");
+        let mut c = held.take().expect("checked above");
+        self.inner
+            .containers
+            .lock()
+            .expect("containers lock")
+            .remove(&req.id);
+        self.release_pids(&req.id);
+        drop(held);
         if let Some(w) = c.lazy.take() {
             // The restored tasks are gone: let the fetcher end, log and clean up.
             let _ = tokio::task::spawn_blocking(move || w.finish(LAZY_FINISH_LIMIT)).await;
@@ -837,10 +934,7 @@ impl TaskService {
 
     /// Register an exec process (started by a later Start).
     pub async fn task_exec(&self, req: ExecProcessRequest) -> Result<()> {
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut c = self.container(&req.id).await?;
         if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
             return Err(ShimError::AlreadyExists(format!(
                 "exec {:?} in {}",
@@ -883,10 +977,7 @@ impl TaskService {
 
     /// Pids of the container (`runc ps`), exec processes tagged with their exec id.
     pub async fn task_pids(&self, req: PidsRequest) -> Result<PidsResponse> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let c = self.container(&req.id).await?;
         let pids = c.runc.runc.ps(&req.id).await.map_err(|e| ShimError::Runc {
             verb: "ps",
             id: req.id.clone(),
@@ -918,10 +1009,7 @@ impl TaskService {
 
     /// `runc pause`.
     pub async fn task_pause(&self, req: PauseRequest) -> Result<()> {
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut c = self.container(&req.id).await?;
         if c.init.status != ProcStatus::Running {
             return Err(precondition(&req.id, "pause", c.init.status));
         }
@@ -947,10 +1035,7 @@ impl TaskService {
 
     /// `runc resume`.
     pub async fn task_resume(&self, req: ResumeRequest) -> Result<()> {
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get_mut(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut c = self.container(&req.id).await?;
         if c.init.status != ProcStatus::Paused {
             return Err(precondition(&req.id, "resume", c.init.status));
         }
@@ -977,10 +1062,7 @@ impl TaskService {
     /// `runc checkpoint` honouring runc's CheckpointOptions.
     pub async fn task_checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
         let mut copts = decode_checkpoint_options(&req)?;
-        let mut cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let mut c = self.container(&req.id).await?;
         copts.exit = exit_after_checkpoint(&req, &copts, &c.annotations)?;
         debug!(
             "checkpoint of {}: options {:?} ({} bytes), exit: {}",
@@ -1030,7 +1112,7 @@ impl TaskService {
         };
         // Memory still remote must be completed into the dump (crate::checkpoint_lazy).
         let paused = c.init.status == ProcStatus::Paused;
-        let pending = crate::checkpoint_lazy::prepare(c, &req.id, paused).await?;
+        let pending = crate::checkpoint_lazy::prepare(&c, &req.id, paused).await?;
         let args = checkpoint_args(&copts, &image, &work);
         // All memory local (no layer): the pages go to the page server while CRIU writes them.
         let streamer = (remote && pending.is_none() && base.is_none())
@@ -1040,14 +1122,14 @@ impl TaskService {
             Ok(out) => out,
             Err(e) => {
                 if let Some(p) = pending {
-                    crate::checkpoint_lazy::undo(c, &req.id, p).await;
+                    crate::checkpoint_lazy::undo(&c, &req.id, p).await;
                 }
                 return Err(e);
             }
         };
         if !out.status.success() {
             if let Some(p) = pending {
-                crate::checkpoint_lazy::undo(c, &req.id, p).await;
+                crate::checkpoint_lazy::undo(&c, &req.id, p).await;
             }
             let copy = c.bundle.join("criu-dump.log");
             let _ = std::fs::copy(work.join("dump.log"), &copy);
@@ -1084,7 +1166,7 @@ impl TaskService {
             let t0 = std::time::Instant::now();
             let dir = PathBuf::from(&image);
             let (s, m) = crate::checkpoint_lazy::complete(
-                c,
+                &c,
                 &req.id,
                 p,
                 dir,
@@ -1173,9 +1255,7 @@ impl TaskService {
                                 r.checkpoint
                             );
                             m.commit();
-                            if let Some(c) = cs.get_mut(&req.id) {
-                                c.base_layer = Some(b);
-                            }
+                            c.base_layer = Some(b);
                         }
                         Err(e) => warn!(
                             "checkpoint of {}: {} cannot be the next base layer: {}",
@@ -1205,33 +1285,24 @@ impl TaskService {
 
     /// Resize a process's pty.
     pub async fn task_resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
-        process(c, &req.exec_id)?
+        let c = self.container(&req.id).await?;
+        process(&c, &req.exec_id)?
             .shim_io
             .resize(req.width, req.height)
     }
 
     /// Close a process's stdin.
     pub async fn task_close_io(&self, req: CloseIORequest) -> Result<()> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let c = self.container(&req.id).await?;
         if req.stdin {
-            process(c, &req.exec_id)?.shim_io.close_stdin();
+            process(&c, &req.exec_id)?.shim_io.close_stdin();
         }
         Ok(())
     }
 
     /// `runc update --resources`.
     pub async fn task_update(&self, req: UpdateTaskRequest) -> Result<()> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let c = self.container(&req.id).await?;
         let any = req.resources.as_ref().ok_or_else(|| {
             ShimError::InvalidArgument(format!("update of {} has no resources", req.id))
         })?;
@@ -1251,10 +1322,7 @@ impl TaskService {
     /// cgroup metrics of the init process.
     pub async fn task_stats(&self, req: StatsRequest) -> Result<StatsResponse> {
         let pid = {
-            let cs = self.inner.containers.lock().await;
-            let c = cs
-                .get(&req.id)
-                .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+            let c = self.container(&req.id).await?;
             if c.init.pid == 0 || c.init.status == ProcStatus::Stopped {
                 return Err(precondition(&req.id, "get stats of", c.init.status));
             }
@@ -1271,10 +1339,7 @@ impl TaskService {
 
     /// Shim and task pids.
     pub async fn task_connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
-        let cs = self.inner.containers.lock().await;
-        let c = cs
-            .get(&req.id)
-            .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
+        let c = self.container(&req.id).await?;
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: c.init.pid,
@@ -1284,8 +1349,13 @@ impl TaskService {
 
     /// Exit the shim once it holds no containers.
     pub async fn task_shutdown(&self, _req: ShutdownRequest) -> Result<()> {
-        let cs = self.inner.containers.lock().await;
-        if cs.is_empty() {
+        if self
+            .inner
+            .containers
+            .lock()
+            .expect("containers lock")
+            .is_empty()
+        {
             self.inner.exit.signal();
         }
         Ok(())
@@ -1709,12 +1779,97 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         // ... is not claimed by a later process that reuses the pid.
         let since = std::time::Instant::now();
-        assert!(s.take_orphan_exit(4242, since).is_none());
+        assert!(s.claim_pid("c", "", 4242, since).is_none());
         // An exit recorded while the start is under way is.
         s.handle_exit(4243, 3).await;
-        assert_eq!(s.take_orphan_exit(4243, since).map(|e| e.0), Some(3));
-        assert!(s.take_orphan_exit(4243, since).is_none());
+        assert_eq!(s.claim_pid("c", "", 4243, since).map(|e| e.0), Some(3));
+        assert!(s.claim_pid("c", "", 4243, since).is_none());
         assert!(ev.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_busy_container_does_not_hold_up_its_siblings() {
+        let (s, ev) = service();
+        let dir = tempfile::tempdir().unwrap();
+        for id in ["busy", "sibling"] {
+            s.task_create(CreateTaskRequest {
+                id: id.into(),
+                bundle: dir.path().display().to_string(),
+                checkpoint: "/tmp/ctrd-checkpoint-test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        // The sibling's init runs as pid 4300 (as a start would record it).
+        {
+            let mut c = s.container("sibling").await.unwrap();
+            c.init.pid = 4300;
+            c.init.status = ProcStatus::Running;
+            assert!(s
+                .claim_pid("sibling", "", 4300, std::time::Instant::now())
+                .is_none());
+        }
+        // A long RPC of `busy` (a checkpoint uploading) holds its lock ...
+        let held = s.container("busy").await.unwrap();
+        let limit = Duration::from_millis(500);
+        // ... while the sibling answers State, takes an exec and has its exit reported.
+        let state = tokio::time::timeout(
+            limit,
+            s.task_state(StateRequest {
+                id: "sibling".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("State of a sibling waited for the busy container")
+        .unwrap();
+        assert_eq!(state.pid, 4300);
+        let spec = containerd_shim::protos::protobuf::well_known_types::any::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: br#"{"args":["true"],"cwd":"/"}"#.to_vec(),
+            ..Default::default()
+        };
+        tokio::time::timeout(
+            limit,
+            s.task_exec(ExecProcessRequest {
+                id: "sibling".into(),
+                exec_id: "e1".into(),
+                spec: MessageField::some(spec),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("Exec in a sibling waited for the busy container")
+        .unwrap();
+        s.handle_exit(4300, 7).await;
+        let wait = tokio::time::timeout(
+            limit,
+            s.task_wait(WaitRequest {
+                id: "sibling".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("the sibling's exit waited for the busy container")
+        .unwrap();
+        assert_eq!(wait.exit_status, 7);
+        // The busy container's own State waits for its RPC to end.
+        let busy = s.task_state(StateRequest {
+            id: "busy".into(),
+            ..Default::default()
+        });
+        tokio::pin!(busy);
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut busy)
+            .await
+            .is_err());
+        drop(held);
+        busy.await.unwrap();
+        let topics: Vec<String> = ev.0.lock().unwrap().clone();
+        assert!(
+            topics.iter().any(|t| t.ends_with("/exit")),
+            "no TaskExit: {topics:?}"
+        );
     }
 
     #[tokio::test]
@@ -1744,8 +1899,7 @@ mod tests {
         s.task_create(create("c")).await.unwrap();
         // Later changes to the bundle do not change the container's configuration.
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-        let cs = s.inner.containers.lock().await;
-        let c = cs.get("c").unwrap();
+        let c = s.container("c").await.unwrap();
         assert_eq!(c.cfg.fetcher.fill, FillPolicy::None);
         assert_eq!(c.annotations["io.distriproc.fill-policy"], "none");
     }

@@ -11,7 +11,9 @@
 //!     after the client timeouts; the shim keeps serving throughout. The `criu` fetcher mode
 //!     restores the same remote checkpoint over the veth too;
 //! (b) 16 concurrent `ctr c restore --live` of one remote checkpoint from one page server
-//!     (loopback), each container in its own netns, all VERIFY OK.
+//!     (loopback), each container in its own netns, all VERIFY OK;
+//! (d) in a grouped shim, a sibling answers State and Exec and has its exit reported within
+//!     100 ms while a 1 GiB remote checkpoint of another member runs (one lock per container).
 //!
 //! They skip with a reason when the stack is missing and fail instead when `CI=true`. Run with
 //! `--test-threads=1` (2 cores). Everything (namespace, veth, containerd, its shims and
@@ -738,4 +740,211 @@ fn server_restart_and_slow(containerd_dir: &str) -> Result<()> {
 #[test]
 fn remote_server_restart_and_slow_ctd21() -> Result<()> {
     server_restart_and_slow(CONTAINERD_2_1_DIR)
+}
+
+/// Pids of processes whose command line contains every one of `words`.
+fn processes_with(words: &[&str]) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    words.iter().all(|w| c.contains(w))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The socket of the shim serving `id` (its bundle's `address` file).
+fn shim_socket(ctd: &Containerd, id: &str) -> Result<String> {
+    let f = ctd.bundle_dir(id).join("address");
+    Ok(std::fs::read_to_string(&f)
+        .with_context(|| format!("read {}", f.display()))?
+        .trim()
+        .to_string())
+}
+
+/// One lock per container: in a grouped shim, while a 1 GiB remote checkpoint of one member
+/// is dumping and uploading, a sibling answers State and Exec, runs an exec process and has
+/// its exit reported, each within 100 ms (the exec's `runc exec` within 2 s), all before that
+/// checkpoint ends. Asked of the shim directly over its ttrpc socket, so that `ctr`'s own
+/// start-up is not what is measured.
+fn sibling_during_checkpoint(containerd_dir: &str) -> Result<()> {
+    use containerd_shim_protos::api::{
+        DeleteRequest, ExecProcessRequest, KillRequest, StartRequest, StateRequest, WaitRequest,
+    };
+    use containerd_shim_protos::protobuf::{well_known_types::any::Any, MessageField};
+    use containerd_shim_protos::{Client, TaskClient};
+    let Some(Setup { ctd, dir }) = start(containerd_dir, "group")? else {
+        return Ok(());
+    };
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let h = server(&store, "127.0.0.1:0".into())?;
+    write_config(dir.path(), &h.addrs()[0], TOKEN)?;
+    let group = "io.distriproc.group=e2e-lock";
+    ctd.run_detached(
+        &[group],
+        MEMHOG_IMAGE,
+        "sib",
+        &["/memhog", "serve", "--mib", "8"],
+        STATUS_TIMEOUT,
+    )?;
+    ctd.run_detached(
+        &[group],
+        MEMHOG_IMAGE,
+        "big",
+        &["/memhog", "serve", "--mib", "1024"],
+        STATUS_TIMEOUT,
+    )?;
+    let big = ctd.task_pid("big")?;
+    ensure!(memhog_query(big, MEMHOG_PORT, "PING")? == "PONG");
+    let socket = shim_socket(&ctd, "sib")?;
+    ensure!(
+        socket == shim_socket(&ctd, "big")?,
+        "sib and big are not served by one shim"
+    );
+    let client = TaskClient::new(Client::connect(&socket)?);
+    let ctx = || ttrpc_ctx(Duration::from_secs(10));
+    let limit = Duration::from_millis(100);
+    let image = "localhost/big-cp:1";
+    std::thread::scope(|scope| -> Result<()> {
+        let checkpoint = scope.spawn(|| {
+            ctd.ctr_timeout(
+                &["containers", "checkpoint", "--task", "big", image],
+                Duration::from_secs(300),
+            )
+        });
+        ensure!(
+            wait_for(
+                || !processes_with(&["runc", "checkpoint", "big"]).is_empty(),
+                Duration::from_secs(30)
+            ),
+            "runc checkpoint of big never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let state = client.state(
+            ctx(),
+            &StateRequest {
+                id: "sib".into(),
+                ..Default::default()
+            },
+        )?;
+        let state_took = t0.elapsed();
+        ensure!(state.pid > 0, "State of sib: {state:?}");
+        let spec = Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: br#"{"args":["/memhog","--no-such-option"],"cwd":"/","user":{"uid":0,"gid":0},"env":["PATH=/"]}"#.to_vec(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        client.exec(
+            ctx(),
+            &ExecProcessRequest {
+                id: "sib".into(),
+                exec_id: "probe".into(),
+                spec: MessageField::some(spec),
+                ..Default::default()
+            },
+        )?;
+        let exec_took = t0.elapsed();
+        let t0 = Instant::now();
+        client.start(
+            ctx(),
+            &StartRequest {
+                id: "sib".into(),
+                exec_id: "probe".into(),
+                ..Default::default()
+            },
+        )?;
+        let start_took = t0.elapsed();
+        client.wait(
+            ctx(),
+            &WaitRequest {
+                id: "sib".into(),
+                exec_id: "probe".into(),
+                ..Default::default()
+            },
+        )?;
+        client.delete(
+            ctx(),
+            &DeleteRequest {
+                id: "sib".into(),
+                exec_id: "probe".into(),
+                ..Default::default()
+            },
+        )?;
+        let t0 = Instant::now();
+        client.kill(
+            ctx(),
+            &KillRequest {
+                id: "sib".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )?;
+        let w = client.wait(
+            ctx(),
+            &WaitRequest {
+                id: "sib".into(),
+                ..Default::default()
+            },
+        )?;
+        let exit_took = t0.elapsed();
+        let still_checkpointing = !checkpoint.is_finished();
+        eprintln!(
+            "during big's checkpoint: State {state_took:?}, Exec {exec_took:?}, exec Start \
+             {start_took:?}, kill to exit reported {exit_took:?} (status {}); checkpoint still \
+             running: {still_checkpointing}",
+            w.exit_status
+        );
+        ensure!(w.exit_status == 137, "sib's exit status {}", w.exit_status);
+        ensure!(state_took < limit, "State of sib took {state_took:?}");
+        ensure!(exec_took < limit, "Exec in sib took {exec_took:?}");
+        ensure!(
+            start_took < Duration::from_secs(2),
+            "Start of sib's exec took {start_took:?}"
+        );
+        ensure!(
+            exit_took < limit,
+            "sib's exit was reported after {exit_took:?}"
+        );
+        ensure!(
+            still_checkpointing,
+            "big's checkpoint ended before the probes did: they prove nothing"
+        );
+        let out = checkpoint
+            .join()
+            .map_err(|_| anyhow::anyhow!("checkpoint thread panicked"))??;
+        ensure!(
+            out.status.success(),
+            "checkpoint of big: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    })?;
+    remove(&ctd, "sib");
+    remove(&ctd, "big");
+    Ok(())
+}
+
+fn ttrpc_ctx(timeout: Duration) -> containerd_shim_protos::ttrpc::context::Context {
+    containerd_shim_protos::ttrpc::context::with_timeout(
+        i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX),
+    )
+}
+
+#[test]
+fn remote_sibling_during_checkpoint_ctd21() -> Result<()> {
+    sibling_during_checkpoint(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn remote_sibling_during_checkpoint_ctd17() -> Result<()> {
+    sibling_during_checkpoint(CONTAINERD_1_7_DIR)
 }
