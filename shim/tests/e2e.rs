@@ -735,3 +735,100 @@ fn shim_killed_ctd21() -> Result<()> {
 fn shim_killed_ctd17() -> Result<()> {
     shim_killed(CONTAINERD_1_7_DIR)
 }
+
+/// The engine logs through `tracing`, the shim through `log`: the engine's events must reach
+/// containerd's log all the same. A restore whose working-set profile cannot be read (the
+/// profile directory is a file) raises the fetcher's warning, and the fetcher's per-restore
+/// summary follows when the container is gone; both must be in containerd's log (which the
+/// shim's log reaches through its log fifo).
+fn engine_log(dir: &str) -> Result<()> {
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some() {
+        eprintln!("SKIPPED: lazy test with DISTRIPROC_EAGER_RESTORE set");
+        return Ok(());
+    }
+    if !require_stack_in(Path::new(dir)) {
+        return Ok(());
+    }
+    use distriproc_harness::{memhog_query, MEMHOG_IMAGE, MEMHOG_PORT};
+    let tmp = tempfile::tempdir()?;
+    let not_a_dir = tmp.path().join("profiles-is-a-file");
+    std::fs::write(&not_a_dir, "not a directory")?;
+    let cfg = tmp.path().join("shim.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[fetcher]\nfill = \"profile\"\nprofile_dir = \"{}\"\n",
+            not_a_dir.display()
+        ),
+    )?;
+    let mut opts = ContainerdOpts::with_containerd_dir(dir).shim(SHIM);
+    opts.env
+        .push(("DISTRIPROC_CONFIG".into(), cfg.display().to_string()));
+    let ctd = Containerd::start(opts)?;
+    ctd.import_test_images()?;
+    ctd.run_detached(
+        &[],
+        MEMHOG_IMAGE,
+        "lg",
+        &["/memhog", "serve", "--mib", "16"],
+        STATUS_TIMEOUT,
+    )?;
+    let pid = ctd.task_pid("lg")?;
+    ensure!(memhog_query(pid, MEMHOG_PORT, "PING")? == "PONG");
+    ctd.checkpoint_and_remove("lg", "localhost/lg-cp:1", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "lgr",
+        "localhost/lg-cp:1",
+    ])?;
+    ctd.wait_status("lgr", "RUNNING", STATUS_TIMEOUT)?;
+    let pid = ctd.task_pid("lgr")?;
+    let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(
+        verify.starts_with("OK"),
+        "VERIFY after the restore: {verify}"
+    );
+    let warned = |log: &str| {
+        log.lines()
+            .find(|l| {
+                l.contains("working-set profile refused")
+                    && l.contains("profiles-is-a-file")
+                    && l.contains("level=warn")
+            })
+            .map(str::to_owned)
+    };
+    ensure!(
+        wait_for(
+            || warned(&ctd.log_text()).is_some(),
+            Duration::from_secs(10)
+        ),
+        "the fetcher's warning is not in containerd's log:\n{}",
+        ctd.log_tail(40)
+    );
+    eprintln!("{}", warned(&ctd.log_text()).unwrap_or_default());
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "lgr"])?;
+    ctd.wait_status("lgr", "STOPPED", STATUS_TIMEOUT)?;
+    ctd.ctr_ok(&["tasks", "rm", "lgr"])?;
+    ensure!(
+        wait_for(
+            || ctd.log_text().contains("lazy-pages fetcher finished"),
+            Duration::from_secs(10)
+        ),
+        "the fetcher's per-restore summary is not in containerd's log:\n{}",
+        ctd.log_tail(40)
+    );
+    let _ = ctd.ctr(&["containers", "rm", "lgr"]);
+    Ok(())
+}
+
+#[test]
+fn engine_log_ctd21() -> Result<()> {
+    engine_log(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn engine_log_ctd17() -> Result<()> {
+    engine_log(CONTAINERD_1_7_DIR)
+}
