@@ -1,7 +1,7 @@
 //! DistriProc's restore engine, below the shim: CRIU image reading (`images`), page sources
 //! (`source`: local images; `remote`: the page server), the userfaultfd fetcher (`fetcher`),
 //! working-set profiles (`profile`), the page-server wire protocol (`protocol`), restore
-//! statistics (`stats`) and the runc command lines (`runc_cmd`).
+//! statistics (`stats`).
 pub mod fetcher;
 pub mod images;
 pub mod layer;
@@ -9,7 +9,6 @@ pub mod profile;
 pub mod protocol;
 pub mod remote;
 pub mod residency;
-pub mod runc_cmd;
 pub mod source;
 pub mod stats;
 pub mod upload_client;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use distriproc_config::ShimConfig;
 
 use crate::{
+    error::ShimError,
     io::{IoDone, ShimStdio, StdioPaths},
     options::ShimOptions,
     runc::RuncClient,
@@ -67,6 +68,35 @@ pub struct Process {
 }
 
 impl Process {
+    /// `Ok` if the process is in one of the `allowed` states, else FailedPrecondition: `op`
+    /// (of container `id`) cannot be done in its state.
+    pub fn require(
+        &self,
+        id: &str,
+        op: &'static str,
+        allowed: &[ProcStatus],
+    ) -> Result<(), ShimError> {
+        if allowed.contains(&self.status) {
+            Ok(())
+        } else {
+            Err(precondition(id, op, self.status))
+        }
+    }
+
+    /// `Ok` unless the process is in one of the `refused` states.
+    pub fn refuse(
+        &self,
+        id: &str,
+        op: &'static str,
+        refused: &[ProcStatus],
+    ) -> Result<(), ShimError> {
+        if refused.contains(&self.status) {
+            Err(precondition(id, op, self.status))
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn new(exec_id: &str, stdio: StdioPaths) -> Self {
         Process {
             exec_id: exec_id.to_owned(),
@@ -116,6 +146,15 @@ pub struct Container {
 }
 
 impl Container {
+    /// The init process or an exec process, or ProcessNotFound.
+    pub fn get_process(&self, exec_id: &str) -> Result<&Process, ShimError> {
+        self.process(exec_id)
+            .ok_or_else(|| ShimError::ProcessNotFound {
+                id: self.id.clone(),
+                exec_id: exec_id.to_owned(),
+            })
+    }
+
     /// The init process or an exec process.
     pub fn process(&self, exec_id: &str) -> Option<&Process> {
         if exec_id.is_empty() {
@@ -132,5 +171,14 @@ impl Container {
         } else {
             self.execs.get_mut(exec_id)
         }
+    }
+}
+
+/// FailedPrecondition: `op` of container `id` in `status`.
+pub fn precondition(id: &str, op: &'static str, status: ProcStatus) -> ShimError {
+    ShimError::FailedPrecondition {
+        id: id.to_owned(),
+        op,
+        state: status.name().to_owned(),
     }
 }

@@ -17,7 +17,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::{
     error::{Result, ShimError},
-    task::EventSink,
+    events::EventSink,
 };
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";

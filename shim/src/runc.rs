@@ -5,7 +5,7 @@
 //! spawning runc and takes runc's exit status from the monitor instead of `wait()`; it implements
 //! the `runc` crate's `Spawner` so the crate's create/start/exec/kill/... use it too.
 //! Checkpoint and restore, which the crate does not implement, are run from the typed argv of
-//! `distriproc_runtime::runc_cmd` through the same executor ([`RuncClient::run_raw`]).
+//! `crate::runc_cmd` through the same executor ([`RuncClient::run_raw`]).
 //!
 //! Every runc command, the crate's and the raw ones, runs the way containerd's runc shim
 //! (go-runc, `pkg/process.NewRunc`) runs it, so that a wrapper chosen as `BinaryName` (such as
@@ -24,9 +24,9 @@ use std::{
     sync::Arc,
 };
 
+use crate::runc_cmd::GlobalArgs;
 use async_trait::async_trait;
 use containerd_shim::monitor::{monitor_subscribe, monitor_unsubscribe, Subject, Topic};
-use distriproc_runtime::runc_cmd::GlobalArgs;
 use runc::{options::GlobalOpts, Command, Runc, Spawner};
 use tokio::io::AsyncReadExt;
 

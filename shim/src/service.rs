@@ -31,11 +31,13 @@ use log::{info, warn};
 use runc::options::DeleteOpts;
 
 use crate::{
+    create::bundle_annotations,
     error::ShimError,
+    events::RemoteEvents,
     lazy::{EagerOnly, LazyBackend},
     options::ShimOptions,
     runc::RuncClient,
-    task::{bundle_annotations, RemoteEvents, TaskService},
+    task::TaskService,
 };
 
 /// The runtime type containerd knows this shim by.

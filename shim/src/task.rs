@@ -1,151 +1,83 @@
-//! The containerd Task service (task API v2).
+//! The containerd Task service (task API v2): the containers of one shim and the lifecycle
+//! RPCs.
 //!
-//! [`TaskService`] holds the containers of this shim; each RPC's logic is a `task_<verb>` method
-//! returning [`ShimError`], and the ttrpc `Task` impl at the bottom only forwards and converts the
-//! error. Exits come from containerd-shim's exit monitor (the shim is a subreaper); an exit is
-//! published as TaskExit once the process's output has been drained, and only then does Wait
-//! return. Events leave through an [`EventSink`] so tests can capture them.
+//! [`TaskService`] holds the containers; each RPC's logic is a `task_<verb>` method returning
+//! [`ShimError`] (`crate::rpc` is the ttrpc adapter that forwards to them). The heavy verbs
+//! have their own files: `crate::restore` (Start of a container created from a checkpoint),
+//! `crate::checkpoint`; exits are `crate::exits`, events `crate::events`, the stdio handed to
+//! runc `crate::stdio`.
 //!
 //! Locking: each container has its own lock, held for the whole of one of its RPCs (a restore
 //! or a checkpoint's upload included); the map of containers is locked only to look a
-//! container up, and exits are routed by pid without it (`ExitRouting`), so in a grouped shim
-//! (a Kubernetes pod) a long checkpoint of one member never delays its siblings' RPCs or exits.
+//! container up, and exits are routed by pid without it (`crate::exits::ExitRouting`), so in a
+//! grouped shim (a Kubernetes pod) a long checkpoint of one member never delays its siblings'
+//! RPCs or exits.
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
 
-use async_trait::async_trait;
 use containerd_shim::{
     api::{
-        CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest,
-        CreateTaskResponse, DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest,
-        PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest,
-        StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+        CloseIORequest, ConnectRequest, ConnectResponse, DeleteRequest, DeleteResponse,
+        ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest,
+        ResumeRequest, ShutdownRequest, StateRequest, StateResponse, StatsRequest, StatsResponse,
         UpdateTaskRequest, WaitRequest, WaitResponse,
     },
-    event::Event,
-    monitor::{monitor_subscribe, Subject, Topic},
     protos::{
-        events::task::{
-            TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit,
-            TaskIO, TaskPaused, TaskResumed, TaskStart,
-        },
-        protobuf::{well_known_types::timestamp::Timestamp, Message, MessageDyn, MessageField},
-        shim::oci::{CheckpointOptions, ProcessDetails},
+        events::task::{TaskDelete, TaskExecAdded, TaskPaused, TaskResumed},
+        protobuf::MessageField,
+        shim::oci::ProcessDetails,
         types::task::ProcessInfo,
     },
     util::convert_to_any,
-    ExitSignal, Task, TtrpcContext, TtrpcResult,
+    ExitSignal,
 };
-use distriproc_config::ShimConfig;
-use distriproc_runtime::error_chain;
-use distriproc_runtime::protocol::upload::ParentRef;
-use distriproc_runtime::runc_cmd::{CheckpointArgs, CriuFlags, RestoreArgs};
-use log::{debug, info, warn};
-use runc::options::{CreateOpts, DeleteOpts, ExecOpts, KillOpts};
+use log::warn;
+use runc::options::{DeleteOpts, KillOpts};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
-use crate::store::MemoryDestination;
 use crate::{
-    container::{Container, ProcStatus, Process, RestorePlan},
+    container::{Container, ProcStatus, Process},
     error::{Result, ShimError},
-    io::{self, ConsoleSocket, StdioPaths},
-    lazy::{self, LazyBackend},
-    options::{self, ShimOptions},
-    runc::RuncClient,
+    events::{now, send, EventSink},
+    exits::ExitRouting,
+    io::StdioPaths,
+    lazy::LazyBackend,
 };
 
 /// How long TaskExit waits for a process's output to drain.
-const IO_DRAIN_LIMIT: Duration = Duration::from_secs(2);
-/// How long to wait for runc to send a pty master.
-const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const IO_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// How long Delete waits for a lazy restore's fetcher to wind down.
 const LAZY_FINISH_LIMIT: Duration = Duration::from_secs(3);
-/// How long an exit of an unknown pid is kept.
-const ORPHAN_EXIT_TTL: Duration = Duration::from_secs(60);
-/// Exits of unknown pids kept for processes whose pid is not recorded yet.
-const MAX_ORPHAN_EXITS: usize = 1024;
-/// Above this many kept exits, those older than [`ORPHAN_EXIT_TTL`] are dropped.
-const ORPHAN_PRUNE_AT: usize = 64;
-
-/// Where events go. Order of calls is the order containerd sees.
-pub trait EventSink: Send + Sync {
-    fn publish(&self, topic: String, event: Box<dyn MessageDyn>);
-}
-
-/// An [`EventSink`] that forwards to containerd through the shim's publisher, in order.
-pub struct RemoteEvents {
-    tx: tokio::sync::mpsc::UnboundedSender<(String, Box<dyn MessageDyn>)>,
-}
-
-impl RemoteEvents {
-    /// Start the forwarding task.
-    pub fn new(publisher: containerd_shim::publisher::RemotePublisher, namespace: String) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
-        tokio::spawn(async move {
-            while let Some((topic, ev)) = rx.recv().await {
-                let ctx = containerd_shim::Context::default();
-                if let Err(e) = publisher.publish(ctx, &topic, &namespace, ev).await {
-                    warn!("publish {topic}: {e}");
-                }
-            }
-        });
-        RemoteEvents { tx }
-    }
-}
-
-impl EventSink for RemoteEvents {
-    fn publish(&self, topic: String, event: Box<dyn MessageDyn>) {
-        let _ = self.tx.send((topic, event));
-    }
-}
-
-fn now() -> Timestamp {
-    containerd_shim::util::timestamp().unwrap_or_default()
-}
-
-fn send<E: Event + MessageDyn>(sink: &dyn EventSink, e: E) {
-    sink.publish(e.topic(), Box::new(e));
-}
 
 /// A container's slot in the map: `None` while its Create runs (the creator holds the lock)
 /// and once it is deleted, for callers that were waiting on it.
-type Slot = Arc<Mutex<Option<Container>>>;
+pub(crate) type Slot = Arc<Mutex<Option<Container>>>;
 
 /// A locked container. Each container has its own lock, held for as long as one of its RPCs
 /// runs (a restore or a checkpoint's upload included); the map of containers is only locked
 /// to look a slot up, so the siblings of a grouped shim never wait for each other.
 type ContainerGuard = OwnedMappedMutexGuard<Option<Container>, Container>;
 
-/// Which process a pid is, and the exits of pids not known yet. One lock for both, so an exit
-/// is either routed to its process or kept for the start that is about to claim its pid.
-#[derive(Default)]
-struct ExitRouting {
-    /// Pids of started processes: (container id, exec id).
-    owners: HashMap<u32, (String, String)>,
-    /// Exits of unknown pids: (code, time, when recorded).
-    orphans: HashMap<u32, (u32, Timestamp, std::time::Instant)>,
-}
-
-struct Inner {
-    namespace: String,
-    containers: StdMutex<HashMap<String, Slot>>,
-    exits: StdMutex<ExitRouting>,
-    events: Arc<dyn EventSink>,
-    exit: Arc<ExitSignal>,
-    lazy: Arc<dyn LazyBackend>,
+pub(crate) struct Inner {
+    pub(crate) namespace: String,
+    pub(crate) containers: StdMutex<HashMap<String, Slot>>,
+    pub(crate) exits: StdMutex<ExitRouting>,
+    pub(crate) events: Arc<dyn EventSink>,
+    pub(crate) exit: Arc<ExitSignal>,
+    pub(crate) lazy: Arc<dyn LazyBackend>,
     /// Retention of the node-local stores this process checkpoints into.
-    sweeper: Arc<crate::retention::Sweeper>,
+    pub(crate) sweeper: Arc<crate::retention::Sweeper>,
 }
 
 /// The task service of one shim.
 #[derive(Clone)]
 pub struct TaskService {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl TaskService {
@@ -175,65 +107,8 @@ impl TaskService {
         }
     }
 
-    /// Subscribe to the exit monitor (now) and handle exits (in a task).
-    pub async fn watch_exits(&self) -> Result<()> {
-        let mut sub = monitor_subscribe(Topic::Pid).await?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = sub.rx.recv().await {
-                if let Subject::Pid(pid) = ev.subject {
-                    if let Ok(pid) = u32::try_from(pid) {
-                        me.handle_exit(pid, ev.exit_code).await;
-                    }
-                }
-            }
-        });
-        Ok(())
-    }
-
-    /// Record an exit and publish it once the output is drained. The exit is handled in a task
-    /// of its own: a container busy in a long RPC (a checkpoint's upload) delays its own exits
-    /// only, not the next exit the monitor reports.
-    pub async fn handle_exit(&self, pid: u32, code: i32) {
-        let code = u32::try_from(code).unwrap_or(255);
-        let at = now();
-        let owner = {
-            let mut r = self.inner.exits.lock().expect("exit routing lock");
-            match r.owners.remove(&pid) {
-                Some(o) => o,
-                None => {
-                    // Mostly runc's, CRIU's and keepers' own exits. Only an exit recorded while
-                    // a start is under way can be claimed (see `claim_pid`), so old entries are
-                    // useless: a shim serving many containers for long would otherwise keep
-                    // them until the pid is reused.
-                    if r.orphans.len() >= ORPHAN_PRUNE_AT {
-                        r.orphans.retain(|_, e| e.2.elapsed() < ORPHAN_EXIT_TTL);
-                    }
-                    if r.orphans.len() < MAX_ORPHAN_EXITS {
-                        r.orphans.insert(pid, (code, at, std::time::Instant::now()));
-                    }
-                    return;
-                }
-            }
-        };
-        let (id, exec_id) = owner;
-        let Some(slot) = self.slot(&id) else {
-            return;
-        };
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut g = slot.lock().await;
-            let Some(c) = g.as_mut() else { return };
-            if let Some(p) = c.process_mut(&exec_id) {
-                if p.pid == pid && p.status != ProcStatus::Stopped {
-                    me.mark_exited(&id, p, code, at);
-                }
-            }
-        });
-    }
-
     /// The slot of container `id`, if it is known.
-    fn slot(&self, id: &str) -> Option<Slot> {
+    pub(crate) fn slot(&self, id: &str) -> Option<Slot> {
         self.inner
             .containers
             .lock()
@@ -244,7 +119,7 @@ impl TaskService {
 
     /// Container `id`, locked for the caller; waits while another RPC of the same container
     /// runs, never for another container.
-    async fn container(&self, id: &str) -> Result<ContainerGuard> {
+    pub(crate) async fn container(&self, id: &str) -> Result<ContainerGuard> {
         let slot = self
             .slot(id)
             .ok_or_else(|| ShimError::NotFound(id.to_owned()))?;
@@ -252,520 +127,22 @@ impl TaskService {
             .map_err(|_| ShimError::NotFound(id.to_owned()))
     }
 
-    fn mark_exited(&self, id: &str, p: &mut Process, code: u32, at: Timestamp) {
-        debug!(
-            "process {:?} of {id} (pid {}) exited {code}",
-            p.exec_id, p.pid
-        );
-        p.status = ProcStatus::Stopped;
-        p.exit_status = code;
-        p.exited_at = Some(at.clone());
-        let ev = TaskExit {
-            container_id: id.to_owned(),
-            id: if p.exec_id.is_empty() {
-                id.to_owned()
-            } else {
-                p.exec_id.clone()
-            },
-            pid: p.pid,
-            exit_status: code,
-            exited_at: MessageField::some(at),
-            ..Default::default()
-        };
-        let done = p.io_done.take();
-        let exited = p.exited.clone();
-        let events = self.inner.events.clone();
-        tokio::spawn(async move {
-            if let Some(d) = done {
-                d.wait(IO_DRAIN_LIMIT).await;
-            }
-            send(events.as_ref(), ev);
-            // send_replace: `send` drops the value when no Wait is subscribed yet.
-            exited.send_replace(true);
-        });
-    }
-
-    /// Route the exits of `pid` to process `exec_id` of container `id` from now on, or return
-    /// its exit if it arrived before, during the start that began at `since`. An older exit of
-    /// the same pid is a previous process's (pids wrap around; a grouped shim lives through
-    /// many of them) and is dropped, not claimed.
-    fn claim_pid(
-        &self,
-        id: &str,
-        exec_id: &str,
-        pid: u32,
-        since: std::time::Instant,
-    ) -> Option<(u32, Timestamp)> {
-        let mut r = self.inner.exits.lock().expect("exit routing lock");
-        match r.orphans.remove(&pid) {
-            Some((code, at, recorded)) if recorded >= since => Some((code, at)),
-            _ => {
-                r.owners.insert(pid, (id.to_owned(), exec_id.to_owned()));
-                None
-            }
-        }
-    }
-
-    /// Forget the pids of a deleted container's processes.
-    fn release_pids(&self, id: &str) {
-        self.inner
-            .exits
-            .lock()
-            .expect("exit routing lock")
-            .owners
-            .retain(|_, o| o.0 != id);
-    }
-
-    fn watch_oom(&self, id: &str, pid: u32) {
+    pub(crate) fn watch_oom(&self, id: &str, pid: u32) {
         if let Err(e) = crate::oom::watch(id.to_owned(), pid, self.inner.events.clone()) {
             warn!("no oom events for {id}: {e}");
         }
     }
 
-    fn events(&self) -> &dyn EventSink {
+    pub(crate) fn events(&self) -> &dyn EventSink {
         self.inner.events.as_ref()
     }
 
     // ---- RPC logic ----
 
-    /// Create: mount the rootfs, `runc create` (or record a checkpoint to restore at Start).
-    pub async fn task_create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
-        // The id is taken at once, by a slot locked until the container exists.
-        let slot: Slot = Arc::new(Mutex::new(None));
-        let mut guard = slot
-            .clone()
-            .try_lock_owned()
-            .expect("a new slot is unlocked");
-        {
-            let mut cs = self.inner.containers.lock().expect("containers lock");
-            if cs.contains_key(&req.id) {
-                return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
-            }
-            cs.insert(req.id.clone(), slot);
-        }
-        let since = std::time::Instant::now();
-        let result = self.create_container(&req).await;
-        match result {
-            Ok(mut c) => {
-                let pid = c.init.pid;
-                let ev = TaskCreate {
-                    container_id: req.id.clone(),
-                    bundle: req.bundle.clone(),
-                    rootfs: req.rootfs.clone(),
-                    io: MessageField::some(TaskIO {
-                        stdin: req.stdin.clone(),
-                        stdout: req.stdout.clone(),
-                        stderr: req.stderr.clone(),
-                        terminal: req.terminal,
-                        ..Default::default()
-                    }),
-                    checkpoint: req.checkpoint.clone(),
-                    pid,
-                    ..Default::default()
-                };
-                send(self.events(), ev);
-                if pid > 0 {
-                    if let Some((code, at)) = self.claim_pid(&req.id, "", pid, since) {
-                        self.mark_exited(&req.id, &mut c.init, code, at);
-                    }
-                    self.watch_oom(&req.id, pid);
-                }
-                *guard = Some(c);
-                Ok(CreateTaskResponse {
-                    pid,
-                    ..Default::default()
-                })
-            }
-            Err(e) => {
-                self.inner
-                    .containers
-                    .lock()
-                    .expect("containers lock")
-                    .remove(&req.id);
-                Err(e)
-            }
-        }
-    }
-
-    /// Everything of Create but publishing it: options, config, rootfs, `runc create`.
-    async fn create_container(&self, req: &CreateTaskRequest) -> Result<Container> {
-        let opts = options::decode(req.options.as_ref())?;
-        let bundle = PathBuf::from(&req.bundle);
-        let annotations = bundle_annotations(&bundle);
-        let cfg = config_with_annotations(&opts, &annotations)?;
-        let opts = opts.with_runc_config(&cfg.runc);
-        let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
-        let rootfs = bundle.join("rootfs");
-        let mut rootfs_mounted = false;
-        if !req.rootfs.is_empty() {
-            std::fs::create_dir_all(&rootfs).map_err(|e| ShimError::io("create", &rootfs, e))?;
-            for m in &req.rootfs {
-                if let Err(e) = containerd_shim::util::mount_rootfs(m, &rootfs).await {
-                    // The mounts made so far go with the failed Create.
-                    unmount(&rootfs);
-                    return Err(ShimError::Other(format!("mount rootfs of {}: {e}", req.id)));
-                }
-            }
-            rootfs_mounted = true;
-        }
-        let result = self
-            .create_inner(req, opts, (annotations, cfg), runc, rootfs_mounted)
-            .await;
-        if result.is_err() && rootfs_mounted {
-            unmount(&rootfs);
-        }
-        result
-    }
-
-    async fn create_inner(
-        &self,
-        req: &CreateTaskRequest,
-        opts: ShimOptions,
-        (annotations, cfg): (HashMap<String, String>, ShimConfig),
-        runc: RuncClient,
-        rootfs_mounted: bool,
-    ) -> Result<Container> {
-        let bundle = PathBuf::from(&req.bundle);
-        opts.save(&bundle)?;
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let mut init = Process::new("", stdio.clone());
-        let images = if !req.checkpoint.is_empty() {
-            req.checkpoint.clone()
-        } else {
-            opts.criu_image_path.clone()
-        };
-        let restore = if images.is_empty() {
-            None
-        } else {
-            let work = if opts.criu_work_path.is_empty() {
-                bundle.join("work")
-            } else {
-                PathBuf::from(&opts.criu_work_path)
-            };
-            Some(RestorePlan {
-                images: PathBuf::from(images),
-                work,
-            })
-        };
-        if restore.is_none() {
-            let pid_file = bundle.join("init.pid");
-            let mut copts = CreateOpts::new()
-                .pid_file(&pid_file)
-                .no_pivot(opts.no_pivot_root)
-                .no_new_keyring(opts.no_new_keyring);
-            let mut pending = PendingStdio::new(&mut init)?;
-            if let Some(path) = pending.console_path() {
-                copts = copts.console_socket(&path);
-            }
-            if let Some(cs) = pending.take_pipes() {
-                copts = copts.io(Arc::new(cs));
-            }
-            let console = pending.receive();
-            if let Err(e) = runc.runc.create(&req.id, &bundle, Some(&copts)).await {
-                if let Some(c) = console {
-                    c.abort();
-                }
-                return Err(ShimError::Runc {
-                    verb: "create",
-                    id: req.id.clone(),
-                    detail: runc.describe(&e),
-                });
-            }
-            init.pid = read_pid(&pid_file)?;
-            if let Some(c) = console {
-                c.finish(&mut init, &req.id).await?;
-            }
-        }
-        Ok(Container {
-            id: req.id.clone(),
-            bundle,
-            opts,
-            annotations,
-            cfg,
-            runc,
-            init,
-            execs: HashMap::new(),
-            rootfs_mounted,
-            restore,
-            lazy: None,
-            lazy_view: None,
-            base_layer: None,
-        })
-    }
-
-    /// Start the init process (`runc start`, or restore) or an exec process (`runc exec`).
-    pub async fn task_start(&self, req: StartRequest) -> Result<StartResponse> {
-        let mut c = self.container(&req.id).await?;
-        let since = std::time::Instant::now();
-        let pid = if req.exec_id.is_empty() {
-            if c.init.status != ProcStatus::Created {
-                return Err(precondition(&req.id, "start", c.init.status));
-            }
-            if let Some(plan) = c.restore.clone() {
-                self.restore(&mut c, &plan).await?;
-                self.watch_oom(&req.id, c.init.pid);
-            } else {
-                c.runc
-                    .runc
-                    .start(&req.id)
-                    .await
-                    .map_err(|e| ShimError::Runc {
-                        verb: "start",
-                        id: req.id.clone(),
-                        detail: c.runc.describe(&e),
-                    })?;
-                c.init.status = ProcStatus::Running;
-            }
-            let pid = c.init.pid;
-            // Containers that live long keep their node's store swept (crate::retention).
-            self.inner.sweeper.watch(&c.cfg.store);
-            send(
-                self.events(),
-                TaskStart {
-                    container_id: req.id.clone(),
-                    pid,
-                    ..Default::default()
-                },
-            );
-            if let Some((code, at)) = self.claim_pid(&req.id, "", pid, since) {
-                self.mark_exited(&req.id, &mut c.init, code, at);
-            }
-            pid
-        } else {
-            self.start_exec(&mut c, &req.exec_id).await?
-        };
-        Ok(StartResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    async fn start_exec(&self, c: &mut Container, exec_id: &str) -> Result<u32> {
-        let since = std::time::Instant::now();
-        if c.init.status == ProcStatus::Stopped {
-            return Err(precondition(&c.id, "exec in", c.init.status));
-        }
-        let id = c.id.clone();
-        let runc = c.runc.clone();
-        let bundle = c.bundle.clone();
-        let p = c
-            .execs
-            .get_mut(exec_id)
-            .ok_or_else(|| ShimError::ProcessNotFound {
-                id: id.clone(),
-                exec_id: exec_id.to_owned(),
-            })?;
-        if p.status != ProcStatus::Created {
-            return Err(precondition(&id, "start exec of", p.status));
-        }
-        let spec_json = p.spec.clone().unwrap_or_default();
-        let spec: oci_spec::runtime::Process = serde_json::from_value(spec_json)
-            .map_err(|e| ShimError::InvalidArgument(format!("exec spec of {id}/{exec_id}: {e}")))?;
-        let pid_file = bundle.join(format!("{exec_id}.pid"));
-        let mut eopts = ExecOpts::new().pid_file(&pid_file).detach(true);
-        let mut pending = PendingStdio::new(p)?;
-        if let Some(path) = pending.console_path() {
-            eopts = eopts.console_socket(&path);
-        }
-        if let Some(cs) = pending.take_pipes() {
-            eopts = eopts.io(Arc::new(cs));
-        }
-        let console = pending.receive();
-        if let Err(e) = runc.runc.exec(&id, &spec, Some(&eopts)).await {
-            if let Some(c) = console {
-                c.abort();
-            }
-            return Err(ShimError::Runc {
-                verb: "exec",
-                id,
-                detail: runc.describe(&e),
-            });
-        }
-        p.pid = read_pid(&pid_file)?;
-        p.status = ProcStatus::Running;
-        if let Some(c) = console {
-            c.finish(p, &format!("{id}/{exec_id}")).await?;
-        }
-        let pid = p.pid;
-        send(
-            self.events(),
-            TaskExecStarted {
-                container_id: id.clone(),
-                exec_id: exec_id.to_owned(),
-                pid,
-                ..Default::default()
-            },
-        );
-        if let Some((code, at)) = self.claim_pid(&id, exec_id, pid, since) {
-            self.mark_exited(&id, p, code, at);
-        }
-        Ok(pid)
-    }
-
-    /// `runc restore` of a created-from-checkpoint container (lazy when the backend is).
-    async fn restore(&self, c: &mut Container, plan: &RestorePlan) -> Result<()> {
-        let id = c.id.clone();
-        std::fs::create_dir_all(&plan.work).map_err(|e| ShimError::io("create", &plan.work, e))?;
-        let restore_log = plan.work.join("restore.log");
-        let stdio = c.init.stdio.clone();
-        let pid_file = c.bundle.join("init.pid");
-        let mut args = RestoreArgs::new(&plan.images, &plan.work, &c.bundle)
-            .pid_file(&pid_file)
-            .no_pivot(c.opts.no_pivot_root);
-        if stdio.terminal {
-            args = args.criu_flags(CriuFlags {
-                shell_job: true,
-                ..Default::default()
-            });
-        }
-        let mut pending = PendingStdio::new(&mut c.init)?;
-        if let Some(path) = pending.console_path() {
-            args = args.console_socket(path);
-        }
-        let pipes = pending.take_pipes();
-        let restore_err = |detail: String| ShimError::Restore {
-            id: id.clone(),
-            detail,
-            log: restore_log.clone(),
-        };
-        let reference = crate::remote::read_reference(&plan.images)
-            .map_err(|e| restore_err(error_chain(&e)))?;
-        if reference.is_some() && !self.inner.lazy.is_lazy() {
-            return Err(restore_err(format!(
-                "{} keeps its memory in {} and needs a lazy restore, but lazy restore is off",
-                plan.images.display(),
-                reference.as_ref().map_or("", |r| r.endpoint.as_str())
-            )));
-        }
-        let mut base_layer = None;
-        let session = if self.inner.lazy.is_lazy() {
-            let shim_cfg = &c.cfg;
-            let in_store = reference
-                .as_ref()
-                .and_then(|r| crate::store::parse_endpoint(&r.endpoint));
-            let pages = match (&reference, in_store) {
-                (None, _) => lazy::PagesFrom::Local,
-                (Some(r), Some(store)) => {
-                    let expect = r.digest().map_err(|e| restore_err(error_chain(&e)))?;
-                    let entry = crate::store::open_entry(&store, &r.checkpoint, expect)
-                        .map_err(|e| restore_err(error_chain(&e)))?;
-                    info!(
-                        "restoring {id} from checkpoint {:?} of the node-local store {}",
-                        r.checkpoint,
-                        store.display()
-                    );
-                    let entry = std::sync::Arc::new(entry);
-                    base_layer = crate::remote::BaseLayer::stored(r, entry.clone()).ok();
-                    lazy::PagesFrom::Store(entry)
-                }
-                (Some(r), None) => {
-                    let (endpoint, opts) = crate::remote::client(
-                        &shim_cfg.pageserver,
-                        Some(&r.endpoint),
-                        &r.checkpoint,
-                        &id,
-                    )
-                    .map_err(|e| restore_err(error_chain(&e)))?;
-                    let expect = r.digest().map_err(|e| restore_err(error_chain(&e)))?;
-                    info!(
-                        "restoring {id} from remote checkpoint {:?} at {endpoint}",
-                        r.checkpoint
-                    );
-                    base_layer = Some(crate::remote::BaseLayer {
-                        endpoint: endpoint.to_string(),
-                        parent: ParentRef {
-                            checkpoint: r.checkpoint.clone(),
-                            digest: expect,
-                        },
-                        lease: None,
-                    });
-                    lazy::PagesFrom::Remote {
-                        endpoint,
-                        opts: Box::new(opts),
-                        expect,
-                    }
-                }
-            };
-            let s = self
-                .inner
-                .lazy
-                .start(&plan.work, &plan.images, &shim_cfg.fetcher, &pages)
-                .map_err(|e| ShimError::Restore {
-                    id: id.clone(),
-                    detail: e.to_string(),
-                    log: restore_log.clone(),
-                })?;
-            args = args.lazy_pages(true);
-            Some(s)
-        } else {
-            None
-        };
-        let console = pending.receive();
-        let stdio_fds = match &pipes {
-            Some(cs) => Some(
-                cs.stdio()
-                    .map_err(|e| ShimError::io("dup stdio of", &c.bundle, e))?,
-            ),
-            None => None,
-        };
-        info!(
-            "restoring {id} from {} (lazy: {})",
-            plan.images.display(),
-            session.is_some()
-        );
-        let out = c.runc.run_raw(args.args(&id), stdio_fds).await;
-        if let Some(cs) = &pipes {
-            cs.close();
-        }
-        let failed = match out {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(c.runc.with_log_tail(format!(
-                "runc restore {}",
-                crate::runc::outcome(&o.status, &o.stdout, &o.stderr)
-            ))),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(detail) = failed {
-            if let Some(s) = &session {
-                s.stop();
-            }
-            if let Some(c) = console {
-                c.abort();
-            }
-            return Err(ShimError::Restore {
-                id,
-                detail,
-                log: restore_log,
-            });
-        }
-        c.init.pid = read_pid(&pid_file)?;
-        if let Some(console) = console {
-            console.finish(&mut c.init, &id).await?;
-        }
-        c.init.status = ProcStatus::Running;
-        c.restore = None;
-        match session {
-            Some(s) => {
-                c.lazy_view = s.checkpoint_view();
-                c.base_layer = base_layer;
-                let w = lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
-                    .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?;
-                c.lazy = Some(w);
-            }
-            None => lazy::remove_if_temp_checkpoint(&plan.images),
-        }
-        Ok(())
-    }
-
     /// State of a process.
     pub async fn task_state(&self, req: StateRequest) -> Result<StateResponse> {
         let c = self.container(&req.id).await?;
-        let p = process(&c, &req.exec_id)?;
+        let p = c.get_process(&req.exec_id)?;
         Ok(StateResponse {
             id: req.id.clone(),
             bundle: c.bundle.display().to_string(),
@@ -786,7 +163,7 @@ impl TaskService {
     pub async fn task_wait(&self, req: WaitRequest) -> Result<WaitResponse> {
         let mut rx = {
             let c = self.container(&req.id).await?;
-            process(&c, &req.exec_id)?.exited.subscribe()
+            c.get_process(&req.exec_id)?.exited.subscribe()
         };
         let _ = rx.wait_for(|v| *v).await;
         let (status, at) = match self.container(&req.id).await {
@@ -805,7 +182,7 @@ impl TaskService {
     /// Signal a process.
     pub async fn task_kill(&self, req: KillRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
-        let p = process(&c, &req.exec_id)?;
+        let p = c.get_process(&req.exec_id)?;
         if p.status == ProcStatus::Stopped {
             return Err(ShimError::ProcessFinished {
                 id: req.id.clone(),
@@ -814,7 +191,7 @@ impl TaskService {
         }
         if req.exec_id.is_empty() {
             if c.restore.is_some() {
-                return Err(precondition(&req.id, "kill", p.status));
+                return Err(crate::container::precondition(&req.id, "kill", p.status));
             }
             let opts = KillOpts::new().all(req.all);
             if let Err(e) = c.runc.runc.kill(&req.id, req.signal, Some(&opts)).await {
@@ -842,7 +219,11 @@ impl TaskService {
                     .map_err(|_| ShimError::InvalidArgument(format!("signal {}", req.signal)))?;
             let pid = i32::try_from(p.pid).unwrap_or(0);
             if pid <= 0 {
-                return Err(precondition(&req.id, "kill exec in", p.status));
+                return Err(crate::container::precondition(
+                    &req.id,
+                    "kill exec in",
+                    p.status,
+                ));
             }
             match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
                 Ok(()) => Ok(()),
@@ -868,10 +249,12 @@ impl TaskService {
             .as_mut()
             .ok_or_else(|| ShimError::NotFound(req.id.clone()))?;
         if !req.exec_id.is_empty() {
-            let p = process(c, &req.exec_id)?;
-            if matches!(p.status, ProcStatus::Running | ProcStatus::Paused) {
-                return Err(precondition(&req.id, "delete running exec of", p.status));
-            }
+            let p = c.get_process(&req.exec_id)?;
+            p.refuse(
+                &req.id,
+                "delete running exec of",
+                &[ProcStatus::Running, ProcStatus::Paused],
+            )?;
             let p = c.execs.remove(&req.exec_id).expect("checked above");
             return Ok(DeleteResponse {
                 pid: p.pid,
@@ -880,9 +263,11 @@ impl TaskService {
                 ..Default::default()
             });
         }
-        if matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
-            return Err(precondition(&req.id, "delete", c.init.status));
-        }
+        c.init.refuse(
+            &req.id,
+            "delete",
+            &[ProcStatus::Running, ProcStatus::Paused],
+        )?;
         if c.init.status == ProcStatus::Stopped {
             // TaskDelete must follow TaskExit, which waits for the output to drain.
             let mut rx = c.init.exited.subscribe();
@@ -941,9 +326,7 @@ impl TaskService {
                 req.exec_id, req.id
             )));
         }
-        if c.init.status == ProcStatus::Stopped {
-            return Err(precondition(&req.id, "exec in", c.init.status));
-        }
+        c.init.refuse(&req.id, "exec in", &[ProcStatus::Stopped])?;
         let spec = req.spec.as_ref().ok_or_else(|| {
             ShimError::InvalidArgument(format!("exec {} has no spec", req.exec_id))
         })?;
@@ -1010,9 +393,7 @@ impl TaskService {
     /// `runc pause`.
     pub async fn task_pause(&self, req: PauseRequest) -> Result<()> {
         let mut c = self.container(&req.id).await?;
-        if c.init.status != ProcStatus::Running {
-            return Err(precondition(&req.id, "pause", c.init.status));
-        }
+        c.init.require(&req.id, "pause", &[ProcStatus::Running])?;
         c.runc
             .runc
             .pause(&req.id)
@@ -1036,9 +417,7 @@ impl TaskService {
     /// `runc resume`.
     pub async fn task_resume(&self, req: ResumeRequest) -> Result<()> {
         let mut c = self.container(&req.id).await?;
-        if c.init.status != ProcStatus::Paused {
-            return Err(precondition(&req.id, "resume", c.init.status));
-        }
+        c.init.require(&req.id, "resume", &[ProcStatus::Paused])?;
         c.runc
             .runc
             .resume(&req.id)
@@ -1059,234 +438,10 @@ impl TaskService {
         Ok(())
     }
 
-    /// `runc checkpoint` honouring runc's CheckpointOptions.
-    pub async fn task_checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
-        let mut copts = decode_checkpoint_options(&req)?;
-        let mut c = self.container(&req.id).await?;
-        copts.exit = exit_after_checkpoint(&req, &copts, &c.annotations)?;
-        debug!(
-            "checkpoint of {}: options {:?} ({} bytes), exit: {}",
-            req.id,
-            req.options.as_ref().map_or("", |a| a.type_url.as_str()),
-            req.options.as_ref().map_or(0, |a| a.value.len()),
-            copts.exit
-        );
-        if !matches!(c.init.status, ProcStatus::Running | ProcStatus::Paused) {
-            return Err(precondition(&req.id, "checkpoint", c.init.status));
-        }
-        let image = if req.path.is_empty() {
-            copts.image_path.clone()
-        } else {
-            req.path.clone()
-        };
-        if image.is_empty() {
-            return Err(ShimError::InvalidArgument(format!(
-                "checkpoint of {} has no image path",
-                req.id
-            )));
-        }
-        let default_work = copts.work_path.is_empty();
-        let work = if default_work {
-            c.bundle.join("work").join("criu-work")
-        } else {
-            PathBuf::from(&copts.work_path)
-        };
-        std::fs::create_dir_all(&work).map_err(|e| ShimError::io("create", &work, e))?;
-        let (cfg, annotations) = (&c.cfg, &c.annotations);
-        let dest = MemoryDestination::of(cfg, annotations)
-            .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
-        let remote = dest == MemoryDestination::PageServer;
-        let store_cfg = cfg.store.clone();
-        // A checkpoint to the page server or store the container was restored from is a layer
-        // over that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
-        let base = match (&c.base_layer, &dest) {
-            (Some(b), MemoryDestination::PageServer) if b.same_server(&cfg.pageserver) => {
-                Some(b.parent.clone())
-            }
-            (Some(b), MemoryDestination::Store(dir))
-                if b.endpoint == crate::store::endpoint(dir) =>
-            {
-                Some(b.parent.clone())
-            }
-            _ => None,
-        };
-        // Memory still remote must be completed into the dump (crate::checkpoint_lazy).
-        let paused = c.init.status == ProcStatus::Paused;
-        let pending = crate::checkpoint_lazy::prepare(&c, &req.id, paused).await?;
-        let args = checkpoint_args(&copts, &image, &work);
-        // All memory local (no layer): the pages go to the page server while CRIU writes them.
-        let streamer = (remote && pending.is_none() && base.is_none())
-            .then(|| crate::remote::start_dump_stream(&cfg.pageserver, &req.id, &image))
-            .flatten();
-        let out = match c.runc.run_raw(args.args(&req.id), None).await {
-            Ok(out) => out,
-            Err(e) => {
-                if let Some(p) = pending {
-                    crate::checkpoint_lazy::undo(&c, &req.id, p).await;
-                }
-                return Err(e);
-            }
-        };
-        if !out.status.success() {
-            if let Some(p) = pending {
-                crate::checkpoint_lazy::undo(&c, &req.id, p).await;
-            }
-            let copy = c.bundle.join("criu-dump.log");
-            let _ = std::fs::copy(work.join("dump.log"), &copy);
-            return Err(ShimError::Checkpoint {
-                id: req.id.clone(),
-                detail: c.runc.with_log_tail(format!(
-                    "runc checkpoint {}",
-                    crate::runc::outcome(&out.status, &out.stdout, &out.stderr)
-                )),
-                log: copy,
-            });
-        }
-        if default_work {
-            let _ = std::fs::remove_dir_all(&work);
-        }
-        match crate::criu_fixup::mark_misfired_lazy(Path::new(&image)) {
-            Ok(fixed) => {
-                for (pid, n) in fixed {
-                    info!(
-                        "checkpoint of {}: CRIU marked no page of task {pid} lazy (a page-aligned \
-                         stack pointer, its is_stack misfire): {n} pages marked lazy",
-                        req.id
-                    );
-                }
-            }
-            Err(e) => warn!(
-                "checkpoint of {}: lazy flags of the dump not checked: {e}",
-                req.id
-            ),
-        }
-        let mut parent = None;
-        let mut mark = None;
-        if let Some(p) = pending {
-            let t0 = std::time::Instant::now();
-            let dir = PathBuf::from(&image);
-            let (s, m) = crate::checkpoint_lazy::complete(
-                &c,
-                &req.id,
-                p,
-                dir,
-                !copts.exit,
-                base.is_some(),
-                dest != MemoryDestination::Inline,
-            )
-            .await?;
-            mark = m;
-            info!(
-                "checkpoint of {}: dump completed in {:?}: {} pages left to layer {:?}, {} \
-                 pages still remote read from the page source",
-                req.id,
-                t0.elapsed(),
-                s.parent_pages,
-                base.as_ref().map_or("", |b| b.checkpoint.as_str()),
-                s.fetched_pages,
-            );
-            if s.parent_pages > 0 {
-                parent = base;
-            }
-        }
-        if dest != MemoryDestination::Inline {
-            let (dir, ps, cid) = (
-                PathBuf::from(&image),
-                cfg.pageserver.clone(),
-                req.id.clone(),
-            );
-            let t0 = std::time::Instant::now();
-            let to = dest.clone();
-            let owner = self.inner.sweeper.owner(&self.inner.namespace, &req.id);
-            let published = tokio::task::spawn_blocking(move || match to {
-                MemoryDestination::Store(store) => {
-                    let r = crate::store::commit(&dir, &store, &cid, parent.as_ref())?;
-                    if let (Some(r), Some(o)) = (&r, owner) {
-                        if let Err(e) = crate::retention::record_owner(&store, &r.checkpoint, &o) {
-                            warn!(
-                                "checkpoint of {cid}: no owner record for {:?} ({e}): the \
-                                 store's retention will keep it until it is deleted by hand",
-                                r.checkpoint
-                            );
-                        }
-                    }
-                    Ok(r)
-                }
-                _ => {
-                    let streamed = streamer.map(crate::dump_stream::DumpStreamer::stop);
-                    crate::remote::publish(&dir, &ps, &cid, parent.as_ref(), streamed)
-                }
-            })
-            .await
-            .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
-            .map_err(|e| {
-                ShimError::Other(format!(
-                    "checkpoint of {}: storing its memory {} failed: {}",
-                    req.id,
-                    dest.describe(),
-                    error_chain(&e)
-                ))
-            })?;
-            if let Some(r) = published {
-                info!(
-                    "checkpoint of {} published as {:?} at {} ({} lazy pages, {} bytes) in {:?}",
-                    req.id,
-                    r.checkpoint,
-                    r.endpoint,
-                    r.lazy_pages,
-                    r.pages_bytes,
-                    t0.elapsed()
-                );
-                // The container runs on: its next checkpoint is a layer over this one, holding
-                // only the pages written from the dump on.
-                if let Some(m) = mark.take() {
-                    let layer = match &dest {
-                        MemoryDestination::Store(dir) => crate::store::lease(dir, &r.checkpoint)
-                            .and_then(|l| crate::remote::BaseLayer::stored(&r, Arc::new(l))),
-                        _ => crate::remote::BaseLayer::published(&cfg.pageserver, &r),
-                    };
-                    match layer {
-                        Ok(b) => {
-                            info!(
-                                "checkpoint of {}: {} written pages count as clean again; the \
-                                 next checkpoint is a layer over {:?}",
-                                req.id,
-                                m.pages(),
-                                r.checkpoint
-                            );
-                            m.commit();
-                            c.base_layer = Some(b);
-                        }
-                        Err(e) => warn!(
-                            "checkpoint of {}: {} cannot be the next base layer: {}",
-                            req.id,
-                            r.checkpoint,
-                            error_chain(&e)
-                        ),
-                    }
-                }
-            }
-        }
-        send(
-            self.events(),
-            TaskCheckpointed {
-                container_id: req.id.clone(),
-                checkpoint: image,
-                ..Default::default()
-            },
-        );
-        if matches!(dest, MemoryDestination::Store(_)) {
-            // The store grew: free what containerd no longer holds (crate::retention).
-            self.inner.sweeper.watch(&store_cfg);
-            self.inner.sweeper.sweep_soon(&store_cfg);
-        }
-        Ok(())
-    }
-
     /// Resize a process's pty.
     pub async fn task_resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
         let c = self.container(&req.id).await?;
-        process(&c, &req.exec_id)?
+        c.get_process(&req.exec_id)?
             .shim_io
             .resize(req.width, req.height)
     }
@@ -1295,7 +450,7 @@ impl TaskService {
     pub async fn task_close_io(&self, req: CloseIORequest) -> Result<()> {
         let c = self.container(&req.id).await?;
         if req.stdin {
-            process(&c, &req.exec_id)?.shim_io.close_stdin();
+            c.get_process(&req.exec_id)?.shim_io.close_stdin();
         }
         Ok(())
     }
@@ -1324,7 +479,11 @@ impl TaskService {
         let pid = {
             let c = self.container(&req.id).await?;
             if c.init.pid == 0 || c.init.status == ProcStatus::Stopped {
-                return Err(precondition(&req.id, "get stats of", c.init.status));
+                return Err(crate::container::precondition(
+                    &req.id,
+                    "get stats of",
+                    c.init.status,
+                ));
             }
             c.init.pid
         };
@@ -1362,100 +521,14 @@ impl TaskService {
     }
 }
 
-/// The stdio of a process runc is about to start: pipes (set up now and recorded in the
-/// process), or a console socket on which runc sends the pty master while it runs.
-enum PendingStdio {
-    Pipes(Option<io::ContainerStdio>),
-    Console(ConsoleSocket),
-}
-
-impl PendingStdio {
-    /// Pipes or a console socket, as the process's stdio asks.
-    fn new(p: &mut Process) -> Result<Self> {
-        if p.stdio.terminal {
-            return Ok(PendingStdio::Console(ConsoleSocket::new()?));
-        }
-        let (cs, ss, done) = io::setup_pipes(&p.stdio)?;
-        p.shim_io = ss;
-        p.io_done = Some(done);
-        Ok(PendingStdio::Pipes(Some(cs)))
-    }
-
-    /// The console socket to give runc (`--console-socket`).
-    fn console_path(&self) -> Option<PathBuf> {
-        match self {
-            PendingStdio::Console(s) => Some(s.path()),
-            PendingStdio::Pipes(_) => None,
-        }
-    }
-
-    /// The container's ends of the pipes, to give runc as its stdio.
-    fn take_pipes(&mut self) -> Option<io::ContainerStdio> {
-        match self {
-            PendingStdio::Pipes(cs) => cs.take(),
-            PendingStdio::Console(_) => None,
-        }
-    }
-
-    /// Start waiting for the pty master (call right before runc runs).
-    fn receive(self) -> Option<PendingConsole> {
-        match self {
-            PendingStdio::Console(s) => {
-                Some(PendingConsole(tokio::task::spawn_blocking(move || {
-                    s.receive(CONSOLE_TIMEOUT)
-                })))
-            }
-            PendingStdio::Pipes(_) => None,
-        }
-    }
-}
-
-/// A pty master on its way from runc.
-struct PendingConsole(tokio::task::JoinHandle<Result<std::fs::File>>);
-
-impl PendingConsole {
-    /// runc failed: stop waiting.
-    fn abort(self) {
-        self.0.abort();
-    }
-
-    /// Take the pty master and copy the process's stdio through it.
-    async fn finish(self, p: &mut Process, what: &str) -> Result<()> {
-        let master = self
-            .0
-            .await
-            .map_err(|e| ShimError::Other(format!("console of {what}: {e}")))??;
-        let (ss, done) = io::setup_console(&p.stdio, master)?;
-        p.shim_io = ss;
-        p.io_done = Some(done);
-        Ok(())
-    }
-}
-
-fn process<'a>(c: &'a Container, exec_id: &str) -> Result<&'a Process> {
-    c.process(exec_id)
-        .ok_or_else(|| ShimError::ProcessNotFound {
-            id: c.id.clone(),
-            exec_id: exec_id.to_owned(),
-        })
-}
-
-fn precondition(id: &str, op: &'static str, status: ProcStatus) -> ShimError {
-    ShimError::FailedPrecondition {
-        id: id.to_owned(),
-        op,
-        state: status.name().to_owned(),
-    }
-}
-
-fn read_pid(path: &Path) -> Result<u32> {
+pub(crate) fn read_pid(path: &Path) -> Result<u32> {
     let s = std::fs::read_to_string(path).map_err(|e| ShimError::io("read pid file", path, e))?;
     s.trim()
         .parse()
         .map_err(|_| ShimError::Other(format!("bad pid {:?} in {}", s.trim(), path.display())))
 }
 
-fn unmount(rootfs: &Path) {
+pub(crate) fn unmount(rootfs: &Path) {
     if let Some(p) = rootfs.to_str() {
         if let Err(e) = containerd_shim::mount::umount_recursive(Some(p), 0) {
             warn!("unmount {p}: {e}");
@@ -1463,166 +536,14 @@ fn unmount(rootfs: &Path) {
     }
 }
 
-/// Annotation making every checkpoint of the container end it. runc's CheckpointOptions can
-/// only ask for the exit (`exit` is false by default, so "leave running" and "not said" are
-/// the same message), and nerdctl, Docker and `ctr tasks checkpoint` send them empty to any
-/// runtime but `io.containerd.runc.*`: a front end that means "stop it" cannot say so to us.
-pub const ANNOTATION_CHECKPOINT_EXIT: &str = "io.distriproc.checkpoint-exit";
-
-/// Whether the checkpoint ends the container: when its options ask for it, or when
-/// [`ANNOTATION_CHECKPOINT_EXIT`] is `true`; else it runs on (as under the runc shim).
-pub fn exit_after_checkpoint(
-    req: &CheckpointTaskRequest,
-    copts: &CheckpointOptions,
-    annotations: &std::collections::HashMap<String, String>,
-) -> Result<bool> {
-    match annotations.get(ANNOTATION_CHECKPOINT_EXIT).map(|v| v.trim()) {
-        None | Some("false") => Ok(copts.exit),
-        Some("true") => Ok(true),
-        Some(v) => Err(ShimError::InvalidArgument(format!(
-            "checkpoint of {}: annotation {ANNOTATION_CHECKPOINT_EXIT}={v:?}: expected true or false",
-            req.id
-        ))),
-    }
-}
-
-/// Decode the request's CheckpointOptions (absent or empty Any = defaults).
-pub fn decode_checkpoint_options(req: &CheckpointTaskRequest) -> Result<CheckpointOptions> {
-    let Some(any) = req.options.as_ref() else {
-        return Ok(CheckpointOptions::default());
-    };
-    match options::type_name(&any.type_url) {
-        "" => Ok(CheckpointOptions::default()),
-        options::CHECKPOINT_OPTIONS => {
-            CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| {
-                ShimError::InvalidArgument(format!("checkpoint options of {}: {e}", req.id))
-            })
-        }
-        _ => Err(ShimError::UnknownOptions {
-            type_url: any.type_url.clone(),
-        }),
-    }
-}
-
-/// `runc checkpoint` arguments for the given options.
-pub fn checkpoint_args(o: &CheckpointOptions, image: &str, work: &Path) -> CheckpointArgs {
-    let mut a = CheckpointArgs::new(image)
-        .work_path(work)
-        .leave_running(!o.exit)
-        .criu_flags(CriuFlags {
-            tcp_established: o.open_tcp,
-            ext_unix_sk: o.external_unix_sockets,
-            shell_job: o.terminal,
-            file_locks: o.file_locks,
-            empty_ns: o.empty_namespaces.clone(),
-        });
-    if !o.cgroups_mode.is_empty() {
-        a.manage_cgroups_mode = Some(o.cgroups_mode.clone());
-    }
-    a
-}
-
-/// The OCI annotations of the bundle's config.json (empty if unreadable).
-pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
-    std::fs::read_to_string(bundle.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("annotations").cloned())
-        .and_then(|a| serde_json::from_value(a).ok())
-        .unwrap_or_default()
-}
-
-/// The shim configuration for a container: the runtime options' config (config_body, else
-/// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
-/// overridden by the bundle's `io.distriproc.*` annotations.
-pub fn shim_config(bundle: &Path, opts: &ShimOptions) -> Result<ShimConfig> {
-    config_with_annotations(opts, &bundle_annotations(bundle))
-}
-
-/// [`shim_config`] for annotations the caller has already read.
-fn config_with_annotations(
-    opts: &ShimOptions,
-    annotations: &HashMap<String, String>,
-) -> Result<ShimConfig> {
-    let mut cfg = opts.load_config()?;
-    cfg.apply_annotations(annotations)
-        .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
-    Ok(cfg)
-}
-
-#[async_trait]
-impl Task for TaskService {
-    async fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
-        Ok(self.task_state(req).await?)
-    }
-    async fn create(
-        &self,
-        _: &TtrpcContext,
-        req: CreateTaskRequest,
-    ) -> TtrpcResult<CreateTaskResponse> {
-        info!("create {} checkpoint={:?}", req.id, req.checkpoint);
-        Ok(self.task_create(req).await?)
-    }
-    async fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        Ok(self.task_start(req).await?)
-    }
-    async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        Ok(self.task_delete(req).await?)
-    }
-    async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        Ok(self.task_pids(req).await?)
-    }
-    async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        self.task_pause(req).await?;
-        Ok(Empty::new())
-    }
-    async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        self.task_resume(req).await?;
-        Ok(Empty::new())
-    }
-    async fn checkpoint(&self, _: &TtrpcContext, req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
-        self.task_checkpoint(req).await?;
-        Ok(Empty::new())
-    }
-    async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        self.task_kill(req).await?;
-        Ok(Empty::new())
-    }
-    async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        self.task_exec(req).await?;
-        Ok(Empty::new())
-    }
-    async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        self.task_resize_pty(req).await?;
-        Ok(Empty::new())
-    }
-    async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        self.task_close_io(req).await?;
-        Ok(Empty::new())
-    }
-    async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        self.task_update(req).await?;
-        Ok(Empty::new())
-    }
-    async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        Ok(self.task_wait(req).await?)
-    }
-    async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        Ok(self.task_stats(req).await?)
-    }
-    async fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
-        Ok(self.task_connect(req).await?)
-    }
-    async fn shutdown(&self, _: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
-        self.task_shutdown(req).await?;
-        Ok(Empty::new())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+    use crate::create::shim_config;
+    use crate::lazy;
+    use crate::options::ShimOptions;
+    use containerd_shim::api::CreateTaskRequest;
+    use containerd_shim::protos::protobuf::{well_known_types::any::Any, MessageDyn};
 
     #[derive(Default)]
     struct Captured(StdMutex<Vec<String>>);
@@ -1630,47 +551,6 @@ mod tests {
         fn publish(&self, topic: String, _event: Box<dyn MessageDyn>) {
             self.0.lock().unwrap().push(topic);
         }
-    }
-
-    #[test]
-    fn checkpoint_exits_when_its_options_or_the_annotation_say_so() {
-        use std::collections::HashMap;
-        let ann = |v: Option<&str>| -> HashMap<String, String> {
-            v.map(|v| HashMap::from([(ANNOTATION_CHECKPOINT_EXIT.to_string(), v.to_string())]))
-                .unwrap_or_default()
-        };
-        let with = |exit: bool| {
-            let o = CheckpointOptions {
-                exit,
-                ..Default::default()
-            };
-            let mut any = Any::new();
-            any.type_url = format!("type.googleapis.com/{}", options::CHECKPOINT_OPTIONS);
-            any.value = o.write_to_bytes().unwrap();
-            CheckpointTaskRequest {
-                id: "c".into(),
-                options: MessageField::some(any),
-                ..Default::default()
-            }
-        };
-        let bare = CheckpointTaskRequest {
-            id: "c".into(),
-            ..Default::default()
-        };
-        let exit = |req: &CheckpointTaskRequest, a: Option<&str>| {
-            let copts = decode_checkpoint_options(req).unwrap();
-            exit_after_checkpoint(req, &copts, &ann(a))
-        };
-        // Without the annotation the options decide (absent or empty: run on).
-        assert!(!exit(&bare, None).unwrap());
-        assert!(!exit(&with(false), None).unwrap());
-        assert!(exit(&with(true), None).unwrap());
-        assert!(exit(&with(true), Some("false")).unwrap());
-        // With it every checkpoint ends the container: runc's options cannot say "run on".
-        assert!(exit(&bare, Some("true")).unwrap());
-        assert!(exit(&with(false), Some("true")).unwrap());
-        let e = exit(&bare, Some("yes")).unwrap_err().to_string();
-        assert!(e.contains(ANNOTATION_CHECKPOINT_EXIT), "{e}");
     }
 
     fn service() -> (TaskService, Arc<Captured>) {
@@ -1902,55 +782,6 @@ mod tests {
         let c = s.container("c").await.unwrap();
         assert_eq!(c.cfg.fetcher.fill, FillPolicy::None);
         assert_eq!(c.annotations["io.distriproc.fill-policy"], "none");
-    }
-
-    #[test]
-    fn checkpoint_options_map_to_flags() {
-        let o = CheckpointOptions {
-            exit: true,
-            open_tcp: true,
-            file_locks: true,
-            terminal: true,
-            external_unix_sockets: true,
-            empty_namespaces: vec!["network".into()],
-            ..Default::default()
-        };
-        let a = checkpoint_args(&o, "/img", Path::new("/w"));
-        assert!(!a.leave_running);
-        let v: Vec<String> = a
-            .args("c")
-            .into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect();
-        for f in [
-            "--tcp-established",
-            "--file-locks",
-            "--shell-job",
-            "--ext-unix-sk",
-            "--empty-ns",
-        ] {
-            assert!(v.iter().any(|x| x == f), "{f} missing in {v:?}");
-        }
-        let a = checkpoint_args(&CheckpointOptions::default(), "/img", Path::new("/w"));
-        assert!(a.leave_running);
-    }
-
-    #[test]
-    fn checkpoint_options_decoding() {
-        let mut req = CheckpointTaskRequest::default();
-        assert!(!decode_checkpoint_options(&req).unwrap().exit);
-        let o = CheckpointOptions {
-            exit: true,
-            ..Default::default()
-        };
-        let mut any = Any::new();
-        any.type_url = "containerd.runc.v1.CheckpointOptions".into();
-        any.value = o.write_to_bytes().unwrap();
-        req.options = MessageField::some(any.clone());
-        assert!(decode_checkpoint_options(&req).unwrap().exit);
-        any.type_url = "x.Other".into();
-        req.options = MessageField::some(any);
-        assert!(decode_checkpoint_options(&req).is_err());
     }
 
     #[test]

@@ -249,7 +249,8 @@ fn annotation_table(doc: &str) -> std::collections::BTreeSet<String> {
 #[test]
 fn annotations_match_the_reference() {
     use containerd_shim_distriproc_v2::{
-        remote::ANNOTATION_REMOTE, service::GROUP_ANNOTATIONS, task::ANNOTATION_CHECKPOINT_EXIT,
+        checkpoint::ANNOTATION_CHECKPOINT_EXIT, remote::ANNOTATION_REMOTE,
+        service::GROUP_ANNOTATIONS,
     };
     let code: std::collections::BTreeSet<String> = [
         distriproc_config::ANNOTATION_FILL,

@@ -18,10 +18,7 @@ use containerd_shim::{
     ExitSignal,
 };
 use containerd_shim_distriproc_v2::{
-    error::ShimError,
-    lazy::EagerOnly,
-    options::RUNC_OPTIONS,
-    task::{EventSink, TaskService},
+    error::ShimError, events::EventSink, lazy::EagerOnly, options::RUNC_OPTIONS, task::TaskService,
 };
 
 #[derive(Default)]
