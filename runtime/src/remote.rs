@@ -269,7 +269,7 @@ impl RemoteError {
 }
 
 /// Counters of a [`RemotePages`] (cheap snapshot).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RemoteStats {
     /// Requests answered.
     pub requests: u64,

@@ -187,14 +187,14 @@ impl TaskService {
                 }
             })
             .await
-            .map_err(|e| ShimError::Other(format!("publish of {}: {e}", req.id)))?
-            .map_err(|e| {
-                ShimError::Other(format!(
-                    "checkpoint of {}: storing its memory {} failed: {}",
-                    req.id,
-                    dest.describe(),
-                    error_chain(&e)
-                ))
+            .map_err(|source| ShimError::Background {
+                what: format!("publish of the checkpoint of {}", req.id),
+                source,
+            })?
+            .map_err(|e| ShimError::Publish {
+                id: req.id.clone(),
+                to: dest.describe(),
+                detail: error_chain(&e),
             })?;
             if let Some(r) = published {
                 info!(

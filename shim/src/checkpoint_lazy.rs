@@ -164,14 +164,14 @@ pub async fn complete(
             complete_dump(&dir, &taken, parent_usable, source.as_ref())
         })
         .await
-        .map_err(|e| ShimError::Other(format!("checkpoint of {id}: completion task: {e}")))?
-        .map_err(|e| {
-            ShimError::Other(format!(
-                "checkpoint of {id}: completing the dump in {} with the pages still \
-                     remote failed: {}",
-                image.display(),
-                error_chain(&e)
-            ))
+        .map_err(|source| ShimError::Background {
+            what: format!("completion of the checkpoint of {id}"),
+            source,
+        })?
+        .map_err(|e| ShimError::CompleteDump {
+            id: id.to_owned(),
+            dir: image.clone(),
+            detail: error_chain(&e),
         })
     };
     // Still frozen: the mark describes exactly the dump.

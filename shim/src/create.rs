@@ -105,7 +105,10 @@ impl TaskService {
                 if let Err(e) = containerd_shim::util::mount_rootfs(m, &rootfs).await {
                     // The mounts made so far go with the failed Create.
                     unmount(&rootfs);
-                    return Err(ShimError::Other(format!("mount rootfs of {}: {e}", req.id)));
+                    return Err(ShimError::Mount {
+                        id: req.id.clone(),
+                        detail: e.to_string(),
+                    });
                 }
             }
             rootfs_mounted = true;

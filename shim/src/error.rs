@@ -81,9 +81,60 @@ pub enum ShimError {
     /// The RPC is not served by this shim.
     #[error("{0} is not implemented by the distriproc shim")]
     Unimplemented(&'static str),
-    /// Anything else, already phrased.
-    #[error("{0}")]
-    Other(String),
+    /// The rootfs could not be mounted.
+    #[error("mount rootfs of {id}: {detail}")]
+    Mount { id: String, detail: String },
+    /// A signal could not be sent to an exec process.
+    #[error("kill {id}/{exec_id}: {errno}")]
+    Signal {
+        id: String,
+        exec_id: String,
+        errno: nix::errno::Errno,
+    },
+    /// A file the shim or runc wrote holds what it cannot parse (pid file, options).
+    #[error("bad {what} {}: {detail}", path.display())]
+    BadFile {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    /// No memory cgroup could be found for the process.
+    #[error("no memory cgroup for pid {pid} in {path}")]
+    NoMemoryCgroup { pid: u32, path: String },
+    /// A lazy restore could not be set up (its fetcher, keeper or CRIU's daemon).
+    #[error("lazy restore {from}: {detail}")]
+    LazyRestore { from: String, detail: String },
+    /// The page server cannot serve the checkpoint a restore names.
+    #[error("remote checkpoint {checkpoint:?} at page server {endpoint}: {detail}")]
+    RemoteCheckpoint {
+        checkpoint: String,
+        endpoint: String,
+        detail: String,
+    },
+    /// A checkpoint's dump could not be completed with the pages still remote.
+    #[error("checkpoint of {id}: completing the dump in {} with the pages still remote failed: {detail}", dir.display())]
+    CompleteDump {
+        id: String,
+        dir: PathBuf,
+        detail: String,
+    },
+    /// A checkpoint's memory could not be stored where its configuration says.
+    #[error("checkpoint of {id}: storing its memory {to} failed: {detail}")]
+    Publish {
+        id: String,
+        to: String,
+        detail: String,
+    },
+    /// A task the RPC handed work to ended abnormally (panicked or was cancelled).
+    #[error("{what}: {source}")]
+    Background {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// containerd-shim's own helpers (cgroups, metrics, the exit monitor).
+    #[error("containerd-shim: {0}")]
+    Shim(#[from] containerd_shim::Error),
 }
 
 fn log_hint(log: &std::path::Path) -> String {
@@ -122,7 +173,16 @@ impl ShimError {
             | ShimError::Checkpoint { .. }
             | ShimError::Restore { .. }
             | ShimError::Io { .. }
-            | ShimError::Other(_) => Code::INTERNAL,
+            | ShimError::Mount { .. }
+            | ShimError::Signal { .. }
+            | ShimError::BadFile { .. }
+            | ShimError::NoMemoryCgroup { .. }
+            | ShimError::LazyRestore { .. }
+            | ShimError::RemoteCheckpoint { .. }
+            | ShimError::CompleteDump { .. }
+            | ShimError::Publish { .. }
+            | ShimError::Background { .. }
+            | ShimError::Shim(_) => Code::INTERNAL,
         }
     }
 }
@@ -130,12 +190,6 @@ impl ShimError {
 impl From<ShimError> for ttrpc::Error {
     fn from(e: ShimError) -> Self {
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
-    }
-}
-
-impl From<containerd_shim::Error> for ShimError {
-    fn from(e: containerd_shim::Error) -> Self {
-        ShimError::Other(e.to_string())
     }
 }
 
@@ -231,6 +285,12 @@ mod tests {
             std::io::Error::from_raw_os_error(libc::ENOENT),
         );
         assert_eq!(code_of(e), Code::INTERNAL);
-        assert_eq!(code_of(ShimError::Other("x".into())), Code::INTERNAL);
+        let e = ShimError::Signal {
+            id: "c".into(),
+            exec_id: "e".into(),
+            errno: nix::errno::Errno::EPERM,
+        };
+        assert_eq!(e.to_string(), "kill c/e: EPERM: Operation not permitted");
+        assert_eq!(code_of(e), Code::INTERNAL);
     }
 }

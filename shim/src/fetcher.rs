@@ -20,7 +20,7 @@ use std::{
 use distriproc_config::{FetcherConfig, FetcherMode};
 use distriproc_runtime::{
     error_chain,
-    fetcher::{keeper::KeeperLink, FetcherHandle, FetcherOptions, LazyPagesServer},
+    fetcher::{keeper::KeeperLink, FetchError, FetcherHandle, FetcherOptions, LazyPagesServer},
     protocol::upload::MemoryDigest,
     remote::{open_criu_session, Endpoint, KeepAlive, RemoteOptions, RemotePages},
     source::{LocalImages, PageSource},
@@ -28,7 +28,9 @@ use distriproc_runtime::{
 
 use crate::{
     error::{Result, ShimError},
-    lazy::{LazyBackend, LazySession, PagesFrom},
+    lazy::{
+        CriuStats, LazyBackend, LazySession, NativeStats, PagesFrom, RemoteSummary, SessionStats,
+    },
 };
 
 /// How long `criu lazy-pages --daemon` may take to listen.
@@ -59,12 +61,9 @@ pub fn spawn_keeper(work: &Path) -> Result<Arc<KeeperLink>> {
     let mut cmd = Command::new(exe);
     std::os::unix::process::CommandExt::arg0(&mut cmd, name.trim_end_matches(" (deleted)"));
     cmd.arg(KEEPER_ARG).stderr(stderr);
-    let k = KeeperLink::spawn(cmd).map_err(|e| {
-        ShimError::Other(format!(
-            "lazy restore in {}: {}",
-            work.display(),
-            error_chain(&e)
-        ))
+    let k = KeeperLink::spawn(cmd).map_err(|e| ShimError::LazyRestore {
+        from: format!("in {}", work.display()),
+        detail: error_chain(&e),
     })?;
     log::info!(
         "uffd keeper pid {} holds the userfaultfds of the restore in {} (log {})",
@@ -108,11 +107,11 @@ impl LazyBackend for Fetchers {
 const REMOTE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Error) -> ShimError {
-    ShimError::Other(format!(
-        "remote checkpoint {:?} at page server {endpoint}: {}",
-        opts.checkpoint,
-        error_chain(e)
-    ))
+    ShimError::RemoteCheckpoint {
+        checkpoint: opts.checkpoint.clone(),
+        endpoint: endpoint.to_string(),
+        detail: error_chain(e),
+    }
 }
 
 /// A native session to the page server whose copy of the checkpoint has digest `expect`.
@@ -138,13 +137,15 @@ fn check_digest(
     if found == expect {
         return Ok(());
     }
-    Err(ShimError::Other(format!(
-        "remote checkpoint {:?} at page server {endpoint}: the server holds {}, the reference \
-         file says {}: not the memory of this checkpoint",
-        opts.checkpoint,
-        found.to_message(),
-        expect.to_message()
-    )))
+    Err(ShimError::RemoteCheckpoint {
+        checkpoint: opts.checkpoint.clone(),
+        endpoint: endpoint.to_string(),
+        detail: format!(
+            "the server holds {}, the reference file says {}: not the memory of this checkpoint",
+            found.to_message(),
+            expect.to_message()
+        ),
+    })
 }
 
 fn start_native(
@@ -153,12 +154,9 @@ fn start_native(
     cfg: &FetcherConfig,
     pages: &PagesFrom,
 ) -> Result<Box<dyn LazySession>> {
-    let fail = |what: &str, e: &dyn std::error::Error| {
-        ShimError::Other(format!(
-            "lazy restore from {}: {what}: {}",
-            images.display(),
-            error_chain(e)
-        ))
+    let fail = |what: &str, e: &dyn std::error::Error| ShimError::LazyRestore {
+        from: format!("from {}", images.display()),
+        detail: format!("{what}: {}", error_chain(e)),
     };
     let (source, remote): (Arc<dyn PageSource>, Option<Arc<RemotePages>>) = match pages {
         PagesFrom::Local => (
@@ -215,30 +213,19 @@ struct Native {
     _entry: Option<Arc<crate::store::Entry>>,
 }
 
-/// FetchStats as JSON, with a `remote` object when pages come from a page server.
-fn stats_json(
-    stats: &distriproc_runtime::fetcher::FetchStats,
+/// The session's statistics: the fetcher's, and the page-server client's when pages are remote.
+fn session_stats(
+    stats: distriproc_runtime::fetcher::FetchStats,
     remote: Option<&Arc<RemotePages>>,
-) -> String {
-    {
-        let mut v = serde_json::to_value(stats).unwrap_or_default();
-        if let (Some(r), Some(obj)) = (remote, v.as_object_mut()) {
-            let s = r.stats();
-            obj.insert(
-                "remote".into(),
-                serde_json::json!({
-                    "endpoint": r.endpoint().to_string(),
-                    "checkpoint": r.checkpoint(),
-                    "requests": s.requests,
-                    "pages": s.pages,
-                    "bytes": s.bytes,
-                    "connects": s.connects,
-                    "retries": s.retries,
-                }),
-            );
-        }
-        v.to_string()
-    }
+) -> SessionStats {
+    SessionStats::Native(Box::new(NativeStats {
+        fetch: stats,
+        remote: remote.map(|r| RemoteSummary {
+            endpoint: r.endpoint().to_string(),
+            checkpoint: r.checkpoint().to_owned(),
+            counters: r.stats(),
+        }),
+    }))
 }
 
 impl LazySession for Native {
@@ -248,8 +235,8 @@ impl LazySession for Native {
             source: self.source.clone(),
         })
     }
-    fn stats_json(&self) -> String {
-        stats_json(&self.handle.stats(), self.remote.as_ref())
+    fn stats(&self) -> SessionStats {
+        session_stats(self.handle.stats(), self.remote.as_ref())
     }
     fn stop(&self) {
         self.handle.stop();
@@ -257,7 +244,7 @@ impl LazySession for Native {
     fn finished(&self) -> bool {
         self.handle.is_finished()
     }
-    fn wait(self: Box<Self>) -> std::result::Result<String, String> {
+    fn wait(self: Box<Self>) -> std::result::Result<SessionStats, FetchError> {
         let Native {
             handle,
             remote,
@@ -267,11 +254,11 @@ impl LazySession for Native {
         match handle.wait() {
             Ok(s) => {
                 keeper.release();
-                Ok(stats_json(&s, remote.as_ref()))
+                Ok(session_stats(s, remote.as_ref()))
             }
             Err(e) => {
                 keeper.abandon();
-                Err(error_chain(&e))
+                Err(e)
             }
         }
     }
@@ -346,12 +333,15 @@ fn start_criu(work: &Path, images: &Path, pages: &PagesFrom) -> Result<Box<dyn L
             break pid;
         }
         if Instant::now() > deadline {
-            return Err(ShimError::Other(format!(
-                "criu lazy-pages did not listen on {} within {:?} (see {})",
-                socket.display(),
-                CRIU_DAEMON_START,
-                work.join("lazy-pages.log").display()
-            )));
+            return Err(ShimError::LazyRestore {
+                from: format!("in {}", work.display()),
+                detail: format!(
+                    "criu lazy-pages did not listen on {} within {:?} (see {})",
+                    socket.display(),
+                    CRIU_DAEMON_START,
+                    work.join("lazy-pages.log").display()
+                ),
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -387,20 +377,22 @@ impl CriuDaemon {
                 .unwrap_or(true)
     }
 
-    /// `{"mode":"criu","pages_transferred":n,"pages_total":m}` from the daemon's log.
-    fn stats(&self) -> String {
+    /// Pages transferred and to transfer, from the daemon's log.
+    fn criu_stats(&self) -> SessionStats {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let (n, m) = parse_transferred(&text).unwrap_or((0, 0));
-        format!(
-            "{{\"mode\":\"criu\",\"pages_transferred\":{n},\"pages_total\":{m},\"finished\":{}}}",
-            !self.alive()
-        )
+        SessionStats::Criu(CriuStats {
+            mode: "criu",
+            pages_transferred: n,
+            pages_total: m,
+            finished: !self.alive(),
+        })
     }
 }
 
 impl LazySession for CriuDaemon {
-    fn stats_json(&self) -> String {
-        self.stats()
+    fn stats(&self) -> SessionStats {
+        self.criu_stats()
     }
     fn stop(&self) {
         if self.pid > 0 {
@@ -413,11 +405,11 @@ impl LazySession for CriuDaemon {
     fn finished(&self) -> bool {
         !self.alive()
     }
-    fn wait(self: Box<Self>) -> std::result::Result<String, String> {
+    fn wait(self: Box<Self>) -> std::result::Result<SessionStats, FetchError> {
         while self.alive() {
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(self.stats())
+        Ok(self.criu_stats())
     }
 }
 

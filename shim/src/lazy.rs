@@ -19,10 +19,12 @@ use std::{
 };
 
 use distriproc_config::FetcherConfig;
-use distriproc_runtime::fetcher::ResidencyProbe;
+use distriproc_runtime::fetcher::{FetchError, ResidencyProbe};
 use distriproc_runtime::protocol::upload::MemoryDigest;
+use distriproc_runtime::remote::RemoteStats;
 use distriproc_runtime::remote::{Endpoint, RemoteOptions};
 use distriproc_runtime::source::PageSource;
+use distriproc_runtime::stats::FetchStats;
 
 use crate::error::Result;
 
@@ -80,6 +82,53 @@ impl std::fmt::Debug for CheckpointView {
     }
 }
 
+/// A lazy restore's statistics as its session reports them; the stats file
+/// ([`STATS_FILE`]) is their JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum SessionStats {
+    /// The in-process fetcher.
+    Native(Box<NativeStats>),
+    /// CRIU's lazy-pages daemon (`fetcher.mode = "criu"`).
+    Criu(CriuStats),
+}
+
+/// The in-process fetcher's counters, with the page server's when pages come from one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NativeStats {
+    /// The fetcher's counters (the top level of the JSON).
+    #[serde(flatten)]
+    pub fetch: FetchStats,
+    /// The page-server client's, when the pages are remote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSummary>,
+}
+
+/// Where a remote restore's pages come from and what was asked of it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemoteSummary {
+    /// The page server.
+    pub endpoint: String,
+    /// The checkpoint served.
+    pub checkpoint: String,
+    /// The client's counters.
+    #[serde(flatten)]
+    pub counters: RemoteStats,
+}
+
+/// What CRIU's lazy-pages daemon reports in its log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CriuStats {
+    /// Always `"criu"`: tells the two shapes of the stats file apart.
+    pub mode: &'static str,
+    /// Pages the daemon has sent.
+    pub pages_transferred: u64,
+    /// Pages it has to send.
+    pub pages_total: u64,
+    /// The daemon has exited.
+    pub finished: bool,
+}
+
 /// A running fetcher.
 pub trait LazySession: Send {
     /// The view a later checkpoint needs; `None` when the fetcher cannot give one (CRIU's
@@ -87,14 +136,14 @@ pub trait LazySession: Send {
     fn checkpoint_view(&self) -> Option<CheckpointView> {
         None
     }
-    /// Current statistics as JSON.
-    fn stats_json(&self) -> String;
+    /// Current statistics.
+    fn stats(&self) -> SessionStats;
     /// Abandon the restore (runc restore failed).
     fn stop(&self);
     /// Whether the fill has ended (the next `wait` returns at once).
     fn finished(&self) -> bool;
-    /// Wait for the end of the fill; final statistics as JSON, or the error text.
-    fn wait(self: Box<Self>) -> std::result::Result<String, String>;
+    /// Wait for the end of the fill: the final statistics, or why the fetcher failed.
+    fn wait(self: Box<Self>) -> std::result::Result<SessionStats, FetchError>;
 }
 
 /// No lazy restore: runc restores eagerly.
@@ -130,44 +179,41 @@ pub fn remove_if_temp_checkpoint(dir: &Path) {
     }
 }
 
-fn write_stats(path: &Path, json: &str) {
+fn write_stats(path: &Path, stats: &SessionStats) {
     let tmp = path.with_extension("json.tmp");
+    let Ok(json) = serde_json::to_vec(stats) else {
+        return;
+    };
     if std::fs::write(&tmp, json).is_ok() {
         let _ = std::fs::rename(&tmp, path);
     }
 }
 
-/// One line from FetchStats JSON: the counters people look at first.
-pub fn summary(json: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-    let ms = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_u64())
-            .map_or_else(|| "-".to_owned(), |us| format!("{}ms", us / 1000))
+/// One line of statistics: the counters people look at first.
+pub fn summary(stats: &SessionStats) -> String {
+    let s = match stats {
+        SessionStats::Criu(c) => {
+            return format!(
+                "criu lazy-pages transferred {}/{} pages",
+                c.pages_transferred, c.pages_total
+            )
+        }
+        SessionStats::Native(n) => &n.fetch,
     };
-    if v.get("mode").and_then(|m| m.as_str()) == Some("criu") {
-        return format!(
-            "criu lazy-pages transferred {}/{} pages",
-            n("pages_transferred"),
-            n("pages_total")
-        );
-    }
+    let ms = |us: Option<u64>| us.map_or_else(|| "-".to_owned(), |us| format!("{}ms", us / 1000));
     format!(
         "faults={} pages faulted/prefetched/filled/zero={}/{}/{}/{} bytes={} tasks={} \
          first_fault={} fill_complete={} fault_p99={}us",
-        n("faults"),
-        n("pages_faulted"),
-        n("pages_prefetched"),
-        n("pages_filled"),
-        n("zero_pages"),
-        n("bytes"),
-        n("tasks"),
-        ms("time_to_first_fault_us"),
-        ms("fill_complete_us"),
-        v.pointer("/fault_latency_us/p99")
-            .and_then(|x| x.as_u64())
-            .unwrap_or(0),
+        s.faults,
+        s.pages_faulted,
+        s.pages_prefetched,
+        s.pages_filled,
+        s.zero_pages,
+        s.bytes,
+        s.tasks,
+        ms(s.time_to_first_fault_us),
+        ms(s.fill_complete_us),
+        s.fault_latency_us.p99,
     )
 }
 
@@ -209,7 +255,7 @@ impl Stage {
     }
 }
 
-/// The figures of a stats JSON the stage lines use (native or criu fetcher).
+/// The figures the stage lines use (native or criu fetcher).
 #[derive(Debug, Default, Clone, Copy)]
 struct Figures {
     installed: u64,
@@ -223,27 +269,27 @@ struct Figures {
 }
 
 impl Figures {
-    fn of(json: &str) -> Figures {
-        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-        let n = |k: &str| v.get(k).and_then(|x| x.as_u64());
-        let z = |k: &str| n(k).unwrap_or(0);
-        if v.get("mode").and_then(|m| m.as_str()) == Some("criu") {
-            return Figures {
-                installed: z("pages_transferred"),
-                total: z("pages_total"),
-                bytes: z("pages_transferred") * 4096,
+    fn of(stats: &SessionStats) -> Figures {
+        match stats {
+            SessionStats::Criu(c) => Figures {
+                installed: c.pages_transferred,
+                total: c.pages_total,
+                bytes: c.pages_transferred * 4096,
                 ..Default::default()
-            };
-        }
-        Figures {
-            installed: z("pages_faulted") + z("pages_prefetched") + z("pages_filled"),
-            total: z("lazy_pages"),
-            bytes: z("bytes"),
-            faults: z("faults"),
-            tasks: z("tasks"),
-            restore_us: n("restore_finished_us"),
-            first_fault_us: n("time_to_first_fault_us"),
-            fill_us: n("fill_complete_us"),
+            },
+            SessionStats::Native(n) => {
+                let s = &n.fetch;
+                Figures {
+                    installed: s.pages_faulted + s.pages_prefetched + s.pages_filled,
+                    total: s.lazy_pages,
+                    bytes: s.bytes,
+                    faults: s.faults,
+                    tasks: s.tasks,
+                    restore_us: s.restore_finished_us,
+                    first_fault_us: s.time_to_first_fault_us,
+                    fill_us: s.fill_complete_us,
+                }
+            }
         }
     }
 
@@ -274,8 +320,8 @@ struct StageLog {
 
 impl StageLog {
     /// Logs `restored` from the first snapshot.
-    fn start(id: &str, json: &str) -> StageLog {
-        let f = Figures::of(json);
+    fn start(id: &str, stats: &SessionStats) -> StageLog {
+        let f = Figures::of(stats);
         let id = id.to_owned();
         log::info!(
             id = id.as_str(), stage = Stage::Restored.name(), restore_ms = ms(f.restore_us).as_str(),
@@ -291,8 +337,8 @@ impl StageLog {
     }
 
     /// Logs the stages a new snapshot reached; a progress line when `progress_due`.
-    fn observe(&mut self, json: &str, progress_due: bool) {
-        let f = Figures::of(json);
+    fn observe(&mut self, stats: &SessionStats, progress_due: bool) {
+        let f = Figures::of(stats);
         let id = self.id.as_str();
         if !self.first_fault && f.first_fault_us.is_some() {
             self.first_fault = true;
@@ -368,14 +414,14 @@ pub fn spawn_waiter(
         .name(format!("lazy-{id}"))
         .spawn(move || {
             let stats = bundle.join(STATS_FILE);
-            let json = session.stats_json();
-            write_stats(&stats, &json);
-            let mut stages = StageLog::start(&id, &json);
+            let now = session.stats();
+            write_stats(&stats, &now);
+            let mut stages = StageLog::start(&id, &now);
             let mut last = Instant::now();
             let mut last_progress = Instant::now();
             while !session.finished() {
                 if stop2.load(Ordering::SeqCst) {
-                    stages.observe(&session.stats_json(), false);
+                    stages.observe(&session.stats(), false);
                     log::info!(
                         id = id.as_str(), stage = Stage::TaskExit.name();
                         "lazy restore of {id}: the container exited before the fill ended, stopping the fetcher"
@@ -384,10 +430,10 @@ pub fn spawn_waiter(
                     break;
                 }
                 if last.elapsed() >= Duration::from_secs(1) {
-                    let json = session.stats_json();
-                    write_stats(&stats, &json);
+                    let now = session.stats();
+                    write_stats(&stats, &now);
                     let due = last_progress.elapsed() >= PROGRESS_EVERY;
-                    stages.observe(&json, due);
+                    stages.observe(&now, due);
                     if due {
                         last_progress = Instant::now();
                     }
@@ -396,21 +442,22 @@ pub fn spawn_waiter(
                 std::thread::sleep(Duration::from_millis(50));
             }
             match session.wait() {
-                Ok(json) => {
-                    write_stats(&stats, &json);
-                    stages.observe(&json, false);
-                    let f = Figures::of(&json);
+                Ok(last) => {
+                    write_stats(&stats, &last);
+                    stages.observe(&last, false);
+                    let f = Figures::of(&last);
                     log::info!(
                         id = id.as_str(), stage = Stage::Finished.name(),
                         pages_installed = f.installed, pages_total = f.total, bytes = f.bytes,
                         faults = f.faults, first_fault_ms = ms(f.first_fault_us).as_str(),
                         fill_ms = ms(f.fill_us).as_str();
-                        "lazy restore of {id} finished: {}", summary(&json)
+                        "lazy restore of {id} finished: {}", summary(&last)
                     );
                 }
                 Err(e) => log::error!(
                     id = id.as_str(), stage = Stage::Finished.name();
-                    "lazy restore of {id} ended with an error: {e}"
+                    "lazy restore of {id} ended with an error: {}",
+                    distriproc_runtime::error_chain(&e)
                 ),
             }
             remove_if_temp_checkpoint(&images);
@@ -426,17 +473,36 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    fn native(f: impl FnOnce(&mut FetchStats)) -> SessionStats {
+        let mut fetch = FetchStats::default();
+        f(&mut fetch);
+        SessionStats::Native(Box::new(NativeStats {
+            fetch,
+            remote: None,
+        }))
+    }
+
+    fn criu(pages_transferred: u64, pages_total: u64) -> SessionStats {
+        SessionStats::Criu(CriuStats {
+            mode: "criu",
+            pages_transferred,
+            pages_total,
+            finished: false,
+        })
+    }
+
     struct Fake(Arc<AtomicU32>);
     impl LazySession for Fake {
-        fn stats_json(&self) -> String {
-            format!("{{\"faults\":{}}}", self.0.load(Ordering::SeqCst))
+        fn stats(&self) -> SessionStats {
+            let n = u64::from(self.0.load(Ordering::SeqCst));
+            native(|s| s.faults = n)
         }
         fn stop(&self) {}
         fn finished(&self) -> bool {
             self.0.fetch_add(1, Ordering::SeqCst) >= 1
         }
-        fn wait(self: Box<Self>) -> std::result::Result<String, String> {
-            Ok("{\"faults\":7}".into())
+        fn wait(self: Box<Self>) -> std::result::Result<SessionStats, FetchError> {
+            Ok(native(|s| s.faults = 7))
         }
     }
 
@@ -495,22 +561,41 @@ mod tests {
         let _ = captured("stages-1");
         let mut s = StageLog::start(
             "stages-1",
-            r#"{"tasks":2,"lazy_pages":1000,"restore_finished_us":312000}"#,
-        );
-        s.observe(r#"{"tasks":2,"lazy_pages":1000,"bytes":0}"#, false);
-        s.observe(
-            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":240,"bytes":1048576,"faults":9,"time_to_first_fault_us":4000}"#,
-            true,
-        );
-        s.observe(
-            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":240,"bytes":1048576,"faults":9,"time_to_first_fault_us":4000}"#,
-            true,
+            &native(|s| {
+                s.tasks = 2;
+                s.lazy_pages = 1000;
+                s.restore_finished_us = Some(312_000);
+            }),
         );
         s.observe(
-            r#"{"lazy_pages":1000,"pages_faulted":10,"pages_filled":990,"bytes":4096000,"time_to_first_fault_us":4000,"fill_complete_us":2000000}"#,
+            &native(|s| {
+                s.tasks = 2;
+                s.lazy_pages = 1000;
+            }),
+            false,
+        );
+        let quarter = native(|s| {
+            s.lazy_pages = 1000;
+            s.pages_faulted = 10;
+            s.pages_filled = 240;
+            s.bytes = 1_048_576;
+            s.faults = 9;
+            s.time_to_first_fault_us = Some(4000);
+        });
+        s.observe(&quarter, true);
+        s.observe(&quarter, true);
+        s.observe(
+            &native(|s| {
+                s.lazy_pages = 1000;
+                s.pages_faulted = 10;
+                s.pages_filled = 990;
+                s.bytes = 4_096_000;
+                s.time_to_first_fault_us = Some(4000);
+                s.fill_complete_us = Some(2_000_000);
+            }),
             true,
         );
-        s.observe(r#"{"fill_complete_us":2000000}"#, true);
+        s.observe(&native(|s| s.fill_complete_us = Some(2_000_000)), true);
         let lines = captured("stages-1");
         let stages: Vec<&str> = lines
             .iter()
@@ -547,11 +632,8 @@ mod tests {
             lines[3]
         );
         // criu lazy-pages: transferred/total are the progress figures.
-        let mut c = StageLog::start("stages-criu", r#"{"mode":"criu","pages_total":8}"#);
-        c.observe(
-            r#"{"mode":"criu","pages_transferred":4,"pages_total":8}"#,
-            true,
-        );
+        let mut c = StageLog::start("stages-criu", &criu(0, 8));
+        c.observe(&criu(4, 8), true);
         let lines = captured("stages-criu");
         assert!(lines[1].contains("percent=\"50\""), "{lines:#?}");
     }
@@ -594,11 +676,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(!images.exists());
-        assert_eq!(std::fs::read_to_string(stats).unwrap(), "{\"faults\":7}");
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(stats).unwrap()).unwrap();
+        assert_eq!(written["faults"], 7, "{written}");
+        assert!(written.get("remote").is_none(), "{written}");
+        assert!(written["fault_latency_us"]["p99"].is_u64(), "{written}");
         remove_if_temp_checkpoint(&keep);
-        let line = summary(
-            r#"{"faults":2,"pages_faulted":2,"time_to_first_fault_us":105610,"fault_latency_us":{"p99":50}}"#,
-        );
+        let line = summary(&native(|s| {
+            s.faults = 2;
+            s.pages_faulted = 2;
+            s.time_to_first_fault_us = Some(105_610);
+            s.fault_latency_us.p99 = 50;
+        }));
         assert!(
             line.starts_with("faults=2 pages faulted/prefetched/filled/zero=2/0/0/0"),
             "{line}"

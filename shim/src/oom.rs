@@ -27,7 +27,7 @@ pub fn memory_cgroup(pid: u32) -> Result<(PathBuf, bool)> {
     let path = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&path).map_err(|e| ShimError::io("read", &path, e))?;
     parse_memory_cgroup(&text, Path::new(CGROUP_ROOT))
-        .ok_or_else(|| ShimError::Other(format!("no memory cgroup for pid {pid} in {path}")))
+        .ok_or_else(|| ShimError::NoMemoryCgroup { pid, path })
 }
 
 fn parse_memory_cgroup(text: &str, root: &Path) -> Option<(PathBuf, bool)> {

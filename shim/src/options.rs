@@ -114,7 +114,11 @@ impl ShimOptions {
     /// Write the options into `<bundle>/options.json`.
     pub fn save(&self, bundle: &Path) -> Result<()> {
         let path = bundle.join(OPTIONS_FILE);
-        let text = serde_json::to_string(self).map_err(|e| ShimError::Other(e.to_string()))?;
+        let text = serde_json::to_string(self).map_err(|e| ShimError::BadFile {
+            what: "runtime options for",
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         std::fs::write(&path, text).map_err(|e| ShimError::io("write", path, e))
     }
 
@@ -122,8 +126,11 @@ impl ShimOptions {
     pub fn load(bundle: &Path) -> Result<Self> {
         let path = bundle.join(OPTIONS_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t)
-                .map_err(|e| ShimError::Other(format!("parse {}: {e}", path.display()))),
+            Ok(t) => serde_json::from_str(&t).map_err(|e| ShimError::BadFile {
+                what: "runtime options file",
+                path,
+                detail: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(ShimError::io("read", path, e)),
         }

@@ -71,10 +71,10 @@ impl PendingConsole {
 
     /// Take the pty master and copy the process's stdio through it.
     pub(crate) async fn finish(self, p: &mut Process, what: &str) -> Result<()> {
-        let master = self
-            .0
-            .await
-            .map_err(|e| ShimError::Other(format!("console of {what}: {e}")))??;
+        let master = self.0.await.map_err(|source| ShimError::Background {
+            what: format!("receiving the console of {what}"),
+            source,
+        })??;
         let (ss, done) = io::setup_console(&p.stdio, master)?;
         p.shim_io = ss;
         p.io_done = Some(done);

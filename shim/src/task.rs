@@ -231,10 +231,11 @@ impl TaskService {
                     id: req.id.clone(),
                     exec_id: req.exec_id.clone(),
                 }),
-                Err(e) => Err(ShimError::Other(format!(
-                    "kill {}/{}: {e}",
-                    req.id, req.exec_id
-                ))),
+                Err(errno) => Err(ShimError::Signal {
+                    id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    errno,
+                }),
             }
         }
     }
@@ -523,9 +524,11 @@ impl TaskService {
 
 pub(crate) fn read_pid(path: &Path) -> Result<u32> {
     let s = std::fs::read_to_string(path).map_err(|e| ShimError::io("read pid file", path, e))?;
-    s.trim()
-        .parse()
-        .map_err(|_| ShimError::Other(format!("bad pid {:?} in {}", s.trim(), path.display())))
+    s.trim().parse().map_err(|_| ShimError::BadFile {
+        what: "pid file",
+        path: path.to_owned(),
+        detail: format!("{:?} is not a pid", s.trim()),
+    })
 }
 
 pub(crate) fn unmount(rootfs: &Path) {
