@@ -19,18 +19,14 @@
 //! offered to pushes (OPEN2 answers `has_parent = 0`).
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
-use distriproc_runtime::images::{
-    InventoryEntry, PagemapEntry, PagemapHead, IMG_COMMON_MAGIC, IMG_VERSION, INVENTORY_MAGIC,
-    PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT,
-};
+use distriproc_runtime::images::write::{write_inventory, PagemapWriter};
+use distriproc_runtime::images::{PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use distriproc_runtime::protocol::criu::{decode_pm, PsIov, PS_TYPE_PID};
 use distriproc_runtime::protocol::ProtocolError;
-use prost::Message;
 
 use crate::server::Ctx;
 use crate::PageServerError;
@@ -41,11 +37,12 @@ pub const MAX_PUSH_PAGEMAPS: usize = 65_536;
 struct OpenMap {
     dst_id: u64,
     pagemap_path: PathBuf,
-    pagemap: BufWriter<File>,
-    pages_path: PathBuf,
-    pages: BufWriter<File>,
+    writer: PagemapWriter,
     last_end: u64,
 }
+
+/// Pages received per read of a pushed range.
+const RECEIVE_PAGES: u64 = 256;
 
 /// A push in progress.
 pub struct Push {
@@ -63,13 +60,6 @@ pub struct Push {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PageServerError {
     let path = path.to_path_buf();
     move |source| PageServerError::Io { what, path, source }
-}
-
-fn write_entry<M: Message>(w: &mut impl Write, m: &M) -> std::io::Result<()> {
-    let body = m.encode_to_vec();
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    w.write_all(&len.to_le_bytes())?;
-    w.write_all(&body)
 }
 
 impl Push {
@@ -110,17 +100,8 @@ impl Push {
     }
 
     fn close_current(&mut self) -> Result<(), PageServerError> {
-        if let Some(mut m) = self.open.take() {
-            m.pagemap.flush().map_err(io("write", &m.pagemap_path))?;
-            m.pages.flush().map_err(io("write", &m.pages_path))?;
-            m.pagemap
-                .get_ref()
-                .sync_all()
-                .map_err(io("sync", &m.pagemap_path))?;
-            m.pages
-                .get_ref()
-                .sync_all()
-                .map_err(io("sync", &m.pages_path))?;
+        if let Some(m) = self.open.take() {
+            m.writer.commit().map_err(io("write", &m.pagemap_path))?;
         }
         Ok(())
     }
@@ -145,25 +126,13 @@ impl Push {
         };
         let pages_id = self.next_pages_id;
         self.next_pages_id += 1;
-        let pagemap_path = self.tmp.join(name);
-        let pages_path = self.tmp.join(format!("pages-{pages_id}.img"));
-        let mut pagemap =
-            BufWriter::new(File::create(&pagemap_path).map_err(io("create", &pagemap_path))?);
-        let pages = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&pages_path).map_err(io("create", &pages_path))?,
-        );
-        pagemap
-            .write_all(&IMG_COMMON_MAGIC.to_le_bytes())
-            .and_then(|()| pagemap.write_all(&PAGEMAP_MAGIC.to_le_bytes()))
-            .and_then(|()| write_entry(&mut pagemap, &PagemapHead { pages_id }))
-            .map_err(io("write", &pagemap_path))?;
+        let pagemap_path = self.tmp.join(&name);
+        let writer = PagemapWriter::create_named(&self.tmp, &name, pages_id)
+            .map_err(io("create", &pagemap_path))?;
         self.open = Some(OpenMap {
             dst_id,
             pagemap_path,
-            pagemap,
-            pages_path,
-            pages,
+            writer,
             last_end: 0,
         });
         Ok(())
@@ -203,35 +172,39 @@ impl Push {
             });
         }
         m.last_end = end;
-        let entry = PagemapEntry {
-            vaddr: h.vaddr,
-            compat_nr_pages: u32::try_from(h.nr_pages).unwrap_or(0),
-            in_parent: None,
-            flags: Some(flags),
-            nr_pages: Some(h.nr_pages),
-        };
-        write_entry(&mut m.pagemap, &entry).map_err(io("write", &m.pagemap_path))?;
-        if flags & PE_PRESENT != 0 {
-            let want = h.nr_pages * PAGE_SIZE;
-            let got = std::io::copy(&mut r.take(want), &mut m.pages).map_err(|source| {
-                PageServerError::Protocol {
-                    peer: peer.clone(),
-                    source: ProtocolError::Io {
-                        what: "receive pushed pages",
-                        source,
-                    },
-                }
-            })?;
-            if got != want {
-                return Err(PageServerError::Protocol {
-                    peer,
-                    source: ProtocolError::Closed {
-                        what: "pushed page data",
-                    },
-                });
-            }
-            self.pages += h.nr_pages;
+        if flags & PE_PRESENT == 0 {
+            return m
+                .writer
+                .hole(h.vaddr, h.nr_pages, flags)
+                .map_err(io("write", &m.pagemap_path));
         }
+        // Received in bounded reads, so that a receive error is told from a write error.
+        let mut buf = Vec::new();
+        let (mut at, mut left) = (h.vaddr, h.nr_pages);
+        while left > 0 {
+            let n = left.min(RECEIVE_PAGES);
+            buf.resize(usize::try_from(n * PAGE_SIZE).unwrap_or(usize::MAX), 0);
+            r.read_exact(&mut buf)
+                .map_err(|source| PageServerError::Protocol {
+                    peer: peer.clone(),
+                    source: if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                        ProtocolError::Closed {
+                            what: "pushed page data",
+                        }
+                    } else {
+                        ProtocolError::Io {
+                            what: "receive pushed pages",
+                            source,
+                        }
+                    },
+                })?;
+            m.writer
+                .data(at, flags, &buf)
+                .map_err(io("write", &m.pagemap_path))?;
+            at += n * PAGE_SIZE;
+            left -= n;
+        }
+        self.pages += h.nr_pages;
         Ok(())
     }
 
@@ -239,16 +212,7 @@ impl Push {
     pub(crate) fn commit(mut self) -> Result<String, PageServerError> {
         self.close_current()?;
         let inv = self.tmp.join("inventory.img");
-        let mut b = INVENTORY_MAGIC.to_le_bytes().to_vec();
-        write_entry(
-            &mut b,
-            &InventoryEntry {
-                img_version: IMG_VERSION,
-                fdinfo_per_id: Some(true),
-            },
-        )
-        .map_err(io("write", &inv))?;
-        std::fs::write(&inv, b).map_err(io("write", &inv))?;
+        write_inventory(&self.tmp).map_err(io("write", &inv))?;
         let note = self.tmp.join("distriproc-push.txt");
         std::fs::write(
             &note,

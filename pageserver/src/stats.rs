@@ -10,6 +10,7 @@ use std::path::Path;
 
 use crate::checkpoint::{Checkpoint, Store};
 use crate::PageServerError;
+use distriproc_runtime::images::PAGE_SIZE;
 
 /// What the log of one checkpoint says.
 #[derive(Debug, Default)]
@@ -78,7 +79,7 @@ pub fn summarize(path: &Path) -> Result<LogSummary, PageServerError> {
                 }
                 let set = seen.entry((*sess).to_string()).or_default();
                 for i in 0..pages.min(1 << 20) {
-                    set.insert((pid, vaddr + i * 4096));
+                    set.insert((pid, vaddr + i * PAGE_SIZE));
                 }
             }
             ["E", ..] => {}
@@ -114,7 +115,7 @@ pub fn report(id: &str, s: &LogSummary, ck: Option<&Checkpoint>) -> String {
         s.ranges,
         s.pages,
         s.data_pages,
-        s.data_pages * 4096 / (1 << 20)
+        s.data_pages * PAGE_SIZE / (1 << 20)
     );
     let sessions = s.sessions.max(1);
     let mut pids: BTreeSet<u32> = s.heat.keys().copied().collect();
@@ -134,7 +135,7 @@ pub fn report(id: &str, s: &LogSummary, ck: Option<&Checkpoint>) -> String {
                 let cold: u64 = ck.map_or(0, |c| {
                     c.data_ranges(pid)
                         .iter()
-                        .flat_map(|&(v, n, _)| (0..n).map(move |i| v + i * 4096))
+                        .flat_map(|&(v, n, _)| (0..n).map(move |i| v + i * PAGE_SIZE))
                         .filter(|p| heat.is_none_or(|h| !h.contains_key(p)))
                         .count() as u64
                 });
@@ -164,7 +165,7 @@ pub fn report(id: &str, s: &LogSummary, ck: Option<&Checkpoint>) -> String {
             let mut runs: Vec<(u64, u64, u32)> = Vec::new();
             for (p, n) in pages {
                 match runs.last_mut() {
-                    Some((start, len, m)) if *start + *len * 4096 == p && *m == n => *len += 1,
+                    Some((start, len, m)) if *start + *len * PAGE_SIZE == p && *m == n => *len += 1,
                     _ => runs.push((p, 1, n)),
                 }
             }

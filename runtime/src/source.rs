@@ -368,8 +368,7 @@ impl PageSource for LocalImages {
     }
 }
 
-const PAGE: usize = 4096;
-const _: () = assert!(PAGE as u64 == PAGE_SIZE);
+const PAGE: usize = crate::protocol::PAGE_SIZE;
 
 /// Where a read starts: in a segment (with the pages available from there), or in a hole of
 /// zero pages (how many, up to the next segment).

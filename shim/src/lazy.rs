@@ -274,7 +274,7 @@ impl Figures {
             SessionStats::Criu(c) => Figures {
                 installed: c.pages_transferred,
                 total: c.pages_total,
-                bytes: c.pages_transferred * 4096,
+                bytes: c.pages_transferred * distriproc_runtime::images::PAGE_SIZE,
                 ..Default::default()
             },
             SessionStats::Native(n) => {

@@ -43,20 +43,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use distriproc_config::pageserver::PageServerClientConfig;
 use distriproc_runtime::error_chain;
-use distriproc_runtime::images::{
-    ImageDir, PagemapEntry, PagemapHead, IMG_COMMON_MAGIC, PAGEMAP_MAGIC, PAGE_SIZE, PE_LAZY,
-    PE_PARENT, PE_PRESENT,
-};
+use distriproc_runtime::images::write::PagemapWriter;
+use distriproc_runtime::images::{ImageDir, PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest, ParentRef};
 use distriproc_runtime::remote::{upload_checkpoint, Endpoint, RemoteOptions};
 
 use crate::dump_stream::Streamed;
-use prost::Message;
 use serde::{Deserialize, Serialize};
 
 /// The reference file a remote checkpoint leaves in its directory.
@@ -456,13 +452,6 @@ fn finish_streamed(
     Ok((id, receipt))
 }
 
-fn frame(w: &mut impl Write, m: &impl Message) -> std::io::Result<()> {
-    let body = m.encode_to_vec();
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    w.write_all(&len.to_le_bytes())?;
-    w.write_all(&body)
-}
-
 /// Removes the data of every lazy page from the task pagemaps and pages files of `dir`
 /// (entries with `PE_LAZY` lose `PE_PRESENT`, `PE_PARENT` entries become `PE_LAZY`: their data
 /// is in the page server's parent layer; the pages file keeps the other present pages in
@@ -481,63 +470,28 @@ pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
                     detail: error_chain(&e),
                 })?;
         let pages_path = dir.join(format!("pages-{pages_id}.img"));
-        let map_path = dir.join(format!("pagemap-{pid}.img"));
-        let pages_tmp = dir.join(format!(".pages-{pages_id}.img.tmp"));
-        let map_tmp = dir.join(format!(".pagemap-{pid}.img.tmp"));
-        let mut src = File::open(&pages_path).map_err(io("open", &pages_path))?;
-        let mut pages_out =
-            BufWriter::new(File::create(&pages_tmp).map_err(io("create", &pages_tmp))?);
-        let mut map_out = BufWriter::new(File::create(&map_tmp).map_err(io("create", &map_tmp))?);
-        let w = |e| io("write", &map_tmp)(e);
-        map_out
-            .write_all(&IMG_COMMON_MAGIC.to_le_bytes())
-            .map_err(w)?;
-        map_out.write_all(&PAGEMAP_MAGIC.to_le_bytes()).map_err(w)?;
-        frame(&mut map_out, &PagemapHead { pages_id }).map_err(w)?;
-        let mut off = 0u64;
+        let mut src =
+            std::io::BufReader::new(File::open(&pages_path).map_err(io("open", &pages_path))?);
+        let mut out =
+            PagemapWriter::create(dir, pid, pages_id).map_err(io("write", &pages_path))?;
         for e in &entries {
-            let mut flags = e.flags;
-            if e.flags & PE_PARENT != 0 && e.flags & PE_PRESENT == 0 {
-                flags = PE_LAZY;
+            let put = if e.flags & PE_PARENT != 0 && e.flags & PE_PRESENT == 0 {
+                // Its data is in the page server's parent layer.
                 removed += e.nr_pages;
+                out.hole(e.vaddr, e.nr_pages, PE_LAZY)
+            } else if e.flags & PE_PRESENT != 0 && e.flags & PE_LAZY != 0 {
+                removed += e.nr_pages;
+                let len = i64::try_from(e.nr_pages * PAGE_SIZE).unwrap_or(i64::MAX);
+                src.seek_relative(len).map_err(io("read", &pages_path))?;
+                out.hole(e.vaddr, e.nr_pages, e.flags & !PE_PRESENT)
             } else if e.flags & PE_PRESENT != 0 {
-                let len = e.nr_pages * PAGE_SIZE;
-                if e.flags & PE_LAZY != 0 {
-                    flags &= !PE_PRESENT;
-                    removed += e.nr_pages;
-                } else {
-                    src.seek(SeekFrom::Start(off))
-                        .map_err(io("read", &pages_path))?;
-                    let n = std::io::copy(&mut (&mut src).take(len), &mut pages_out)
-                        .map_err(io("copy pages from", &pages_path))?;
-                    if n != len {
-                        return Err(io("read", &pages_path)(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "pages file shorter than its pagemap",
-                        )));
-                    }
-                }
-                off += len;
-            }
-            let entry = PagemapEntry {
-                vaddr: e.vaddr,
-                compat_nr_pages: u32::try_from(e.nr_pages).unwrap_or(0),
-                in_parent: None,
-                flags: Some(flags),
-                nr_pages: Some(e.nr_pages),
+                out.copy_from(e.vaddr, e.nr_pages, e.flags, &mut src)
+            } else {
+                out.hole(e.vaddr, e.nr_pages, e.flags)
             };
-            frame(&mut map_out, &entry).map_err(w)?;
+            put.map_err(io("copy pages from", &pages_path))?;
         }
-        let pages_file = pages_out
-            .into_inner()
-            .map_err(|e| io("write", &pages_tmp)(e.into_error()))?;
-        pages_file.sync_all().map_err(io("sync", &pages_tmp))?;
-        let map_file = map_out
-            .into_inner()
-            .map_err(|e| io("write", &map_tmp)(e.into_error()))?;
-        map_file.sync_all().map_err(io("sync", &map_tmp))?;
-        std::fs::rename(&pages_tmp, &pages_path).map_err(io("replace", &pages_path))?;
-        std::fs::rename(&map_tmp, &map_path).map_err(io("replace", &map_path))?;
+        out.commit().map_err(io("replace", &pages_path))?;
     }
     Ok(removed)
 }
@@ -546,6 +500,7 @@ pub fn strip_lazy_pages(dir: &Path) -> Result<u64> {
 mod tests {
     use super::*;
     use distriproc_runtime::images::testutil::{pm, write_inventory, write_pagemap};
+    use std::io::Write;
 
     #[test]
     fn strip_keeps_eager_pages_and_marks_lazy_absent() {

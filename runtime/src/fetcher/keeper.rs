@@ -35,7 +35,7 @@ pub const KEEPER_FD: RawFd = 3;
 /// Largest message: type, vpid and this many ranges.
 const MAX_RANGES: usize = 4096;
 const MSG_MAX: usize = 5 + MAX_RANGES * 16;
-const PAGE: u64 = 4096;
+const PAGE: u64 = crate::images::PAGE_SIZE;
 const PAGE_LEN: usize = 4096;
 /// How often the poison server checks whether its tasks still exist.
 const PROBE_EVERY: Duration = Duration::from_millis(500);

@@ -43,7 +43,8 @@ use crate::images::PAGE_SIZE;
 use crate::source::{PageKind, PageSource, SourceError};
 use crate::stats::FetchCounters;
 
-pub(crate) const PAGE: usize = 4096;
+/// The page size as a length.
+pub(crate) const PAGE: usize = crate::protocol::PAGE_SIZE;
 
 /// The outcome of installing a run of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

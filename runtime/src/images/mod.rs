@@ -753,15 +753,7 @@ pub mod testutil {
 
     /// Writes inventory.img into `dir`.
     pub fn write_inventory(dir: &Path) -> io::Result<()> {
-        let mut b = header(INVENTORY_MAGIC);
-        push(
-            &mut b,
-            &InventoryEntry {
-                img_version: IMG_VERSION,
-                fdinfo_per_id: Some(true),
-            },
-        );
-        std::fs::write(dir.join("inventory.img"), b)
+        super::write::write_inventory(dir)
     }
 
     /// Writes `pagemap-<pid>.img` into `dir`.

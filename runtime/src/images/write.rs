@@ -33,17 +33,38 @@ pub struct PagemapWriter {
     committed: bool,
 }
 
-fn frame(w: &mut impl Write, m: &impl Message) -> io::Result<()> {
+/// Writes one image record: the message's length (u32, little endian), then the message.
+pub fn write_message(w: &mut impl Write, m: &impl Message) -> io::Result<()> {
     let body = m.encode_to_vec();
     let len = u32::try_from(body.len()).map_err(io::Error::other)?;
     w.write_all(&len.to_le_bytes())?;
     w.write_all(&body)
 }
 
+/// Writes `inventory.img` into `dir`: the image version and `fdinfo_per_id`, nothing of a
+/// dump (a stand-in for the dump's own, where only pages were received).
+pub fn write_inventory(dir: &Path) -> io::Result<()> {
+    let mut b = super::INVENTORY_MAGIC.to_le_bytes().to_vec();
+    write_message(
+        &mut b,
+        &super::InventoryEntry {
+            img_version: super::IMG_VERSION,
+            fdinfo_per_id: Some(true),
+        },
+    )?;
+    std::fs::write(dir.join("inventory.img"), b)
+}
+
 impl PagemapWriter {
     /// Starts `pagemap-<pid>.img` naming `pages-<pages_id>.img` in `dir`.
     pub fn create(dir: &Path, pid: u32, pages_id: u32) -> io::Result<PagemapWriter> {
-        let map_name = format!("pagemap-{pid}.img");
+        PagemapWriter::create_named(dir, &format!("pagemap-{pid}.img"), pages_id)
+    }
+
+    /// Starts the pagemap `map_name` (a task's `pagemap-<pid>.img`, or a shared memory
+    /// segment's `pagemap-shmem-<id>.img`) naming `pages-<pages_id>.img` in `dir`.
+    pub fn create_named(dir: &Path, map_name: &str, pages_id: u32) -> io::Result<PagemapWriter> {
+        let map_name = map_name.to_owned();
         let pages_name = format!("pages-{pages_id}.img");
         let map_tmp = dir.join(format!(".{map_name}.tmp"));
         let pages_tmp = dir.join(format!(".{pages_name}.tmp"));
@@ -51,7 +72,7 @@ impl PagemapWriter {
         let pages = BufWriter::with_capacity(1 << 20, File::create(&pages_tmp)?);
         map.write_all(&IMG_COMMON_MAGIC.to_le_bytes())?;
         map.write_all(&PAGEMAP_MAGIC.to_le_bytes())?;
-        frame(&mut map, &PagemapHead { pages_id })?;
+        write_message(&mut map, &PagemapHead { pages_id })?;
         Ok(PagemapWriter {
             map_path: dir.join(map_name),
             pages_path: dir.join(pages_name),
@@ -74,7 +95,7 @@ impl PagemapWriter {
                 flags: Some(flags),
                 nr_pages: Some(nr),
             };
-            frame(&mut self.map, &entry)?;
+            write_message(&mut self.map, &entry)?;
         }
         Ok(())
     }
@@ -115,6 +136,33 @@ impl PagemapWriter {
         }
         self.add(vaddr, bytes.len() as u64 / PAGE_SIZE, flags)?;
         self.pages.write_all(bytes)
+    }
+
+    /// `pages` pages at `vaddr` whose data are the next `pages * 4096` bytes of `r`; `flags`
+    /// must hold `PE_PRESENT`. A shorter `r` is an `UnexpectedEof` error.
+    pub fn copy_from(
+        &mut self,
+        vaddr: u64,
+        pages: u64,
+        flags: u32,
+        r: &mut impl io::Read,
+    ) -> io::Result<()> {
+        if flags & PE_PRESENT == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "data entry without PE_PRESENT",
+            ));
+        }
+        self.add(vaddr, pages, flags)?;
+        let want = pages * PAGE_SIZE;
+        let got = io::copy(&mut io::Read::take(&mut *r, want), &mut self.pages)?;
+        if got != want {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{got} of the {want} bytes of the pages at {vaddr:#x}"),
+            ));
+        }
+        Ok(())
     }
 
     /// `pages` pages at `vaddr` without data here (`PE_PARENT`, or `PE_LAZY` served remotely).
@@ -169,14 +217,14 @@ pub fn mark_lazy(
     let res = (|| {
         map.write_all(&IMG_COMMON_MAGIC.to_le_bytes())?;
         map.write_all(&PAGEMAP_MAGIC.to_le_bytes())?;
-        frame(&mut map, &PagemapHead { pages_id })?;
+        write_message(&mut map, &PagemapHead { pages_id })?;
         let mut marked = 0u64;
         let mut put = |vaddr: u64, end: u64, flags: u32| -> io::Result<()> {
             let nr = (end - vaddr) / PAGE_SIZE;
             if nr == 0 {
                 return Ok(());
             }
-            frame(
+            write_message(
                 &mut map,
                 &PagemapEntry {
                     vaddr,

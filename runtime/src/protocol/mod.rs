@@ -135,8 +135,10 @@ pub mod tls;
 
 use std::io::{self, Read};
 
-/// Page size of the protocol (x86_64 images).
+/// Page size of the protocol: the page size of the images ([`crate::images::PAGE_SIZE`]), as a
+/// length.
 pub const PAGE_SIZE: usize = 4096;
+const _: () = assert!(PAGE_SIZE as u64 == crate::images::PAGE_SIZE);
 /// First four bytes of every hello and hello reply.
 pub const MAGIC: [u8; 4] = *b"DPPS";
 /// The protocol version this build speaks (and the highest).
