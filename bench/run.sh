@@ -106,7 +106,10 @@ BUILD_NOTE="$BUILD build of the working tree at $(git rev-parse --short HEAD)"
 build_flag=()
 [[ $BUILD == release ]] && build_flag=(--release)
 if ! cargo build -q "${build_flag[@]}" -p containerd-shim-distriproc-v2 -p distriproc-pageserver; then
-    # The working tree is shared with engineers mid-edit: fall back to the last good binaries.
+    # Figures of binaries that are not the tree's would be reported as the tree's: only with
+    # DISTRIPROC_BENCH_ALLOW_STALE=1 (then the results' "build" says so).
+    [[ ${DISTRIPROC_BENCH_ALLOW_STALE:-0} == 1 ]] ||
+        die "cargo build failed (DISTRIPROC_BENCH_ALLOW_STALE=1 benchmarks the existing target/$BUILD binaries instead)"
     [[ -x $DISTRIPROC_SHIM_BIN && -x $PAGESERVER_BIN ]] ||
         die "cargo build failed and there are no earlier binaries in target/$BUILD"
     BUILD_NOTE="cargo build failed; used the existing target/$BUILD binaries (shim built $(date -u -r "$DISTRIPROC_SHIM_BIN" +%H:%MZ))"
