@@ -1,7 +1,8 @@
 //! DistriProc's restore engine, below the shim: CRIU image reading (`images`), page sources
 //! (`source`: local images; `remote`: the page server), the userfaultfd fetcher (`fetcher`),
 //! working-set profiles (`profile`), the page-server wire protocol (`protocol`), restore
-//! statistics (`stats`).
+//! statistics (`stats`), and eviction by a system call run inside the task (`evict`).
+pub mod evict;
 pub mod fetcher;
 pub mod images;
 pub mod layer;
