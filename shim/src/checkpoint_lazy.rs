@@ -37,7 +37,6 @@ use log::{info, warn};
 use crate::container::Container;
 use crate::error::{Result, ShimError};
 use crate::lazy::CheckpointView;
-use crate::runc::RuncClient;
 use distriproc_runtime::error_chain;
 
 /// How long the fetcher's generation must stay still before the residency is taken.
@@ -82,7 +81,7 @@ pub async fn prepare(c: &Container, id: &str, paused: bool) -> Result<Option<Pen
     }
     let paused_here = !paused;
     if paused_here {
-        pause(&c.runc, id).await?;
+        c.runc.pause(id).await?;
     }
     let taken = settle(&view).await;
     let pending = Pending {
@@ -127,7 +126,7 @@ async fn settle(view: &CheckpointView) -> (u64, Residency) {
 /// The checkpoint failed or was refused: thaw what [`prepare`] froze.
 pub async fn undo(c: &Container, id: &str, p: Pending) {
     if p.paused_here {
-        if let Err(e) = resume(&c.runc, id).await {
+        if let Err(e) = c.runc.resume(id).await {
             warn!("checkpoint of {id}: resuming the container after a failed checkpoint: {e}");
         }
     }
@@ -180,20 +179,4 @@ pub async fn complete(
         undo(c, id, p).await;
     }
     result.map(|s| (s, mark))
-}
-
-async fn pause(runc: &RuncClient, id: &str) -> Result<()> {
-    runc.runc.pause(id).await.map_err(|e| ShimError::Runc {
-        verb: "pause",
-        id: id.to_string(),
-        detail: runc.describe(&e),
-    })
-}
-
-async fn resume(runc: &RuncClient, id: &str) -> Result<()> {
-    runc.runc.resume(id).await.map_err(|e| ShimError::Runc {
-        verb: "resume",
-        id: id.to_string(),
-        detail: runc.describe(&e),
-    })
 }

@@ -16,7 +16,6 @@ use crate::{
     error::ShimError,
     io::{IoDone, ShimStdio, StdioPaths},
     options::ShimOptions,
-    runc::RuncClient,
 };
 
 /// Lifecycle status of a process.
@@ -131,7 +130,8 @@ pub struct Container {
     /// The shim configuration of this container (runtime options' config with the
     /// annotations applied), resolved once at Create.
     pub cfg: ShimConfig,
-    pub runc: RuncClient,
+    /// The OCI runtime that runs its processes (runc).
+    pub runc: std::sync::Arc<dyn crate::oci_runtime::OciRuntime>,
     pub init: Process,
     pub execs: HashMap<String, Process>,
     pub rootfs_mounted: bool,

@@ -23,8 +23,8 @@ use crate::{
     error::{Result, ShimError},
     events::send,
     io::StdioPaths,
+    oci_runtime::OciRuntime,
     options::{self, ShimOptions},
-    runc::RuncClient,
     stdio::PendingStdio,
     task::{read_pid, unmount, Slot, TaskService},
 };
@@ -96,7 +96,10 @@ impl TaskService {
         let annotations = bundle_annotations(&bundle);
         let cfg = config_with_annotations(&opts, &annotations)?;
         let opts = opts.with_runc_config(&cfg.runc);
-        let runc = RuncClient::new(&opts, &self.inner.namespace, &bundle)?;
+        let runc = self
+            .inner
+            .runtimes
+            .for_container(&opts, &self.inner.namespace, &bundle)?;
         let rootfs = bundle.join("rootfs");
         let mut rootfs_mounted = false;
         if !req.rootfs.is_empty() {
@@ -127,7 +130,7 @@ impl TaskService {
         req: &CreateTaskRequest,
         opts: ShimOptions,
         (annotations, cfg): (HashMap<String, String>, ShimConfig),
-        runc: RuncClient,
+        runc: Arc<dyn OciRuntime>,
         rootfs_mounted: bool,
     ) -> Result<Container> {
         let bundle = PathBuf::from(&req.bundle);
@@ -171,15 +174,11 @@ impl TaskService {
                 copts = copts.io(Arc::new(cs));
             }
             let console = pending.receive();
-            if let Err(e) = runc.runc.create(&req.id, &bundle, Some(&copts)).await {
+            if let Err(e) = runc.create(&req.id, &bundle, &copts).await {
                 if let Some(c) = console {
                     c.abort();
                 }
-                return Err(ShimError::Runc {
-                    verb: "create",
-                    id: req.id.clone(),
-                    detail: runc.describe(&e),
-                });
+                return Err(e);
             }
             init.pid = read_pid(&pid_file)?;
             if let Some(c) = console {

@@ -6,8 +6,8 @@
 //! ttrpc adapter) → [`task`] (the containers of one shim, the lifecycle RPCs, one lock per
 //! container), with one file per heavy verb ([`create`], [`start`], [`restore`],
 //! [`checkpoint`]) and for [`exits`], [`events`] and [`stdio`] → [`container`] (containers,
-//! processes and their state checks) → [`runc`] / [`runc_cmd`] / [`io`] (runc commands,
-//! stdio).
+//! processes and their state checks) → [`oci_runtime`] (the process layer, runc behind a trait)
+//! → [`runc`] / [`runc_cmd`] / [`io`] (runc commands, stdio).
 //! The lazy-pages engine is reached only through [`lazy::LazyBackend`]; this crate does not
 //! read CRIU images or serve page faults itself.
 
@@ -24,6 +24,7 @@ pub mod fetcher;
 pub mod info;
 pub mod io;
 pub mod lazy;
+pub mod oci_runtime;
 pub mod oom;
 pub mod options;
 pub mod remote;

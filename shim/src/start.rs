@@ -28,15 +28,7 @@ impl TaskService {
                 self.restore(&mut c, &plan).await?;
                 self.watch_oom(&req.id, c.init.pid);
             } else {
-                c.runc
-                    .runc
-                    .start(&req.id)
-                    .await
-                    .map_err(|e| ShimError::Runc {
-                        verb: "start",
-                        id: req.id.clone(),
-                        detail: c.runc.describe(&e),
-                    })?;
+                c.runc.start(&req.id).await?;
                 c.init.status = ProcStatus::Running;
             }
             let pid = c.init.pid;
@@ -90,15 +82,11 @@ impl TaskService {
             eopts = eopts.io(Arc::new(cs));
         }
         let console = pending.receive();
-        if let Err(e) = runc.runc.exec(&id, &spec, Some(&eopts)).await {
+        if let Err(e) = runc.exec(&id, &spec, &eopts).await {
             if let Some(c) = console {
                 c.abort();
             }
-            return Err(ShimError::Runc {
-                verb: "exec",
-                id,
-                detail: runc.describe(&e),
-            });
+            return Err(e);
         }
         p.pid = read_pid(&pid_file)?;
         p.status = ProcStatus::Running;

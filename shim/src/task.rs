@@ -37,7 +37,6 @@ use containerd_shim::{
     ExitSignal,
 };
 use log::warn;
-use runc::options::{DeleteOpts, KillOpts};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use crate::{
@@ -47,6 +46,7 @@ use crate::{
     exits::ExitRouting,
     io::StdioPaths,
     lazy::LazyBackend,
+    oci_runtime::{Runc, RuntimeFactory},
 };
 
 /// How long TaskExit waits for a process's output to drain.
@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) events: Arc<dyn EventSink>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) lazy: Arc<dyn LazyBackend>,
+    /// Makes each container's OCI runtime (runc).
+    pub(crate) runtimes: Arc<dyn RuntimeFactory>,
     /// Retention of the node-local stores this process checkpoints into.
     pub(crate) sweeper: Arc<crate::retention::Sweeper>,
 }
@@ -91,6 +93,19 @@ impl TaskService {
         exit: Arc<ExitSignal>,
         lazy: Arc<dyn LazyBackend>,
     ) -> Self {
+        Self::with_runtimes(namespace, containerd, events, exit, lazy, Arc::new(Runc))
+    }
+
+    /// [`TaskService::new`] with the containers' OCI runtimes made by `runtimes` (a stub in
+    /// unit tests).
+    pub fn with_runtimes(
+        namespace: &str,
+        containerd: &str,
+        events: Arc<dyn EventSink>,
+        exit: Arc<ExitSignal>,
+        lazy: Arc<dyn LazyBackend>,
+        runtimes: Arc<dyn RuntimeFactory>,
+    ) -> Self {
         TaskService {
             inner: Arc::new(Inner {
                 namespace: namespace.to_owned(),
@@ -99,6 +114,7 @@ impl TaskService {
                 events,
                 exit,
                 lazy,
+                runtimes,
                 sweeper: Arc::new(crate::retention::Sweeper::new(
                     containerd,
                     Arc::new(crate::retention::Containerd),
@@ -193,26 +209,7 @@ impl TaskService {
             if c.restore.is_some() {
                 return Err(crate::container::precondition(&req.id, "kill", p.status));
             }
-            let opts = KillOpts::new().all(req.all);
-            if let Err(e) = c.runc.runc.kill(&req.id, req.signal, Some(&opts)).await {
-                let detail = c.runc.describe(&e);
-                let lower = detail.to_lowercase();
-                if lower.contains("not running")
-                    || lower.contains("already finished")
-                    || lower.contains("no such process")
-                {
-                    return Err(ShimError::ProcessFinished {
-                        id: req.id.clone(),
-                        exec_id: String::new(),
-                    });
-                }
-                return Err(ShimError::Runc {
-                    verb: "kill",
-                    id: req.id.clone(),
-                    detail,
-                });
-            }
-            Ok(())
+            c.runc.kill(&req.id, req.signal, req.all).await
         } else {
             let sig =
                 nix::sys::signal::Signal::try_from(i32::try_from(req.signal).unwrap_or(i32::MAX))
@@ -275,12 +272,8 @@ impl TaskService {
             let _ = tokio::time::timeout(IO_DRAIN_LIMIT * 2, rx.wait_for(|v| *v)).await;
         }
         if c.restore.is_none() {
-            let opts = DeleteOpts::new().force(true);
-            if let Err(e) = c.runc.runc.delete(&req.id, Some(&opts)).await {
-                let detail = c.runc.describe(&e);
-                if !detail.contains("does not exist") {
-                    warn!("runc delete {}: {detail}", req.id);
-                }
+            if let Err(e) = c.runc.delete(&req.id).await {
+                warn!("{e}");
             }
         }
         if c.rootfs_mounted {
@@ -362,14 +355,9 @@ impl TaskService {
     /// Pids of the container (`runc ps`), exec processes tagged with their exec id.
     pub async fn task_pids(&self, req: PidsRequest) -> Result<PidsResponse> {
         let c = self.container(&req.id).await?;
-        let pids = c.runc.runc.ps(&req.id).await.map_err(|e| ShimError::Runc {
-            verb: "ps",
-            id: req.id.clone(),
-            detail: c.runc.describe(&e),
-        })?;
+        let pids = c.runc.ps(&req.id).await?;
         let mut processes = Vec::new();
         for pid in pids {
-            let pid = u32::try_from(pid).unwrap_or(0);
             let mut info = ProcessInfo {
                 pid,
                 ..Default::default()
@@ -395,15 +383,7 @@ impl TaskService {
     pub async fn task_pause(&self, req: PauseRequest) -> Result<()> {
         let mut c = self.container(&req.id).await?;
         c.init.require(&req.id, "pause", &[ProcStatus::Running])?;
-        c.runc
-            .runc
-            .pause(&req.id)
-            .await
-            .map_err(|e| ShimError::Runc {
-                verb: "pause",
-                id: req.id.clone(),
-                detail: c.runc.describe(&e),
-            })?;
+        c.runc.pause(&req.id).await?;
         c.init.status = ProcStatus::Paused;
         send(
             self.events(),
@@ -419,15 +399,7 @@ impl TaskService {
     pub async fn task_resume(&self, req: ResumeRequest) -> Result<()> {
         let mut c = self.container(&req.id).await?;
         c.init.require(&req.id, "resume", &[ProcStatus::Paused])?;
-        c.runc
-            .runc
-            .resume(&req.id)
-            .await
-            .map_err(|e| ShimError::Runc {
-                verb: "resume",
-                id: req.id.clone(),
-                detail: c.runc.describe(&e),
-            })?;
+        c.runc.resume(&req.id).await?;
         c.init.status = ProcStatus::Running;
         send(
             self.events(),
@@ -464,15 +436,7 @@ impl TaskService {
         })?;
         let res: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
             .map_err(|e| ShimError::InvalidArgument(format!("resources of {}: {e}", req.id)))?;
-        c.runc
-            .runc
-            .update(&req.id, &res)
-            .await
-            .map_err(|e| ShimError::Runc {
-                verb: "update",
-                id: req.id.clone(),
-                detail: c.runc.describe(&e),
-            })
+        c.runc.update(&req.id, &res).await
     }
 
     /// cgroup metrics of the init process.
@@ -545,7 +509,7 @@ mod tests {
     use crate::create::shim_config;
     use crate::lazy;
     use crate::options::ShimOptions;
-    use containerd_shim::api::CreateTaskRequest;
+    use containerd_shim::api::{CreateTaskRequest, StartRequest};
     use containerd_shim::protos::protobuf::{well_known_types::any::Any, MessageDyn};
 
     #[derive(Default)]
@@ -566,6 +530,325 @@ mod tests {
             Arc::new(lazy::EagerOnly),
         );
         (s, ev)
+    }
+
+    /// An OCI runtime that runs nothing: it records the verbs and writes the pid files.
+    #[derive(Debug, Default)]
+    struct StubRuntime {
+        calls: StdMutex<Vec<String>>,
+        /// The pid the next create or exec reports.
+        next_pid: std::sync::atomic::AtomicU32,
+        fail_create: bool,
+    }
+
+    impl StubRuntime {
+        fn record(&self, verb: &str, id: &str) {
+            self.calls.lock().unwrap().push(format!("{verb} {id}"));
+        }
+        fn pid_file(&self, path: Option<&std::path::PathBuf>) -> Result<()> {
+            let pid = self
+                .next_pid
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = path.expect("a pid file");
+            std::fs::write(path, pid.to_string()).map_err(|e| ShimError::io("write", path, e))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::oci_runtime::OciRuntime for StubRuntime {
+        async fn create(&self, id: &str, _: &Path, opts: &runc::options::CreateOpts) -> Result<()> {
+            self.record("create", id);
+            if self.fail_create {
+                return Err(ShimError::Runc {
+                    verb: "create",
+                    id: id.into(),
+                    detail: "stub says no".into(),
+                });
+            }
+            self.pid_file(opts.pid_file.as_ref())
+        }
+        async fn start(&self, id: &str) -> Result<()> {
+            self.record("start", id);
+            Ok(())
+        }
+        async fn exec(
+            &self,
+            id: &str,
+            spec: &oci_spec::runtime::Process,
+            opts: &runc::options::ExecOpts,
+        ) -> Result<()> {
+            self.record(&format!("exec {:?}", spec.args()), id);
+            self.pid_file(opts.pid_file.as_ref())
+        }
+        async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+            self.record(&format!("kill {signal} all={all}"), id);
+            Ok(())
+        }
+        async fn delete(&self, id: &str) -> Result<()> {
+            self.record("delete", id);
+            Ok(())
+        }
+        async fn ps(&self, id: &str) -> Result<Vec<u32>> {
+            self.record("ps", id);
+            Ok(vec![4321, 4322])
+        }
+        async fn pause(&self, id: &str) -> Result<()> {
+            self.record("pause", id);
+            Ok(())
+        }
+        async fn resume(&self, id: &str) -> Result<()> {
+            self.record("resume", id);
+            Ok(())
+        }
+        async fn update(&self, id: &str, _: &oci_spec::runtime::LinuxResources) -> Result<()> {
+            self.record("update", id);
+            Ok(())
+        }
+        async fn run_raw(
+            &self,
+            args: Vec<std::ffi::OsString>,
+            _: Option<(
+                std::process::Stdio,
+                std::process::Stdio,
+                std::process::Stdio,
+            )>,
+        ) -> Result<crate::runc::RawOutput> {
+            Err(ShimError::Unimplemented(if args.is_empty() {
+                "run_raw"
+            } else {
+                "run_raw (stub)"
+            }))
+        }
+        fn with_log_tail(&self, base: String) -> String {
+            base
+        }
+    }
+
+    struct Stubs(Arc<StubRuntime>);
+    impl crate::oci_runtime::RuntimeFactory for Stubs {
+        fn for_container(
+            &self,
+            _: &ShimOptions,
+            _: &str,
+            _: &Path,
+        ) -> Result<Arc<dyn crate::oci_runtime::OciRuntime>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    fn stub_service(stub: StubRuntime) -> (TaskService, Arc<Captured>, Arc<StubRuntime>) {
+        let ev = Arc::new(Captured::default());
+        let stub = Arc::new(stub);
+        stub.next_pid
+            .store(4321, std::sync::atomic::Ordering::SeqCst);
+        let s = TaskService::with_runtimes(
+            "test",
+            "",
+            ev.clone(),
+            Arc::new(ExitSignal::default()),
+            Arc::new(lazy::EagerOnly),
+            Arc::new(Stubs(stub.clone())),
+        );
+        (s, ev, stub)
+    }
+
+    #[tokio::test]
+    async fn lifecycle_through_the_process_layer() {
+        let (s, ev, stub) = stub_service(StubRuntime::default());
+        let dir = tempfile::tempdir().unwrap();
+        let id = |exec: &str| (String::from("c"), exec.to_owned());
+        let created = s
+            .task_create(CreateTaskRequest {
+                id: "c".into(),
+                bundle: dir.path().display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(created.pid, 4321);
+        let state = |exec: &str| {
+            let (id, exec_id) = id(exec);
+            s.task_state(StateRequest {
+                id,
+                exec_id,
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            state("").await.unwrap().status,
+            ProcStatus::Created.api().into()
+        );
+        // A second Create of the same id is refused while the first exists.
+        let again = s
+            .task_create(CreateTaskRequest {
+                id: "c".into(),
+                bundle: dir.path().display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(again, ShimError::AlreadyExists(_)), "{again}");
+        s.task_start(StartRequest {
+            id: "c".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            state("").await.unwrap().status,
+            ProcStatus::Running.api().into()
+        );
+        // An exec: registered, started (pid 4322), its exit routed by pid.
+        let spec = Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: br#"{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec(),
+            ..Default::default()
+        };
+        s.task_exec(ExecProcessRequest {
+            id: "c".into(),
+            exec_id: "e".into(),
+            spec: MessageField::some(spec),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let started = s
+            .task_start(StartRequest {
+                id: "c".into(),
+                exec_id: "e".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(started.pid, 4322);
+        let pids = s
+            .task_pids(PidsRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(pids.processes.len(), 2);
+        s.handle_exit(4322, 3).await;
+        let (cid, exec_id) = id("e");
+        let w = s
+            .task_wait(WaitRequest {
+                id: cid,
+                exec_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(w.exit_status, 3);
+        // Pause, resume, then SIGKILL of the init, whose exit is routed the same way.
+        for pause in [true, false] {
+            if pause {
+                s.task_pause(PauseRequest {
+                    id: "c".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            } else {
+                s.task_resume(ResumeRequest {
+                    id: "c".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+        s.task_kill(KillRequest {
+            id: "c".into(),
+            signal: 9,
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        s.handle_exit(4321, 137).await;
+        let w = s
+            .task_wait(WaitRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(w.exit_status, 137);
+        // A stopped init cannot be started, paused or signalled again.
+        assert!(s
+            .task_pause(PauseRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err());
+        let d = s
+            .task_delete(DeleteRequest {
+                id: "c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((d.pid, d.exit_status), (4321, 137));
+        assert!(matches!(
+            state("").await.unwrap_err(),
+            ShimError::NotFound(_)
+        ));
+        assert_eq!(
+            *stub.calls.lock().unwrap(),
+            [
+                "create c",
+                "start c",
+                "exec Some([\"true\"]) c",
+                "ps c",
+                "pause c",
+                "resume c",
+                "kill 9 all=true c",
+                "delete c"
+            ]
+        );
+        let topics = ev.0.lock().unwrap().clone();
+        let short: Vec<&str> = topics
+            .iter()
+            .map(|t| t.rsplit('/').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            short,
+            [
+                "create",
+                "start",
+                "exec-added",
+                "exec-started",
+                "exit",
+                "paused",
+                "resumed",
+                "exit",
+                "delete"
+            ],
+            "{topics:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_frees_the_id() {
+        let (s, ev, _) = stub_service(StubRuntime {
+            fail_create: true,
+            ..Default::default()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let req = CreateTaskRequest {
+            id: "c".into(),
+            bundle: dir.path().display().to_string(),
+            ..Default::default()
+        };
+        let e = s.task_create(req.clone()).await.unwrap_err();
+        assert!(e.to_string().contains("stub says no"), "{e}");
+        assert!(ev.0.lock().unwrap().is_empty());
+        // The id is free again: the same Create fails the same way, not as AlreadyExists.
+        let e = s.task_create(req).await.unwrap_err();
+        assert!(matches!(e, ShimError::Runc { .. }), "{e}");
+        assert!(s.inner.containers.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -710,7 +993,7 @@ mod tests {
         assert_eq!(state.pid, 4300);
         let spec = containerd_shim::protos::protobuf::well_known_types::any::Any {
             type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-            value: br#"{"args":["true"],"cwd":"/"}"#.to_vec(),
+            value: br#"{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec(),
             ..Default::default()
         };
         tokio::time::timeout(
