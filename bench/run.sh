@@ -414,33 +414,46 @@ restore_run() {
     fi
     remove_container "$id"
 
-    "$PY" - "$RUNS" "$stats" <<EOF
-import json, sys
-def num(s):
+    # The values go to Python as environment variables (R_*), never as generated code.
+    R_SYS=$sys R_MIB=$mib R_REP=$rep R_MODE=$mode R_FILL=$fill R_PS=$ps R_CKPT_S=$ckpt_s \
+        R_T0=$t0 R_T1=$t1 R_TC=${tc:-0} R_TTFR_US=$ttfr_us R_SUM_S=$sum_s R_SUM_OK=$sum_ok \
+        R_SUM=$sum R_EXPECT=$expect R_TOUCH_COLD=$touch_cold R_TOUCH_WARM=$touch_warm \
+        R_TOUCH_LOCAL=$touch_local R_CRIU_JSON=$criu_json R_ERR=$err \
+        "$PY" - "$RUNS" "$stats" <<'EOF'
+import json, os, sys
+e = os.environ
+def num(k):
     try:
-        return float(s)
+        return float(e.get(k, ""))
     except (TypeError, ValueError):
         return None
-t0, t1, tc = $t0, $t1, ${tc:-0}
-ttfr = num("$ttfr_us")
+def whole(k):
+    try:
+        return int(e.get(k, "") or 0)
+    except ValueError:
+        return 0
+sysname = e.get("R_SYS", "")
+ps = e.get("R_PS", "")
+t0, t1, tc = whole("R_T0"), whole("R_T1"), whole("R_TC")
+ttfr = num("R_TTFR_US")
 run = {
-    "kind": "containerd", "system": "$sys", "mib": $mib, "rep": $rep,
-    "fetcher_mode": "$mode", "fill": "$fill",
-    "pageserver": "$ps" or None,
-    "pageserver_path": "veth" if "$sys".endswith("-veth") else ("loopback" if "$ps" else None),
-    "checkpoint_s": num("$ckpt_s"),
+    "kind": "containerd", "system": sysname, "mib": whole("R_MIB"), "rep": whole("R_REP"),
+    "fetcher_mode": e.get("R_MODE", ""), "fill": e.get("R_FILL", ""),
+    "pageserver": ps or None,
+    "pageserver_path": "veth" if sysname.endswith("-veth") else ("loopback" if ps else None),
+    "checkpoint_s": num("R_CKPT_S"),
     "restore_cmd_s": (t1 - t0) / 1e9,
     "ttfr_s": None if ttfr is None else ttfr / 1e6,
     "unpack_s": (tc - t0) / 1e9 if tc else None,
-    "sum_s": num("$sum_s"),
-    "sum_ok": "$sum_ok" == "true",
-    "sum": "$sum", "expect": "$expect",
-    "touch50_cold_us": num("$touch_cold") if "$sys".endswith("-none") else None,
-    "touch50_warm_us": num("$touch_warm"),
-    "touch10_us": num("$touch_cold") if "$sys" == "ours-profile" else None,
-    "touch50_local_us": num("$touch_local"),
-    "criu_log": json.loads(r'''$criu_json''' or "null"),
-    "error": "$err" or None,
+    "sum_s": num("R_SUM_S"),
+    "sum_ok": e.get("R_SUM_OK") == "true",
+    "sum": e.get("R_SUM", ""), "expect": e.get("R_EXPECT", ""),
+    "touch50_cold_us": num("R_TOUCH_COLD") if sysname.endswith("-none") else None,
+    "touch50_warm_us": num("R_TOUCH_WARM"),
+    "touch10_us": num("R_TOUCH_COLD") if sysname == "ours-profile" else None,
+    "touch50_local_us": num("R_TOUCH_LOCAL"),
+    "criu_log": json.loads(e.get("R_CRIU_JSON") or "null"),
+    "error": e.get("R_ERR") or None,
 }
 if run["unpack_s"] is not None and run["ttfr_s"] is not None:
     run["shim_ttfr_s"] = run["ttfr_s"] - run["unpack_s"]
@@ -499,13 +512,26 @@ write_results() {
     if [[ $2 == migration ]]; then
         up_start=$MIG_UPTIME_START up_end=$MIG_UPTIME_END started=$MIG_START_UTC finished=$MIG_END_UTC
     fi
-    "$PY" - "$RUNS" "$1" "$2" <<EOF
+    # The values go to Python as environment variables (W_*), never as generated code.
+    W_SIZES=$SIZES W_REPS=$REPS W_REPS_BIG=$REPS_BIG W_THREADS=$THREADS W_STARTED=$started \
+        W_FINISHED=$finished W_UP_START=$up_start W_UP_END=$up_end W_CTD=$CTD_VERSION \
+        W_REMOTE_STATUS=$REMOTE_STATUS W_BUILD=$BUILD_NOTE W_REDIS_STATUS=$REDIS_STATUS \
+        W_SYSTEMS=$SYSTEMS W_SYSTEMS_HUGE=$SYSTEMS_HUGE W_REMOTE_SIZES=${REMOTE_SIZES:-} \
+        W_SKIPPED=$(printf '%s\n' "${SKIPPED_SIZES[@]}") W_MIG_SIZES=$MIGRATION_SIZES \
+        W_MIG_REPS=$MIGRATION_REPS W_WRITE_PCT=$MIGRATION_WRITE_PCT \
+        W_MIG_STATUS=$MIGRATION_STATUS W_MIG_SKIPPED=$(printf '%s\n' "${MIG_SKIPPED[@]}") \
+        "$PY" - "$RUNS" "$1" "$2" <<'EOF'
 import json, os, platform, subprocess, sys
+e = os.environ
 def sh(c):
     try:
         return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
     except Exception:
         return ""
+def ints(k):
+    return [int(s) for s in e.get(k, "").split()]
+def lines(k):
+    return [x for x in e.get(k, "").splitlines() if x]
 select = sys.argv[3]
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 runs = [r for r in runs if (r["kind"] == "migration") == (select == "migration")]
@@ -513,32 +539,32 @@ keys = ("SIZES", "REPS", "REPS_BIG", "SYSTEMS", "SYSTEMS_HUGE", "REMOTE_SIZES", 
         "MIGRATION_ONLY", "MIGRATION_SIZES", "MIGRATION_REPS", "MIGRATION_WRITE_PCT")
 meta = {
     "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in keys if k in os.environ),
-    "sizes_mib": [int(s) for s in "$SIZES".split()],
-    "reps": $REPS, "reps_big": $REPS_BIG, "threads": $THREADS,
-    "started_utc": "$started",
-    "finished_utc": "$finished" or sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
-    "uptime_start": "$up_start", "uptime_end": "$up_end",
+    "sizes_mib": ints("W_SIZES"),
+    "reps": int(e["W_REPS"]), "reps_big": int(e["W_REPS_BIG"]), "threads": int(e["W_THREADS"]),
+    "started_utc": e.get("W_STARTED", ""),
+    "finished_utc": e.get("W_FINISHED") or sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+    "uptime_start": e.get("W_UP_START", ""), "uptime_end": e.get("W_UP_END", ""),
     "nproc": sh("nproc"),
-    "cpu_model": sh("awk -F': ' '/model name/ {print \$2; exit}' /proc/cpuinfo"),
+    "cpu_model": sh("awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo"),
     "kernel": platform.release(),
-    "mem_total": sh("awk '/MemTotal/ {print \$2 \" kB\"}' /proc/meminfo"),
-    "containerd": "$CTD_VERSION",
+    "mem_total": sh("awk '/MemTotal/ {print $2 \" kB\"}' /proc/meminfo"),
+    "containerd": e.get("W_CTD", ""),
     "runc": sh("runc --version | head -n 1"),
     "criu": sh("criu --version | head -n 1"),
     "git_head": sh("git rev-parse --short HEAD"),
-    "remote_status": "$REMOTE_STATUS",
-    "build": "$BUILD_NOTE",
-    "redis_status": "$REDIS_STATUS",
-    "systems": "$SYSTEMS".split(), "systems_huge": "$SYSTEMS_HUGE".split(),
-    "remote_sizes_mib": [int(s) for s in "${REMOTE_SIZES:-}".split()],
-    "skipped_sizes": [x for x in """$(printf '%s\n' "${SKIPPED_SIZES[@]}")""".splitlines() if x],
+    "remote_status": e.get("W_REMOTE_STATUS", ""),
+    "build": e.get("W_BUILD", ""),
+    "redis_status": e.get("W_REDIS_STATUS", ""),
+    "systems": e.get("W_SYSTEMS", "").split(), "systems_huge": e.get("W_SYSTEMS_HUGE", "").split(),
+    "remote_sizes_mib": ints("W_REMOTE_SIZES"),
+    "skipped_sizes": lines("W_SKIPPED"),
 }
 if select == "migration":
     meta.update({
-        "migration_sizes_mib": [int(s) for s in "$MIGRATION_SIZES".split()],
-        "migration_reps": $MIGRATION_REPS, "write_pct": $MIGRATION_WRITE_PCT,
-        "migration_status": "$MIGRATION_STATUS",
-        "skipped_sizes": [x for x in """$(printf '%s\n' "${MIG_SKIPPED[@]}")""".splitlines() if x],
+        "migration_sizes_mib": ints("W_MIG_SIZES"),
+        "migration_reps": int(e["W_MIG_REPS"]), "write_pct": int(e["W_WRITE_PCT"]),
+        "migration_status": e.get("W_MIG_STATUS", ""),
+        "skipped_sizes": lines("W_MIG_SKIPPED"),
     })
 json.dump({"meta": meta, "runs": runs}, open(sys.argv[2], "w"), indent=1)
 print(f"wrote {sys.argv[2]} ({len(runs)} runs)")
