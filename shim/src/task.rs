@@ -606,18 +606,14 @@ mod tests {
         }
         async fn run_raw(
             &self,
-            args: Vec<std::ffi::OsString>,
+            _: Vec<std::ffi::OsString>,
             _: Option<(
                 std::process::Stdio,
                 std::process::Stdio,
                 std::process::Stdio,
             )>,
         ) -> Result<crate::runc::RawOutput> {
-            Err(ShimError::Unimplemented(if args.is_empty() {
-                "run_raw"
-            } else {
-                "run_raw (stub)"
-            }))
+            Err(ShimError::Unimplemented("run_raw"))
         }
         fn with_log_tail(&self, base: String) -> String {
             base
