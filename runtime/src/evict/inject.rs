@@ -187,19 +187,8 @@ fn next_stop(h: &mut Held, resume: fn(Pid) -> nix::Result<()>) -> Result<WaitSta
     }
 }
 
-/// Runs `madvise(start, end - start, advice)` for each range in the context of thread `tid`
-/// (any thread of the task: the call acts on the whole address space). Refuses, without
-/// touching the task, a thread that is traced by someone else, group-stopped, under strict
-/// seccomp, or whose seccomp filters would not allow the call.
-pub fn madvise(tid: i32, ranges: &[(u64, u64)], advice: Advice) -> Result<Injected, EvictError> {
-    if !cfg!(target_arch = "x86_64") {
-        return Err(EvictError::Unsupported(
-            "remote system calls are implemented for x86_64 only",
-        ));
-    }
-    if ranges.is_empty() {
-        return Ok(Injected::default());
-    }
+/// `/proc/<tid>/status`, refused when the thread must be left alone.
+fn checked_status(tid: i32) -> Result<Status, EvictError> {
     let st = status(tid)?;
     if st.tracer != 0 {
         return Err(EvictError::Refused {
@@ -219,10 +208,16 @@ pub fn madvise(tid: i32, ranges: &[(u64, u64)], advice: Advice) -> Result<Inject
             why: "strict seccomp mode".into(),
         });
     }
-    let syscall_at = vdso_syscall(tid)?;
+    Ok(st)
+}
+
+/// Seizes thread `tid` and waits for its interrupt stop.
+fn stop_thread(tid: i32) -> Result<Held, EvictError> {
     let pid = Pid::from_raw(tid);
-    ptrace::seize(pid, ptrace::Options::empty())
-        .map_err(|e| EvictError::ptrace("seize", pid, e))?;
+    ptrace::seize(pid, ptrace::Options::empty()).map_err(|e| match e {
+        Errno::ESRCH => EvictError::Gone { tid },
+        e => EvictError::ptrace("seize", pid, e),
+    })?;
     let mut h = Held {
         tid: pid,
         saved: None,
@@ -231,89 +226,277 @@ pub fn madvise(tid: i32, ranges: &[(u64, u64)], advice: Advice) -> Result<Inject
     };
     ptrace::interrupt(pid).map_err(|e| EvictError::ptrace("interrupt", pid, e))?;
     match next_stop(&mut h, |t| ptrace::cont(t, None))? {
-        WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => {}
+        WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => Ok(h),
         // A group stop (SIGSTOP and the like) arrived first: the task is meant to stay stopped.
         WaitStatus::PtraceEvent(_, sig, libc::PTRACE_EVENT_STOP) => {
             drop(h);
-            return Err(EvictError::Refused {
+            Err(EvictError::Refused {
                 tid,
                 why: format!("stopped by {sig}"),
-            });
+            })
         }
         other => {
             drop(h);
-            return Err(EvictError::UnexpectedStop {
+            Err(EvictError::UnexpectedStop {
                 tid,
                 status: format!("{other:?}"),
-            });
+            })
         }
     }
-    let saved =
-        ptrace::getregs(pid).map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
-    h.saved = Some(saved);
-    if st.seccomp == 2 {
-        let filters = seccomp::read_filters(tid).map_err(|source| EvictError::Io {
-            what: "read the seccomp filters of",
-            path: format!("task {tid}"),
-            source,
-        })?;
-        for &(start, end) in ranges {
-            let d = SeccompData {
-                nr: SYS_MADVISE,
-                arch: AUDIT_ARCH_X86_64,
-                instruction_pointer: syscall_at + 2,
-                args: [start, end - start, advice.value(), 0, 0, 0],
-            };
-            let action = seccomp::action(&filters, &d);
-            if !seccomp::allows(action) {
-                return Err(EvictError::Refused {
-                    tid,
-                    why: format!("its seccomp filters answer madvise with action {action:#010x}"),
-                });
+}
+
+/// The threads of process `pid` (`/proc/<pid>/task`).
+fn threads_of(pid: i32) -> Result<Vec<i32>, EvictError> {
+    let path = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            EvictError::Gone { tid: pid }
+        } else {
+            EvictError::Io {
+                what: "list",
+                path: path.clone(),
+                source: e,
             }
         }
-    }
-    let mut done = Injected::default();
-    for &(start, end) in ranges {
-        let mut regs = saved;
-        regs.rax = SYS_MADVISE as u64;
-        regs.orig_rax = u64::MAX;
-        regs.rdi = start;
-        regs.rsi = end - start;
-        regs.rdx = advice.value();
-        regs.rip = syscall_at;
-        ptrace::setregs(pid, regs)
-            .map_err(|e| EvictError::ptrace("set the registers of", pid, e))?;
-        // A signal may stop the thread before the instruction ran: step until it has.
-        let ret = loop {
-            ptrace::step(pid, None).map_err(|e| EvictError::ptrace("single-step", pid, e))?;
-            match next_stop(&mut h, |t| ptrace::step(t, None))? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
-                other => {
-                    return Err(EvictError::UnexpectedStop {
-                        tid,
-                        status: format!("{other:?}"),
-                    })
+    })?;
+    let mut tids: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// Every thread of a process held stopped, one of them ready to run calls
+/// ([`Seized::madvise`]). While it is held nothing of the process runs, so its address space
+/// changes only through the calls the injector makes (and other processes sharing it with
+/// `CLONE_VM` without `CLONE_THREAD`, a `vfork` child for instance). Dropping it releases every
+/// thread.
+pub struct StoppedProcess {
+    main: Seized,
+    others: Vec<Held>,
+}
+
+impl StoppedProcess {
+    /// Stops every thread of process `pid` (threads created meanwhile included: the list is
+    /// read again until it holds no thread that is not stopped). Refused untouched, like
+    /// [`Seized::seize`], when any thread is traced, stopped or in strict seccomp mode.
+    pub fn stop(pid: i32) -> Result<StoppedProcess, EvictError> {
+        let mut main: Option<Seized> = None;
+        let mut others: Vec<Held> = Vec::new();
+        loop {
+            let mut fresh = 0;
+            for tid in threads_of(pid)? {
+                let known = main.as_ref().is_some_and(|m| m.tid == tid)
+                    || others.iter().any(|h| h.tid.as_raw() == tid);
+                if known {
+                    continue;
+                }
+                fresh += 1;
+                if main.is_none() {
+                    match Seized::seize(tid) {
+                        Ok(s) => main = Some(s),
+                        Err(EvictError::Gone { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
+                checked_status(tid)?;
+                match stop_thread(tid) {
+                    Ok(h) => others.push(h),
+                    Err(EvictError::Gone { .. }) => {}
+                    Err(e) => return Err(e),
                 }
             }
-            let now = ptrace::getregs(pid)
-                .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
-            if now.rip != syscall_at {
-                break now.rax as i64;
+            if fresh == 0 {
+                break;
             }
-        };
-        if ret < 0 {
-            let errno = Errno::from_raw(i32::try_from(-ret).unwrap_or(libc::EINVAL));
-            return Err(EvictError::Call {
-                tid,
-                start,
-                end,
-                errno,
-            });
         }
-        done.ranges += 1;
-        done.bytes += end - start;
+        let main = main.ok_or(EvictError::Gone { tid: pid })?;
+        Ok(StoppedProcess { main, others })
     }
-    done.signals_redelivered = h.release()?;
+
+    /// The thread that runs the calls.
+    pub fn pid(&self) -> i32 {
+        self.main.tid
+    }
+
+    /// Threads held.
+    pub fn threads(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Runs `madvise` in one of the held threads (see [`Seized::madvise`]).
+    pub fn madvise(
+        &mut self,
+        ranges: &[(u64, u64)],
+        advice: Advice,
+    ) -> Result<Injected, EvictError> {
+        self.main.madvise(ranges, advice)
+    }
+
+    /// Releases every thread; returns the number of signals delivered again.
+    pub fn release(self) -> Result<usize, EvictError> {
+        let mut n = 0;
+        let mut first_err = None;
+        for mut h in self.others {
+            match h.release() {
+                Ok(k) => n += k,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match self.main.release() {
+            Ok(k) => n += k,
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(n), Err)
+    }
+}
+
+/// Runs `madvise(start, end - start, advice)` for each range in the context of thread `tid`
+/// (any thread of the task: the call acts on the whole address space). Refuses, without
+/// touching the task, a thread that is traced by someone else, group-stopped, under strict
+/// seccomp, or whose seccomp filters would not allow the call.
+pub fn madvise(tid: i32, ranges: &[(u64, u64)], advice: Advice) -> Result<Injected, EvictError> {
+    if ranges.is_empty() {
+        return Ok(Injected::default());
+    }
+    let mut s = Seized::seize(tid)?;
+    let mut done = s.madvise(ranges, advice)?;
+    done.signals_redelivered = s.release()?;
     Ok(done)
+}
+
+/// One thread of a task held stopped by the injector, with what it needs to run calls in it.
+/// Dropping it releases the thread (registers restored, held signals delivered, detached).
+pub struct Seized {
+    h: Held,
+    tid: i32,
+    saved: libc::user_regs_struct,
+    syscall_at: u64,
+    /// The task's seccomp filters, when it has any (mode 2).
+    filters: Option<Vec<Vec<seccomp::Insn>>>,
+}
+
+impl Seized {
+    /// Seizes and stops thread `tid` (see the module docs of [`crate::evict`] for what is
+    /// refused untouched). While the thread is held the task's other threads run on; a
+    /// `madvise` of a userfaultfd-registered range issued through [`Seized::madvise`] blocks
+    /// until the userfaultfd's reader has read the `UFFD_EVENT_REMOVE`.
+    pub fn seize(tid: i32) -> Result<Seized, EvictError> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(EvictError::Unsupported(
+                "remote system calls are implemented for x86_64 only",
+            ));
+        }
+        let st = checked_status(tid)?;
+        let syscall_at = vdso_syscall(tid)?;
+        let pid = Pid::from_raw(tid);
+        let mut h = stop_thread(tid)?;
+        let saved = ptrace::getregs(pid)
+            .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
+        h.saved = Some(saved);
+        let filters = if st.seccomp == 2 {
+            Some(seccomp::read_filters(tid).map_err(|source| EvictError::Io {
+                what: "read the seccomp filters of",
+                path: format!("task {tid}"),
+                source,
+            })?)
+        } else {
+            None
+        };
+        Ok(Seized {
+            h,
+            tid,
+            saved,
+            syscall_at,
+            filters,
+        })
+    }
+
+    /// The held thread.
+    pub fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Runs `madvise` for each range in the held thread, in order; stops at the first call
+    /// that fails (the ranges before it are done). Refuses, before running anything, when the
+    /// task's seccomp filters would not allow every call.
+    pub fn madvise(
+        &mut self,
+        ranges: &[(u64, u64)],
+        advice: Advice,
+    ) -> Result<Injected, EvictError> {
+        let (tid, pid) = (self.tid, self.h.tid);
+        if let Some(filters) = &self.filters {
+            for &(start, end) in ranges {
+                let d = SeccompData {
+                    nr: SYS_MADVISE,
+                    arch: AUDIT_ARCH_X86_64,
+                    instruction_pointer: self.syscall_at + 2,
+                    args: [start, end - start, advice.value(), 0, 0, 0],
+                };
+                let action = seccomp::action(filters, &d);
+                if !seccomp::allows(action) {
+                    return Err(EvictError::Refused {
+                        tid,
+                        why: format!(
+                            "its seccomp filters answer madvise with action {action:#010x}"
+                        ),
+                    });
+                }
+            }
+        }
+        let mut done = Injected::default();
+        for &(start, end) in ranges {
+            let mut regs = self.saved;
+            regs.rax = SYS_MADVISE as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rdi = start;
+            regs.rsi = end - start;
+            regs.rdx = advice.value();
+            regs.rip = self.syscall_at;
+            ptrace::setregs(pid, regs)
+                .map_err(|e| EvictError::ptrace("set the registers of", pid, e))?;
+            // A signal may stop the thread before the instruction ran: step until it has.
+            let ret = loop {
+                ptrace::step(pid, None).map_err(|e| EvictError::ptrace("single-step", pid, e))?;
+                match next_stop(&mut self.h, |t| ptrace::step(t, None))? {
+                    WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
+                    other => {
+                        return Err(EvictError::UnexpectedStop {
+                            tid,
+                            status: format!("{other:?}"),
+                        })
+                    }
+                }
+                let now = ptrace::getregs(pid)
+                    .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
+                if now.rip != self.syscall_at {
+                    break now.rax as i64;
+                }
+            };
+            if ret < 0 {
+                let errno = Errno::from_raw(i32::try_from(-ret).unwrap_or(libc::EINVAL));
+                return Err(EvictError::Call {
+                    tid,
+                    start,
+                    end,
+                    errno,
+                });
+            }
+            done.ranges += 1;
+            done.bytes += end - start;
+        }
+        Ok(done)
+    }
+
+    /// Releases the thread now; returns the number of signals delivered again.
+    pub fn release(mut self) -> Result<usize, EvictError> {
+        self.h.release()
+    }
 }

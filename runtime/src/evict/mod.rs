@@ -48,7 +48,7 @@
 pub mod inject;
 pub mod seccomp;
 
-pub use inject::{madvise, Advice, Injected};
+pub use inject::{madvise, Advice, Injected, Seized, StoppedProcess};
 
 /// Errors of running a system call in a task.
 #[derive(Debug, thiserror::Error)]
