@@ -18,6 +18,7 @@
 //! profile_dir = "/var/lib/distriproc/profiles"  # working-set profiles (fill = "profile")
 //! profile_window_ms = 10000    # how long a first restore records its working set
 //! track_writes = true          # uffd write-protect: re-checkpoints send only written pages
+//! memory_budget = 0            # local memory per restored container: bytes or "256Mi"; 0 = unlimited
 //!
 //! [pageserver]                 # optional: where remote checkpoints' pages live
 //! address = ""                 # HOST:PORT or unix:PATH; empty = embedded default (local pages)
@@ -41,6 +42,9 @@
 //! ```
 
 pub mod pageserver;
+mod size;
+
+pub use size::ByteSize;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +57,8 @@ pub const CONFIG_ENV: &str = "DISTRIPROC_CONFIG";
 pub const DEFAULT_SHIM_CONFIG_PATH: &str = "/etc/distriproc/shim.toml";
 /// Annotation that overrides `fetcher.fill` for one container.
 pub const ANNOTATION_FILL: &str = "io.distriproc.fill-policy";
+/// Annotation that overrides `fetcher.memory_budget` for one container (`"256Mi"`, bytes).
+pub const ANNOTATION_MEMORY_BUDGET: &str = "io.distriproc.memory-budget";
 /// Annotation that overrides `fetcher.mode` for one container.
 pub const ANNOTATION_MODE: &str = "io.distriproc.fetcher-mode";
 
@@ -131,6 +137,9 @@ pub struct FetcherConfig {
     pub profile_dir: PathBuf,
     pub profile_window_ms: u64,
     pub track_writes: bool,
+    /// Local memory a lazily restored container may hold of its checkpoint's pages (0 =
+    /// unlimited): beyond it, clean pages are evicted back to remote.
+    pub memory_budget: ByteSize,
 }
 
 impl Default for FetcherConfig {
@@ -147,6 +156,7 @@ impl Default for FetcherConfig {
             profile_dir: PathBuf::from("/var/lib/distriproc/profiles"),
             profile_window_ms: 10_000,
             track_writes: true,
+            memory_budget: ByteSize(0),
         }
     }
 }
@@ -400,7 +410,7 @@ impl ShimConfig {
     }
 
     /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`],
-    /// [`ANNOTATION_STORE_MODE`]).
+    /// [`ANNOTATION_MEMORY_BUDGET`], [`ANNOTATION_STORE_MODE`]).
     pub fn apply_annotations(
         &mut self,
         annotations: &HashMap<String, String>,
@@ -412,6 +422,11 @@ impl ShimConfig {
         };
         if let Some(v) = annotations.get(ANNOTATION_FILL) {
             self.fetcher.fill = v.parse().map_err(|m| invalid(ANNOTATION_FILL, m))?;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_MEMORY_BUDGET) {
+            self.fetcher.memory_budget = v
+                .parse()
+                .map_err(|m| invalid(ANNOTATION_MEMORY_BUDGET, m))?;
         }
         if let Some(v) = annotations.get(ANNOTATION_MODE) {
             self.fetcher.mode = v.parse().map_err(|m| invalid(ANNOTATION_MODE, m))?;
@@ -442,7 +457,7 @@ mod tests {
     fn full_file_parses() {
         let cfg = ShimConfig::from_toml_str(
             "[fetcher]\nmode = \"criu\"\nfill = \"none\"\nfault_around_pages = 1\n\
-             fill_batch_pages = 1024\nhandshake_timeout_ms = 5\n\
+             fill_batch_pages = 1024\nhandshake_timeout_ms = 5\nmemory_budget = \"1Gi\"\n\
              [runc]\nbinary = \"/usr/sbin/runc\"\nroot = \"/run/x\"\ncriu = \"/usr/local/sbin/criu\"\n",
             "t.toml",
         )
@@ -450,7 +465,12 @@ mod tests {
         assert_eq!(cfg.fetcher.mode, FetcherMode::Criu);
         assert_eq!(cfg.fetcher.fill, FillPolicy::None);
         assert_eq!(cfg.fetcher.fill_batch_pages, 1024);
+        assert_eq!(cfg.fetcher.memory_budget, ByteSize(1 << 30));
         assert_eq!(cfg.runc.root, PathBuf::from("/run/x"));
+        let n = ShimConfig::from_toml_str("[fetcher]\nmemory_budget = 4096\n", "t.toml").unwrap();
+        assert_eq!(n.fetcher.memory_budget, ByteSize(4096));
+        let bad = ShimConfig::from_toml_str("[fetcher]\nmemory_budget = \"4MB\"\n", "t.toml");
+        assert!(bad.unwrap_err().to_string().contains("memory_budget"));
     }
 
     #[test]
@@ -500,6 +520,13 @@ mod tests {
         cfg.apply_annotations(&ann).unwrap();
         assert_eq!(cfg.fetcher.fill, FillPolicy::None);
         assert_eq!(cfg.fetcher.mode, FetcherMode::Criu);
+        ann.insert(ANNOTATION_MEMORY_BUDGET.to_string(), "256Mi".to_string());
+        cfg.apply_annotations(&ann).unwrap();
+        assert_eq!(cfg.fetcher.memory_budget, ByteSize(256 << 20));
+        ann.insert(ANNOTATION_MEMORY_BUDGET.to_string(), "lots".to_string());
+        let err = cfg.apply_annotations(&ann).unwrap_err();
+        assert!(err.to_string().contains(ANNOTATION_MEMORY_BUDGET), "{err}");
+        ann.remove(ANNOTATION_MEMORY_BUDGET);
         ann.insert(ANNOTATION_FILL.to_string(), "lots".to_string());
         let err = cfg.apply_annotations(&ann).unwrap_err();
         assert!(err.to_string().contains(ANNOTATION_FILL), "{err}");
