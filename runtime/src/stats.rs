@@ -156,6 +156,24 @@ pub struct FetchCounters {
     pub profile_misses: AtomicU64,
     /// Fault service latency.
     pub fault_latency: LatencyHistogram,
+    /// The local memory budget in pages (0 = none).
+    pub budget_pages: AtomicU64,
+    /// Pages the fetcher installed with data that are still in the tasks (not evicted, not
+    /// dropped by the tasks, task not gone).
+    pub resident_pages: AtomicU64,
+    /// Pages evicted (made remote again) to keep the budget.
+    pub pages_evicted: AtomicU64,
+    /// Eviction batches run (each stops one process once).
+    pub evict_batches: AtomicU64,
+    /// Demand faults on pages that had been evicted.
+    pub refaults: AtomicU64,
+    /// Eviction batches refused or failed (the process was left as it was).
+    pub evict_refused: AtomicU64,
+    /// Installed pages the budget could not evict at its last pass (written, zero or untracked
+    /// pages: only clean pages are evicted).
+    pub pinned_pages: AtomicU64,
+    /// How long each eviction batch held its process stopped.
+    pub evict_stop_latency: LatencyHistogram,
 }
 
 fn opt(v: u64) -> Option<u64> {
@@ -198,6 +216,14 @@ impl FetchCounters {
                 self.profile_prefetched.load(Relaxed),
                 self.profile_misses.load(Relaxed),
             ),
+            budget_pages: self.budget_pages.load(Relaxed),
+            resident_pages: self.resident_pages.load(Relaxed),
+            pages_evicted: self.pages_evicted.load(Relaxed),
+            evict_batches: self.evict_batches.load(Relaxed),
+            refaults: self.refaults.load(Relaxed),
+            evict_refused: self.evict_refused.load(Relaxed),
+            pinned_pages: self.pinned_pages.load(Relaxed),
+            evict_stop_us: self.evict_stop_latency.summary(),
         }
     }
 }
@@ -310,6 +336,22 @@ pub struct FetchStats {
     /// are invisible to userfaultfd, so this assumes the recorded set is touched again (true for
     /// a repeatable start-up); it is an upper bound when the workload touches less.
     pub profile_hit_rate: Option<f64>,
+    /// The local memory budget in pages (0 = none).
+    pub budget_pages: u64,
+    /// Pages installed with data and still in the tasks.
+    pub resident_pages: u64,
+    /// Pages evicted to keep the budget.
+    pub pages_evicted: u64,
+    /// Eviction batches run.
+    pub evict_batches: u64,
+    /// Demand faults on evicted pages.
+    pub refaults: u64,
+    /// Eviction batches refused or failed.
+    pub evict_refused: u64,
+    /// Resident pages the last eviction pass could not evict (written, zero or untracked).
+    pub pinned_pages: u64,
+    /// How long eviction batches held their process stopped, µs.
+    pub evict_stop_us: LatencySummary,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use libc::c_void;
 
+use super::budget::BudgetGate;
 use super::prefetch::Plan;
 use super::server::StopFd;
 use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
@@ -43,6 +44,8 @@ pub(crate) struct FaultShared {
     pub max: u64,
     /// Whether a profile is replayed (demand faults in the window are misses).
     pub replay: bool,
+    /// The memory budget: faults wait for the evictor above it, prefetch stops at it.
+    pub budget: Arc<BudgetGate>,
     t0: Instant,
     /// End of the profile window in µs since `t0`, +1 (0 = not known yet).
     window_end: AtomicU64,
@@ -66,11 +69,18 @@ impl FaultShared {
             around,
             max,
             replay,
+            budget: Arc::new(BudgetGate::default()),
             t0,
             window_end: AtomicU64::new(0),
             recording_on: AtomicBool::new(recording.is_some()),
             recording: Mutex::new(recording),
         }
+    }
+
+    /// The memory budget the fault path keeps to.
+    pub fn with_budget(mut self, budget: Arc<BudgetGate>) -> FaultShared {
+        self.budget = budget;
+        self
     }
 
     fn now_us(&self) -> u64 {
@@ -195,6 +205,10 @@ pub(crate) fn serve(
             Install::Gone => Served::Gone,
         });
     };
+    // Over the budget the fault waits a little for the evictor to make room.
+    if fs.budget.hold_fault(c, t0) {
+        return Ok(Served::Again);
+    }
     // The faulting page is installed even when someone else claimed it (it may be mid-copy
     // on a fill worker); EEXIST then just wakes the thread.
     let newly = task.claim(bit, 1, bit + 1) == 1;
@@ -225,6 +239,7 @@ pub(crate) fn serve(
         Install::Done => {}
     }
     c.pages_faulted.fetch_add(f.installed, Relaxed);
+    super::budget::on_demand_fault(task, bit, c);
     if fs.in_window() {
         c.profile_misses.fetch_add(f.installed, Relaxed);
     }
@@ -232,7 +247,7 @@ pub(crate) fn serve(
         fs.record(task, bit, 1);
     }
     record_latency(c, t0);
-    if waiting() {
+    if waiting() || !fs.budget.room_for(c, fs.around) {
         let _ = task.detector().on_fault(page, fs.around, fs.max);
         return Ok(Served::Done);
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::budget::BudgetGate;
 use super::server::StopFd;
 use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
 use super::FetchError;
@@ -27,6 +28,8 @@ use crate::stats::FetchCounters;
 pub(crate) const MAX_HOLE_PAGES: u64 = 64;
 /// Pause after an install met `EAGAIN` (the fault thread has events to read first).
 const AGAIN_PAUSE: Duration = Duration::from_micros(200);
+/// How often a fill held back by the memory budget looks again.
+const BUDGET_RECHECK: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct State {
@@ -47,6 +50,16 @@ struct Shared {
     batch: usize,
     notify: Arc<StopFd>,
     abort: AtomicBool,
+    /// The memory budget: the fill installs only below its [`super::budget::FILL_BELOW`]
+    /// share.
+    budget: Arc<BudgetGate>,
+}
+
+impl Shared {
+    /// Whether the budget leaves room for a fill run.
+    fn fill_room(&self) -> bool {
+        self.budget.fill_room(&self.c, self.batch as u64)
+    }
 }
 
 impl Shared {
@@ -79,6 +92,7 @@ impl Pool {
         c: Arc<FetchCounters>,
         batch: usize,
         notify: Arc<StopFd>,
+        budget: Arc<BudgetGate>,
     ) -> Result<Pool, FetchError> {
         let sh = Arc::new(Shared {
             st: Mutex::new(State::default()),
@@ -88,6 +102,7 @@ impl Pool {
             batch: batch.max(1),
             notify,
             abort: AtomicBool::new(false),
+            budget,
         });
         let mut pool = Pool {
             sh,
@@ -177,7 +192,8 @@ fn next_job(sh: &Shared) -> Option<Job> {
             }
             continue;
         }
-        if st.fill && !st.tasks.is_empty() {
+        let room = sh.fill_room();
+        if st.fill && !st.tasks.is_empty() && room {
             let n = st.tasks.len();
             for i in 0..n {
                 let k = (st.rr + i) % n;
@@ -189,6 +205,15 @@ fn next_job(sh: &Shared) -> Option<Job> {
                     return Some(Job::Fill(t));
                 }
             }
+        }
+        if st.fill && !room {
+            // At the budget: look again when the tasks may have freed memory.
+            st = sh
+                .cv
+                .wait_timeout(st, BUDGET_RECHECK)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            continue;
         }
         st = sh.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
     }

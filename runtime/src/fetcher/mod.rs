@@ -76,6 +76,7 @@
 //! (`Task::fork_bits`); the kernel holds off installs into the parent between the fork and
 //! the read (EAGAIN), so every page marked present in the child really is there.
 
+mod budget;
 mod fault;
 mod fill;
 pub mod keeper;
@@ -96,7 +97,7 @@ use crate::images::ImageError;
 use crate::source::{PageSource, SourceError};
 use crate::stats::FetchCounters;
 pub use crate::stats::{FetchStats, LatencySummary, ProfileState};
-pub use resident::{LayerMark, ResidencyProbe};
+pub use resident::{EvictionPause, LayerMark, ResidencyProbe};
 
 /// The socket name criu restore connects to, relative to its work dir.
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
@@ -143,6 +144,14 @@ pub struct FetcherOptions {
     /// a checkpoint of a lazily restored container leaves unwritten pages to its parent layer.
     /// Costs one write-protect fault (~15 µs) on the first write to each installed page.
     pub track_writes: bool,
+    /// Local memory budget in bytes (0 = unlimited): the fill stops short of it and, once
+    /// [`FetcherHandle::enable_eviction`] was called, clean pages are evicted to keep it
+    /// (`budget.rs`). With a budget the fetcher serves until the tasks are gone or `stop()`.
+    pub memory_budget: u64,
+    /// The container's cgroup memory limit in bytes (0 = none): the budget is lowered to fit
+    /// under it, and one is set when the checkpoint's memory would not fit (so the fill does
+    /// not run the container into its OOM killer).
+    pub memory_limit: u64,
     /// How long to wait for criu to connect after `spawn`.
     pub accept_timeout: Duration,
     /// How long to wait for each pid / uffd message.
@@ -163,6 +172,8 @@ impl Default for FetcherOptions {
             profile_dir: PathBuf::from(crate::profile::DEFAULT_PROFILE_DIR),
             profile_window: Duration::from_secs(10),
             track_writes: true,
+            memory_budget: 0,
+            memory_limit: 0,
             accept_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(300),
@@ -185,6 +196,7 @@ impl FetcherOptions {
             profile_dir: cfg.profile_dir.clone(),
             profile_window: Duration::from_millis(cfg.profile_window_ms),
             track_writes: cfg.track_writes,
+            memory_budget: cfg.memory_budget.bytes(),
             ..FetcherOptions::default()
         }
     }
@@ -353,12 +365,19 @@ impl LazyPagesServer {
     pub fn spawn(self) -> Result<FetcherHandle, FetchError> {
         let counters = Arc::new(FetchCounters::default());
         let reg = Arc::new(resident::Registry::default());
-        let (stop, thread) = self.inner.spawn(counters.clone(), reg.clone())?;
+        let (pages, tracked) = self.inner.budget_pages();
+        let budget = Arc::new(budget::BudgetGate::new(pages));
+        let (stop, thread) = self
+            .inner
+            .spawn(counters.clone(), reg.clone(), budget.clone())?;
         Ok(FetcherHandle {
             counters,
             stop,
             thread,
             probe: ResidencyProbe { reg },
+            budget,
+            tracked,
+            evictor: std::sync::Mutex::new(None),
         })
     }
 }
@@ -369,6 +388,11 @@ pub struct FetcherHandle {
     stop: Arc<server::StopFd>,
     thread: JoinHandle<Result<(), FetchError>>,
     probe: ResidencyProbe,
+    /// The memory budget.
+    budget: Arc<budget::BudgetGate>,
+    /// Whether writes are tracked (only then can pages be evicted).
+    tracked: bool,
+    evictor: std::sync::Mutex<Option<budget::Evictor>>,
 }
 
 impl FetcherHandle {
@@ -381,6 +405,37 @@ impl FetcherHandle {
     /// the handle (a checkpoint of the restored tasks needs it; see [`crate::layer`]).
     pub fn residency_probe(&self) -> ResidencyProbe {
         self.probe.clone()
+    }
+
+    /// Starts keeping the memory budget by eviction (see `budget.rs`). `ns_of` is a host pid
+    /// in the restored tasks' pid namespace (the container's init), through which their host
+    /// pids are found. Without a budget, or called again, it does nothing.
+    pub fn enable_eviction(&self, ns_of: i32) -> Result<(), FetchError> {
+        if self.budget.pages == 0 || !self.tracked {
+            if self.budget.pages > 0 {
+                tracing::warn!(
+                    "memory budget set but writes are not tracked (fetcher.track_writes = \
+                     false): nothing can be evicted, only the fill is held back"
+                );
+            }
+            return Ok(());
+        }
+        let mut ev = self.evictor.lock().unwrap_or_else(|p| p.into_inner());
+        if ev.is_none() {
+            *ev = Some(
+                budget::Evictor::spawn(
+                    self.probe.reg.clone(),
+                    self.counters.clone(),
+                    self.budget.clone(),
+                    ns_of,
+                )
+                .map_err(|source| FetchError::Sys {
+                    what: "spawn the evictor thread",
+                    source,
+                })?,
+            );
+        }
+        Ok(())
     }
 
     /// Asks the fetcher to end now (restore failed, or the container is going away). Pages not
@@ -397,6 +452,14 @@ impl FetcherHandle {
     /// Blocks until the fill is complete, every task is gone, `stop()` was called, or an error.
     pub fn wait(self) -> Result<FetchStats, FetchError> {
         let r = self.thread.join().map_err(|_| FetchError::Panicked)?;
+        if let Some(mut ev) = self
+            .evictor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            ev.shutdown();
+        }
         r.map(|()| self.counters.snapshot())
     }
 }

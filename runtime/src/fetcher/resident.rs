@@ -15,7 +15,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use super::task::{begin_layer, restore_dirty, Task};
 use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
@@ -25,9 +25,83 @@ use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
 pub(crate) struct Registry {
     tasks: Mutex<Vec<Arc<Task>>>,
     generation: AtomicU64,
+    evict: Mutex<EvictGate>,
+    evict_cv: Condvar,
+}
+
+/// Who may evict now: batches run one at a time, never while paused (a checkpoint) or once
+/// the fetcher is closing.
+#[derive(Default)]
+struct EvictGate {
+    paused: usize,
+    busy: bool,
+    closing: bool,
+}
+
+/// A running eviction batch ([`Registry::begin_batch`]); ends on drop.
+pub(crate) struct Batch<'a>(&'a Registry);
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.0.gate().busy = false;
+        self.0.evict_cv.notify_all();
+    }
+}
+
+/// Holds eviction off until dropped ([`ResidencyProbe::pause_eviction`]).
+#[must_use = "eviction resumes when this is dropped"]
+pub struct EvictionPause {
+    reg: Arc<Registry>,
+}
+
+impl std::fmt::Debug for EvictionPause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EvictionPause").finish_non_exhaustive()
+    }
+}
+
+impl Drop for EvictionPause {
+    fn drop(&mut self) {
+        let mut g = self.reg.gate();
+        g.paused = g.paused.saturating_sub(1);
+    }
 }
 
 impl Registry {
+    fn gate(&self) -> std::sync::MutexGuard<'_, EvictGate> {
+        self.evict.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts an eviction batch, unless eviction is paused or the fetcher is closing.
+    pub fn begin_batch(&self) -> Option<Batch<'_>> {
+        let mut g = self.gate();
+        if g.paused > 0 || g.closing || g.busy {
+            return None;
+        }
+        g.busy = true;
+        Some(Batch(self))
+    }
+
+    /// Whether a batch is running.
+    pub fn batch_running(&self) -> bool {
+        self.gate().busy
+    }
+
+    /// No batch starts from now on (the fetcher is ending).
+    pub fn close_eviction(&self) {
+        self.gate().closing = true;
+    }
+
+    /// The tasks served now.
+    pub fn tasks(&self) -> Vec<Arc<Task>> {
+        self.lock().clone()
+    }
+
+    /// The address-space generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(SeqCst)
+    }
+
     pub fn add(&self, t: &Arc<Task>) {
         self.lock().push(t.clone());
         self.bump();
@@ -110,7 +184,26 @@ impl ResidencyProbe {
     /// Counter of registrations and address-space events; equal before and after a dump means
     /// a [`ResidencyProbe::snapshot`] taken before it still holds.
     pub fn generation(&self) -> u64 {
-        self.reg.generation.load(SeqCst)
+        self.reg.generation()
+    }
+
+    /// Holds eviction (the memory budget) off until the returned guard is dropped, waiting
+    /// for a running batch to end first (a batch stops the tasks for a few milliseconds). A
+    /// checkpoint takes it before it freezes the tasks and keeps it until they run again.
+    pub fn pause_eviction(&self) -> EvictionPause {
+        let mut g = self.reg.gate();
+        g.paused += 1;
+        while g.busy {
+            g = self
+                .reg
+                .evict_cv
+                .wait(g)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(g);
+        EvictionPause {
+            reg: self.reg.clone(),
+        }
     }
 
     /// Starts a new layer: every tracked task's written pages are write-protected again and

@@ -19,6 +19,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use userfaultfd::{Event, EventBuffer, FaultKind, RegisterMode, Uffd};
 
+use super::budget::BudgetGate;
 use super::fault::{self, FaultShared, Helpers, Recording, Scratch, Served};
 use super::fill::Pool;
 use super::resident::Registry;
@@ -40,7 +41,7 @@ const EVENT_BATCH: usize = 64;
 /// How often idle tasks are probed for exit.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// An address no task maps, used for the exit probe (at `mmap_min_addr`).
-const PROBE_ADDR: u64 = 0x10000;
+pub(crate) const PROBE_ADDR: u64 = 0x10000;
 /// Runs reserved for the profile recorder (16 bytes each).
 const RECORD_RUNS: usize = 1 << 16;
 
@@ -102,7 +103,7 @@ impl Prepared {
         work_dir: &Path,
         images: &Path,
         source: Arc<dyn PageSource>,
-        opts: FetcherOptions,
+        mut opts: FetcherOptions,
     ) -> Result<Prepared, FetchError> {
         let img = ImageDir::open(images)?;
         // A local source over the same directory decoded pstree and pagemaps already.
@@ -136,6 +137,19 @@ impl Prepared {
             plans.insert(e.pid, ranges);
         }
         let expected = tree.len();
+        let lazy_bytes: u64 = plans.values().flatten().map(|&(s, t)| t - s).sum();
+        let budget =
+            super::budget::effective_budget(opts.memory_budget, opts.memory_limit, lazy_bytes);
+        if budget != opts.memory_budget {
+            tracing::info!(
+                configured = opts.memory_budget,
+                memory_limit = opts.memory_limit,
+                lazy_bytes,
+                budget,
+                "memory budget adjusted to the checkpoint and the cgroup limit"
+            );
+        }
+        opts.memory_budget = budget;
         let profile = if opts.fill == FillPolicy::Profile {
             load_profile(images, &opts.profile_dir)
         } else {
@@ -185,10 +199,20 @@ impl Prepared {
         })
     }
 
+    /// The memory budget in pages (0 = none), when writes are tracked (only tracked pages
+    /// can be evicted).
+    pub fn budget_pages(&self) -> (u64, bool) {
+        (
+            self.opts.memory_budget / PAGE as u64,
+            self.opts.track_writes,
+        )
+    }
+
     pub fn spawn(
         self,
         counters: Arc<FetchCounters>,
         reg: Arc<Registry>,
+        budget: Arc<BudgetGate>,
     ) -> Result<(Arc<StopFd>, FetcherThread), FetchError> {
         let stop = Arc::new(StopFd::new().map_err(|source| FetchError::Sys {
             what: "eventfd",
@@ -200,11 +224,12 @@ impl Prepared {
             .name("dp-fetcher".into())
             .spawn(move || {
                 let c = counters.clone();
-                let r = Loop::new(self, stop2, counters, t0, reg.clone()).and_then(|mut lp| {
-                    let r = lp.run();
-                    lp.finish(&r);
-                    r
-                });
+                let r =
+                    Loop::new(self, stop2, counters, t0, reg.clone(), budget).and_then(|mut lp| {
+                        let r = lp.run();
+                        lp.finish(&r);
+                        r
+                    });
                 reg.clear();
                 c.finished.store(true, Relaxed);
                 if let Err(e) = &r {
@@ -308,6 +333,7 @@ impl Loop {
         c: Arc<FetchCounters>,
         t0: Instant,
         reg: Arc<Registry>,
+        budget: Arc<BudgetGate>,
     ) -> Result<Loop, FetchError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sys("epoll_create"))?;
         epoll
@@ -349,7 +375,9 @@ impl Loop {
             c.clone(),
             p.opts.fill_batch_pages,
             notify.clone(),
+            budget.clone(),
         )?;
+        c.budget_pages.store(budget.pages, Relaxed);
         let (recording, replay) = match std::mem::replace(&mut p.profile, ProfilePlan::Off) {
             ProfilePlan::Off => (None, None),
             ProfilePlan::Record { key, refused } => {
@@ -374,15 +402,18 @@ impl Loop {
                 (None, Some(prof))
             }
         };
-        let fs = Arc::new(FaultShared::new(
-            p.source.clone(),
-            c.clone(),
-            p.opts.fault_around_pages.max(1) as u64,
-            p.opts.prefetch_max_pages as u64,
-            replay.is_some(),
-            recording,
-            t0,
-        ));
+        let fs = Arc::new(
+            FaultShared::new(
+                p.source.clone(),
+                c.clone(),
+                p.opts.fault_around_pages.max(1) as u64,
+                p.opts.prefetch_max_pages as u64,
+                replay.is_some(),
+                recording,
+                t0,
+            )
+            .with_budget(budget.clone()),
+        );
         let helpers = if p.opts.fault_threads > 1 {
             Some(Helpers::new(
                 p.opts.fault_threads,
@@ -574,7 +605,9 @@ impl Loop {
                 if self.tasks.iter().all(Option::is_none) {
                     return Ok(());
                 }
+                // Under a budget pages go back and forth for the container's whole life.
                 if self.fill_on
+                    && self.p.opts.memory_budget == 0
                     && self.deferred.is_empty()
                     && !self.has_fill_work()
                     && self.pool.idle()
@@ -848,6 +881,9 @@ impl Loop {
         if let Some(e) = self.tasks.get_mut(slot).and_then(Option::take) {
             let _ = self.epoll.delete(&e.task.uffd);
             e.task.gone.store(true, Relaxed);
+            // Its memory went with it.
+            let n = e.task.bits.len();
+            e.task.unmark_installed(0, n, &self.c);
             self.pool.remove_task(&e.task);
             self.reg.remove(&e.task);
             self.c.tasks_exited.fetch_add(1, Relaxed);
@@ -893,6 +929,7 @@ impl Loop {
             }
             if batch.is_empty() {
                 self.batch = batch;
+                self.mark_handled(slot);
                 return Ok(());
             }
             // The kernel hands out pending faults before events in one read, but a fault may
@@ -934,6 +971,15 @@ impl Loop {
             self.batch_left = 0;
             self.faults = faults;
             r?;
+            self.mark_handled(slot);
+        }
+    }
+
+    /// Everything read from the task's uffd so far has been handled (the evictor waits for
+    /// this, `budget.rs`).
+    fn mark_handled(&self, slot: usize) {
+        if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
+            e.task.handled.store(self.read_epoch, SeqCst);
         }
     }
 
@@ -1000,20 +1046,31 @@ impl Loop {
                 }
                 self.reg.bump();
             }
-            Event::Remove { start, end } | Event::Unmap { start, end } => {
-                // The range is no longer served from the images; later faults in it get
-                // UFFDIO_ZEROPAGE, which is what the kernel would do. Unlike criu/uffd.c we do
-                // not UFFDIO_UNREGISTER on REMOVE: that splits the VMA, and a later mremap() of
-                // the whole region then fails with EFAULT (seen in tests/lazy_restore.rs).
-                if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
-                    let t = &e.task;
-                    let n = t.space_mut().drop_range(start as u64, end as u64, &t.bits);
-                    t.remaining.fetch_sub(n, Relaxed);
-                }
-                self.reg.bump();
-            }
+            Event::Remove { start, end } => self.range_gone(slot, start as u64, end as u64, true),
+            Event::Unmap { start, end } => self.range_gone(slot, start as u64, end as u64, false),
         }
         Ok(())
+    }
+
+    /// UNMAP and REMOVE: the range is no longer served from the images; later faults in it
+    /// get UFFDIO_ZEROPAGE, which is what the kernel would do. Unlike criu/uffd.c we do not
+    /// UFFDIO_UNREGISTER on REMOVE: that splits the VMA, and a later mremap() of the whole
+    /// region then fails with EFAULT (seen in tests/lazy_restore.rs). A REMOVE that continues
+    /// a range the evictor announced is its own `madvise`: the range stays served
+    /// (`budget.rs`).
+    fn range_gone(&mut self, slot: usize, start: u64, end: u64, remove: bool) {
+        if let Some(e) = self.tasks.get(slot).and_then(Option::as_ref) {
+            let t = &e.task;
+            if remove && t.evicting_lock().take(start, end) {
+                return;
+            }
+            let dropped = t.space_mut().drop_range(start, end, &t.bits);
+            t.remaining.fetch_sub(dropped.unclaimed, Relaxed);
+            for (b0, n) in dropped.runs {
+                t.unmark_installed(b0, n, &self.c);
+            }
+        }
+        self.reg.bump();
     }
 
     /// Serves one fault (or hands it to a helper); on EAGAIN it is queued and retried after
@@ -1067,6 +1124,21 @@ impl Loop {
         r
     }
 
+    /// No eviction batch starts any more; one that runs needs this thread to read the
+    /// `REMOVE` events of its calls, so they are read and handled until it is over.
+    fn quiesce_eviction(&mut self) {
+        self.reg.close_eviction();
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.reg.batch_running() && Instant::now() < until {
+            for slot in 0..self.tasks.len() {
+                if let Err(e) = self.drain(slot) {
+                    tracing::debug!(error = %e, "reading events while an eviction ends");
+                }
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
     /// Idle tasks do not report their exit: probe each uffd's mm with a harmless ioctl.
     fn probe_exits(&mut self) {
         self.last_probe = Instant::now();
@@ -1090,6 +1162,7 @@ impl Loop {
     /// poisons what was never installed.
     fn finish(&mut self, r: &Result<(), FetchError>) {
         let abnormal = r.is_err() || self.stopped;
+        self.quiesce_eviction();
         if let Some(h) = self.helpers.as_mut() {
             h.shutdown();
         }

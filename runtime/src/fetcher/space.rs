@@ -154,6 +154,15 @@ impl Bits {
     }
 }
 
+/// What [`Space::drop_range`] dropped.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Bits that were still unclaimed.
+    pub unclaimed: u64,
+    /// The dropped bits, as `(first, count)` runs.
+    pub runs: Vec<(usize, usize)>,
+}
+
 /// One task's current lazy ranges, plus the dump-time layout of its bits.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Space {
@@ -285,15 +294,17 @@ impl Space {
     }
 
     /// UNMAP / REMOVE: the range is no longer served from the images. Its bits are set (so
-    /// nobody fills them); returns how many of them were still unclaimed.
-    pub fn drop_range(&mut self, start: u64, end: u64, bits: &Bits) -> u64 {
-        let mut n = 0;
+    /// nobody fills them); returns how many of them were still unclaimed, and the bit runs
+    /// that were dropped.
+    pub fn drop_range(&mut self, start: u64, end: u64, bits: &Bits) -> Dropped {
+        let mut out = Dropped::default();
         for iov in self.cut(start, end) {
             for b in iov.bit..iov.bit_end() {
-                n += u64::from(bits.claim(b));
+                out.unclaimed += u64::from(bits.claim(b));
             }
+            out.runs.push((iov.bit, iov.bit_end() - iov.bit));
         }
-        n
+        out
     }
 
     /// REMAP: `[from, from+len)` now lives at `to`; dump-time addresses and bits stay.
@@ -422,7 +433,8 @@ mod tests {
         let (mut s, n) = Space::new(&[(0, 8 * P)]);
         let bits = Bits::new(n);
         assert!(bits.claim(0));
-        assert_eq!(s.drop_range(2 * P, 4 * P, &bits), 2);
+        let d = s.drop_range(2 * P, 4 * P, &bits);
+        assert_eq!((d.unclaimed, d.runs), (2, vec![(2, 2)]));
         assert_eq!(s.iovs.len(), 2);
         assert_eq!(s.lookup(3 * P), None);
         let k = s.lookup(5 * P).unwrap();

@@ -30,7 +30,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use libc::c_void;
@@ -117,6 +117,24 @@ pub(crate) struct Task {
     pub dirty: Bits,
     /// Pages installed as zero pages (never write-protected, so always dirty), by bit.
     pub zeroed: Bits,
+    /// Pages written since they arrived from the source, by bit: like `dirty`, but never
+    /// cleared by a new layer (the source still holds the content they arrived with, not the
+    /// layer's), so a page with this bit clear is identical to the source's copy and may be
+    /// evicted. Only meaningful when `tracked`.
+    pub written: Bits,
+    /// Pages installed with data and still present (not evicted or dropped), by bit.
+    pub installed: Bits,
+    /// Pages evicted and not faulted in since, by bit (a demand fault there is a refault).
+    pub evicted: Bits,
+    /// Eviction policy state per bit (see `budget.rs`).
+    pub heat: Box<[AtomicU8]>,
+    /// Number of set bits in `installed`.
+    pub resident: AtomicU64,
+    /// The ranges an eviction is dropping right now (see `budget.rs`).
+    evicting: Mutex<super::budget::Announced>,
+    /// Incremented by the fault thread once it has handled everything it read with the
+    /// `epoch` of the same value.
+    pub handled: AtomicU64,
     /// Held while a write-protect fault is resolved and while [`begin_layer`] runs.
     wp_gate: Mutex<()>,
     /// Unclaimed bits.
@@ -144,6 +162,8 @@ impl Task {
         let clear = bits.count_clear();
         let dirty = Bits::new(if tracked { bits.len() } else { 0 });
         let zeroed = Bits::new(if tracked { bits.len() } else { 0 });
+        let written = Bits::new(if tracked { bits.len() } else { 0 });
+        let n = bits.len();
         Task {
             pid,
             uffd,
@@ -153,6 +173,13 @@ impl Task {
             tracked,
             dirty,
             zeroed,
+            written,
+            installed: Bits::new(n),
+            evicted: Bits::new(n),
+            heat: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            resident: AtomicU64::new(0),
+            evicting: Mutex::new(super::budget::Announced::default()),
+            handled: AtomicU64::new(0),
             wp_gate: Mutex::new(()),
             remaining: AtomicU64::new(clear),
             gone: AtomicBool::new(false),
@@ -166,6 +193,38 @@ impl Task {
                 dropped: 0,
             }),
         }
+    }
+
+    /// Counts bits `[b0, b0 + n)` as installed with data (resident).
+    pub fn mark_installed(&self, b0: usize, n: usize, c: &FetchCounters) {
+        let mut k = 0;
+        for b in b0..b0 + n {
+            k += u64::from(self.installed.claim(b));
+        }
+        if k > 0 {
+            self.resident.fetch_add(k, AcqRel);
+            c.resident_pages.fetch_add(k, AcqRel);
+        }
+    }
+
+    /// Counts bits `[b0, b0 + n)` as no longer resident; returns how many were.
+    pub fn unmark_installed(&self, b0: usize, n: usize, c: &FetchCounters) -> u64 {
+        let k = self.installed.release_run(b0, n);
+        if k > 0 {
+            self.resident.fetch_sub(k, AcqRel);
+            c.resident_pages.fetch_sub(k, AcqRel);
+        }
+        k
+    }
+
+    /// The write-protect gate (see the module docs); the evictor holds it while it checks its
+    /// victims.
+    pub fn wp_gate(&self) -> MutexGuard<'_, ()> {
+        self.wp_gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn evicting_lock(&self) -> MutexGuard<'_, super::budget::Announced> {
+        self.evicting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn detector(&self) -> MutexGuard<'_, Detector> {
@@ -321,9 +380,18 @@ pub(crate) fn fetch_bits(
                         copy_run(t, addr, &data[off..off + len * PAGE], wake, c)?;
                     if unprotected {
                         (b..b + len).for_each(|d| {
+                            t.written.claim(d);
                             t.dirty.claim(d);
                         });
                     }
+                    // Done: every page of the piece is present. Otherwise the first `k` are
+                    // (pages met with EEXIST were counted by whoever installed them).
+                    let present = if res == Install::Done {
+                        len
+                    } else {
+                        usize::try_from(k).unwrap_or(len).min(len)
+                    };
+                    t.mark_installed(b, present, c);
                     (res, k)
                 }
                 PageKind::Zero => {
@@ -331,6 +399,7 @@ pub(crate) fn fetch_bits(
                         // `zeroed` before `dirty`: see the module docs (a new layer).
                         (b..b + len).for_each(|d| {
                             t.zeroed.claim(d);
+                            t.written.claim(d);
                             t.dirty.claim(d);
                         });
                     }
@@ -578,7 +647,9 @@ pub(crate) fn unprotect(t: &Task, page: u64) -> Result<Unprotect, FetchError> {
     if t.tracked {
         let sp = t.space();
         if let Some(k) = sp.lookup(page) {
-            t.dirty.claim(sp.bit_of(k, page));
+            let b = sp.bit_of(k, page);
+            t.written.claim(b);
+            t.dirty.claim(b);
         }
     }
     match t

@@ -1,0 +1,251 @@
+//! The memory budget on the real stack without containerd: memhog is dumped with `criu dump`
+//! and restored lazily with a budget far below its memory; it reads all of it again and again
+//! while the evictor keeps the installed pages (and the process's resident memory) within the
+//! budget, and its checksum stays right (evicted pages fault in again from the images, never
+//! as zeros).
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use common::*;
+use distriproc_config::FillPolicy;
+use distriproc_runtime::fetcher::{FetchStats, FetcherHandle, FetcherOptions, LazyPagesServer};
+use distriproc_runtime::source::LocalImages;
+
+const T: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+fn memhog() -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = root.join("test-images/out/memhog");
+    if !bin.exists() {
+        let _ = std::process::Command::new("make")
+            .arg("-C")
+            .arg(root.join("test-images"))
+            .arg("memhog")
+            .status();
+    }
+    if bin.exists() {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} missing in CI",
+        bin.display()
+    );
+    eprintln!("SKIP: {} not built", bin.display());
+    None
+}
+
+/// Anonymous resident memory of `pid` (kB of `RssAnon` in /proc/PID/status), in bytes.
+fn rss_anon(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Neither stopped nor traced (`State`, `TracerPid` of every thread).
+fn running_untraced(pid: i32) -> Result<()> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        let st = std::fs::read_to_string(t.path().join("status"))?;
+        let field = |n: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(n))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        let state = field("State:");
+        ensure!(
+            !state.starts_with('T') && !state.starts_with('t'),
+            "thread {:?} of {pid} is {state}",
+            t.file_name()
+        );
+        ensure!(
+            field("TracerPid:") == "0",
+            "thread {:?} of {pid} is traced",
+            t.file_name()
+        );
+    }
+    Ok(())
+}
+
+struct Restored {
+    handle: Option<FetcherHandle>,
+    pids: KillOnDrop,
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+            let _ = h.wait();
+        }
+    }
+}
+
+fn restore_memhog(
+    name: &str,
+    port: u16,
+    mib: u64,
+    procs: u16,
+    threads: u16,
+    opts: FetcherOptions,
+) -> Result<Option<Restored>> {
+    if !ready() {
+        return Ok(None);
+    }
+    let Some(bin) = memhog() else {
+        return Ok(None);
+    };
+    let dir = scratch(name);
+    let args: Vec<String> =
+        format!("serve --mib {mib} --procs {procs} --threads {threads} --port {port} --zero-pct 5")
+            .split(' ')
+            .map(String::from)
+            .collect();
+    let mut w = Workload::spawn(&dir, &bin, &args, port, 1)?;
+    let (img, work) = (dir.join("img"), dir.join("work"));
+    std::fs::create_dir_all(&img)?;
+    std::fs::create_dir_all(&work)?;
+    let pids = dump(&mut w, &img)?;
+    let source = Arc::new(LocalImages::open(&img)?);
+    let handle = LazyPagesServer::bind(&work, &img, source, opts)?.spawn()?;
+    let r = Restored {
+        handle: Some(handle),
+        pids: KillOnDrop(pids.clone()),
+    };
+    let out = restore(&img, &work)?;
+    if !out.status.success() {
+        bail!(
+            "criu restore failed: {:?}\n{}",
+            out.status,
+            tail(&restore_log(&work), 40)
+        );
+    }
+    // Restored without a pid namespace: the pids are the host's.
+    r.handle.as_ref().unwrap().enable_eviction(pids[0])?;
+    Ok(Some(r))
+}
+
+/// Highest resident figures seen while `f` runs: (fetcher's resident pages, RssAnon sum).
+fn sampling<F: FnOnce() -> Result<()>>(
+    h: &FetcherHandle,
+    pids: &[i32],
+    f: F,
+) -> Result<(u64, u64)> {
+    let stop = AtomicBool::new(false);
+    let (max_res, max_rss) = (AtomicU64::new(0), AtomicU64::new(0));
+    let r = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(Relaxed) {
+                max_res.fetch_max(h.stats().resident_pages * 4096, Relaxed);
+                max_rss.fetch_max(pids.iter().map(|&p| rss_anon(p)).sum(), Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let r = f();
+        stop.store(true, Relaxed);
+        r
+    });
+    r.map(|()| (max_res.load(Relaxed), max_rss.load(Relaxed)))
+}
+
+fn report(name: &str, s: &FetchStats) {
+    eprintln!(
+        "{name}: resident={} evicted={} batches={} refaults={} refused={} pinned={} \
+         faults={} faulted={} prefetched={} filled={} stop_us p50={} p99={} max={}",
+        s.resident_pages,
+        s.pages_evicted,
+        s.evict_batches,
+        s.refaults,
+        s.evict_refused,
+        s.pinned_pages,
+        s.faults,
+        s.pages_faulted,
+        s.pages_prefetched,
+        s.pages_filled,
+        s.evict_stop_us.p50,
+        s.evict_stop_us.p99,
+        s.evict_stop_us.max,
+    );
+}
+
+/// 64 MiB read three times over under a 16 MiB budget, fill `full` (which stops short of
+/// the budget): resident memory stays within the budget plus 10 %, the sums are right.
+#[test]
+fn reads_under_a_quarter_budget_stay_within_it() -> Result<()> {
+    let budget = 16 * MIB;
+    let opts = FetcherOptions {
+        fill: FillPolicy::Full,
+        memory_budget: budget,
+        ..Default::default()
+    };
+    let Some(mut r) = restore_memhog("budget-reads", 17381, 64, 1, 4, opts)? else {
+        return Ok(());
+    };
+    let port = 17381;
+    let expect = query(port, "EXPECT", T)?;
+    let h = r.handle.as_ref().unwrap();
+    let pids = r.pids.0.clone();
+    let t0 = Instant::now();
+    let (max_res, max_rss) = sampling(h, &pids, || {
+        for _ in 0..3 {
+            let sum = query(port, "SUM", T)?;
+            ensure!(sum == expect, "SUM {sum} vs EXPECT {expect}");
+        }
+        Ok(())
+    })?;
+    let s = h.stats();
+    report("budget-reads", &s);
+    eprintln!(
+        "budget-reads: 3 SUMs in {:?}; max resident {} MiB, max RssAnon {} MiB (budget {} MiB)",
+        t0.elapsed(),
+        max_res / MIB,
+        max_rss / MIB,
+        budget / MIB
+    );
+    ensure!(
+        max_res <= budget + budget / 10,
+        "resident pages reached {max_res} bytes"
+    );
+    // The process's own memory besides the lazy region (stacks, memhog's tables) is small.
+    ensure!(
+        max_rss <= budget + budget / 10 + 4 * MIB,
+        "RssAnon reached {max_rss} bytes"
+    );
+    ensure!(
+        s.pages_evicted > 0 && s.evict_batches > 0 && s.refaults > 0,
+        "{s:?}"
+    );
+    ensure!(s.evict_refused == 0, "{s:?}");
+    let v = query(port, "VERIFY", T)?;
+    ensure!(v.starts_with("OK"), "VERIFY said {v}");
+    for &p in &pids {
+        running_untraced(p)?;
+    }
+    // Written pages stay (they cannot be evicted before write-back exists) and are counted as
+    // pinned; the data stays right.
+    let wrote = query(port, "WRITE 10", T)?;
+    ensure!(wrote.starts_with("OK"), "WRITE said {wrote}");
+    let expect = query(port, "EXPECT", T)?;
+    let sum = query(port, "SUM", T)?;
+    ensure!(sum == expect, "after WRITE: SUM {sum} vs EXPECT {expect}");
+    let s = h.stats();
+    report("budget-reads after WRITE", &s);
+    ensure!(s.pinned_pages > 0, "{s:?}");
+    let h = r.handle.take().unwrap();
+    h.stop();
+    let _ = h.wait();
+    Ok(())
+}
