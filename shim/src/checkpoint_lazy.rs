@@ -5,9 +5,10 @@
 //! would be missing from the checkpoint and read as zeros after its restore
 //! (`distriproc_runtime::layer`). So, around `runc checkpoint`:
 //!
-//! 1. [`prepare`]: the container is frozen (`runc pause`, unless it already is) so that its
-//!    address space cannot change, and the fetcher's residency is taken once its generation is
-//!    stable (every event the tasks raised before the freeze has been applied).
+//! 1. [`prepare`]: eviction (the memory budget) is paused, the container is frozen (`runc
+//!    pause`, unless it already is) so that its address space cannot change, and the
+//!    fetcher's residency is taken once its generation is stable (every event the tasks raised
+//!    before the freeze has been applied).
 //! 2. `runc checkpoint` dumps the frozen tasks (CRIU keeps the freezer state it found).
 //! 3. [`complete`]: the generation must be unchanged (else the report may not describe the
 //!    dump: refused, nothing published); then every page the fetcher still manages and the dump
@@ -29,7 +30,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use distriproc_runtime::fetcher::LayerMark;
+use distriproc_runtime::fetcher::{EvictionPause, LayerMark};
 use distriproc_runtime::layer::{complete_dump, LayerSummary};
 use distriproc_runtime::residency::{PageState, Residency};
 use log::{info, warn};
@@ -51,6 +52,9 @@ pub struct Pending {
     taken: Residency,
     /// Whether [`prepare`] paused the container (and must resume it).
     paused_here: bool,
+    /// No eviction (memory budget) runs until the checkpoint is over: it would stop the tasks
+    /// CRIU is about to seize and change the memory the residency describes.
+    _no_eviction: EvictionPause,
 }
 
 fn refused(id: &str, reason: String) -> ShimError {
@@ -79,6 +83,13 @@ pub async fn prepare(c: &Container, id: &str, paused: bool) -> Result<Option<Pen
     if view.probe.snapshot().tasks.is_empty() {
         return Ok(None); // the fetcher ended meanwhile: nothing is remote any more
     }
+    let probe = view.probe.clone();
+    let no_eviction = tokio::task::spawn_blocking(move || probe.pause_eviction())
+        .await
+        .map_err(|source| ShimError::Background {
+            what: format!("pausing the eviction of {id} for its checkpoint"),
+            source,
+        })?;
     let paused_here = !paused;
     if paused_here {
         c.runc.pause(id).await?;
@@ -89,6 +100,7 @@ pub async fn prepare(c: &Container, id: &str, paused: bool) -> Result<Option<Pen
         taken: taken.1,
         view,
         paused_here,
+        _no_eviction: no_eviction,
     };
     if pending.taken.forked_remote_pages > 0 {
         let n = pending.taken.forked_remote_pages;

@@ -213,6 +213,17 @@ pub fn bundle_annotations(bundle: &Path) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
+/// The memory limit of the bundle's config.json (`linux.resources.memory.limit`) in bytes; 0
+/// when there is none (absent, unreadable, or -1).
+pub fn bundle_memory_limit(bundle: &Path) -> u64 {
+    std::fs::read_to_string(bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.pointer("/linux/resources/memory/limit")?.as_i64())
+        .and_then(|l| u64::try_from(l).ok())
+        .unwrap_or(0)
+}
+
 /// The shim configuration for a container: the runtime options' config (config_body, else
 /// `config_path`, else `$DISTRIPROC_CONFIG`, else /etc/distriproc/shim.toml, else defaults),
 /// overridden by the bundle's `io.distriproc.*` annotations.

@@ -94,9 +94,10 @@ impl LazyBackend for Fetchers {
         images: &Path,
         cfg: &FetcherConfig,
         pages: &PagesFrom,
+        memory_limit: u64,
     ) -> Result<Box<dyn LazySession>> {
         match cfg.mode {
-            FetcherMode::Native => start_native(work, images, cfg, pages),
+            FetcherMode::Native => start_native(work, images, cfg, pages, memory_limit),
             FetcherMode::Criu => start_criu(work, images, pages),
         }
     }
@@ -153,6 +154,7 @@ fn start_native(
     images: &Path,
     cfg: &FetcherConfig,
     pages: &PagesFrom,
+    memory_limit: u64,
 ) -> Result<Box<dyn LazySession>> {
     let fail = |what: &str, e: &dyn std::error::Error| ShimError::LazyRestore {
         from: format!("from {}", images.display()),
@@ -178,7 +180,10 @@ fn start_native(
     };
     // While memory stays remote the session is the checkpoint's lease at the server.
     let lease = remote.as_ref().map(|rp| rp.keep_alive(REMOTE_KEEPALIVE));
-    let opts = FetcherOptions::from_config(cfg);
+    let opts = FetcherOptions {
+        memory_limit,
+        ..FetcherOptions::from_config(cfg)
+    };
     let server = LazyPagesServer::bind(work, images, source.clone(), opts)
         .map_err(|e| fail("bind lazy-pages socket", &e))?;
     let keeper = spawn_keeper(work)?;
@@ -234,6 +239,9 @@ impl LazySession for Native {
             probe: self.handle.residency_probe(),
             source: self.source.clone(),
         })
+    }
+    fn enable_eviction(&self, init_pid: i32) -> std::result::Result<(), FetchError> {
+        self.handle.enable_eviction(init_pid)
     }
     fn stats(&self) -> SessionStats {
         session_stats(self.handle.stats(), self.remote.as_ref())
@@ -433,6 +441,7 @@ mod tests {
             &dir.path().join("no-such-checkpoint"),
             &FetcherConfig::default(),
             &PagesFrom::Local,
+            0,
         ) {
             Ok(_) => panic!("started on a missing checkpoint"),
             Err(e) => e,

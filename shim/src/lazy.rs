@@ -54,13 +54,15 @@ pub trait LazyBackend: Send + Sync {
     /// Whether restores through this backend are lazy at all.
     fn is_lazy(&self) -> bool;
     /// Listen on `<work>/lazy-pages.socket` and start serving pages of `images` as `cfg` says
-    /// (mode, fill policy, tuning), with page data from `pages`.
+    /// (mode, fill policy, tuning, memory budget), with page data from `pages`, for a
+    /// container whose cgroup memory limit is `memory_limit` bytes (0 = none).
     fn start(
         &self,
         work: &Path,
         images: &Path,
         cfg: &FetcherConfig,
         pages: &PagesFrom,
+        memory_limit: u64,
     ) -> Result<Box<dyn LazySession>>;
 }
 
@@ -136,6 +138,13 @@ pub trait LazySession: Send {
     fn checkpoint_view(&self) -> Option<CheckpointView> {
         None
     }
+    /// Starts keeping the memory budget by eviction, now that the restored tasks run:
+    /// `init_pid` is the container's init (host pid). Nothing to do without a budget or where
+    /// eviction does not exist (CRIU's daemon).
+    fn enable_eviction(&self, init_pid: i32) -> std::result::Result<(), FetchError> {
+        let _ = init_pid;
+        Ok(())
+    }
     /// Current statistics.
     fn stats(&self) -> SessionStats;
     /// Abandon the restore (runc restore failed).
@@ -161,6 +170,7 @@ impl LazyBackend for EagerOnly {
         _: &Path,
         _: &FetcherConfig,
         _: &PagesFrom,
+        _: u64,
     ) -> Result<Box<dyn LazySession>> {
         Err(crate::error::ShimError::Unimplemented("lazy restore"))
     }

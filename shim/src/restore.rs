@@ -102,7 +102,13 @@ impl TaskService {
             let s = self
                 .inner
                 .lazy
-                .start(&plan.work, &plan.images, &shim_cfg.fetcher, &pages)
+                .start(
+                    &plan.work,
+                    &plan.images,
+                    &shim_cfg.fetcher,
+                    &pages,
+                    crate::create::bundle_memory_limit(&c.bundle),
+                )
                 .map_err(|e| ShimError::Restore {
                     id: id.clone(),
                     detail: e.to_string(),
@@ -152,6 +158,14 @@ impl TaskService {
             });
         }
         c.init.pid = read_pid(&pid_file)?;
+        if let Some(s) = &session {
+            if let Err(e) = s.enable_eviction(i32::try_from(c.init.pid).unwrap_or(-1)) {
+                log::warn!(
+                    "{id}: the memory budget is not kept (no eviction): {}",
+                    error_chain(&e)
+                );
+            }
+        }
         if let Some(console) = console {
             console.finish(&mut c.init, &id).await?;
         }
