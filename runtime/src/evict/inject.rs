@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -14,6 +15,12 @@ use nix::unistd::Pid;
 
 use super::seccomp::{self, SeccompData, AUDIT_ARCH_X86_64};
 use super::EvictError;
+
+/// How long a thread may take to stop after `PTRACE_INTERRUPT`. One that does not (it sleeps
+/// uninterruptibly, in a page fault inside a system call for instance) makes the whole stop
+/// fail; it is detached by the exit of the thread that seized it (see
+/// [`StoppedProcess::stop`]).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `__NR_madvise` on x86_64.
 const SYS_MADVISE: i32 = 28;
@@ -165,8 +172,35 @@ impl Drop for Held {
 /// back and delivered on release) and the thread continued; the wait ends at a stop that is
 /// not one, which is returned.
 fn next_stop(h: &mut Held, resume: fn(Pid) -> nix::Result<()>) -> Result<WaitStatus, EvictError> {
+    next_stop_by(h, resume, None)
+}
+
+/// [`next_stop`], giving up at `deadline` (a thread in an uninterruptible sleep does not stop
+/// before it wakes).
+fn next_stop_by(
+    h: &mut Held,
+    resume: fn(Pid) -> nix::Result<()>,
+    deadline: Option<Instant>,
+) -> Result<WaitStatus, EvictError> {
+    let flags = if deadline.is_some() {
+        WaitPidFlag::__WALL | WaitPidFlag::WNOHANG
+    } else {
+        WaitPidFlag::__WALL
+    };
+    let mut pause = Duration::from_micros(5);
     loop {
-        let st = match waitpid(h.tid, Some(WaitPidFlag::__WALL)) {
+        let st = match waitpid(h.tid, Some(flags)) {
+            Ok(WaitStatus::StillAlive) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(EvictError::NoStop {
+                        tid: h.tid.as_raw(),
+                        after: STOP_TIMEOUT,
+                    });
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+                continue;
+            }
             Ok(st) => st,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(EvictError::ptrace("wait for", h.tid, e)),
@@ -225,7 +259,8 @@ fn stop_thread(tid: i32) -> Result<Held, EvictError> {
         released: false,
     };
     ptrace::interrupt(pid).map_err(|e| EvictError::ptrace("interrupt", pid, e))?;
-    match next_stop(&mut h, |t| ptrace::cont(t, None))? {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    match next_stop_by(&mut h, |t| ptrace::cont(t, None), Some(deadline))? {
         WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => Ok(h),
         // A group stop (SIGSTOP and the like) arrived first: the task is meant to stay stopped.
         WaitStatus::PtraceEvent(_, sig, libc::PTRACE_EVENT_STOP) => {
@@ -280,7 +315,12 @@ pub struct StoppedProcess {
 impl StoppedProcess {
     /// Stops every thread of process `pid` (threads created meanwhile included: the list is
     /// read again until it holds no thread that is not stopped). Refused untouched, like
-    /// [`Seized::seize`], when any thread is traced, stopped or in strict seccomp mode.
+    /// [`Seized::seize`], when any thread is traced, stopped or in strict seccomp mode; fails
+    /// with [`EvictError::NoStop`] when a thread does not stop within [`STOP_TIMEOUT`]: the
+    /// threads already stopped are released, but the one that did not stop can only be
+    /// detached by the exit of the calling thread (the kernel refuses `PTRACE_DETACH` of a
+    /// running tracee and drops its pending stop when its tracer exits), so call this on a
+    /// thread that ends after the batch.
     pub fn stop(pid: i32) -> Result<StoppedProcess, EvictError> {
         let mut main: Option<Seized> = None;
         let mut others: Vec<Held> = Vec::new();

@@ -73,6 +73,14 @@ pub enum EvictError {
         /// The process.
         pid: i32,
     },
+    /// A thread did not stop in time after `PTRACE_INTERRUPT`.
+    #[error("task {tid} did not stop within {after:?}")]
+    NoStop {
+        /// The thread.
+        tid: i32,
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// A ptrace request failed.
     #[error("ptrace: {what} {tid}: {errno}")]
     Ptrace {

@@ -474,14 +474,30 @@ fn evict_batch(
             p
         }
     };
+    // On a thread of its own: a thread of the task that does not stop in time stays seized
+    // until the thread that seized it exits (`StoppedProcess::stop`).
     let stopped_at = Instant::now();
-    let mut proc = StoppedProcess::stop(host)?;
-    let r = evict_stopped(sh, t, &mut proc, &runs, generation);
-    let released = proc.release();
+    let evicted = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("dp-evict-batch".into())
+            .spawn_scoped(scope, || {
+                let mut proc = StoppedProcess::stop(host)?;
+                let r = evict_stopped(sh, t, &mut proc, &runs, generation);
+                let released = proc.release();
+                let evicted = r?;
+                released.map(|_| evicted)
+            })
+            .map_err(|source| EvictError::Io {
+                what: "spawn",
+                path: "an eviction thread".into(),
+                source,
+            })?
+            .join()
+            .unwrap_or(Err(EvictError::Unsupported("the eviction thread panicked")))
+    });
     sh.c.evict_stop_latency
         .record(u64::try_from(stopped_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-    let evicted = r?;
-    released?;
+    let evicted = evicted?;
     sh.c.evict_batches.fetch_add(1, Relaxed);
     Ok((evicted, pinned))
 }
