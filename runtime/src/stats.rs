@@ -165,6 +165,8 @@ pub struct FetchCounters {
     pub pages_evicted: AtomicU64,
     /// Eviction batches run (each stops one process once).
     pub evict_batches: AtomicU64,
+    /// `madvise` calls the batches made (one per contiguous range).
+    pub evict_calls: AtomicU64,
     /// Demand faults on pages that had been evicted.
     pub refaults: AtomicU64,
     /// Eviction batches refused or failed (the process was left as it was).
@@ -220,6 +222,7 @@ impl FetchCounters {
             resident_pages: self.resident_pages.load(Relaxed),
             pages_evicted: self.pages_evicted.load(Relaxed),
             evict_batches: self.evict_batches.load(Relaxed),
+            evict_calls: self.evict_calls.load(Relaxed),
             refaults: self.refaults.load(Relaxed),
             evict_refused: self.evict_refused.load(Relaxed),
             pinned_pages: self.pinned_pages.load(Relaxed),
@@ -344,6 +347,8 @@ pub struct FetchStats {
     pub pages_evicted: u64,
     /// Eviction batches run.
     pub evict_batches: u64,
+    /// `madvise` calls the batches made (one per contiguous range).
+    pub evict_calls: u64,
     /// Demand faults on evicted pages.
     pub refaults: u64,
     /// Eviction batches refused or failed.

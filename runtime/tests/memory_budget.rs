@@ -163,11 +163,12 @@ fn sampling<F: FnOnce() -> Result<()>>(
 
 fn report(name: &str, s: &FetchStats) {
     eprintln!(
-        "{name}: resident={} evicted={} batches={} refaults={} refused={} pinned={} \
+        "{name}: resident={} evicted={} batches={} calls={} refaults={} refused={} pinned={} \
          faults={} faulted={} prefetched={} filled={} stop_us p50={} p99={} max={}",
         s.resident_pages,
         s.pages_evicted,
         s.evict_batches,
+        s.evict_calls,
         s.refaults,
         s.evict_refused,
         s.pinned_pages,

@@ -211,9 +211,25 @@ pub fn summary(stats: &SessionStats) -> String {
         SessionStats::Native(n) => &n.fetch,
     };
     let ms = |us: Option<u64>| us.map_or_else(|| "-".to_owned(), |us| format!("{}ms", us / 1000));
+    let budget = if s.budget_pages > 0 {
+        format!(
+            " budget={}MiB resident={}MiB evicted={} refaults={} pinned={} evict_batches={} \
+             evict_refused={} evict_stop_p99={}us",
+            s.budget_pages / 256,
+            s.resident_pages / 256,
+            s.pages_evicted,
+            s.refaults,
+            s.pinned_pages,
+            s.evict_batches,
+            s.evict_refused,
+            s.evict_stop_us.p99,
+        )
+    } else {
+        String::new()
+    };
     format!(
         "faults={} pages faulted/prefetched/filled/zero={}/{}/{}/{} bytes={} tasks={} \
-         first_fault={} fill_complete={} fault_p99={}us",
+         first_fault={} fill_complete={} fault_p99={}us{budget}",
         s.faults,
         s.pages_faulted,
         s.pages_prefetched,
@@ -703,6 +719,17 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("first_fault=105ms fill_complete=-"), "{line}");
+        assert!(!line.contains("budget="), "{line}");
+        let line = summary(&native(|s| {
+            s.budget_pages = 65536;
+            s.resident_pages = 65000;
+            s.pages_evicted = 12;
+            s.refaults = 3;
+        }));
+        assert!(
+            line.contains(" budget=256MiB resident=253MiB evicted=12 refaults=3 pinned=0"),
+            "{line}"
+        );
         assert!(keep.exists());
     }
 }

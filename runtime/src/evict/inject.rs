@@ -22,6 +22,9 @@ use super::EvictError;
 /// [`StoppedProcess::stop`]).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a wait for a stop yields the CPU before it sleeps.
+const SPIN: Duration = Duration::from_micros(300);
+
 /// `__NR_madvise` on x86_64.
 const SYS_MADVISE: i32 = 28;
 const _: () = assert!(SYS_MADVISE as i64 == libc::SYS_madvise);
@@ -54,6 +57,7 @@ pub struct Injected {
 
 /// The facts of `/proc/<tid>/status` the injector checks first.
 struct Status {
+    state: String,
     tracer: i32,
     stopped: bool,
     seccomp: u32,
@@ -79,6 +83,7 @@ fn status(tid: i32) -> Result<Status, EvictError> {
             .unwrap_or("")
     };
     Ok(Status {
+        state: field("State:").to_owned(),
         tracer: field("TracerPid:").parse().unwrap_or(0),
         // "T (stopped)" is a group stop; "t (tracing stop)" a ptrace stop of another tracer.
         stopped: field("State:").starts_with('T') || field("State:").starts_with('t'),
@@ -177,34 +182,48 @@ fn next_stop(h: &mut Held, resume: fn(Pid) -> nix::Result<()>) -> Result<WaitSta
 
 /// [`next_stop`], giving up at `deadline` (a thread in an uninterruptible sleep does not stop
 /// before it wakes).
+///
+/// The stop is seen either through `waitpid` or, when another thread of this process
+/// collected its report first (a subreaper's `waitpid(-1)` loop, as in containerd's shims,
+/// reports the stops of every tracee of the process), through `/proc/<tid>/status` being in
+/// tracing stop, the kind of stop then read with `PTRACE_GETSIGINFO`. A resume clears the
+/// report of the stop it ends, so no stop is seen twice.
 fn next_stop_by(
     h: &mut Held,
     resume: fn(Pid) -> nix::Result<()>,
     deadline: Option<Instant>,
 ) -> Result<WaitStatus, EvictError> {
-    let flags = if deadline.is_some() {
-        WaitPidFlag::__WALL | WaitPidFlag::WNOHANG
-    } else {
-        WaitPidFlag::__WALL
-    };
-    let mut pause = Duration::from_micros(5);
+    let tid = h.tid.as_raw();
+    let started = Instant::now();
+    let mut pause = Duration::from_micros(2);
     loop {
-        let st = match waitpid(h.tid, Some(flags)) {
-            Ok(WaitStatus::StillAlive) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(EvictError::NoStop {
-                        tid: h.tid.as_raw(),
-                        after: STOP_TIMEOUT,
-                    });
+        let st = match waitpid(h.tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => match stop_without_report(h)? {
+                Some(st) => st,
+                None => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(EvictError::NoStop {
+                            tid,
+                            after: STOP_TIMEOUT,
+                            waiting_in: waiting_in(tid),
+                        });
+                    }
+                    // A stop usually follows within microseconds (a single step, an
+                    // interrupt): yield first, sleep (with backoff) only after that.
+                    if started.elapsed() < SPIN {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(1));
+                    }
+                    continue;
                 }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(1));
-                continue;
-            }
+            },
             Ok(st) => st,
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(EvictError::ptrace("wait for", h.tid, e)),
         };
+        pause = Duration::from_micros(2);
         match st {
             WaitStatus::Stopped(_, sig) if sig != Signal::SIGTRAP => {
                 h.signals.push(sig);
@@ -212,13 +231,38 @@ fn next_stop_by(
             }
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                 h.released = true;
-                return Err(EvictError::Gone {
-                    tid: h.tid.as_raw(),
-                });
+                return Err(EvictError::Gone { tid });
             }
             other => return Ok(other),
         }
     }
+}
+
+/// The stop `h` is in when someone else collected its report: `None` while it runs.
+fn stop_without_report(h: &mut Held) -> Result<Option<WaitStatus>, EvictError> {
+    let tid = h.tid.as_raw();
+    match state_of(tid) {
+        None | Some('Z' | 'X') => {
+            h.released = true;
+            return Err(EvictError::Gone { tid });
+        }
+        Some('t') => {}
+        Some(_) => return Ok(None),
+    }
+    let info = match ptrace::getsiginfo(h.tid) {
+        Ok(i) => i,
+        // Not (or no longer) in a stop that has one: look again.
+        Err(Errno::ESRCH | Errno::EINVAL) => return Ok(None),
+        Err(e) => return Err(EvictError::ptrace("read the stop of", h.tid, e)),
+    };
+    let Ok(sig) = Signal::try_from(info.si_signo) else {
+        return Ok(None);
+    };
+    Ok(Some(if info.si_code >> 8 == libc::PTRACE_EVENT_STOP {
+        WaitStatus::PtraceEvent(h.tid, sig, libc::PTRACE_EVENT_STOP)
+    } else {
+        WaitStatus::Stopped(h.tid, sig)
+    }))
 }
 
 /// `/proc/<tid>/status`, refused when the thread must be left alone.
@@ -247,37 +291,69 @@ fn checked_status(tid: i32) -> Result<Status, EvictError> {
 
 /// Seizes thread `tid` and waits for its interrupt stop.
 fn stop_thread(tid: i32) -> Result<Held, EvictError> {
+    let mut h = interrupt_thread(tid)?;
+    wait_interrupted(&mut h)?;
+    Ok(h)
+}
+
+/// Seizes thread `tid` and asks it to stop (`PTRACE_INTERRUPT`), without waiting.
+fn interrupt_thread(tid: i32) -> Result<Held, EvictError> {
     let pid = Pid::from_raw(tid);
     ptrace::seize(pid, ptrace::Options::empty()).map_err(|e| match e {
         Errno::ESRCH => EvictError::Gone { tid },
         e => EvictError::ptrace("seize", pid, e),
     })?;
-    let mut h = Held {
+    let h = Held {
         tid: pid,
         saved: None,
         signals: Vec::new(),
         released: false,
     };
     ptrace::interrupt(pid).map_err(|e| EvictError::ptrace("interrupt", pid, e))?;
+    Ok(h)
+}
+
+/// Waits for the interrupt stop of a thread [`interrupt_thread`] seized.
+fn wait_interrupted(h: &mut Held) -> Result<(), EvictError> {
+    let tid = h.tid.as_raw();
     let deadline = Instant::now() + STOP_TIMEOUT;
-    match next_stop_by(&mut h, |t| ptrace::cont(t, None), Some(deadline))? {
-        WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => Ok(h),
+    match next_stop_by(h, |t| ptrace::cont(t, None), Some(deadline))? {
+        WaitStatus::PtraceEvent(_, Signal::SIGTRAP, libc::PTRACE_EVENT_STOP) => Ok(()),
         // A group stop (SIGSTOP and the like) arrived first: the task is meant to stay stopped.
-        WaitStatus::PtraceEvent(_, sig, libc::PTRACE_EVENT_STOP) => {
-            drop(h);
-            Err(EvictError::Refused {
-                tid,
-                why: format!("stopped by {sig}"),
-            })
-        }
-        other => {
-            drop(h);
-            Err(EvictError::UnexpectedStop {
-                tid,
-                status: format!("{other:?}"),
-            })
-        }
+        WaitStatus::PtraceEvent(_, sig, libc::PTRACE_EVENT_STOP) => Err(EvictError::Refused {
+            tid,
+            why: format!("stopped by {sig}"),
+        }),
+        other => Err(EvictError::UnexpectedStop {
+            tid,
+            status: format!("{other:?}"),
+        }),
     }
+}
+
+/// The state letter of thread `tid` (`/proc/<tid>/stat`, the field after the command name);
+/// `None` when it is gone.
+fn state_of(tid: i32) -> Option<char> {
+    use std::io::Read;
+    let mut buf = [0u8; 512];
+    let mut f = File::open(format!("/proc/{tid}/stat")).ok()?;
+    let n = f.read(&mut buf).ok()?;
+    let text = &buf[..n];
+    let close = text.iter().rposition(|&b| b == b')')?;
+    text[close + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .map(|&b| char::from(b))
+}
+
+/// Where thread `tid` sleeps: its state and kernel wait channel, for an error message.
+fn waiting_in(tid: i32) -> String {
+    let state = status(tid).ok().map_or_else(String::new, |s| s.state);
+    let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
+    format!(
+        "{state}, in {}",
+        if wchan.is_empty() { "?" } else { &wchan }
+    )
 }
 
 /// The threads of process `pid` (`/proc/<pid>/task`).
@@ -322,38 +398,51 @@ impl StoppedProcess {
     /// running tracee and drops its pending stop when its tracer exits), so call this on a
     /// thread that ends after the batch.
     pub fn stop(pid: i32) -> Result<StoppedProcess, EvictError> {
-        let mut main: Option<Seized> = None;
-        let mut others: Vec<Held> = Vec::new();
+        if !cfg!(target_arch = "x86_64") {
+            return Err(EvictError::Unsupported(
+                "remote system calls are implemented for x86_64 only",
+            ));
+        }
+        // Every thread is asked to stop first and waited for after, so that they stop
+        // together rather than one after the other.
+        let mut held: Vec<(Held, Status)> = Vec::new();
         loop {
-            let mut fresh = 0;
+            let mut asked = Vec::new();
             for tid in threads_of(pid)? {
-                let known = main.as_ref().is_some_and(|m| m.tid == tid)
-                    || others.iter().any(|h| h.tid.as_raw() == tid);
-                if known {
+                if held.iter().any(|(h, _)| h.tid.as_raw() == tid) {
                     continue;
                 }
-                fresh += 1;
-                if main.is_none() {
-                    match Seized::seize(tid) {
-                        Ok(s) => main = Some(s),
-                        Err(EvictError::Gone { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                    continue;
-                }
-                checked_status(tid)?;
-                match stop_thread(tid) {
-                    Ok(h) => others.push(h),
+                let st = match checked_status(tid) {
+                    Ok(st) => st,
+                    Err(EvictError::Gone { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                match interrupt_thread(tid) {
+                    Ok(h) => asked.push((h, st)),
                     Err(EvictError::Gone { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
-            if fresh == 0 {
+            if asked.is_empty() {
                 break;
             }
+            for (mut h, st) in asked {
+                match wait_interrupted(&mut h) {
+                    Ok(()) => held.push((h, st)),
+                    Err(EvictError::Gone { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        let main = main.ok_or(EvictError::Gone { tid: pid })?;
-        Ok(StoppedProcess { main, others })
+        if held.is_empty() {
+            return Err(EvictError::Gone { tid: pid });
+        }
+        let (h, st) = held.remove(0);
+        let main = Seized::from_held(h, &st)?;
+        Ok(StoppedProcess {
+            main,
+            others: held.into_iter().map(|(h, _)| h).collect(),
+        })
     }
 
     /// The thread that runs the calls.
@@ -434,9 +523,15 @@ impl Seized {
             ));
         }
         let st = checked_status(tid)?;
+        let h = stop_thread(tid)?;
+        Seized::from_held(h, &st)
+    }
+
+    /// Makes a stopped thread ready to run calls: its registers saved, the `syscall`
+    /// instruction found, its seccomp filters read (`st`: its status before the seize).
+    fn from_held(mut h: Held, st: &Status) -> Result<Seized, EvictError> {
+        let (pid, tid) = (h.tid, h.tid.as_raw());
         let syscall_at = vdso_syscall(tid)?;
-        let pid = Pid::from_raw(tid);
-        let mut h = stop_thread(tid)?;
         let saved = ptrace::getregs(pid)
             .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
         h.saved = Some(saved);

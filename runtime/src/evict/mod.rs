@@ -34,21 +34,33 @@
 //!    after the seize goes through the same release, so the task is never left stopped or
 //!    with changed registers.
 //!
+//! [`StoppedProcess`] does steps 1 and 3 for every thread of the process (read again until no
+//! new thread appears), so that nothing of it runs while the calls are made; one thread gets
+//! steps 2 to 6. A stop is seen through `waitpid` or, since a subreaper's `waitpid(-1)` (the
+//! shim's) collects the reports of every tracee of the process, through `/proc/<tid>/status`
+//! and `PTRACE_GETSIGINFO`.
+//!
 //! # Hazards (and what the caller must do)
 //!
 //! - `madvise` of a userfaultfd-registered range blocks until the fetcher has read the
 //!   `UFFD_EVENT_REMOVE` event: the injection must not run on the thread that reads the
 //!   userfaultfd, or it waits forever.
-//! - One thread is stopped for the length of the calls (about 15 µs per range with the event
-//!   read promptly); the task's other threads run on. Batch ranges, do not inject per page.
+//! - The threads are stopped for the length of the calls (each range's event is read by the
+//!   fault thread in between). Batch ranges, do not inject per page.
+//! - A thread asleep uninterruptibly (a page fault inside a system call, waiting for the
+//!   fetcher) does not stop before it wakes: after [`inject::STOP_TIMEOUT`] the stop fails, and
+//!   that thread stays seized until the thread that seized it exits (the kernel refuses to
+//!   detach a running tracee). Run a stop on a thread that ends after it.
+//! - If the shim dies while a thread runs the injected call, the kernel detaches it with the
+//!   injected registers: the task would crash. The window is the length of a batch.
 //! - The caller serialises injections with checkpoints of the same container (CRIU seizes
-//!   every thread and would find this one traced) and with other injections.
+//!   every thread and would find them traced) and with other injections.
 //! - x86_64 only (the register layout and the instruction).
 
 pub mod inject;
 pub mod seccomp;
 
-pub use inject::{madvise, Advice, Injected, Seized, StoppedProcess};
+pub use inject::{madvise, Advice, Injected, Seized, StoppedProcess, STOP_TIMEOUT};
 
 /// Errors of running a system call in a task.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +86,14 @@ pub enum EvictError {
         pid: i32,
     },
     /// A thread did not stop in time after `PTRACE_INTERRUPT`.
-    #[error("task {tid} did not stop within {after:?}")]
+    #[error("task {tid} did not stop within {after:?} ({waiting_in})")]
     NoStop {
         /// The thread.
         tid: i32,
         /// The limit.
         after: std::time::Duration,
+        /// Its state and kernel wait channel then.
+        waiting_in: String,
     },
     /// A ptrace request failed.
     #[error("ptrace: {what} {tid}: {errno}")]

@@ -75,6 +75,8 @@ const TICK: Duration = Duration::from_millis(20);
 const TICK_NEAR: Duration = Duration::from_millis(1);
 /// Pages evicted per batch at most (the process is stopped for the batch).
 const MAX_BATCH_PAGES: usize = 8192;
+/// Remote pages a run of victims may span between two of them.
+pub(crate) const MAX_GAP: usize = 256;
 /// Ranges per batch at most (one `madvise` each).
 const MAX_BATCH_RANGES: usize = 512;
 /// How long a task whose eviction was refused is left alone.
@@ -211,9 +213,12 @@ fn evictable(t: &Task, b: usize) -> bool {
         && !t.zeroed.test(b)
 }
 
-/// CLOCK over the bits of `t` from `*hand`: up to `want` victims (in runs of consecutive
-/// bits, at most `max_runs`), lowering the heat of the pages it passes. Stops after one lap.
-/// Returns the runs and the resident pages it had to skip as pinned.
+/// CLOCK over the bits of `t` from `*hand`: up to `want` victims, lowering the heat of the
+/// pages it passes; stops after one lap. Victims come in runs of bits, at most `max_runs`; a
+/// run may also hold gaps of up to [`MAX_GAP`] remote pages between its victims (dropping a
+/// page that is not there does nothing, and one call instead of several costs less), which the
+/// batch claims before the call so that nobody installs them meanwhile. Returns the runs and
+/// the resident pages it had to skip as pinned.
 pub(crate) fn choose(
     t: &Task,
     hand: &mut usize,
@@ -227,12 +232,14 @@ pub(crate) fn choose(
     if n == 0 {
         return (runs, 0);
     }
-    let start = *hand % n;
-    let mut b = start;
+    // Whether every page since the end of the last run is remote (the run may grow over it).
+    let mut gap_clean = false;
+    let mut b = *hand % n;
     for _ in 0..n {
         if got >= want {
             break;
         }
+        let mut victim = false;
         if t.installed.test(b) {
             if !evictable(t, b) {
                 pinned += 1;
@@ -242,17 +249,28 @@ pub(crate) fn choose(
                 if v > 0 {
                     h.store(v - 1, Relaxed);
                 } else {
-                    let full = runs.len() >= max_runs;
-                    match runs.last_mut() {
-                        Some((s, len)) if *s + *len == b => *len += 1,
-                        _ if full => break,
-                        _ => runs.push((b, 1)),
-                    }
-                    got += 1;
+                    victim = true;
                 }
             }
         }
+        if victim {
+            let full = runs.len() >= max_runs;
+            match runs.last_mut() {
+                Some((s, len)) if b >= *s + *len && gap_clean && b - (*s + *len) <= MAX_GAP => {
+                    *len = b + 1 - *s;
+                }
+                _ if full => break,
+                _ => runs.push((b, 1)),
+            }
+            got += 1;
+            gap_clean = true;
+        } else if t.bits.test(b) {
+            gap_clean = false;
+        }
         b = (b + 1) % n;
+        if b == 0 {
+            gap_clean = false;
+        }
     }
     *hand = b;
     (runs, pinned)
@@ -434,6 +452,14 @@ fn run(sh: &Shared) {
     }
 }
 
+/// Appends bit `b` to `runs`, growing the last run when `b` follows it.
+fn push_bit(runs: &mut Vec<(usize, usize)>, b: usize) {
+    match runs.last_mut() {
+        Some((s, n)) if *s + *n == b => *n += 1,
+        _ => runs.push((b, 1)),
+    }
+}
+
 fn key(t: &Arc<Task>) -> usize {
     Arc::as_ptr(t) as usize
 }
@@ -524,28 +550,42 @@ fn evict_stopped(
         }
     }
     // Victims again, under the gate: a write resolved before the stop made its page dirty.
-    let mut bits: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+    // Remote pages inside a run are claimed here, so that nobody installs them until the
+    // call is over; anything else ends the range.
+    // Per segment (a stretch of bits that is one call, or a few where it crosses iovs): the
+    // end of its ranges in `ranges` and its victims.
+    let mut segs: Vec<(usize, Vec<(usize, usize)>)> = Vec::with_capacity(runs.len());
+    let mut gaps: Vec<(usize, usize)> = Vec::new();
     let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
     {
         let _gate = t.wp_gate();
         let space = t.space();
         let mut pieces = Vec::new();
         for &(b0, n) in runs {
-            let mut b = b0;
-            while b < b0 + n {
-                if !evictable(t, b) {
-                    b += 1;
+            let mut seg = b0;
+            let mut victims = Vec::new();
+            for b in b0..=b0 + n {
+                let keep = b < b0 + n
+                    && if evictable(t, b) {
+                        push_bit(&mut victims, b);
+                        true
+                    } else if t.claim(b, 1, b + 1) == 1 {
+                        push_bit(&mut gaps, b);
+                        true
+                    } else {
+                        false
+                    };
+                if keep {
                     continue;
                 }
-                let s = b;
-                while b < b0 + n && evictable(t, b) {
-                    b += 1;
+                if !victims.is_empty() {
+                    space.pieces(seg, b - seg, &mut pieces);
+                    for &(addr, _, len) in &pieces {
+                        ranges.push((addr, addr + (len * PAGE) as u64));
+                    }
+                    segs.push((ranges.len(), std::mem::take(&mut victims)));
                 }
-                space.pieces(s, b - s, &mut pieces);
-                for &(addr, pb, len) in &pieces {
-                    bits.push((pb, len));
-                    ranges.push((addr, addr + (len * PAGE) as u64));
-                }
+                seg = b + 1;
             }
         }
         t.evicting_lock().set(&ranges);
@@ -554,7 +594,10 @@ fn evict_stopped(
     let mut err = None;
     for r in &ranges {
         match proc.madvise(std::slice::from_ref(r), Advice::DontNeed) {
-            Ok(_) => done += 1,
+            Ok(_) => {
+                done += 1;
+                sh.c.evict_calls.fetch_add(1, Relaxed);
+            }
             Err(e) => {
                 err = Some(e);
                 break;
@@ -567,15 +610,21 @@ fn evict_stopped(
     let mut evicted = 0u64;
     if caught_up {
         let _space = t.space_mut();
-        for &(b0, n) in &bits[..done] {
-            t.unmark_installed(b0, n, &sh.c);
-            for b in b0..b0 + n {
-                t.evicted.claim(b);
+        // A failed call ends the batch: only the segments whose calls were all made count.
+        for (_, victims) in segs.iter().filter(|(end, _)| *end <= done) {
+            for &(b0, n) in victims {
+                t.unmark_installed(b0, n, &sh.c);
+                for b in b0..b0 + n {
+                    t.evicted.claim(b);
+                }
+                t.release(b0, n);
+                evicted += n as u64;
             }
-            t.release(b0, n);
-            evicted += n as u64;
         }
         t.evicting_lock().clear();
+    }
+    for &(b0, n) in &gaps {
+        t.release(b0, n);
     }
     // Anything that waited on these pages (a fault read before the stop) tries again now.
     for &(s, e) in &ranges[..done] {

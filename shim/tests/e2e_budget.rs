@@ -1,0 +1,224 @@
+//! The memory budget through containerd: memhog with 256 MiB, run with the annotation
+//! `io.distriproc.memory-budget: 64Mi`, checkpointed and restored lazily; it then reads all its
+//! memory several times over while the container's memory cgroup (its `anon` memory, sampled
+//! all along) stays within the budget plus 10 %, its checksum stays right and every page
+//! verifies, and the stats file shows pages evicted and faulted in again. Then a checkpoint of
+//! the restored container, taken while most of its memory is evicted, restores into a third
+//! container with every page intact (evicted pages come from the page source's copy). In two
+//! shapes: one process with four threads, four processes. Runs on containerd 2.1 and 1.7.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use distriproc_harness::{
+    memhog_query, require_stack_in, wait_for, Containerd, ContainerdOpts, CONTAINERD_1_7_DIR,
+    CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
+};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
+const T: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+const BUDGET: u64 = 64 * MIB;
+
+/// The memory cgroup directory of `pid` (cgroup v2).
+fn cgroup_of(pid: u32) -> Result<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 entry")?;
+    Ok(Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')))
+}
+
+/// `anon` of the cgroup's memory.stat, in bytes.
+fn cgroup_anon(cg: &Path) -> u64 {
+    std::fs::read_to_string(cg.join("memory.stat"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("anon "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Highest `anon` of `cg` while `f` runs.
+fn max_anon_during<F: FnOnce() -> Result<()>>(cg: &Path, f: F) -> Result<u64> {
+    let stop = AtomicBool::new(false);
+    let max = AtomicU64::new(0);
+    let r = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(Relaxed) {
+                max.fetch_max(cgroup_anon(cg), Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let r = f();
+        stop.store(true, Relaxed);
+        r
+    });
+    r.map(|()| max.load(Relaxed))
+}
+
+/// Whether every thread of every process of `cg` is neither stopped nor traced.
+fn untouched(cg: &Path) -> bool {
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+    procs.split_whitespace().all(|p| {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            return true; // gone meanwhile
+        };
+        tasks.flatten().all(|t| {
+            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let field = |n: &str| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix(n))
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let state = field("State:");
+            field("TracerPid:") == "0" && !state.starts_with('T') && !state.starts_with('t')
+        })
+    })
+}
+
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result<()> {
+    let (id, restored, again) = (
+        format!("b-{name}"),
+        format!("b-{name}-r"),
+        format!("b-{name}-r2"),
+    );
+    let (image, image2) = (
+        format!("localhost/b-{name}-cp:1"),
+        format!("localhost/b-{name}-cp:2"),
+    );
+    let budget = format!("io.distriproc.memory-budget={}Mi", BUDGET / MIB);
+    ctd.run_detached(
+        &[budget.as_str()],
+        MEMHOG_IMAGE,
+        &id,
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            "256",
+            "--procs",
+            procs,
+            "--threads",
+            threads,
+            "--zero-pct",
+            "5",
+        ],
+        T,
+    )?;
+    let pid = ctd.task_pid(&id)?;
+    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(
+        sum == memhog_query(pid, MEMHOG_PORT, "EXPECT")?,
+        "{name}: SUM before"
+    );
+    ctd.checkpoint_and_remove(&id, &image, T)?;
+
+    ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
+    ctd.wait_status(&restored, "RUNNING", T)?;
+    let pid = ctd.task_pid(&restored)?;
+    let cg = cgroup_of(pid)?;
+    let t0 = Instant::now();
+    let max = max_anon_during(&cg, || {
+        for i in 0..3 {
+            let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+            ensure!(s == sum, "{name}: SUM {i} after restore {s} != {sum}");
+        }
+        let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(v.starts_with("OK"), "{name}: VERIFY under the budget: {v}");
+        Ok(())
+    })?;
+    let stats = ctd.lazy_stats(&restored)?;
+    eprintln!(
+        "{name}: 3 SUMs + VERIFY in {:?}, cgroup anon at most {} MiB (budget {} MiB): {stats}",
+        t0.elapsed(),
+        max / MIB,
+        BUDGET / MIB
+    );
+    ensure!(
+        n(&stats, "budget_pages") == BUDGET / 4096,
+        "{name}: budget not applied: {stats}"
+    );
+    ensure!(
+        n(&stats, "pages_evicted") > 0 && n(&stats, "refaults") > 0,
+        "{name}: nothing evicted: {stats}"
+    );
+    ensure!(n(&stats, "evict_refused") == 0, "{name}: {stats}");
+    // memhog's own anonymous memory besides its 256 MiB (stacks, tables) is a few MiB.
+    ensure!(
+        max <= BUDGET + BUDGET / 10 + 8 * MIB,
+        "{name}: the cgroup's anon memory reached {} MiB",
+        max / MIB
+    );
+    ensure!(ctd.status(&restored) == "RUNNING", "{name}: not running");
+    // Between batches no thread of the container is stopped or traced.
+    ensure!(
+        wait_for(|| untouched(&cg), Duration::from_secs(5)),
+        "{name}: a thread of the container stays stopped or traced"
+    );
+
+    // A checkpoint while most of the memory is evicted, restored again.
+    ctd.ctr_ok(&["containers", "checkpoint", "--task", &restored, &image2])?;
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &restored])?;
+    ctd.wait_status(&restored, "STOPPED", T)?;
+    ctd.ctr_ok(&["tasks", "rm", &restored])?;
+    ctd.ctr_ok(&["containers", "rm", &restored])?;
+    ctd.ctr_ok(&["containers", "restore", "--live", &again, &image2])?;
+    ctd.wait_status(&again, "RUNNING", T)?;
+    let pid = ctd.task_pid(&again)?;
+    let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(
+        v.starts_with("OK"),
+        "{name}: VERIFY after the checkpoint under a budget: {v}"
+    );
+    let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(
+        s == sum,
+        "{name}: SUM after the second restore {s} != {sum}"
+    );
+    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &again])?;
+    ctd.wait_status(&again, "STOPPED", T)?;
+    ctd.ctr_ok(&["tasks", "rm", &again])?;
+    ctd.ctr_ok(&["containers", "rm", &again])?;
+    for im in [&image, &image2] {
+        ctd.ctr_ok(&["images", "rm", im])?;
+    }
+    Ok(())
+}
+
+fn memory_budget(dir: &str) -> Result<()> {
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some() {
+        eprintln!("SKIPPED: lazy test with DISTRIPROC_EAGER_RESTORE set");
+        return Ok(());
+    }
+    if !require_stack_in(Path::new(dir)) {
+        return Ok(());
+    }
+    let ctd = Containerd::start(ContainerdOpts::with_containerd_dir(dir).shim(SHIM))?;
+    ctd.import_test_images()?;
+    for (name, procs, threads) in [("threads", "1", "4"), ("procs", "4", "1")] {
+        one_shape(&ctd, name, procs, threads).with_context(|| format!("shape {name}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn memory_budget_ctd21() -> Result<()> {
+    memory_budget(CONTAINERD_2_1_DIR)
+}
+
+#[test]
+fn memory_budget_ctd17() -> Result<()> {
+    memory_budget(CONTAINERD_1_7_DIR)
+}
