@@ -22,36 +22,45 @@ const T: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 const BUDGET: u64 = 64 * MIB;
 
-/// The memory cgroup directory of `pid` (cgroup v2).
-fn cgroup_of(pid: u32) -> Result<PathBuf> {
+/// Where the memory of `pid` is accounted: its memory cgroup's `memory.stat`, and the key of
+/// its anonymous memory there (`anon` under cgroup v2, `total_rss` under v1's memory
+/// controller).
+fn memory_stat_of(pid: u32) -> Result<(PathBuf, &'static str)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    for l in text.lines() {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        if ctrl.split(',').any(|c| c == "memory") {
+            let dir = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+            return Ok((dir.join("memory.stat"), "total_rss"));
+        }
+    }
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .context("no cgroup v2 entry")?;
-    Ok(Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')))
+        .context("no memory cgroup")?;
+    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    Ok((dir.join("memory.stat"), "anon"))
 }
 
-/// `anon` of the cgroup's memory.stat, in bytes.
-fn cgroup_anon(cg: &Path) -> u64 {
-    std::fs::read_to_string(cg.join("memory.stat"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("anon "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// The anonymous memory `memory_stat_of` names, in bytes.
+fn cgroup_anon((stat, key): &(PathBuf, &'static str)) -> Result<u64> {
+    let text = std::fs::read_to_string(stat).with_context(|| format!("read {}", stat.display()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no {key} in {}", stat.display()))
 }
 
-/// Highest `anon` of `cg` while `f` runs.
-fn max_anon_during<F: FnOnce() -> Result<()>>(cg: &Path, f: F) -> Result<u64> {
+/// Highest anonymous memory of the cgroup while `f` runs.
+fn max_anon_during<F: FnOnce() -> Result<()>>(cg: &(PathBuf, &'static str), f: F) -> Result<u64> {
+    let first = cgroup_anon(cg)?;
     let stop = AtomicBool::new(false);
-    let max = AtomicU64::new(0);
+    let max = AtomicU64::new(first);
     let r = std::thread::scope(|sc| {
         sc.spawn(|| {
             while !stop.load(Relaxed) {
-                max.fetch_max(cgroup_anon(cg), Relaxed);
+                max.fetch_max(cgroup_anon(cg).unwrap_or(0), Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
@@ -62,10 +71,9 @@ fn max_anon_during<F: FnOnce() -> Result<()>>(cg: &Path, f: F) -> Result<u64> {
     r.map(|()| max.load(Relaxed))
 }
 
-/// Whether every thread of every process of `cg` is neither stopped nor traced.
-fn untouched(cg: &Path) -> bool {
-    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
-    procs.split_whitespace().all(|p| {
+/// Whether every thread of the processes `pids` is neither stopped nor traced.
+fn untouched(pids: &[u32]) -> bool {
+    pids.iter().all(|p| {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
             return true; // gone meanwhile
         };
@@ -82,6 +90,22 @@ fn untouched(cg: &Path) -> bool {
             field("TracerPid:") == "0" && !state.starts_with('T') && !state.starts_with('t')
         })
     })
+}
+
+/// `pid` and its descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", out[i]))
+            .unwrap_or_default();
+        out.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    out
 }
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
@@ -128,7 +152,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
     ctd.wait_status(&restored, "RUNNING", T)?;
     let pid = ctd.task_pid(&restored)?;
-    let cg = cgroup_of(pid)?;
+    let cg = memory_stat_of(pid)?;
     let t0 = Instant::now();
     let max = max_anon_during(&cg, || {
         for i in 0..3 {
@@ -155,7 +179,12 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
         "{name}: nothing evicted: {stats}"
     );
     ensure!(n(&stats, "evict_refused") == 0, "{name}: {stats}");
-    // memhog's own anonymous memory besides its 256 MiB (stacks, tables) is a few MiB.
+    // memhog's own anonymous memory besides its 256 MiB (stacks, tables) is a few MiB; the
+    // workload read all 256 MiB, so the reading must be above the budget's fill share.
+    ensure!(
+        max > BUDGET / 2,
+        "{name}: the cgroup's anon memory reads {max} bytes"
+    );
     ensure!(
         max <= BUDGET + BUDGET / 10 + 8 * MIB,
         "{name}: the cgroup's anon memory reached {} MiB",
@@ -164,11 +193,14 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     ensure!(ctd.status(&restored) == "RUNNING", "{name}: not running");
     // Between batches no thread of the container is stopped or traced.
     ensure!(
-        wait_for(|| untouched(&cg), Duration::from_secs(5)),
+        wait_for(|| untouched(&tree(pid)), Duration::from_secs(5)),
         "{name}: a thread of the container stays stopped or traced"
     );
 
-    // A checkpoint while most of the memory is evicted, restored again.
+    // A checkpoint while most of the memory is evicted, restored again. (containerd 1.7
+    // cannot checkpoint over the stored spec blob of the image the container came from, see
+    // docs/INTEGRATIONS.md; the restore holds its pages' store entry by a lease.)
+    ctd.ctr_ok(&["images", "rm", "--sync", &image])?;
     ctd.ctr_ok(&["containers", "checkpoint", "--task", &restored, &image2])?;
     ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &restored])?;
     ctd.wait_status(&restored, "STOPPED", T)?;
@@ -191,9 +223,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     ctd.wait_status(&again, "STOPPED", T)?;
     ctd.ctr_ok(&["tasks", "rm", &again])?;
     ctd.ctr_ok(&["containers", "rm", &again])?;
-    for im in [&image, &image2] {
-        ctd.ctr_ok(&["images", "rm", im])?;
-    }
+    ctd.ctr_ok(&["images", "rm", &image2])?;
     Ok(())
 }
 
