@@ -250,3 +250,199 @@ fn reads_under_a_quarter_budget_stay_within_it() -> Result<()> {
     let _ = h.wait();
     Ok(())
 }
+
+/// A memory cgroup of the test's own (v1's memory controller or v2), removed on drop.
+struct LimitedCgroup {
+    dir: std::path::PathBuf,
+    v1: bool,
+}
+
+impl LimitedCgroup {
+    fn create(name: &str, limit: u64) -> Result<LimitedCgroup> {
+        let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+        let dir = if v1 {
+            Path::new("/sys/fs/cgroup/memory").join(name)
+        } else {
+            Path::new("/sys/fs/cgroup").join(name)
+        };
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir)?;
+        let cg = LimitedCgroup { dir, v1 };
+        let (file, value) = if v1 {
+            ("memory.limit_in_bytes", limit.to_string())
+        } else {
+            ("memory.max", limit.to_string())
+        };
+        std::fs::write(cg.dir.join(file), value)
+            .map_err(|e| anyhow::anyhow!("set {file} of {}: {e}", cg.dir.display()))?;
+        if !v1 {
+            // No swap either: anonymous memory beyond the limit is an OOM kill.
+            let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        }
+        Ok(cg)
+    }
+
+    fn procs_file(&self) -> std::path::PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// OOM kills in the cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v1 {
+            ("memory.oom_control", "oom_kill ")
+        } else {
+            ("memory.events", "oom_kill ")
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for LimitedCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `criu restore` as `common::restore`, but inside `cg` (criu is moved into it before it
+/// runs, the restored tree inherits it, and criu leaves cgroups alone).
+fn restore_in(img: &Path, work: &Path, cg: &LimitedCgroup) -> Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let procs = cg.procs_file();
+    let mut cmd = std::process::Command::new(CRIU);
+    cmd.args(["restore", "-D"])
+        .arg(img)
+        .arg("-W")
+        .arg(work)
+        .args([
+            "--lazy-pages",
+            "--restore-detached",
+            "--manage-cgroups=ignore",
+            "-o",
+            "restore.log",
+            "-v4",
+        ])
+        .stdin(std::process::Stdio::null());
+    let procs = std::ffi::CString::new(procs.as_os_str().as_encoded_bytes())?;
+    // SAFETY: between fork and exec the closure only makes async-signal-safe calls (getpid,
+    // open, write, close) on data prepared before the fork; it formats the pid into a stack
+    // buffer and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut buf = [0u8; 16];
+            let mut n = libc::getpid().unsigned_abs();
+            let mut i = buf.len();
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let len = buf.len() - i;
+            let w = libc::write(fd, buf[i..].as_ptr().cast(), len);
+            libc::close(fd);
+            if w != len as isize {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.output()?)
+}
+
+/// A container whose memory limit is below its checkpoint's size: without a budget the
+/// fill runs it into the cgroup's OOM killer; with the limit given to the fetcher (the shim
+/// reads it from the bundle) the fetcher keeps a budget under it, and it runs, its memory
+/// intact.
+#[test]
+fn a_memory_limit_below_the_checkpoint_sets_a_budget() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let Some(bin) = memhog() else {
+        return Ok(());
+    };
+    let limit = 40 * MIB;
+    for (case, memory_limit, port) in [("unbudgeted", 0, 17391u16), ("budgeted", limit, 17393)] {
+        let dir = scratch(&format!("limit-{case}"));
+        let args: Vec<String> =
+            format!("serve --mib 64 --procs 1 --threads 2 --port {port} --zero-pct 5")
+                .split(' ')
+                .map(String::from)
+                .collect();
+        let mut w = Workload::spawn(&dir, &bin, &args, port, 1)?;
+        let (img, work) = (dir.join("img"), dir.join("work"));
+        std::fs::create_dir_all(&img)?;
+        std::fs::create_dir_all(&work)?;
+        let expect = query(port, "EXPECT", T)?;
+        let pids = dump(&mut w, &img)?;
+        let cg = LimitedCgroup::create(
+            &format!("distriproc-test-{}-{case}", std::process::id()),
+            limit,
+        )?;
+        let opts = FetcherOptions {
+            fill: FillPolicy::Full,
+            memory_limit,
+            ..Default::default()
+        };
+        let source = Arc::new(LocalImages::open(&img)?);
+        let handle = LazyPagesServer::bind(&work, &img, source, opts)?.spawn()?;
+        let mut r = Restored {
+            handle: Some(handle),
+            pids: KillOnDrop(pids.clone()),
+        };
+        let out = restore_in(&img, &work, &cg)?;
+        ensure!(
+            out.status.success(),
+            "{case}: criu restore failed: {}",
+            tail(&restore_log(&work), 30)
+        );
+        r.handle.as_ref().unwrap().enable_eviction(pids[0])?;
+        let sum = query(port, "SUM", Duration::from_secs(20));
+        let s = r.handle.as_ref().unwrap().stats();
+        report(case, &s);
+        let kills = cg.oom_kills();
+        eprintln!("{case}: SUM {sum:?}, {kills} OOM kills in the cgroup");
+        if memory_limit == 0 {
+            ensure!(
+                kills > 0 && sum.map_or(true, |v| v != expect),
+                "{case}: the fill was expected to run memhog into its cgroup's OOM killer"
+            );
+        } else {
+            ensure!(kills == 0, "{case}: {kills} OOM kills");
+            ensure!(
+                sum.as_deref().ok() == Some(expect.as_str()),
+                "{case}: SUM {sum:?}"
+            );
+            ensure!(
+                s.budget_pages > 0 && s.budget_pages * 4096 < limit,
+                "{case}: {s:?}"
+            );
+            ensure!(s.pages_evicted > 0, "{case}: {s:?}");
+            let v = query(port, "VERIFY", T)?;
+            ensure!(v.starts_with("OK"), "{case}: VERIFY said {v}");
+        }
+        let h = r.handle.take().unwrap();
+        h.stop();
+        let _ = h.wait();
+        drop(r);
+    }
+    Ok(())
+}
