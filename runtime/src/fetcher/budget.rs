@@ -661,6 +661,74 @@ mod tests {
         assert!(!a.take(0x9000, 0xa000));
     }
 
+    fn task(pages: usize) -> Option<Task> {
+        let uffd = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .user_mode_only(true)
+            .create()
+            .ok()?;
+        let base = 0x10_0000u64;
+        let (space, n) = super::super::space::Space::new(&[(base, base + pages as u64 * 4096)]);
+        Some(Task::new(
+            1,
+            uffd,
+            space,
+            super::super::space::Bits::new(n),
+            false,
+            true,
+        ))
+    }
+
+    fn install(t: &Task, bits: std::ops::Range<usize>) {
+        let c = FetchCounters::default();
+        for b in bits {
+            t.bits.claim(b);
+            t.mark_installed(b, 1, &c);
+        }
+    }
+
+    #[test]
+    fn the_clock_takes_cold_clean_pages_and_spans_remote_gaps() {
+        let Some(t) = task(1024) else {
+            eprintln!("SKIP: userfaultfd unavailable");
+            return;
+        };
+        install(&t, 0..8);
+        install(&t, 20..24); // 8..20 stays remote: a gap a run may span
+        install(&t, 24..26);
+        t.heat[24].store(1, Relaxed); // touched once: skipped on this lap
+        t.written.claim(25); // written: pinned, never evicted
+        install(&t, 40..42);
+        t.heat[2].store(2, Relaxed);
+        let mut hand = 0;
+        let (runs, pinned) = choose(&t, &mut hand, 1000, 16);
+        assert_eq!(pinned, 1);
+        // 0..8 without page 2 (hot), then 20..24 over the remote gap 8..20, then 40..42 (the
+        // installed pages 24 and 25 in between end the run).
+        assert_eq!(runs, vec![(0, 2), (3, 21), (40, 2)]);
+        assert_eq!(t.heat[2].load(Relaxed), 1, "a lap lowers the heat by one");
+        assert_eq!(t.heat[24].load(Relaxed), 0);
+        let (runs, _) = choose(&t, &mut hand, 1000, 16);
+        assert_eq!(
+            runs,
+            vec![(0, 2), (3, 22), (40, 2)],
+            "page 24 is cold on the next lap"
+        );
+        // `want` bounds the victims, and the hand goes on from where it stopped.
+        let mut hand = 0;
+        let (runs, _) = choose(&t, &mut hand, 3, 16);
+        assert_eq!(runs, vec![(0, 3)]);
+        assert_eq!(hand, 3);
+        // A refault heats the page up.
+        t.evicted.claim(5);
+        let c = FetchCounters::default();
+        on_demand_fault(&t, 5, &c);
+        assert_eq!(c.refaults.load(Relaxed), 1);
+        assert_eq!(t.heat[5].load(Relaxed), REFAULT_HEAT);
+        on_demand_fault(&t, 6, &c);
+        assert_eq!(c.refaults.load(Relaxed), 1, "not evicted: a first fault");
+    }
+
     #[test]
     fn budgets_from_the_configuration_and_the_cgroup_limit() {
         const M: u64 = 1 << 20;
