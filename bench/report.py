@@ -1026,6 +1026,118 @@ def chain_section(w, d):
     w("")
 
 
+def budget_section(w, d):
+    """The Memory budget section (budget.json: bench/budget.sh's runs)."""
+    meta, runs = d.get("meta", {}), d.get("runs", [])
+    if not runs:
+        return
+    w("## Memory budget: a restored container with less local memory than it has")
+    w("")
+    w(f"Command: `{meta.get('command', 'make bench')}` ({meta.get('started_utc', '?')} to "
+      f"{meta.get('finished_utc', '?')}, {meta.get('nproc', '?')} vCPU {meta.get('cpu_model', '')}; "
+      f"load at start `{meta.get('uptime_start', '')}`). One checkpoint each of memhog and Redis, "
+      "restored by our shim with `fetcher.memory_budget` at a share of the memory (100 % = no "
+      "budget, measured once the fill is complete: the all-local baseline), fill `full` (it stops "
+      "at 88 % of the budget). Clean pages are evicted (made remote again) to keep the budget; "
+      "written pages stay. Ratios compare medians with the all-local runs of the same run.")
+    w("")
+
+    def stats(r, k, default=None):
+        st = r.get("stats") or {}
+        return st.get(k, default)
+
+    def per_page(r, q):
+        st = r.get("stats") or {}
+        b, n = st.get("evict_batches") or 0, st.get("pages_evicted") or 0
+        v = (st.get("evict_stop_us") or {}).get(q)
+        return v / (n / b) if b and n and v is not None else None
+
+    def med_or_none(v):
+        v = [x for x in v if x is not None]
+        return med(v) if v else None
+
+    def f0(x, unit=""):
+        return "-" if x is None else f"{x:,.0f}{unit}"
+
+    def share_s(a, b):
+        r = ratio(a, b)
+        return "-" if r is None else f"{100 * r:.0f} %"
+
+    mem = [r for r in runs if r["kind"] == "budget-memhog"]
+    if mem:
+        r0 = mem[0]
+        w(f"### memhog, {r0.get('mib')} MiB")
+        w("")
+        w(f"A hot set of {r0.get('hot_pct')} % of the pages spread over all memory (`TOUCH "
+          f"{r0.get('hot_pct')}`, {r0.get('hot_pages')} pages) read twice to bring it in, then "
+          f"{r0.get('passes')} timed passes (pages read per second, median over passes and runs); "
+          "then `SUM` reads every page (a scan larger than the budget) and must equal `EXPECT`. "
+          "Eviction cost per page: a batch's stop time divided by the batch's mean size (p50 and "
+          "p99 of the batches). Refault rate: demand faults on evicted pages per evicted page.")
+        w("")
+        w("| budget | hot-set pages/s | of all-local | SUM (scan) | pages evicted | refault rate | "
+          "batches | stop per batch p50 / p99 | per evicted page p50 / p99 | correct |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
+        def rate(r):
+            us = [u for u in r.get("pass_us") or [] if u]
+            return [r["hot_pages"] / (u / 1e6) for u in us] if r.get("hot_pages") else []
+        base = med_or_none([x for r in mem if r.get("budget_pct") == 100 for x in rate(r)])
+        for pct in sorted({r["budget_pct"] for r in mem}, reverse=True):
+            rs = [r for r in mem if r["budget_pct"] == pct]
+            tput = med_or_none([x for r in rs for x in rate(r)])
+            ev = med_or_none([stats(r, "pages_evicted") for r in rs])
+            rf = med_or_none([(stats(r, "refaults") or 0) / stats(r, "pages_evicted")
+                              for r in rs if stats(r, "pages_evicted")])
+            label = "none (all local)" if pct == 100 else f"{pct} % ({r0.get('mib') * pct // 100} MiB)"
+            w(f"| {label} | {f0(tput)} | {share_s(tput, base)} | "
+              f"{fs(med_or_none([r.get('sum_s') for r in rs]))} | {f0(ev)} | "
+              f"{'-' if rf is None else f'{rf:.2f}'} | {f0(med_or_none([stats(r, 'evict_batches') for r in rs]))} | "
+              f"{f0(med_or_none([(stats(r, 'evict_stop_us') or {}).get('p50') for r in rs]), ' µs')} / "
+              f"{f0(med_or_none([(stats(r, 'evict_stop_us') or {}).get('p99') for r in rs]), ' µs')} | "
+              f"{f0(med_or_none([per_page(r, 'p50') for r in rs]), ' µs')} / "
+              f"{f0(med_or_none([per_page(r, 'p99') for r in rs]), ' µs')} | "
+              f"{sum(1 for r in rs if r.get('sum_ok'))}/{len(rs)} |")
+        w("")
+    red = [r for r in runs if r["kind"] == "budget-redis"]
+    if red:
+        r0 = red[0]
+        w(f"### Redis, about {r0.get('mib')} MiB of keys")
+        w("")
+        w(f"`redis-benchmark -t get` on random keys among the first {r0.get('hot_pct')} % (one "
+          "warm-up pass, one measured); `DEBUG DIGEST` must equal the one taken before the "
+          "checkpoint.")
+        w("")
+        w("| budget | GET/s | of all-local | pages evicted | refault rate | stop per batch p50 / p99 | digest |")
+        w("|---|---|---|---|---|---|---|")
+        base = med_or_none([r.get("rps") for r in red if r.get("budget_pct") == 100])
+        half = None
+        for pct in sorted({r["budget_pct"] for r in red}, reverse=True):
+            rs = [r for r in red if r["budget_pct"] == pct]
+            rps = med_or_none([r.get("rps") for r in rs])
+            if pct == 50:
+                half = rps
+            ev = med_or_none([stats(r, "pages_evicted") for r in rs])
+            rf = med_or_none([(stats(r, "refaults") or 0) / stats(r, "pages_evicted")
+                              for r in rs if stats(r, "pages_evicted")])
+            label = "none (all local)" if pct == 100 else f"{pct} %"
+            w(f"| {label} | {f0(rps)} | {share_s(rps, base)} | {f0(ev)} | "
+              f"{'-' if rf is None else f'{rf:.2f}'} | "
+              f"{f0(med_or_none([(stats(r, 'evict_stop_us') or {}).get('p50') for r in rs]), ' µs')} / "
+              f"{f0(med_or_none([(stats(r, 'evict_stop_us') or {}).get('p99') for r in rs]), ' µs')} | "
+              f"{sum(1 for r in rs if r.get('sum_ok'))}/{len(rs)} |")
+        w("")
+        if half and base:
+            share = 100 * half / base
+            w(f"Target: at least 70 % of all-local throughput at a 50 % budget for the hot-key Redis "
+              f"workload. Measured: {share:.0f} % ({'met' if share >= 70 else f'missed by {70 - share:.0f} points'}).")
+            w("")
+    bad = [r for r in runs if r.get("error")]
+    for r in bad:
+        w(f"- failed run ({r['kind']}, budget {r.get('budget_pct')} %, #{r.get('rep')}): {r['error']}")
+    if bad:
+        w("")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="?", default="bench/out/results.json")
@@ -1033,6 +1145,8 @@ def main():
                     help="migration runs (default: migration.json next to RESULTS, when present)")
     ap.add_argument("--chain", default=None,
                     help="chain-depth figures (default: chain_depth.json next to RESULTS, when present)")
+    ap.add_argument("--budget", default=None,
+                    help="memory-budget runs (default: budget.json next to RESULTS, when present)")
     ap.add_argument("--doc", default="docs/BENCHMARKS.md")
     ap.add_argument("--png-dir", default="docs/bench")
     args = ap.parse_args()
@@ -1069,6 +1183,9 @@ def main():
     chain_path = args.chain or os.path.join(os.path.dirname(args.results) or ".", "chain_depth.json")
     if os.path.exists(chain_path):
         chain_section(w, json.load(open(chain_path)))
+    budget_path = args.budget or os.path.join(os.path.dirname(args.results) or ".", "budget.json")
+    if os.path.exists(budget_path):
+        budget_section(w, json.load(open(budget_path)))
     os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
     open(args.doc, "w").write("\n".join(L))
     print(f"wrote {args.doc}" + (f" and {len(pics)} plots in {args.png_dir}" if pics else ""))

@@ -17,7 +17,8 @@
 #   ours-remote, ours-remote-veth   fetcher mode `native`, fill `full`
 #   ours-remote-none                fill `none` over loopback (TOUCH test: remote fault latency)
 #
-# plus (unless REDIS=0) Redis from Debian's packages, hot-half GETs after a fill-none restore vs
+# plus (unless BUDGET=0) memhog and Redis restored under memory budgets of 100/75/50/25 % of their
+# memory (bench/budget.sh), (unless REDIS=0) Redis from Debian's packages, hot-half GETs after a fill-none restore vs
 # eager (bench/redis.sh), (unless MIGRATION=0) migration downtime: checkpoint, remove, restore
 # with the runc shim and ours, first and repeated checkpoints to the page server
 # (bench/migration.sh), and (unless REMOTE=0) the runtime-level remote path (bench/remote.sh,
@@ -39,7 +40,8 @@
 # PROFILE_WINDOW_MS (recording window of fill profile, default 2000), THREADS (memhog
 # threads, default 2), REMOTE (1: the runtime-level remote bench too; REMOTE_SIZES default
 # "256 1024", REPS_REMOTE, DELAYS_US: one-way proxy delays, default "250"),
-# REDIS (1; REDIS_KEYS, REDIS_REPS), MIGRATION (1; MIGRATION_ONLY, MIGRATION_SIZES,
+# REDIS (1; REDIS_KEYS, REDIS_REPS), BUDGET (1; BUDGET_ONLY, BUDGET_MIB, BUDGET_PCTS, BUDGET_REPS,
+# BUDGET_REDIS: the memory budget, see bench/budget.sh), MIGRATION (1; MIGRATION_ONLY, MIGRATION_SIZES,
 # MIGRATION_REPS, MIGRATION_WRITE_PCT: see bench/migration.sh), CHAIN (1, 0 with MIGRATION_ONLY:
 # the page server serving a deep chain of layers, pageserver/examples/chain_depth.rs; CHAIN_MIB,
 # default 1024, CHAIN_DEPTH, default 25), REPORT (1: render the doc; BENCH_DOC, BENCH_PNG_DIR: where,
@@ -64,6 +66,13 @@ MIGRATION_ONLY=${MIGRATION_ONLY:-0}
 CHAIN=${CHAIN:-$([[ $MIGRATION_ONLY == 1 ]] && echo 0 || echo 1)}
 if [[ $MIGRATION_ONLY == 1 ]]; then
     SYSTEMS="" REDIS=0 REMOTE=0 MIGRATION=1
+fi
+# The memory-budget section (bench/budget.sh); BUDGET_ONLY=1 runs nothing else and keeps the
+# other result files.
+BUDGET=${BUDGET:-1}
+BUDGET_ONLY=${BUDGET_ONLY:-0}
+if [[ $BUDGET_ONLY == 1 ]]; then
+    SYSTEMS="" REDIS=0 REMOTE=0 MIGRATION=0 CHAIN=0 BUDGET=1
 fi
 REPORT=${REPORT:-1}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
@@ -516,6 +525,7 @@ write_results() {
     W_SIZES=$SIZES W_REPS=$REPS W_REPS_BIG=$REPS_BIG W_THREADS=$THREADS W_STARTED=$started \
         W_FINISHED=$finished W_UP_START=$up_start W_UP_END=$up_end W_CTD=$CTD_VERSION \
         W_REMOTE_STATUS=$REMOTE_STATUS W_BUILD=$BUILD_NOTE W_REDIS_STATUS=$REDIS_STATUS \
+        W_BUDGET_STATUS=$BUDGET_STATUS \
         W_SYSTEMS=$SYSTEMS W_SYSTEMS_HUGE=$SYSTEMS_HUGE W_REMOTE_SIZES=${REMOTE_SIZES:-} \
         W_SKIPPED=$(printf '%s\n' "${SKIPPED_SIZES[@]}") W_MIG_SIZES=$MIGRATION_SIZES \
         W_MIG_REPS=$MIGRATION_REPS W_WRITE_PCT=$MIGRATION_WRITE_PCT \
@@ -534,9 +544,13 @@ def lines(k):
     return [x for x in e.get(k, "").splitlines() if x]
 select = sys.argv[3]
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-runs = [r for r in runs if (r["kind"] == "migration") == (select == "migration")]
+def section(r):
+    return "migration" if r["kind"] == "migration" else "budget" if r["kind"].startswith("budget-") else "restore"
+runs = [r for r in runs if section(r) == select]
 keys = ("SIZES", "REPS", "REPS_BIG", "SYSTEMS", "SYSTEMS_HUGE", "REMOTE_SIZES", "MIGRATION",
-        "MIGRATION_ONLY", "MIGRATION_SIZES", "MIGRATION_REPS", "MIGRATION_WRITE_PCT")
+        "MIGRATION_ONLY", "MIGRATION_SIZES", "MIGRATION_REPS", "MIGRATION_WRITE_PCT", "BUDGET",
+        "BUDGET_ONLY", "BUDGET_MIB", "BUDGET_PCTS", "BUDGET_HOT_PCT", "BUDGET_PASSES", "BUDGET_REPS",
+        "BUDGET_REDIS", "REDIS_KEYS")
 meta = {
     "command": "make bench" + "".join(f" {k}={os.environ[k]!r}" for k in keys if k in os.environ),
     "sizes_mib": ints("W_SIZES"),
@@ -555,6 +569,7 @@ meta = {
     "remote_status": e.get("W_REMOTE_STATUS", ""),
     "build": e.get("W_BUILD", ""),
     "redis_status": e.get("W_REDIS_STATUS", ""),
+    "budget_status": e.get("W_BUDGET_STATUS", ""),
     "systems": e.get("W_SYSTEMS", "").split(), "systems_huge": e.get("W_SYSTEMS_HUGE", "").split(),
     "remote_sizes_mib": ints("W_REMOTE_SIZES"),
     "skipped_sizes": lines("W_SKIPPED"),
@@ -612,6 +627,12 @@ if [[ ${REDIS:-1} == 1 ]]; then
     . bench/redis.sh
     if redis_bench; then REDIS_STATUS=ran; else REDIS_STATUS="failed (see log)"; fi
 fi
+BUDGET_STATUS=skipped
+if [[ $BUDGET == 1 ]]; then
+    # shellcheck source=bench/budget.sh
+    . bench/budget.sh
+    if budget_bench; then BUDGET_STATUS=ran; else BUDGET_STATUS="failed (see log)"; fi
+fi
 stop_pageservers
 cp "$CTD_LOG" "$OUT/containerd.log" 2>/dev/null || true
 ctd_stop
@@ -649,9 +670,9 @@ CHAINEOF
 fi
 
 UPTIME_END=$(uptime)
-# A migration-only run leaves results.json (the last full run) as it is.
+# A migration-only or budget-only run leaves results.json (the last full run) as it is.
 RESULT_FILES=()
-if [[ $MIGRATION_ONLY != 1 ]]; then
+if [[ $MIGRATION_ONLY != 1 && $BUDGET_ONLY != 1 ]]; then
     write_results "$OUT/results.json" restore
     RESULT_FILES+=("$OUT/results.json")
 fi
@@ -659,10 +680,14 @@ if [[ $MIGRATION == 1 ]]; then
     write_results "$OUT/migration.json" migration
     RESULT_FILES+=("$OUT/migration.json")
 fi
+if [[ $BUDGET == 1 ]]; then
+    write_results "$OUT/budget.json" budget
+    RESULT_FILES+=("$OUT/budget.json")
+fi
 if [[ $REPORT == 1 ]]; then
     # One document from both files: results.json (the restore sections) and migration.json.
     "$PY" bench/report.py "$OUT/results.json" --migration "$OUT/migration.json" \
-        --chain "$OUT/chain_depth.json" --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" --png-dir "${BENCH_PNG_DIR:-docs/bench}"
+        --chain "$OUT/chain_depth.json" --budget "$OUT/budget.json" --doc "${BENCH_DOC:-docs/BENCHMARKS.md}" --png-dir "${BENCH_PNG_DIR:-docs/bench}"
 fi
 if [[ ${BENCH_STRICT:-0} == 1 && $CHAIN_STATUS != ran && $CHAIN_STATUS != skipped ]]; then
     echo "bench: chain depth $CHAIN_STATUS" >&2
