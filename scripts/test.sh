@@ -123,6 +123,7 @@ all | scripts)
     script_step bench-smoke DISTRIPROC_CONTAINERD_DIR="$CTD_2" SIZES=128 REPS=1 BENCH_BUILD=debug \
         SYSTEMS="eager criu ours ours-none criu-remote ours-remote ours-remote-veth" REMOTE=0 REDIS=0 \
         MIGRATION_SIZES=256 MIGRATION_REPS=1 CHAIN_MIB=64 CHAIN_DEPTH=5 \
+        BUDGET_MIB=64 BUDGET_PCTS="100 50" BUDGET_REPS=1 BUDGET_PASSES=2 BUDGET_REDIS=0 \
         BENCH_STRICT=1 BENCH_OUT=target/bench-smoke BENCH_DOC=target/bench-smoke/BENCHMARKS.md \
         BENCH_PNG_DIR=target/bench-smoke -- bash bench/run.sh
     ;;&

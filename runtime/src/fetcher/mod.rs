@@ -32,7 +32,9 @@
 //!   with a copy of the parent's remaining state (same pid for the source); `REMAP` shifts the
 //!   iovs (requests keep dump-time addresses); `UNMAP` and `REMOVE` drop the range. Deviation
 //!   from criu: `REMOVE` does not `UFFDIO_UNREGISTER` (that splits the VMA and a later mremap of
-//!   the region fails); later faults there get zero pages, as the kernel would give.
+//!   the region fails); later faults there get zero pages, as the kernel would give. A `REMOVE`
+//!   of the evictor's own `madvise` (`budget.rs`: it announces its ranges first) leaves the
+//!   range served: the pages are remote again.
 //! * Copy errors: `EEXIST` counts the page as present and wakes it; `EAGAIN` re-queues the fault
 //!   until the pending events are drained; `ESRCH`/`ENOSPC` mean the task is gone; `ENOENT`
 //!   (range unmapped meanwhile) is skipped and the faulting thread woken.
@@ -57,6 +59,13 @@
 //! or `stop()`), the workers are stopped and pages never installed are poisoned
 //! (`UFFDIO_POISON`, SIGBUS on access) so that no task silently reads zeros after the uffds
 //! close.
+//!
+//! # The memory budget
+//!
+//! With `memory_budget` the fill stops short of the budget and, once
+//! [`FetcherHandle::enable_eviction`] was called (the shim does when the restored init runs),
+//! an evictor thread makes cold clean pages remote again to keep it (`budget.rs`). The fetcher
+//! then serves for the tasks' whole life.
 //!
 //! # Fill policies
 //!
