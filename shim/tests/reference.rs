@@ -255,6 +255,7 @@ fn annotations_match_the_reference() {
     let code: std::collections::BTreeSet<String> = [
         distriproc_config::ANNOTATION_FILL,
         distriproc_config::ANNOTATION_MODE,
+        distriproc_config::ANNOTATION_MEMORY_BUDGET,
         distriproc_config::ANNOTATION_STORE_MODE,
         ANNOTATION_REMOTE,
         ANNOTATION_CHECKPOINT_EXIT,

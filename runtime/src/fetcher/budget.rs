@@ -406,6 +406,7 @@ fn run(sh: &Shared) {
         tasks.sort_by_key(|t| std::cmp::Reverse(t.resident.load(Relaxed)));
         per.retain(|k, _| tasks.iter().any(|t| key(t) == *k));
         let mut pinned = 0;
+        let mut evicted_now = 0u64;
         for t in &tasks {
             if want == 0 {
                 break;
@@ -423,6 +424,7 @@ fn run(sh: &Shared) {
             match evict_batch(sh, t, st, take) {
                 Ok((evicted, p)) => {
                     want = want.saturating_sub(evicted);
+                    evicted_now += evicted;
                     pinned += p;
                 }
                 Err(e) => {
@@ -436,10 +438,11 @@ fn run(sh: &Shared) {
             }
         }
         sh.c.pinned_pages.store(pinned, Relaxed);
-        // Faults wait for room only while room can be made.
-        sh.gate.throttle.store(want == 0, Relaxed);
+        // Faults wait for room only while room is being made.
+        let stuck = want > 0 && evicted_now == 0;
+        sh.gate.throttle.store(!stuck, Relaxed);
         let over = sh.c.resident_pages.load(Relaxed) > sh.budget;
-        if over && want > 0 && !warned_pinned {
+        if over && stuck && !warned_pinned {
             warned_pinned = true;
             tracing::warn!(
                 budget_pages = sh.budget,
