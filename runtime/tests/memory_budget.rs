@@ -80,6 +80,46 @@ fn running_untraced(pid: i32) -> Result<()> {
     Ok(())
 }
 
+/// A memhog checkpoint made by [`dump_memhog`].
+struct Dumped {
+    img: std::path::PathBuf,
+    work: std::path::PathBuf,
+    /// The pids the restored tree will have.
+    pids: Vec<i32>,
+    /// Its EXPECT reply before the dump.
+    expect: String,
+}
+
+/// Starts memhog (`mib` MiB, `procs` processes, `threads` threads, 5 % zero pages) in a fresh
+/// scratch directory `name` and dumps it with `criu dump`.
+fn dump_memhog(
+    bin: &Path,
+    name: &str,
+    port: u16,
+    mib: u64,
+    procs: u16,
+    threads: u16,
+) -> Result<Dumped> {
+    let dir = scratch(name);
+    let args: Vec<String> =
+        format!("serve --mib {mib} --procs {procs} --threads {threads} --port {port} --zero-pct 5")
+            .split(' ')
+            .map(String::from)
+            .collect();
+    let mut w = Workload::spawn(&dir, bin, &args, port, 1)?;
+    let (img, work) = (dir.join("img"), dir.join("work"));
+    std::fs::create_dir_all(&img)?;
+    std::fs::create_dir_all(&work)?;
+    let expect = query(port, "EXPECT", T)?;
+    let pids = dump(&mut w, &img)?;
+    Ok(Dumped {
+        img,
+        work,
+        pids,
+        expect,
+    })
+}
+
 struct Restored {
     handle: Option<FetcherHandle>,
     pids: KillOnDrop,
@@ -108,17 +148,8 @@ fn restore_memhog(
     let Some(bin) = memhog() else {
         return Ok(None);
     };
-    let dir = scratch(name);
-    let args: Vec<String> =
-        format!("serve --mib {mib} --procs {procs} --threads {threads} --port {port} --zero-pct 5")
-            .split(' ')
-            .map(String::from)
-            .collect();
-    let mut w = Workload::spawn(&dir, &bin, &args, port, 1)?;
-    let (img, work) = (dir.join("img"), dir.join("work"));
-    std::fs::create_dir_all(&img)?;
-    std::fs::create_dir_all(&work)?;
-    let pids = dump(&mut w, &img)?;
+    let d = dump_memhog(&bin, name, port, mib, procs, threads)?;
+    let (img, work, pids) = (d.img, d.work, d.pids);
     let source = Arc::new(LocalImages::open(&img)?);
     let handle = LazyPagesServer::bind(&work, &img, source, opts)?.spawn()?;
     let r = Restored {
@@ -381,18 +412,8 @@ fn a_memory_limit_below_the_checkpoint_sets_a_budget() -> Result<()> {
     };
     let limit = 40 * MIB;
     for (case, memory_limit, port) in [("unbudgeted", 0, 17391u16), ("budgeted", limit, 17393)] {
-        let dir = scratch(&format!("limit-{case}"));
-        let args: Vec<String> =
-            format!("serve --mib 64 --procs 1 --threads 2 --port {port} --zero-pct 5")
-                .split(' ')
-                .map(String::from)
-                .collect();
-        let mut w = Workload::spawn(&dir, &bin, &args, port, 1)?;
-        let (img, work) = (dir.join("img"), dir.join("work"));
-        std::fs::create_dir_all(&img)?;
-        std::fs::create_dir_all(&work)?;
-        let expect = query(port, "EXPECT", T)?;
-        let pids = dump(&mut w, &img)?;
+        let d = dump_memhog(&bin, &format!("limit-{case}"), port, 64, 1, 2)?;
+        let (img, work, pids, expect) = (d.img, d.work, d.pids, d.expect);
         let cg = LimitedCgroup::create(
             &format!("distriproc-test-{}-{case}", std::process::id()),
             limit,

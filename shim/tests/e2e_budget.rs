@@ -202,10 +202,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     // docs/INTEGRATIONS.md; the restore holds its pages' store entry by a lease.)
     ctd.ctr_ok(&["images", "rm", "--sync", &image])?;
     ctd.ctr_ok(&["containers", "checkpoint", "--task", &restored, &image2])?;
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &restored])?;
-    ctd.wait_status(&restored, "STOPPED", T)?;
-    ctd.ctr_ok(&["tasks", "rm", &restored])?;
-    ctd.ctr_ok(&["containers", "rm", &restored])?;
+    ctd.remove_container(&restored, T)?;
     ctd.ctr_ok(&["containers", "restore", "--live", &again, &image2])?;
     ctd.wait_status(&again, "RUNNING", T)?;
     let pid = ctd.task_pid(&again)?;
@@ -219,10 +216,7 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
         s == sum,
         "{name}: SUM after the second restore {s} != {sum}"
     );
-    ctd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &again])?;
-    ctd.wait_status(&again, "STOPPED", T)?;
-    ctd.ctr_ok(&["tasks", "rm", &again])?;
-    ctd.ctr_ok(&["containers", "rm", &again])?;
+    ctd.remove_container(&again, T)?;
     ctd.ctr_ok(&["images", "rm", &image2])?;
     Ok(())
 }
