@@ -54,32 +54,6 @@ fn rss_anon(pid: i32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Neither stopped nor traced (`State`, `TracerPid` of every thread).
-fn running_untraced(pid: i32) -> Result<()> {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        let st = std::fs::read_to_string(t.path().join("status"))?;
-        let field = |n: &str| {
-            st.lines()
-                .find_map(|l| l.strip_prefix(n))
-                .map(str::trim)
-                .unwrap_or("")
-                .to_string()
-        };
-        let state = field("State:");
-        ensure!(
-            !state.starts_with('T') && !state.starts_with('t'),
-            "thread {:?} of {pid} is {state}",
-            t.file_name()
-        );
-        ensure!(
-            field("TracerPid:") == "0",
-            "thread {:?} of {pid} is traced",
-            t.file_name()
-        );
-    }
-    Ok(())
-}
-
 /// A memhog checkpoint made by [`dump_memhog`].
 struct Dumped {
     img: std::path::PathBuf,
@@ -263,8 +237,14 @@ fn reads_under_a_quarter_budget_stay_within_it() -> Result<()> {
     ensure!(s.evict_refused == 0, "{s:?}");
     let v = query(port, "VERIFY", T)?;
     ensure!(v.starts_with("OK"), "VERIFY said {v}");
-    for &p in &pids {
-        running_untraced(p)?;
+    // Between batches no thread is left stopped or traced (a batch may be running right now:
+    // hold eviction off, which waits for it to end, then look).
+    {
+        let _pause = h.residency_probe().pause_eviction();
+        let pids: Vec<u32> = pids.iter().map(|&p| p as u32).collect();
+        if let Some(t) = distriproc_harness::stopped_or_traced_thread(&pids) {
+            bail!("{t} with no batch running");
+        }
     }
     // Written pages stay (they cannot be evicted before write-back exists) and are counted as
     // pinned; the data stays right.

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use distriproc_harness::{
-    memhog_query, require_stack_in, wait_for, Containerd, ContainerdOpts, CONTAINERD_1_7_DIR,
-    CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
+    memhog_query, require_stack_in, stopped_or_traced_thread, wait_for, Containerd, ContainerdOpts,
+    CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
@@ -69,27 +69,6 @@ fn max_anon_during<F: FnOnce() -> Result<()>>(cg: &(PathBuf, &'static str), f: F
         r
     });
     r.map(|()| max.load(Relaxed))
-}
-
-/// Whether every thread of the processes `pids` is neither stopped nor traced.
-fn untouched(pids: &[u32]) -> bool {
-    pids.iter().all(|p| {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            return true; // gone meanwhile
-        };
-        tasks.flatten().all(|t| {
-            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-            let field = |n: &str| {
-                st.lines()
-                    .find_map(|l| l.strip_prefix(n))
-                    .map(str::trim)
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            let state = field("State:");
-            field("TracerPid:") == "0" && !state.starts_with('T') && !state.starts_with('t')
-        })
-    })
 }
 
 /// `pid` and its descendants.
@@ -193,7 +172,10 @@ fn one_shape(ctd: &Containerd, name: &str, procs: &str, threads: &str) -> Result
     ensure!(ctd.status(&restored) == "RUNNING", "{name}: not running");
     // Between batches no thread of the container is stopped or traced.
     ensure!(
-        wait_for(|| untouched(&tree(pid)), Duration::from_secs(5)),
+        wait_for(
+            || stopped_or_traced_thread(&tree(pid)).is_none(),
+            Duration::from_secs(5)
+        ),
         "{name}: a thread of the container stays stopped or traced"
     );
 

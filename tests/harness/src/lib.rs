@@ -863,6 +863,39 @@ pub fn wait_for<F: FnMut() -> bool>(mut cond: F, timeout: Duration) -> bool {
     }
 }
 
+/// The first thread of the processes `pids` that is stopped (`State` T or t) or traced
+/// (`TracerPid` not 0), as "tid of pid is STATE"; None when every thread runs untraced.
+/// Processes gone meanwhile count as untouched.
+pub fn stopped_or_traced_thread(pids: &[u32]) -> Option<String> {
+    for p in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let st = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let field = |n: &str| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix(n))
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let state = field("State:");
+            let tracer = field("TracerPid:");
+            if state.starts_with('T')
+                || state.starts_with('t')
+                || (!tracer.is_empty() && tracer != "0")
+            {
+                return Some(format!(
+                    "thread {} of {p} is {state} (TracerPid {tracer})",
+                    t.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// The repository root (two levels above this crate).
 pub fn repo_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
