@@ -14,6 +14,9 @@ use distriproc_harness::{memhog_bin, memhog_query};
 use distriproc_runtime::evict::{self, Advice, EvictError};
 
 const MIB: u64 = 16;
+/// x86_64 system call numbers.
+const SYS_MADVISE: u32 = 28;
+const SYS_PROCESS_MADVISE: u32 = 440;
 
 fn root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -45,18 +48,19 @@ impl Drop for Memhog {
 }
 
 impl Memhog {
-    fn start(kill_on_madvise: bool) -> Result<Memhog> {
+    /// Starts memhog; `kill_on`: a system call number its seccomp filter kills the process on.
+    fn start(kill_on: Option<u32>) -> Result<Memhog> {
         let port = free_port()?;
         let mut cmd = Command::new(memhog_bin()?);
         cmd.args(["serve", "--mib", &MIB.to_string(), "--threads", "4"])
             .args(["--port", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        if kill_on_madvise {
+        if let Some(nr) = kill_on {
             // SAFETY: between fork and exec the closure only makes two system calls on data
             // prepared before the fork.
             unsafe {
-                cmd.pre_exec(install_kill_on_madvise);
+                cmd.pre_exec(move || install_kill_on(nr));
             }
         }
         let child = cmd.spawn().context("start memhog")?;
@@ -126,8 +130,8 @@ impl Memhog {
     }
 }
 
-/// seccomp filter: kill the process on `madvise`, allow everything else.
-fn install_kill_on_madvise() -> std::io::Result<()> {
+/// seccomp filter: kill the process on system call `nr`, allow everything else.
+fn install_kill_on(nr: u32) -> std::io::Result<()> {
     let prog = [
         libc::sock_filter {
             code: 0x20,
@@ -139,8 +143,8 @@ fn install_kill_on_madvise() -> std::io::Result<()> {
             code: 0x15,
             jt: 0,
             jf: 1,
-            k: 28,
-        }, // jeq madvise
+            k: nr,
+        }, // jeq nr
         libc::sock_filter {
             code: 0x06,
             jt: 0,
@@ -180,7 +184,7 @@ fn madvise_runs_in_a_thread_of_a_running_process() -> Result<()> {
     if !root() {
         return Ok(());
     }
-    let m = Memhog::start(false)?;
+    let m = Memhog::start(None)?;
     ensure!(m.query("VERIFY")?.starts_with("OK"), "VERIFY before");
     let (start, end) = m.memory()?;
     let threads = m.threads()?;
@@ -233,7 +237,7 @@ fn stopped_and_seccomp_filtered_tasks_are_left_alone() -> Result<()> {
         return Ok(());
     }
     // Group-stopped: refused, and still stopped afterwards.
-    let m = Memhog::start(false)?;
+    let m = Memhog::start(None)?;
     let (start, _) = m.memory()?;
     let pid = m.pid() as i32;
     nix::sys::signal::kill(
@@ -266,7 +270,7 @@ fn stopped_and_seccomp_filtered_tasks_are_left_alone() -> Result<()> {
     );
 
     // A filter that kills on madvise: refused, the process lives and its memory is intact.
-    let k = Memhog::start(true)?;
+    let k = Memhog::start(Some(SYS_MADVISE))?;
     let (start, _) = k.memory()?;
     let tid = *k.threads()?.last().unwrap_or(&0);
     match evict::madvise(tid, &[(start, start + 4096)], Advice::DontNeed) {
@@ -291,5 +295,109 @@ fn stopped_and_seccomp_filtered_tasks_are_left_alone() -> Result<()> {
         ),
         "an exited pid was not reported gone"
     );
+    Ok(())
+}
+
+/// Whether page `addr` of `pid` is present (`/proc/<pid>/pagemap` bit 63).
+fn present(pid: u32, addr: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, addr / 4096 * 8)?;
+    Ok(u64::from_ne_bytes(e) >> 63 == 1)
+}
+
+/// The mappings of `m`.
+fn maps(m: &Memhog) -> Result<String> {
+    Ok(std::fs::read_to_string(format!("/proc/{}/maps", m.pid()))?)
+}
+
+/// Every other page from page 2 on, `n` of them, as one-page ranges.
+fn every_other_page(start: u64, n: u64) -> Vec<(u64, u64)> {
+    (0..n)
+        .map(|i| start + (2 + 2 * i) * 4096)
+        .map(|a| (a, a + 4096))
+        .collect()
+}
+
+/// Checks that exactly the pages of `ranges` are gone from `m` (the pages between stay).
+fn only_these_dropped(m: &Memhog, ranges: &[(u64, u64)]) -> Result<()> {
+    for &(s, _) in ranges {
+        ensure!(!present(m.pid(), s)?, "page {s:#x} was not dropped");
+        ensure!(
+            present(m.pid(), s - 4096)?,
+            "page {:#x} was dropped too",
+            s - 4096
+        );
+    }
+    let v = m.query("VERIFY")?;
+    ensure!(v.starts_with("BAD page=2 "), "VERIFY after: {v}");
+    Ok(())
+}
+
+#[test]
+fn many_ranges_go_in_few_calls_while_the_process_is_stopped() -> Result<()> {
+    if !root() {
+        return Ok(());
+    }
+    let m = Memhog::start(None)?;
+    ensure!(m.query("VERIFY")?.starts_with("OK"), "VERIFY before");
+    let (start, end) = m.memory()?;
+    let n = 1500u64;
+    ensure!(start + (2 + 2 * n) * 4096 <= end);
+    let ranges = every_other_page(start, n);
+    let maps_before = maps(&m)?;
+    let mut p = evict::StoppedProcess::stop(m.pid() as i32)?;
+    let t0 = Instant::now();
+    let (done, err) = p.madvise_all(&ranges, Advice::DontNeed);
+    let took = t0.elapsed();
+    p.release()?;
+    ensure!(err.is_none(), "{err:?}");
+    ensure!(
+        done.ranges == ranges.len() && done.bytes == n * 4096,
+        "{done:?}"
+    );
+    // mmap, two process_madvise (1024 + 476 ranges), munmap.
+    ensure!(
+        done.calls == 4,
+        "{} system calls for {n} ranges",
+        done.calls
+    );
+    eprintln!("{n} ranges dropped with {} calls in {took:?}", done.calls);
+    only_these_dropped(&m, &ranges)?;
+    // The scratch area is gone again (the layout is as before), and the threads run.
+    ensure!(
+        maps(&m)? == maps_before,
+        "the injector left the task's mappings changed"
+    );
+    ensure!(m.query("PING")? == "PONG");
+    for tid in m.threads()? {
+        let st = m.state(tid)?;
+        ensure!(
+            st.1 == "0" && !st.0.starts_with('t'),
+            "thread {tid} left {st:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_filter_against_process_madvise_makes_it_one_madvise_per_range() -> Result<()> {
+    if !root() {
+        return Ok(());
+    }
+    let m = Memhog::start(Some(SYS_PROCESS_MADVISE))?;
+    let (start, _) = m.memory()?;
+    let ranges = every_other_page(start, 40);
+    let mut p = evict::StoppedProcess::stop(m.pid() as i32)?;
+    let t0 = Instant::now();
+    let (done, err) = p.madvise_all(&ranges, Advice::DontNeed);
+    let took = t0.elapsed();
+    p.release()?;
+    eprintln!("40 ranges dropped with {} calls in {took:?}", done.calls);
+    ensure!(err.is_none(), "{err:?}");
+    ensure!(done.ranges == 40 && done.calls == 40, "{done:?}");
+    only_these_dropped(&m, &ranges)?;
+    ensure!(m.query("PING")? == "PONG", "the process did not survive");
     Ok(())
 }

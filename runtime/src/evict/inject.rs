@@ -51,8 +51,25 @@ pub struct Injected {
     pub ranges: usize,
     /// Bytes they cover.
     pub bytes: u64,
+    /// System calls the task ran for them (the vector path's scratch mapping included).
+    pub calls: usize,
     /// Signals that arrived for the thread while it was held, delivered again on release.
     pub signals_redelivered: usize,
+}
+
+impl Injected {
+    /// Adds what another injection did.
+    pub fn add(&mut self, o: &Injected) {
+        self.ranges += o.ranges;
+        self.bytes += o.bytes;
+        self.calls += o.calls;
+        self.signals_redelivered += o.signals_redelivered;
+    }
+}
+
+/// The errno of a system call's negative return value.
+pub(super) fn errno_of(ret: i64) -> Errno {
+    Errno::from_raw(i32::try_from(-ret).unwrap_or(libc::EINVAL))
 }
 
 /// The facts of `/proc/<tid>/status` the injector checks first.
@@ -464,6 +481,16 @@ impl StoppedProcess {
         self.main.madvise(ranges, advice)
     }
 
+    /// Runs `madvise` over all `ranges` in one of the held threads (see
+    /// [`Seized::madvise_all`]).
+    pub fn madvise_all(
+        &mut self,
+        ranges: &[(u64, u64)],
+        advice: Advice,
+    ) -> (Injected, Option<EvictError>) {
+        self.main.madvise_all(ranges, advice)
+    }
+
     /// Releases every thread; returns the number of signals delivered again.
     pub fn release(self) -> Result<usize, EvictError> {
         let mut n = 0;
@@ -558,6 +585,62 @@ impl Seized {
         self.tid
     }
 
+    /// Whether the task's seccomp filters (if any) allow system call `nr` with `args` from
+    /// the vDSO's `syscall` instruction; `Err` names the filter's action.
+    pub(super) fn allows(&self, nr: i32, args: [u64; 6]) -> Result<(), u32> {
+        let Some(filters) = &self.filters else {
+            return Ok(());
+        };
+        let d = SeccompData {
+            nr,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: self.syscall_at + 2,
+            args,
+        };
+        let action = seccomp::action(filters, &d);
+        if seccomp::allows(action) {
+            Ok(())
+        } else {
+            Err(action)
+        }
+    }
+
+    /// Runs system call `nr` with `args` in the held thread and returns what it returned
+    /// (`-errno` on failure). The caller checked it with [`Seized::allows`].
+    pub(super) fn syscall(&mut self, nr: i32, args: [u64; 6]) -> Result<i64, EvictError> {
+        let (tid, pid) = (self.tid, self.h.tid);
+        let mut regs = self.saved;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX;
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        regs.rip = self.syscall_at;
+        ptrace::setregs(pid, regs)
+            .map_err(|e| EvictError::ptrace("set the registers of", pid, e))?;
+        // A signal may stop the thread before the instruction ran: step until it has.
+        loop {
+            ptrace::step(pid, None).map_err(|e| EvictError::ptrace("single-step", pid, e))?;
+            match next_stop(&mut self.h, |t| ptrace::step(t, None))? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
+                other => {
+                    return Err(EvictError::UnexpectedStop {
+                        tid,
+                        status: format!("{other:?}"),
+                    })
+                }
+            }
+            let now = ptrace::getregs(pid)
+                .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
+            if now.rip != self.syscall_at {
+                return Ok(now.rax as i64);
+            }
+        }
+    }
+
     /// Runs `madvise` for each range in the held thread, in order; stops at the first call
     /// that fails (the ranges before it are done). Refuses, before running anything, when the
     /// task's seccomp filters would not allow every call.
@@ -566,68 +649,59 @@ impl Seized {
         ranges: &[(u64, u64)],
         advice: Advice,
     ) -> Result<Injected, EvictError> {
-        let (tid, pid) = (self.tid, self.h.tid);
-        if let Some(filters) = &self.filters {
-            for &(start, end) in ranges {
-                let d = SeccompData {
-                    nr: SYS_MADVISE,
-                    arch: AUDIT_ARCH_X86_64,
-                    instruction_pointer: self.syscall_at + 2,
-                    args: [start, end - start, advice.value(), 0, 0, 0],
-                };
-                let action = seccomp::action(filters, &d);
-                if !seccomp::allows(action) {
-                    return Err(EvictError::Refused {
-                        tid,
-                        why: format!(
-                            "its seccomp filters answer madvise with action {action:#010x}"
-                        ),
-                    });
-                }
+        let tid = self.tid;
+        for &(start, end) in ranges {
+            let args = [start, end - start, advice.value(), 0, 0, 0];
+            if let Err(action) = self.allows(SYS_MADVISE, args) {
+                return Err(EvictError::Refused {
+                    tid,
+                    why: format!("its seccomp filters answer madvise with action {action:#010x}"),
+                });
             }
         }
         let mut done = Injected::default();
         for &(start, end) in ranges {
-            let mut regs = self.saved;
-            regs.rax = SYS_MADVISE as u64;
-            regs.orig_rax = u64::MAX;
-            regs.rdi = start;
-            regs.rsi = end - start;
-            regs.rdx = advice.value();
-            regs.rip = self.syscall_at;
-            ptrace::setregs(pid, regs)
-                .map_err(|e| EvictError::ptrace("set the registers of", pid, e))?;
-            // A signal may stop the thread before the instruction ran: step until it has.
-            let ret = loop {
-                ptrace::step(pid, None).map_err(|e| EvictError::ptrace("single-step", pid, e))?;
-                match next_stop(&mut self.h, |t| ptrace::step(t, None))? {
-                    WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
-                    other => {
-                        return Err(EvictError::UnexpectedStop {
-                            tid,
-                            status: format!("{other:?}"),
-                        })
-                    }
-                }
-                let now = ptrace::getregs(pid)
-                    .map_err(|e| EvictError::ptrace("read the registers of", pid, e))?;
-                if now.rip != self.syscall_at {
-                    break now.rax as i64;
-                }
-            };
+            let ret = self.syscall(SYS_MADVISE, [start, end - start, advice.value(), 0, 0, 0])?;
+            done.calls += 1;
             if ret < 0 {
-                let errno = Errno::from_raw(i32::try_from(-ret).unwrap_or(libc::EINVAL));
                 return Err(EvictError::Call {
                     tid,
                     start,
                     end,
-                    errno,
+                    errno: errno_of(ret),
                 });
             }
             done.ranges += 1;
             done.bytes += end - start;
         }
         Ok(done)
+    }
+
+    /// Runs `madvise` over all `ranges`, with as few system calls as the task allows (one
+    /// `process_madvise` per [`super::vector::MAX_IOV`] ranges, see [`super::vector`]; else
+    /// one `madvise` each), in order. Returns what was done and, if a call failed, why the
+    /// rest was not (the ranges counted in the first are done).
+    pub fn madvise_all(
+        &mut self,
+        ranges: &[(u64, u64)],
+        advice: Advice,
+    ) -> (Injected, Option<EvictError>) {
+        let mut done = Injected::default();
+        if ranges.len() > 1 {
+            match super::vector::madvise(self, ranges, advice.value()) {
+                Ok(d) if d.ranges == ranges.len() => return (d, None),
+                Ok(d) => done = d,
+                Err(e) => return (Injected::default(), Some(e)),
+            }
+        }
+        let rest = &ranges[done.ranges..];
+        match self.madvise(rest, advice) {
+            Ok(d) => {
+                done.add(&d);
+                (done, None)
+            }
+            Err(e) => (done, Some(e)),
+        }
     }
 
     /// Releases the thread now; returns the number of signals delivered again.

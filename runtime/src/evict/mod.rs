@@ -46,7 +46,10 @@
 //!   `UFFD_EVENT_REMOVE` event: the injection must not run on the thread that reads the
 //!   userfaultfd, or it waits forever.
 //! - The threads are stopped for the length of the calls (each range's event is read by the
-//!   fault thread in between). Batch ranges, do not inject per page.
+//!   fault thread in between). Batch ranges, do not inject per page: [`Seized::madvise_all`]
+//!   runs up to 1024 ranges in one `process_madvise` of the task on itself (see `vector`),
+//!   about 0.5 µs per range against 9 µs for one injected `madvise` each, and falls back to
+//!   the latter where seccomp or the kernel refuses it.
 //! - A thread asleep uninterruptibly (a page fault inside a system call, waiting for the
 //!   fetcher) does not stop before it wakes: after [`inject::STOP_TIMEOUT`] the stop fails, and
 //!   that thread stays seized until the thread that seized it exits (the kernel refuses to
@@ -59,6 +62,7 @@
 
 pub mod inject;
 pub mod seccomp;
+mod vector;
 
 pub use inject::{madvise, Advice, Injected, Seized, StoppedProcess, STOP_TIMEOUT};
 

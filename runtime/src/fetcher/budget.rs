@@ -593,20 +593,9 @@ fn evict_stopped(
         }
         t.evicting_lock().set(&ranges);
     }
-    let mut done = 0usize;
-    let mut err = None;
-    for r in &ranges {
-        match proc.madvise(std::slice::from_ref(r), Advice::DontNeed) {
-            Ok(_) => {
-                done += 1;
-                sh.c.evict_calls.fetch_add(1, Relaxed);
-            }
-            Err(e) => {
-                err = Some(e);
-                break;
-            }
-        }
-    }
+    let (injected, err) = proc.madvise_all(&ranges, Advice::DontNeed);
+    let done = injected.ranges;
+    sh.c.evict_calls.fetch_add(injected.calls as u64, Relaxed);
     // The events of the calls made are read (each call waited for that); wait until they are
     // handled, so that none is taken for the task's own discard once the announcement is gone.
     let caught_up = synced(t);
