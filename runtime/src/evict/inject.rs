@@ -678,7 +678,7 @@ impl Seized {
     }
 
     /// Runs `madvise` over all `ranges`, with as few system calls as the task allows (one
-    /// `process_madvise` per [`super::vector::MAX_IOV`] ranges, see [`super::vector`]; else
+    /// `process_madvise` per 1024 ranges, see the `vector` module; else
     /// one `madvise` each), in order. Returns what was done and, if a call failed, why the
     /// rest was not (the ranges counted in the first are done).
     pub fn madvise_all(
