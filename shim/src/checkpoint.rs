@@ -224,6 +224,10 @@ impl TaskService {
                                 r.checkpoint
                             );
                             m.commit();
+                            if !matches!(dest, MemoryDestination::Store(_)) {
+                                let ps = cfg.pageserver.clone();
+                                rebase_fetcher(&mut c, &req.id, &ps, &b).await;
+                            }
                             c.base_layer = Some(b);
                         }
                         Err(e) => warn!(
@@ -250,6 +254,41 @@ impl TaskService {
             self.inner.sweeper.sweep_soon(&store_cfg);
         }
         Ok(())
+    }
+}
+
+/// Has the fetcher of `c` read from the layer `b` just published (see
+/// [`crate::checkpoint_lazy::rebase`]); a failure only leaves the written pages pinned.
+async fn rebase_fetcher(
+    c: &mut crate::container::Container,
+    id: &str,
+    cfg: &distriproc_config::pageserver::PageServerClientConfig,
+    b: &crate::remote::BaseLayer,
+) {
+    let Some(mut view) = c.lazy_view.clone() else {
+        return;
+    };
+    let (cfg, b) = (cfg.clone(), b.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        crate::checkpoint_lazy::rebase(&mut view, &cfg, &b).map(|n| (view, n, b))
+    })
+    .await;
+    match r {
+        Ok(Ok((view, n, b))) => {
+            if view.remote.is_remote() {
+                info!(
+                    "checkpoint of {id}: the fetcher reads from {:?} now; {n} pages written \
+                     before it may be evicted again",
+                    b.parent.checkpoint
+                );
+            }
+            c.lazy_view = Some(view);
+        }
+        Ok(Err(e)) => warn!(
+            "checkpoint of {id}: the fetcher stays on its old layer, written pages stay \
+             resident: {e}"
+        ),
+        Err(e) => warn!("checkpoint of {id}: rebase of the fetcher: {e}"),
     }
 }
 

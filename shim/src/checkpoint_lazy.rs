@@ -21,7 +21,10 @@
 //!    the container's base layer once published: the pages written before it count as clean
 //!    again (the fetcher write-protects them while the tasks are still frozen), so the next
 //!    checkpoint is a layer over this one holding only what was written in between. If the
-//!    publish fails, they count as written again.
+//!    publish fails, they count as written again. [`rebase`] then has the fetcher read from
+//!    the new layer (a verified session to it, which also becomes the lease), so that the
+//!    pages it holds as the tasks have them (all not written since the dump) may be evicted
+//!    under a memory budget: only pages whose copy at the source is current are.
 //!
 //! Refused with a clear error instead: memory still arriving through CRIU's own lazy-pages
 //! daemon (no residency to complete from), and processes forked after the restore that still
@@ -191,4 +194,38 @@ pub async fn complete(
         undo(c, id, p).await;
     }
     result.map(|s| (s, mark))
+}
+
+/// Makes the checkpoint `layer`, just published at the page server over what the fetcher of
+/// `view` reads (its [`LayerMark`] committed), the fetcher's source: a session to it, verified
+/// against its digest, replaces the old one (and its lease). Returns the written pages that
+/// became evictable again. Nothing changes when the restore's pages are not remote, or when
+/// the session cannot be opened (the error says why; the fetcher reads on from the old layer,
+/// which still holds every page that is not written).
+pub fn rebase(
+    view: &mut CheckpointView,
+    cfg: &distriproc_config::pageserver::PageServerClientConfig,
+    layer: &crate::remote::BaseLayer,
+) -> Result<u64> {
+    if !view.remote.is_remote() {
+        return Ok(0);
+    }
+    let (endpoint, opts) = crate::remote::client(cfg, None, &layer.parent.checkpoint, "layer")
+        .map_err(|e| ShimError::RemoteCheckpoint {
+            checkpoint: layer.parent.checkpoint.clone(),
+            endpoint: layer.endpoint.clone(),
+            detail: error_chain(&e),
+        })?;
+    let pages = std::sync::Arc::new(crate::fetcher::connect_verified(
+        &endpoint,
+        &opts,
+        layer.parent.digest,
+    )?);
+    let released = view.probe.rebase(pages.clone());
+    view.source = pages.clone();
+    view.remote.replace(crate::lazy::RemoteSession {
+        lease: pages.keep_alive(crate::fetcher::REMOTE_KEEPALIVE),
+        pages,
+    });
+    Ok(released)
 }

@@ -22,14 +22,15 @@ use distriproc_runtime::{
     error_chain,
     fetcher::{keeper::KeeperLink, FetchError, FetcherHandle, FetcherOptions, LazyPagesServer},
     protocol::upload::MemoryDigest,
-    remote::{open_criu_session, Endpoint, KeepAlive, RemoteOptions, RemotePages},
+    remote::{open_criu_session, Endpoint, RemoteOptions, RemotePages},
     source::{LocalImages, PageSource},
 };
 
 use crate::{
     error::{Result, ShimError},
     lazy::{
-        CriuStats, LazyBackend, LazySession, NativeStats, PagesFrom, RemoteSummary, SessionStats,
+        CriuStats, LazyBackend, LazySession, NativeStats, PagesFrom, RemoteSession, RemoteSlot,
+        RemoteSummary, SessionStats,
     },
 };
 
@@ -105,7 +106,7 @@ impl LazyBackend for Fetchers {
 
 /// How often an otherwise idle page-server session of a restore is used, so that it stays
 /// open (the server's `io_timeout_ms`, 60 s by default, must be longer).
-const REMOTE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+pub(crate) const REMOTE_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Error) -> ShimError {
     ShimError::RemoteCheckpoint {
@@ -116,7 +117,7 @@ fn remote_fail(endpoint: &Endpoint, opts: &RemoteOptions, e: &dyn std::error::Er
 }
 
 /// A native session to the page server whose copy of the checkpoint has digest `expect`.
-fn connect_verified(
+pub(crate) fn connect_verified(
     endpoint: &Endpoint,
     opts: &RemoteOptions,
     expect: MemoryDigest,
@@ -179,7 +180,10 @@ fn start_native(
         }
     };
     // While memory stays remote the session is the checkpoint's lease at the server.
-    let lease = remote.as_ref().map(|rp| rp.keep_alive(REMOTE_KEEPALIVE));
+    let remote = RemoteSlot::new(remote.map(|pages| RemoteSession {
+        lease: pages.keep_alive(REMOTE_KEEPALIVE),
+        pages,
+    }));
     let opts = FetcherOptions {
         memory_limit,
         ..FetcherOptions::from_config(cfg)
@@ -200,7 +204,6 @@ fn start_native(
         source,
         remote,
         keeper,
-        _lease: lease,
         _entry: entry,
     }))
 }
@@ -209,11 +212,10 @@ struct Native {
     handle: FetcherHandle,
     /// The fetcher's page source, also read when a checkpoint completes a dump.
     source: Arc<dyn PageSource>,
-    remote: Option<Arc<RemotePages>>,
+    /// The page-server session (and its lease) while the fetcher runs, when pages are remote.
+    remote: RemoteSlot,
     /// Released when the fill ends well, abandoned (poison server) otherwise.
     keeper: Arc<KeeperLink>,
-    /// Keeps a session with the page server open while the fetcher runs.
-    _lease: Option<KeepAlive>,
     /// Keeps the node-local store entry leased while the fetcher runs.
     _entry: Option<Arc<crate::store::Entry>>,
 }
@@ -238,13 +240,14 @@ impl LazySession for Native {
         Some(crate::lazy::CheckpointView {
             probe: self.handle.residency_probe(),
             source: self.source.clone(),
+            remote: self.remote.clone(),
         })
     }
     fn enable_eviction(&self, init_pid: i32) -> std::result::Result<(), FetchError> {
         self.handle.enable_eviction(init_pid)
     }
     fn stats(&self) -> SessionStats {
-        session_stats(self.handle.stats(), self.remote.as_ref())
+        session_stats(self.handle.stats(), self.remote.pages().as_ref())
     }
     fn stop(&self) {
         self.handle.stop();
@@ -262,7 +265,7 @@ impl LazySession for Native {
         match handle.wait() {
             Ok(s) => {
                 keeper.release();
-                Ok(session_stats(s, remote.as_ref()))
+                Ok(session_stats(s, remote.pages().as_ref()))
             }
             Err(e) => {
                 keeper.abandon();

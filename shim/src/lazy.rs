@@ -22,7 +22,7 @@ use distriproc_config::FetcherConfig;
 use distriproc_runtime::fetcher::{FetchError, ResidencyProbe};
 use distriproc_runtime::protocol::upload::MemoryDigest;
 use distriproc_runtime::remote::RemoteStats;
-use distriproc_runtime::remote::{Endpoint, RemoteOptions};
+use distriproc_runtime::remote::{Endpoint, KeepAlive, RemoteOptions, RemotePages};
 use distriproc_runtime::source::PageSource;
 use distriproc_runtime::stats::FetchStats;
 
@@ -74,6 +74,52 @@ pub struct CheckpointView {
     pub probe: ResidencyProbe,
     /// The source the fetcher reads pages from.
     pub source: Arc<dyn PageSource>,
+    /// The fetcher's page-server session, when its pages come from one.
+    pub remote: RemoteSlot,
+}
+
+/// A native fetcher's session with the page server: the client it reads through and the
+/// lease that session holds at the server (a keep-alive: retention leaves a checkpoint alone
+/// while a session reads it).
+pub struct RemoteSession {
+    /// The client.
+    pub pages: Arc<RemotePages>,
+    /// Its keep-alive.
+    pub lease: KeepAlive,
+}
+
+/// The [`RemoteSession`] of a fetcher, shared by the session and the container's
+/// [`CheckpointView`]: a published checkpoint that the fetcher then reads from replaces it
+/// (`crate::checkpoint_lazy::rebase`). Empty when pages are not remote.
+#[derive(Clone, Default)]
+pub struct RemoteSlot(Arc<std::sync::Mutex<Option<RemoteSession>>>);
+
+impl RemoteSlot {
+    /// A slot holding `s`.
+    pub fn new(s: Option<RemoteSession>) -> RemoteSlot {
+        RemoteSlot(Arc::new(std::sync::Mutex::new(s)))
+    }
+
+    /// The current client, if pages are remote.
+    pub fn pages(&self) -> Option<Arc<RemotePages>> {
+        self.lock().as_ref().map(|s| s.pages.clone())
+    }
+
+    /// Whether pages are remote.
+    pub fn is_remote(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Replaces the session (the old one's lease ends once reads under way are done).
+    pub fn replace(&self, s: RemoteSession) {
+        drop(self.lock().replace(s));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<RemoteSession>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for CheckpointView {

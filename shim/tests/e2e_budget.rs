@@ -6,6 +6,13 @@
 //! the restored container, taken while most of its memory is evicted, restores into a third
 //! container with every page intact (evicted pages come from the page source's copy). In two
 //! shapes: one process with four threads, four processes. Runs on containerd 2.1 and 1.7.
+//!
+//! With a page server (in-process, loopback; containerd 2.1): pages the restored container
+//! wrote stay resident (pinned) under the budget until a checkpoint publishes them; the
+//! checkpoint, which leaves the container running, makes the fetcher read from the new layer,
+//! after which the written pages are evicted like any other and fault in again with the
+//! content they were written with (`VERIFY` knows each page's last write, so a page served
+//! from the older layer fails it).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -16,6 +23,7 @@ use distriproc_harness::{
     memhog_query, require_stack_in, stopped_or_traced_thread, wait_for, Containerd, ContainerdOpts,
     CONTAINERD_1_7_DIR, CONTAINERD_2_1_DIR, MEMHOG_IMAGE, MEMHOG_PORT,
 };
+use distriproc_pageserver::{Server, ServerOptions};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-distriproc-v2");
 const T: Duration = Duration::from_secs(60);
@@ -227,4 +235,163 @@ fn memory_budget_ctd21() -> Result<()> {
 #[test]
 fn memory_budget_ctd17() -> Result<()> {
     memory_budget(CONTAINERD_1_7_DIR)
+}
+
+/// The restored memhog's memory, its share rewritten after the restore, and its budget.
+const REMOTE_MIB: u64 = 256;
+const REMOTE_WRITE_PCT: u64 = 10;
+
+#[test]
+fn written_pages_evict_once_a_checkpoint_published_them_ctd21() -> Result<()> {
+    if std::env::var_os("DISTRIPROC_EAGER_RESTORE").is_some() {
+        eprintln!("SKIPPED: lazy test with DISTRIPROC_EAGER_RESTORE set");
+        return Ok(());
+    }
+    if !require_stack_in(Path::new(CONTAINERD_2_1_DIR)) {
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("dp-e2e-budget-ps-")
+        .tempdir()?;
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store)?;
+    let mut so = ServerOptions::for_store(store);
+    so.listen = vec!["127.0.0.1:0".into()];
+    so.token = Some("e2e-budget-token".into());
+    let srv = Server::start(so)?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "e2e-budget-token\n")?;
+    let cfg = dir.path().join("shim.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[pageserver]\naddress = \"{}\"\ntoken_file = \"{}\"\n",
+            srv.addrs()[0],
+            token.display()
+        ),
+    )?;
+    let mut opts = ContainerdOpts::with_containerd_dir(CONTAINERD_2_1_DIR).shim(SHIM);
+    opts.env
+        .push(("DISTRIPROC_CONFIG".into(), cfg.display().to_string()));
+    let ctd = Containerd::start(opts)?;
+    ctd.import_test_images()?;
+    let budget = format!("io.distriproc.memory-budget={}Mi", BUDGET / MIB);
+    let mib = REMOTE_MIB.to_string();
+    ctd.run_detached(
+        &[budget.as_str()],
+        MEMHOG_IMAGE,
+        "bw",
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            &mib,
+            "--threads",
+            "2",
+            "--zero-pct",
+            "5",
+        ],
+        T,
+    )?;
+    // (SUM answers once memhog filled its memory: the checkpoint holds all of it.)
+    let pid = ctd.task_pid("bw")?;
+    let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(s == memhog_query(pid, MEMHOG_PORT, "EXPECT")?, "SUM before");
+    ctd.checkpoint_and_remove("bw", "localhost/bw-cp:1", T)?;
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "bw-r",
+        "localhost/bw-cp:1",
+    ])?;
+    ctd.wait_status("bw-r", "RUNNING", T)?;
+    let pid = ctd.task_pid("bw-r")?;
+    let w = memhog_query(pid, MEMHOG_PORT, &format!("WRITE {REMOTE_WRITE_PCT}"))?;
+    ensure!(w.starts_with("OK"), "WRITE: {w}");
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    let written = REMOTE_MIB * 256 * REMOTE_WRITE_PCT / 100; // pages
+                                                             // Before any checkpoint the written pages have no current copy at the page server.
+    let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(s == expect, "SUM after WRITE {s} != {expect}");
+    // Every page the fetcher manages that was written (a write-protect fault each) is pinned.
+    // (The stats file is rewritten every second or so. Pages CRIU restored eagerly, a stack
+    // page or so, are not the fetcher's.)
+    let (pinned, wp) = (
+        |v: &serde_json::Value| n(v, "pinned_pages"),
+        |v: &serde_json::Value| n(v, "pages_written"),
+    );
+    wait_for(
+        || {
+            ctd.lazy_stats("bw-r")
+                .is_ok_and(|v| wp(&v) >= written * 9 / 10 && pinned(&v) >= wp(&v))
+        },
+        Duration::from_secs(10),
+    );
+    let before = ctd.lazy_stats("bw-r")?;
+    ensure!(
+        n(&before, "budget_pages") == BUDGET / 4096,
+        "budget not applied: {before}"
+    );
+    ensure!(
+        wp(&before) >= written * 9 / 10 && pinned(&before) >= wp(&before),
+        "the written pages are not pinned: {before}"
+    );
+
+    // A checkpoint that leaves the container running publishes them as a layer, which the
+    // fetcher then reads from.
+    ctd.ctr_ok(&[
+        "containers",
+        "checkpoint",
+        "--task",
+        "bw-r",
+        "localhost/bw-cp:2",
+    ])?;
+    ensure!(
+        ctd.status("bw-r") == "RUNNING",
+        "the checkpoint stopped the container"
+    );
+    ensure!(
+        ctd.log_text().contains("the fetcher reads from"),
+        "no rebase in the shim's log: {}",
+        ctd.log_tail(30)
+    );
+    let cg = memory_stat_of(pid)?;
+    let max = max_anon_during(&cg, || {
+        for i in 0..3 {
+            let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+            ensure!(s == expect, "SUM {i} after the checkpoint {s} != {expect}");
+        }
+        let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(v.starts_with("OK"), "VERIFY after the checkpoint: {v}");
+        Ok(())
+    })?;
+    wait_for(
+        || {
+            ctd.lazy_stats("bw-r")
+                .is_ok_and(|v| pinned(&v) < wp(&before) / 4)
+        },
+        Duration::from_secs(10),
+    );
+    let after = ctd.lazy_stats("bw-r")?;
+    eprintln!(
+        "before the checkpoint: {before}\nafter it: {after}\nanon at most {} MiB",
+        max / MIB
+    );
+    // Zero pages (5 %) stay pinned; the written ones are evictable now.
+    ensure!(
+        pinned(&after) < wp(&before) / 4,
+        "written pages still pinned after the checkpoint: {after}"
+    );
+    ensure!(
+        n(&after, "pages_evicted") > n(&before, "pages_evicted"),
+        "nothing evicted after the checkpoint: {after}"
+    );
+    ensure!(
+        max <= BUDGET + BUDGET / 10 + 8 * MIB,
+        "the cgroup's anon memory reached {} MiB",
+        max / MIB
+    );
+    ctd.remove_container("bw-r", T)?;
+    Ok(())
 }

@@ -6,8 +6,10 @@
 //! Only pages that are identical to the page source's copy: installed with data, tracked
 //! (write-protected) and never written since they arrived (`Task::written` clear; the dirty
 //! bit alone is not enough, since a new checkpoint layer clears it while the source still
-//! serves the older content). Written pages stay until they can be written back; zero pages
-//! and untracked tasks are never evicted. Such pages are counted as *pinned*.
+//! serves the older content). Written pages stay until a checkpoint of the running container
+//! has published them as a layer and the fetcher reads from it
+//! ([`super::ResidencyProbe::rebase`]); zero pages and untracked tasks are never evicted. Such
+//! pages are counted as *pinned*.
 //!
 //! # Which pages (the policy)
 //!
@@ -203,6 +205,20 @@ pub(crate) fn on_demand_fault(t: &Task, b: usize, c: &FetchCounters) {
     }
 }
 
+/// Resident pages of `t` that cannot be evicted: written, dirty or zero pages, or all of a
+/// task whose writes are not tracked or that is a fork child.
+fn pinned_pages(t: &Task) -> u64 {
+    if !t.tracked || t.forked {
+        return t.resident.load(Relaxed);
+    }
+    (0..t.installed.len().div_ceil(64))
+        .map(|i| {
+            let pinned = t.written.word(i) | t.dirty.word(i) | t.zeroed.word(i);
+            u64::from((t.installed.word(i) & pinned).count_ones())
+        })
+        .sum()
+}
+
 /// Whether bit `b` of `t` may be evicted now (see the module docs).
 fn evictable(t: &Task, b: usize) -> bool {
     t.tracked
@@ -396,6 +412,10 @@ fn run(sh: &Shared) {
                 return;
             }
         }
+        sh.c.pinned_pages.store(
+            sh.reg.tasks().iter().map(|t| pinned_pages(t)).sum(),
+            Relaxed,
+        );
         let resident = sh.c.resident_pages.load(Relaxed);
         if resident <= share(sh.budget, EVICT_ABOVE) {
             continue;
@@ -405,7 +425,6 @@ fn run(sh: &Shared) {
         tasks.retain(|t| !t.forked && !t.gone.load(Relaxed));
         tasks.sort_by_key(|t| std::cmp::Reverse(t.resident.load(Relaxed)));
         per.retain(|k, _| tasks.iter().any(|t| key(t) == *k));
-        let mut pinned = 0;
         let mut evicted_now = 0u64;
         for t in &tasks {
             if want == 0 {
@@ -422,10 +441,9 @@ fn run(sh: &Shared) {
                 .unwrap_or(usize::MAX)
                 .min(MAX_BATCH_PAGES);
             match evict_batch(sh, t, st, take) {
-                Ok((evicted, p)) => {
+                Ok((evicted, _)) => {
                     want = want.saturating_sub(evicted);
                     evicted_now += evicted;
-                    pinned += p;
                 }
                 Err(e) => {
                     sh.c.evict_refused.fetch_add(1, Relaxed);
@@ -437,7 +455,6 @@ fn run(sh: &Shared) {
                 }
             }
         }
-        sh.c.pinned_pages.store(pinned, Relaxed);
         // Faults wait for room only while room is being made.
         let stuck = want > 0 && evicted_now == 0;
         sh.gate.throttle.store(!stuck, Relaxed);
@@ -447,7 +464,7 @@ fn run(sh: &Shared) {
             tracing::warn!(
                 budget_pages = sh.budget,
                 resident_pages = sh.c.resident_pages.load(Relaxed),
-                pinned_pages = pinned,
+                pinned_pages = sh.c.pinned_pages.load(Relaxed),
                 "the memory budget cannot be kept: the pages left are written, zero or \
                  untracked, and only clean pages are evicted"
             );

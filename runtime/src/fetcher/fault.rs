@@ -16,12 +16,12 @@ use libc::c_void;
 
 use super::budget::BudgetGate;
 use super::prefetch::Plan;
+use super::rebase::SourceCell;
 use super::server::StopFd;
 use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
 use crate::profile::Recorder;
-use crate::source::PageSource;
 use crate::stats::FetchCounters;
 
 /// Pause of a helper before retrying a fault that met EAGAIN (events pending).
@@ -37,7 +37,8 @@ pub(crate) struct Recording {
 
 /// What every fault server shares.
 pub(crate) struct FaultShared {
-    pub src: Arc<dyn PageSource>,
+    /// Read it after claiming the bits to read (see `rebase`).
+    pub src: Arc<SourceCell>,
     pub c: Arc<FetchCounters>,
     /// Aligned fault-around window and largest prefetch window, in pages.
     pub around: u64,
@@ -55,7 +56,7 @@ pub(crate) struct FaultShared {
 
 impl FaultShared {
     pub fn new(
-        src: Arc<dyn PageSource>,
+        src: Arc<SourceCell>,
         c: Arc<FetchCounters>,
         around: u64,
         max: u64,
@@ -214,7 +215,7 @@ pub(crate) fn serve(
     let newly = task.claim(bit, 1, bit + 1) == 1;
     let f = fetch_bits(
         task,
-        &*fs.src,
+        &*fs.src.get(),
         &mut sc.buf,
         c,
         bit,
@@ -347,7 +348,7 @@ fn prefetch_bits(
         }
         let f = fetch_bits(
             task,
-            &*fs.src,
+            &*fs.src.get(),
             &mut sc.buf,
             &fs.c,
             b,

@@ -16,12 +16,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::budget::BudgetGate;
+use super::rebase::SourceCell;
 use super::server::StopFd;
 use super::task::{fetch_bits, zero_run, Install, Task, PAGE};
 use super::FetchError;
 use crate::images::PAGE_SIZE;
 use crate::profile::ProfileRun;
-use crate::source::PageSource;
 use crate::stats::FetchCounters;
 
 /// Largest hole between two iovs that the fill maps zero pages into.
@@ -45,7 +45,8 @@ struct State {
 struct Shared {
     st: Mutex<State>,
     cv: Condvar,
-    src: Arc<dyn PageSource>,
+    /// Read it after claiming the bits to read (see `rebase`).
+    src: Arc<SourceCell>,
     c: Arc<FetchCounters>,
     batch: usize,
     notify: Arc<StopFd>,
@@ -88,7 +89,7 @@ pub(crate) struct Pool {
 impl Pool {
     pub fn new(
         threads: usize,
-        src: Arc<dyn PageSource>,
+        src: Arc<SourceCell>,
         c: Arc<FetchCounters>,
         batch: usize,
         notify: Arc<StopFd>,
@@ -274,7 +275,7 @@ fn install(
 ) -> Result<bool, FetchError> {
     let r = fetch_bits(
         t,
-        &*sh.src,
+        &*sh.src.get(),
         &mut sc.buf,
         &sh.c,
         b0,

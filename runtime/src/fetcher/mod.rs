@@ -90,6 +90,7 @@ mod fault;
 mod fill;
 pub mod keeper;
 mod prefetch;
+mod rebase;
 mod resident;
 mod server;
 mod space;
@@ -373,7 +374,7 @@ impl LazyPagesServer {
     /// returns at once.
     pub fn spawn(self) -> Result<FetcherHandle, FetchError> {
         let counters = Arc::new(FetchCounters::default());
-        let reg = Arc::new(resident::Registry::default());
+        let reg = Arc::new(resident::Registry::new(self.inner.source()));
         let (pages, tracked) = self.inner.budget_pages();
         let budget = Arc::new(budget::BudgetGate::new(pages));
         let (stop, thread) = self

@@ -11,22 +11,26 @@
 //! [`ResidencyProbe::begin_layer`] starts a new layer once a checkpoint of the running tasks
 //! was taken: written pages count as clean again from then on (see `task`'s module docs). The
 //! [`LayerMark`] it returns must be committed once the checkpoint is published; dropped or
-//! aborted, it marks the pages written again.
+//! aborted, it marks the pages written again. Once the checkpoint's layer serves the fetcher
+//! ([`ResidencyProbe::rebase`]), the pages it holds as the tasks have them may be evicted.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
+use super::rebase::{release_written, SourceCell};
 use super::task::{begin_layer, restore_dirty, Task};
 use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
+use crate::source::PageSource;
 
 /// The tasks a fetcher serves, shared by the fault thread and [`ResidencyProbe`]s.
-#[derive(Default)]
 pub(crate) struct Registry {
     tasks: Mutex<Vec<Arc<Task>>>,
     generation: AtomicU64,
     evict: Mutex<EvictGate>,
     evict_cv: Condvar,
+    /// The page source every read goes through ([`ResidencyProbe::rebase`] replaces it).
+    pub source: Arc<SourceCell>,
 }
 
 /// Who may evict now: batches run one at a time, never while paused (a checkpoint) or once
@@ -68,6 +72,16 @@ impl Drop for EvictionPause {
 }
 
 impl Registry {
+    pub fn new(source: Arc<dyn PageSource>) -> Registry {
+        Registry {
+            tasks: Mutex::default(),
+            generation: AtomicU64::default(),
+            evict: Mutex::default(),
+            evict_cv: Condvar::new(),
+            source: Arc::new(SourceCell::new(source)),
+        }
+    }
+
     fn gate(&self) -> std::sync::MutexGuard<'_, EvictGate> {
         self.evict.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -221,6 +235,15 @@ impl ResidencyProbe {
                 })
                 .collect(),
         }
+    }
+
+    /// Makes `source` the fetcher's page source: it must serve the layer that a checkpoint of
+    /// the running tasks published, whose [`LayerMark`] was committed (every page not written
+    /// since that dump is as the layer holds it). The pages not written since then become
+    /// evictable again (see `rebase`); returns how many.
+    pub fn rebase(&self, source: Arc<dyn PageSource>) -> u64 {
+        drop(self.reg.source.set(source));
+        self.reg.tasks().iter().map(|t| release_written(t)).sum()
     }
 
     /// The current lazy ranges of every task the fetcher serves: unclaimed pages are `Remote`;

@@ -99,6 +99,11 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The page source the fetcher starts with.
+    pub fn source(&self) -> Arc<dyn PageSource> {
+        self.source.clone()
+    }
+
     pub fn new(
         work_dir: &Path,
         images: &Path,
@@ -371,7 +376,7 @@ impl Loop {
         let workers = p.opts.fill_threads * p.source.fill_workers_per_thread().clamp(1, 4);
         let pool = Pool::new(
             workers.min(super::MAX_FILL_THREADS),
-            p.source.clone(),
+            reg.source.clone(),
             c.clone(),
             p.opts.fill_batch_pages,
             notify.clone(),
@@ -404,7 +409,7 @@ impl Loop {
         };
         let fs = Arc::new(
             FaultShared::new(
-                p.source.clone(),
+                reg.source.clone(),
                 c.clone(),
                 p.opts.fault_around_pages.max(1) as u64,
                 p.opts.prefetch_max_pages as u64,

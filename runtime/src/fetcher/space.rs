@@ -89,6 +89,12 @@ impl Bits {
         self.len
     }
 
+    /// Word `i` of the bitmap (bits `64 i ..`); 0 past its end (a bitmap of length 0 is
+    /// all clear).
+    pub fn word(&self, i: usize) -> u64 {
+        self.words.get(i).map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
     /// Number of clear bits.
     pub fn count_clear(&self) -> u64 {
         let set: u64 = self
