@@ -262,7 +262,7 @@ impl LazySession for Native {
             keeper,
             ..
         } = *self;
-        match handle.wait() {
+        let r = match handle.wait() {
             Ok(s) => {
                 keeper.release();
                 Ok(session_stats(s, remote.pages().as_ref()))
@@ -271,7 +271,11 @@ impl LazySession for Native {
                 keeper.abandon();
                 Err(e)
             }
-        }
+        };
+        // Nothing is remote any more: the lease ends with the fetcher, although the
+        // container's checkpoint view still shares the slot.
+        remote.clear();
+        r
     }
 }
 

@@ -110,6 +110,11 @@ impl RemoteSlot {
         self.lock().is_some()
     }
 
+    /// Ends the session (the fetcher ended): its lease is given up.
+    pub fn clear(&self) {
+        drop(self.lock().take());
+    }
+
     /// Replaces the session (the old one's lease ends once reads under way are done).
     pub fn replace(&self, s: RemoteSession) {
         drop(self.lock().replace(s));
