@@ -36,9 +36,10 @@
 //!    (the resolved pid is the task's).
 //! 4. Under the write-protect gate the victims are checked again (a write resolved before the
 //!    stop made them dirty), and the ranges are announced to the fault thread
-//!    (`Task::evicting`). `MADV_DONTNEED` then runs in one of the stopped threads (one `process_madvise`
-//!    per 1024 ranges, `evict::Seized::madvise_all`). The fault thread recognises each `REMOVE` that continues an announced range
-//!    exactly where the previous one ended and leaves the range in place; any other `REMOVE`
+//!    (`Task::evicting`). `MADV_DONTNEED` then runs in one of the stopped threads (one
+//!    `process_madvise` per 1024 ranges, `evict::Seized::madvise_all`). The fault thread
+//!    recognises each `REMOVE` that continues an announced range exactly where the previous
+//!    one ended and leaves the range in place; any other `REMOVE`
 //!    is the task's own discard, as before.
 //! 5. Once the fault thread has handled those events, the victims' bits are released: they are
 //!    remote again, a later access faults and is served from the source like any remote page.
