@@ -19,6 +19,7 @@
 //! profile_window_ms = 10000    # how long a first restore records its working set
 //! track_writes = true          # uffd write-protect: re-checkpoints send only written pages
 //! memory_budget = 0            # local memory per restored container: bytes or "256Mi"; 0 = unlimited
+//! writeback_interval_ms = 0    # push written pages to the page server this often (0 = only to make room)
 //!
 //! [pageserver]                 # optional: where remote checkpoints' pages live
 //! address = ""                 # HOST:PORT or unix:PATH; empty = embedded default (local pages)
@@ -59,6 +60,10 @@ pub const DEFAULT_SHIM_CONFIG_PATH: &str = "/etc/distriproc/shim.toml";
 pub const ANNOTATION_FILL: &str = "io.distriproc.fill-policy";
 /// Annotation that overrides `fetcher.memory_budget` for one container (`"256Mi"`, bytes).
 pub const ANNOTATION_MEMORY_BUDGET: &str = "io.distriproc.memory-budget";
+/// Annotation that overrides `fetcher.writeback_interval_ms` for one container.
+pub const ANNOTATION_WRITEBACK_INTERVAL: &str = "io.distriproc.writeback-interval-ms";
+/// Shortest `fetcher.writeback_interval_ms` other than 0.
+pub const MIN_WRITEBACK_INTERVAL_MS: u64 = 100;
 /// Annotation that overrides `fetcher.mode` for one container.
 pub const ANNOTATION_MODE: &str = "io.distriproc.fetcher-mode";
 
@@ -140,6 +145,9 @@ pub struct FetcherConfig {
     /// Local memory a lazily restored container may hold of its checkpoint's pages (0 =
     /// unlimited): beyond it, clean pages are evicted back to remote.
     pub memory_budget: ByteSize,
+    /// How often the pages a remote-resident container wrote are pushed to the page server as
+    /// a write-back layer (0 = only when the memory budget needs room).
+    pub writeback_interval_ms: u64,
 }
 
 impl Default for FetcherConfig {
@@ -157,6 +165,7 @@ impl Default for FetcherConfig {
             profile_window_ms: 10_000,
             track_writes: true,
             memory_budget: ByteSize(0),
+            writeback_interval_ms: 0,
         }
     }
 }
@@ -323,6 +332,15 @@ impl ShimConfig {
             message,
         };
         let f = &self.fetcher;
+        if f.writeback_interval_ms != 0 && f.writeback_interval_ms < MIN_WRITEBACK_INTERVAL_MS {
+            return Err(invalid(
+                "fetcher.writeback_interval_ms",
+                format!(
+                    "{} ms: 0 (off) or at least {MIN_WRITEBACK_INTERVAL_MS}",
+                    f.writeback_interval_ms
+                ),
+            ));
+        }
         if !f.fault_around_pages.is_power_of_two() || f.fault_around_pages > MAX_FAULT_AROUND_PAGES
         {
             return Err(invalid(
@@ -410,7 +428,8 @@ impl ShimConfig {
     }
 
     /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`],
-    /// [`ANNOTATION_MEMORY_BUDGET`], [`ANNOTATION_STORE_MODE`]).
+    /// [`ANNOTATION_MEMORY_BUDGET`], [`ANNOTATION_WRITEBACK_INTERVAL`],
+    /// [`ANNOTATION_STORE_MODE`]).
     pub fn apply_annotations(
         &mut self,
         annotations: &HashMap<String, String>,
@@ -427,6 +446,21 @@ impl ShimConfig {
             self.fetcher.memory_budget = v
                 .parse()
                 .map_err(|m| invalid(ANNOTATION_MEMORY_BUDGET, m))?;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_WRITEBACK_INTERVAL) {
+            let ms: u64 = v.trim().parse().map_err(|e| {
+                invalid(
+                    ANNOTATION_WRITEBACK_INTERVAL,
+                    format!("{v:?}: {e} (milliseconds expected)"),
+                )
+            })?;
+            if ms != 0 && ms < MIN_WRITEBACK_INTERVAL_MS {
+                return Err(invalid(
+                    ANNOTATION_WRITEBACK_INTERVAL,
+                    format!("{ms} ms: 0 (off) or at least {MIN_WRITEBACK_INTERVAL_MS}"),
+                ));
+            }
+            self.fetcher.writeback_interval_ms = ms;
         }
         if let Some(v) = annotations.get(ANNOTATION_MODE) {
             self.fetcher.mode = v.parse().map_err(|m| invalid(ANNOTATION_MODE, m))?;
@@ -502,6 +536,12 @@ mod tests {
             err.to_string().contains("fetcher.prefetch_max_pages"),
             "{err}"
         );
+        let err = ShimConfig::from_toml_str("[fetcher]\nwriteback_interval_ms = 5\n", "a.toml")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("fetcher.writeback_interval_ms"),
+            "{err}"
+        );
         let err = ShimConfig::from_toml_str("[fetcher]\nfill_threads = 0\n", "a.toml").unwrap_err();
         assert!(err.to_string().contains("fetcher.fill_threads"), "{err}");
         let err =
@@ -527,6 +567,15 @@ mod tests {
         let err = cfg.apply_annotations(&ann).unwrap_err();
         assert!(err.to_string().contains(ANNOTATION_MEMORY_BUDGET), "{err}");
         ann.remove(ANNOTATION_MEMORY_BUDGET);
+        ann.insert(ANNOTATION_WRITEBACK_INTERVAL.to_string(), "2000".to_string());
+        cfg.apply_annotations(&ann).unwrap();
+        assert_eq!(cfg.fetcher.writeback_interval_ms, 2000);
+        for bad in ["20", "soon"] {
+            ann.insert(ANNOTATION_WRITEBACK_INTERVAL.to_string(), bad.to_string());
+            let err = cfg.apply_annotations(&ann).unwrap_err();
+            assert!(err.to_string().contains(ANNOTATION_WRITEBACK_INTERVAL), "{err}");
+        }
+        ann.remove(ANNOTATION_WRITEBACK_INTERVAL);
         ann.insert(ANNOTATION_FILL.to_string(), "lots".to_string());
         let err = cfg.apply_annotations(&ann).unwrap_err();
         assert!(err.to_string().contains(ANNOTATION_FILL), "{err}");

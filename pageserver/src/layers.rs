@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use distriproc_config::pageserver::validate_checkpoint_id;
+use distriproc_runtime::fetcher::WRITEBACK_MARKER;
 use distriproc_runtime::protocol::upload::{pagemap_checksum, MemoryDigest};
 
 use crate::checkpoint::Store;
@@ -140,8 +141,10 @@ pub struct LayerInfo {
     /// A parent link that is broken or leaves the store (the layer is served as it is; no
     /// checkpoint of the store is kept for it).
     pub bad_link: Option<String>,
-    /// Tombstoned.
+    /// Tombstoned, or a write-back layer with a layer over it (see [`LayerMap::scan`]).
     pub deleted: bool,
+    /// A write-back layer ([`WRITEBACK_MARKER`]).
+    pub writeback: bool,
     /// Bytes of its files.
     pub bytes: u64,
     /// When it was published (the directory's modification time).
@@ -172,6 +175,12 @@ pub struct StoreSummary {
 
 impl LayerMap {
     /// Reads the store's checkpoint directories, links and tombstones.
+    ///
+    /// A write-back layer (the pages a running container wrote, published by its shim; marked
+    /// by [`WRITEBACK_MARKER`]) counts as deleted once a layer is over it: no image refers to
+    /// it, only the fetcher that wrote it reads it, and that fetcher moves to the layer over
+    /// it. Retention then squashes it into that layer (or keeps it while a session reads it).
+    /// Sessions are not refused for it: only a tombstone does that.
     pub fn scan(store: &Store) -> LayerMap {
         let dead = Tombstones::of(store).list();
         let mut layers = BTreeMap::new();
@@ -198,10 +207,17 @@ impl LayerMap {
                     parent,
                     bad_link,
                     deleted: dead.contains(&id),
+                    writeback: dir.join(WRITEBACK_MARKER).is_file(),
                     bytes,
                     published,
                 },
             );
+        }
+        let covered: BTreeSet<String> = layers.values().filter_map(|l| l.parent.clone()).collect();
+        for (id, l) in &mut layers {
+            if l.writeback && covered.contains(id) {
+                l.deleted = true;
+            }
         }
         LayerMap { layers }
     }

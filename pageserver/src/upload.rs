@@ -25,6 +25,7 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 
+use distriproc_runtime::fetcher::WRITEBACK_MARKER;
 use distriproc_runtime::images::MAX_PARENT_DEPTH;
 use distriproc_runtime::protocol::upload::{
     pagemap_checksum, FileHeader, FileKind, MemoryDigest, ParentRef, MAX_FILES,
@@ -602,10 +603,29 @@ pub(crate) fn serve(
     // the index cached above until the flattened one is swapped in).
     let depth = parent.as_ref().map_or(1, |(_, d)| d.depth + 1);
     drop(parent);
-    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit) {
+    let writeback = writeback_run(&ctx.store.root().join(&hello.checkpoint));
+    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit) || writeback >= WRITEBACK_SQUASH_RUN
+    {
         flatten_soon(ctx, &hello.checkpoint);
     }
     sent
+}
+
+/// Write-back layers on top of a chain from which retention runs right after the upload: the
+/// superseded ones (all but the newest, once the fetcher left them) are squashed into the
+/// newest, so a container writing back every few seconds keeps its chain short, and each
+/// squash copies the pages of a few layers, not of one per interval.
+const WRITEBACK_SQUASH_RUN: usize = 4;
+
+/// Write-back layers at the top of the chain of the layer in `dir` (`dir` included).
+fn writeback_run(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut at = dir.to_path_buf();
+    while n <= MAX_PARENT_DEPTH && at.join(WRITEBACK_MARKER).is_file() {
+        n += 1;
+        at = at.join(PARENT_LINK);
+    }
+    n
 }
 
 /// Runs retention until it gets the store's gc lock (another run may hold it), for at most a

@@ -176,6 +176,10 @@ pub struct FetchCounters {
     pub pinned_pages: AtomicU64,
     /// How long each eviction batch held its process stopped.
     pub evict_stop_latency: LatencyHistogram,
+    /// Written pages sent to the page server by write-back layers (each page once per layer).
+    pub pages_written_back: AtomicU64,
+    /// Write-back layers built.
+    pub writeback_layers: AtomicU64,
 }
 
 fn opt(v: u64) -> Option<u64> {
@@ -227,6 +231,8 @@ impl FetchCounters {
             evict_refused: self.evict_refused.load(Relaxed),
             pinned_pages: self.pinned_pages.load(Relaxed),
             evict_stop_us: self.evict_stop_latency.summary(),
+            pages_written_back: self.pages_written_back.load(Relaxed),
+            writeback_layers: self.writeback_layers.load(Relaxed),
         }
     }
 }
@@ -357,6 +363,10 @@ pub struct FetchStats {
     pub pinned_pages: u64,
     /// How long eviction batches held their process stopped, µs.
     pub evict_stop_us: LatencySummary,
+    /// Written pages sent to the page server in write-back layers.
+    pub pages_written_back: u64,
+    /// Write-back layers built.
+    pub writeback_layers: u64,
 }
 
 #[cfg(test)]

@@ -294,7 +294,7 @@ pub(crate) fn choose(
 }
 
 /// The host pid of the process with pid `vpid` in the pid namespace of host process `ns_of`.
-fn resolve(ns_of: i32, vpid: u32) -> Option<i32> {
+pub(crate) fn resolve(ns_of: i32, vpid: u32) -> Option<i32> {
     let ns = std::fs::read_link(format!("/proc/{ns_of}/ns/pid")).ok()?;
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {

@@ -95,6 +95,7 @@ mod resident;
 mod server;
 mod space;
 mod task;
+mod writeback;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,7 +108,8 @@ use crate::images::ImageError;
 use crate::source::{PageSource, SourceError};
 use crate::stats::FetchCounters;
 pub use crate::stats::{FetchStats, LatencySummary, ProfileState};
-pub use resident::{EvictionPause, LayerMark, ResidencyProbe};
+pub use resident::{EvictionPause, LayerMark, LayerTurn, ResidencyProbe};
+pub use writeback::{WriteBackError, WrittenBack, WRITEBACK_MARKER};
 
 /// The socket name criu restore connects to, relative to its work dir.
 pub const LAZY_PAGES_SOCKET: &str = "lazy-pages.socket";
@@ -374,7 +376,10 @@ impl LazyPagesServer {
     /// returns at once.
     pub fn spawn(self) -> Result<FetcherHandle, FetchError> {
         let counters = Arc::new(FetchCounters::default());
-        let reg = Arc::new(resident::Registry::new(self.inner.source()));
+        let reg = Arc::new(resident::Registry::new(
+            self.inner.source(),
+            counters.clone(),
+        ));
         let (pages, tracked) = self.inner.budget_pages();
         let budget = Arc::new(budget::BudgetGate::new(pages));
         let (stop, thread) = self
@@ -421,6 +426,10 @@ impl FetcherHandle {
     /// in the restored tasks' pid namespace (the container's init), through which their host
     /// pids are found. Without a budget, or called again, it does nothing.
     pub fn enable_eviction(&self, ns_of: i32) -> Result<(), FetchError> {
+        self.probe
+            .reg
+            .ns_of
+            .store(ns_of, std::sync::atomic::Ordering::SeqCst);
         if self.budget.pages == 0 || !self.tracked {
             if self.budget.pages > 0 {
                 tracing::warn!(

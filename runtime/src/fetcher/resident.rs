@@ -14,14 +14,15 @@
 //! aborted, it marks the pages written again. Once the checkpoint's layer serves the fetcher
 //! ([`ResidencyProbe::rebase`]), the pages it holds as the tasks have them may be evicted.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicI32, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use super::rebase::{release_written, SourceCell};
 use super::task::{begin_layer, restore_dirty, Task};
 use crate::residency::{PageState, Residency, ResidentRun, TaskResidency};
 use crate::source::PageSource;
+use crate::stats::FetchCounters;
 
 /// The tasks a fetcher serves, shared by the fault thread and [`ResidencyProbe`]s.
 pub(crate) struct Registry {
@@ -31,6 +32,38 @@ pub(crate) struct Registry {
     evict_cv: Condvar,
     /// The page source every read goes through ([`ResidencyProbe::rebase`] replaces it).
     pub source: Arc<SourceCell>,
+    /// The fetcher's counters.
+    pub counters: Arc<FetchCounters>,
+    /// A host pid in the tasks' pid namespace (the container's init), 0 until known.
+    pub ns_of: AtomicI32,
+    /// Whether a new layer (a checkpoint or a write-back) is being built.
+    layering: Mutex<bool>,
+    layering_cv: Condvar,
+}
+
+/// The right to build the next layer of the tasks' memory ([`ResidencyProbe::layer_turn`]):
+/// a checkpoint of the running container and a write-back never interleave, so each layer's
+/// parent is the one published before it. Released on drop.
+#[must_use = "the turn ends when this is dropped"]
+pub struct LayerTurn {
+    reg: Arc<Registry>,
+}
+
+impl std::fmt::Debug for LayerTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerTurn").finish_non_exhaustive()
+    }
+}
+
+impl Drop for LayerTurn {
+    fn drop(&mut self) {
+        *self
+            .reg
+            .layering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = false;
+        self.reg.layering_cv.notify_all();
+    }
 }
 
 /// Who may evict now: batches run one at a time, never while paused (a checkpoint) or once
@@ -72,13 +105,17 @@ impl Drop for EvictionPause {
 }
 
 impl Registry {
-    pub fn new(source: Arc<dyn PageSource>) -> Registry {
+    pub fn new(source: Arc<dyn PageSource>, counters: Arc<FetchCounters>) -> Registry {
         Registry {
             tasks: Mutex::default(),
             generation: AtomicU64::default(),
             evict: Mutex::default(),
             evict_cv: Condvar::new(),
             source: Arc::new(SourceCell::new(source)),
+            counters,
+            ns_of: AtomicI32::new(0),
+            layering: Mutex::new(false),
+            layering_cv: Condvar::new(),
         }
     }
 
@@ -163,6 +200,14 @@ impl LayerMark {
         self.cleared.iter().map(|(_, b)| b.len()).sum()
     }
 
+    /// The bits of `t` the mark cleared.
+    pub(crate) fn bits_of(&self, t: &Arc<Task>) -> &[usize] {
+        self.cleared
+            .iter()
+            .find(|(x, _)| Arc::ptr_eq(x, t))
+            .map_or(&[], |(_, b)| b.as_slice())
+    }
+
     /// The layer was published: the pages stay clean until written again.
     pub fn commit(mut self) {
         self.cleared.clear();
@@ -235,6 +280,49 @@ impl ResidencyProbe {
                 })
                 .collect(),
         }
+    }
+
+    /// Waits for the turn to build the next layer (see [`LayerTurn`]): a checkpoint takes it
+    /// before it freezes the tasks and keeps it until its layer serves the fetcher.
+    pub fn layer_turn(&self) -> LayerTurn {
+        let mut g = self
+            .reg
+            .layering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *g {
+            g = self
+                .reg
+                .layering_cv
+                .wait(g)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *g = true;
+        LayerTurn {
+            reg: self.reg.clone(),
+        }
+    }
+
+    /// The turn if nobody holds it.
+    pub fn try_layer_turn(&self) -> Option<LayerTurn> {
+        let mut g = self
+            .reg
+            .layering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *g {
+            return None;
+        }
+        *g = true;
+        Some(LayerTurn {
+            reg: self.reg.clone(),
+        })
+    }
+
+    /// The source the fetcher reads from now (the last one [`ResidencyProbe::rebase`] set):
+    /// it serves every page as the tasks' memory last published holds it.
+    pub fn source(&self) -> Arc<dyn PageSource> {
+        self.reg.source.get()
     }
 
     /// Makes `source` the fetcher's page source: it must serve the layer that a checkpoint of
