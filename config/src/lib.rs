@@ -567,13 +567,19 @@ mod tests {
         let err = cfg.apply_annotations(&ann).unwrap_err();
         assert!(err.to_string().contains(ANNOTATION_MEMORY_BUDGET), "{err}");
         ann.remove(ANNOTATION_MEMORY_BUDGET);
-        ann.insert(ANNOTATION_WRITEBACK_INTERVAL.to_string(), "2000".to_string());
+        ann.insert(
+            ANNOTATION_WRITEBACK_INTERVAL.to_string(),
+            "2000".to_string(),
+        );
         cfg.apply_annotations(&ann).unwrap();
         assert_eq!(cfg.fetcher.writeback_interval_ms, 2000);
         for bad in ["20", "soon"] {
             ann.insert(ANNOTATION_WRITEBACK_INTERVAL.to_string(), bad.to_string());
             let err = cfg.apply_annotations(&ann).unwrap_err();
-            assert!(err.to_string().contains(ANNOTATION_WRITEBACK_INTERVAL), "{err}");
+            assert!(
+                err.to_string().contains(ANNOTATION_WRITEBACK_INTERVAL),
+                "{err}"
+            );
         }
         ann.remove(ANNOTATION_WRITEBACK_INTERVAL);
         ann.insert(ANNOTATION_FILL.to_string(), "lots".to_string());

@@ -604,7 +604,8 @@ pub(crate) fn serve(
     let depth = parent.as_ref().map_or(1, |(_, d)| d.depth + 1);
     drop(parent);
     let writeback = writeback_run(&ctx.store.root().join(&hello.checkpoint));
-    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit) || writeback >= WRITEBACK_SQUASH_RUN
+    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit)
+        || writeback >= WRITEBACK_SQUASH_RUN
     {
         flatten_soon(ctx, &hello.checkpoint);
     }

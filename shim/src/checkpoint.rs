@@ -66,9 +66,22 @@ impl TaskService {
             .map_err(|e| ShimError::InvalidArgument(format!("checkpoint of {}: {e}", req.id)))?;
         let remote = dest == MemoryDestination::PageServer;
         let store_cfg = cfg.store.clone();
+        // No write-back round runs while this checkpoint builds the next layer (its parent is
+        // the base layer read here; crate::writeback).
+        let _turn = match c.lazy_view.as_ref().map(|v| v.probe.clone()) {
+            Some(probe) => Some(
+                tokio::task::spawn_blocking(move || probe.layer_turn())
+                    .await
+                    .map_err(|source| ShimError::Background {
+                        what: format!("waiting for the write-back of {} to finish", req.id),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         // A checkpoint to the page server or store the container was restored from is a layer
         // over that checkpoint: the pages still remote stay there (crate::remote::BaseLayer).
-        let base = match (&c.base_layer, &dest) {
+        let base = match (&c.base_layer.get(), &dest) {
             (Some(b), MemoryDestination::PageServer) if b.same_server(&cfg.pageserver) => {
                 Some(b.parent.clone())
             }
@@ -228,7 +241,7 @@ impl TaskService {
                                 let ps = cfg.pageserver.clone();
                                 rebase_fetcher(&mut c, &req.id, &ps, &b).await;
                             }
-                            c.base_layer = Some(b);
+                            c.base_layer.set(Some(b));
                         }
                         Err(e) => warn!(
                             "checkpoint of {}: {} cannot be the next base layer: {}",

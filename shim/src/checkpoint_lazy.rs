@@ -173,7 +173,7 @@ pub async fn complete(
                 .into(),
         ))
     } else {
-        let (taken, source, dir) = (p.taken.clone(), p.view.source.clone(), image.clone());
+        let (taken, source, dir) = (p.taken.clone(), p.view.probe.source(), image.clone());
         tokio::task::spawn_blocking(move || {
             complete_dump(&dir, &taken, parent_usable, source.as_ref())
         })
@@ -210,19 +210,23 @@ pub fn rebase(
     if !view.remote.is_remote() {
         return Ok(0);
     }
-    let (endpoint, opts) = crate::remote::client(cfg, None, &layer.parent.checkpoint, "layer")
-        .map_err(|e| ShimError::RemoteCheckpoint {
-            checkpoint: layer.parent.checkpoint.clone(),
-            endpoint: layer.endpoint.clone(),
-            detail: error_chain(&e),
-        })?;
+    let (endpoint, opts) = crate::remote::client(
+        cfg,
+        Some(layer.address()),
+        &layer.parent.checkpoint,
+        "layer",
+    )
+    .map_err(|e| ShimError::RemoteCheckpoint {
+        checkpoint: layer.parent.checkpoint.clone(),
+        endpoint: layer.endpoint.clone(),
+        detail: error_chain(&e),
+    })?;
     let pages = std::sync::Arc::new(crate::fetcher::connect_verified(
         &endpoint,
         &opts,
         layer.parent.digest,
     )?);
     let released = view.probe.rebase(pages.clone());
-    view.source = pages.clone();
     view.remote.replace(crate::lazy::RemoteSession {
         lease: pages.keep_alive(crate::fetcher::REMOTE_KEEPALIVE),
         pages,

@@ -142,7 +142,9 @@ pub struct Container {
     pub lazy_view: Option<crate::lazy::CheckpointView>,
     /// The page-server checkpoint this container was lazily restored from: a checkpoint to the
     /// same page server is a layer over it.
-    pub base_layer: Option<crate::remote::BaseLayer>,
+    pub base_layer: crate::remote::SharedBase,
+    /// The write-back of a remote-resident container (`crate::writeback`).
+    pub writeback: Option<crate::writeback::WriteBack>,
 }
 
 impl Container {

@@ -198,7 +198,8 @@ impl TaskService {
             restore,
             lazy: None,
             lazy_view: None,
-            base_layer: None,
+            base_layer: Default::default(),
+            writeback: None,
         })
     }
 }

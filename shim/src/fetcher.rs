@@ -199,9 +199,9 @@ fn start_native(
         PagesFrom::Store(e) => Some(e.clone()),
         _ => None,
     };
+    drop(source);
     Ok(Box::new(Native {
         handle,
-        source,
         remote,
         keeper,
         _entry: entry,
@@ -210,8 +210,6 @@ fn start_native(
 
 struct Native {
     handle: FetcherHandle,
-    /// The fetcher's page source, also read when a checkpoint completes a dump.
-    source: Arc<dyn PageSource>,
     /// The page-server session (and its lease) while the fetcher runs, when pages are remote.
     remote: RemoteSlot,
     /// Released when the fill ends well, abandoned (poison server) otherwise.
@@ -239,7 +237,6 @@ impl LazySession for Native {
     fn checkpoint_view(&self) -> Option<crate::lazy::CheckpointView> {
         Some(crate::lazy::CheckpointView {
             probe: self.handle.residency_probe(),
-            source: self.source.clone(),
             remote: self.remote.clone(),
         })
     }

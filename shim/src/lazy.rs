@@ -23,7 +23,6 @@ use distriproc_runtime::fetcher::{FetchError, ResidencyProbe};
 use distriproc_runtime::protocol::upload::MemoryDigest;
 use distriproc_runtime::remote::RemoteStats;
 use distriproc_runtime::remote::{Endpoint, KeepAlive, RemoteOptions, RemotePages};
-use distriproc_runtime::source::PageSource;
 use distriproc_runtime::stats::FetchStats;
 
 use crate::error::Result;
@@ -72,8 +71,6 @@ pub trait LazyBackend: Send + Sync {
 pub struct CheckpointView {
     /// The fetcher's view of the tasks' lazy ranges.
     pub probe: ResidencyProbe,
-    /// The source the fetcher reads pages from.
-    pub source: Arc<dyn PageSource>,
     /// The fetcher's page-server session, when its pages come from one.
     pub remote: RemoteSlot,
 }
@@ -278,9 +275,17 @@ pub fn summary(stats: &SessionStats) -> String {
     } else {
         String::new()
     };
+    let writeback = if s.writeback_layers > 0 {
+        format!(
+            " written_back={} writeback_layers={}",
+            s.pages_written_back, s.writeback_layers
+        )
+    } else {
+        String::new()
+    };
     format!(
         "faults={} pages faulted/prefetched/filled/zero={}/{}/{}/{} bytes={} tasks={} \
-         first_fault={} fill_complete={} fault_p99={}us{budget}",
+         first_fault={} fill_complete={} fault_p99={}us{budget}{writeback}",
         s.faults,
         s.pages_faulted,
         s.pages_prefetched,

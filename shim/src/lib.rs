@@ -38,3 +38,4 @@ pub mod start;
 pub mod stdio;
 pub mod store;
 pub mod task;
+pub mod writeback;

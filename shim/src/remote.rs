@@ -165,6 +165,14 @@ pub struct BaseLayer {
 }
 
 impl BaseLayer {
+    /// The page server's address as `[pageserver] address` takes it (`endpoint` is the
+    /// `Endpoint` text, `tcp:HOST:PORT` or `unix:PATH`).
+    pub fn address(&self) -> &str {
+        self.endpoint
+            .strip_prefix("tcp:")
+            .unwrap_or(self.endpoint.as_str())
+    }
+
     /// Whether a checkpoint published with `cfg` goes to the server that holds this layer.
     pub fn same_server(&self, cfg: &PageServerClientConfig) -> bool {
         client(cfg, None, &self.parent.checkpoint, "layer")
@@ -202,6 +210,30 @@ impl BaseLayer {
             },
             lease: Some(lease),
         })
+    }
+}
+
+/// A container's base layer, shared by its checkpoints and its write-back (each replaces it
+/// with the layer it publishes over it; `crate::writeback`). Hold the fetcher's layer turn
+/// (`ResidencyProbe::layer_turn`) from reading it to replacing it.
+#[derive(Debug, Clone, Default)]
+pub struct SharedBase(std::sync::Arc<std::sync::Mutex<Option<BaseLayer>>>);
+
+impl SharedBase {
+    /// The layer now.
+    pub fn get(&self) -> Option<BaseLayer> {
+        self.lock().clone()
+    }
+
+    /// Replaces it.
+    pub fn set(&self, b: Option<BaseLayer>) {
+        *self.lock() = b;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BaseLayer>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -246,11 +246,15 @@ fn memory_budget_ctd17() -> Result<()> {
 const REMOTE_MIB: u64 = 256;
 const REMOTE_WRITE_PCT: u64 = 10;
 
-#[test]
-fn written_pages_evict_once_a_checkpoint_published_them_ctd21() -> Result<()> {
-    if !lazy_stack_in(CONTAINERD_2_1_DIR) {
-        return Ok(());
-    }
+/// An in-process page server on loopback (with a token) and containerd 2.1 whose shim
+/// publishes checkpoints to it. Fields drop in order: containerd, the server, its store.
+struct WithPageServer {
+    ctd: Containerd,
+    _srv: distriproc_pageserver::ServerHandle,
+    dir: tempfile::TempDir,
+}
+
+fn with_page_server() -> Result<WithPageServer> {
     let dir = tempfile::Builder::new()
         .prefix("dp-e2e-budget-ps-")
         .tempdir()?;
@@ -276,6 +280,20 @@ fn written_pages_evict_once_a_checkpoint_published_them_ctd21() -> Result<()> {
         .push(("DISTRIPROC_CONFIG".into(), cfg.display().to_string()));
     let ctd = Containerd::start(opts)?;
     ctd.import_test_images()?;
+    Ok(WithPageServer {
+        ctd,
+        _srv: srv,
+        dir,
+    })
+}
+
+#[test]
+fn written_pages_evict_once_a_checkpoint_published_them_ctd21() -> Result<()> {
+    if !lazy_stack_in(CONTAINERD_2_1_DIR) {
+        return Ok(());
+    }
+    let env = with_page_server()?;
+    let ctd = &env.ctd;
     let budget = format!("io.distriproc.memory-budget={}Mi", BUDGET / MIB);
     let mib = REMOTE_MIB.to_string();
     ctd.run_detached(
@@ -394,5 +412,130 @@ fn written_pages_evict_once_a_checkpoint_published_them_ctd21() -> Result<()> {
         max / MIB
     );
     ctd.remove_container("bw-r", T)?;
+    Ok(())
+}
+
+/// Write-back layers in the page server's store.
+fn writeback_layers_in(store: &Path) -> usize {
+    std::fs::read_dir(store)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("distriproc-writeback").is_file())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Rewrites of every page after the restore in [`written_pages_are_written_back_and_evicted_ctd21`].
+const WRITEBACK_PASSES: u64 = 2;
+
+/// With write-back (the budget's pressure, and an interval): memhog rewrites all of its
+/// 256 MiB twice under a 64 MiB budget. The written pages go to the page server as
+/// write-back layers and are evicted, the cgroup's anon memory stays within the budget plus
+/// 10 %, every page reads back with its last write (`VERIFY` fails on a page served from an
+/// older layer), superseded write-back layers are squashed away, and a checkpoint taken
+/// afterwards (a layer over the write-back layers) restores into a new container intact.
+#[test]
+fn written_pages_are_written_back_and_evicted_ctd21() -> Result<()> {
+    if !lazy_stack_in(CONTAINERD_2_1_DIR) {
+        return Ok(());
+    }
+    let env = with_page_server()?;
+    let (ctd, store) = (&env.ctd, env.dir.path().join("store"));
+    let mib = REMOTE_MIB.to_string();
+    // (Annotations go with the checkpoint to the restored container.)
+    let budget = format!("io.distriproc.memory-budget={}Mi", BUDGET / MIB);
+    ctd.run_detached(
+        &[budget.as_str(), "io.distriproc.writeback-interval-ms=1000"],
+        MEMHOG_IMAGE,
+        "wb",
+        &["/memhog", "serve", "--mib", &mib, "--threads", "2"],
+        T,
+    )?;
+    let pid = ctd.task_pid("wb")?;
+    // (SUM answers once memhog filled its memory: the checkpoint holds all of it.)
+    let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(s == memhog_query(pid, MEMHOG_PORT, "EXPECT")?, "SUM before");
+    ctd.checkpoint_and_remove("wb", "localhost/wb-cp:1", T)?;
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "wb-r",
+        "localhost/wb-cp:1",
+    ])?;
+    ctd.wait_status("wb-r", "RUNNING", T)?;
+    let pid = ctd.task_pid("wb-r")?;
+    let cg = memory_stat_of(pid)?;
+    let t0 = Instant::now();
+    let max = max_anon_during(&cg, || {
+        for i in 0..WRITEBACK_PASSES * 100 / REMOTE_WRITE_PCT {
+            let w = memhog_query(pid, MEMHOG_PORT, &format!("WRITE {REMOTE_WRITE_PCT}"))?;
+            ensure!(w.starts_with("OK"), "WRITE {i}: {w}");
+        }
+        let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+        let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+        ensure!(s == expect, "SUM after the writes {s} != {expect}");
+        let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(v.starts_with("OK"), "VERIFY after the writes: {v}");
+        Ok(())
+    })?;
+    let took = t0.elapsed();
+    let st = ctd.lazy_stats("wb-r")?;
+    eprintln!(
+        "{WRITEBACK_PASSES} rewrites of {REMOTE_MIB} MiB, SUM and VERIFY in {took:?}; anon at \
+         most {} MiB; write-back layers in the store: {}; stats: {st}",
+        max / MIB,
+        writeback_layers_in(&store)
+    );
+    ensure!(
+        n(&st, "budget_pages") == BUDGET / 4096,
+        "budget not applied: {st}"
+    );
+    // More was written than fits: most of it went to the page server and was evicted.
+    let total = REMOTE_MIB * 256;
+    ensure!(
+        n(&st, "pages_written_back") >= total - BUDGET / 4096,
+        "too few pages written back: {st}"
+    );
+    ensure!(
+        n(&st, "writeback_layers") >= 2 && n(&st, "pages_evicted") >= total,
+        "no write-back and eviction: {st}"
+    );
+    ensure!(
+        max <= BUDGET + BUDGET / 10 + 8 * MIB,
+        "the cgroup's anon memory reached {} MiB",
+        max / MIB
+    );
+    // Superseded write-back layers are squashed into the newest.
+    let layers = n(&st, "writeback_layers") as usize;
+    wait_for(|| writeback_layers_in(&store) <= 5, Duration::from_secs(20));
+    ensure!(
+        writeback_layers_in(&store) <= 5,
+        "{} write-back layers in the store of {layers} published",
+        writeback_layers_in(&store)
+    );
+
+    // A checkpoint now is a layer over the write-back layers; it restores intact.
+    ctd.checkpoint_and_remove("wb-r", "localhost/wb-cp:2", T)?;
+    ctd.ctr_ok(&[
+        "containers",
+        "restore",
+        "--live",
+        "wb-r2",
+        "localhost/wb-cp:2",
+    ])?;
+    ctd.wait_status("wb-r2", "RUNNING", T)?;
+    let pid = ctd.task_pid("wb-r2")?;
+    let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(
+        v.starts_with("OK"),
+        "VERIFY of the checkpoint over write-back: {v}"
+    );
+    ensure!(
+        stopped_or_traced_thread(&tree(pid)).is_none(),
+        "a thread of the restored memhog is left stopped or traced"
+    );
+    ctd.remove_container("wb-r2", T)?;
     Ok(())
 }

@@ -319,6 +319,11 @@ impl ResidencyProbe {
         })
     }
 
+    /// The fetcher's counters now.
+    pub fn stats(&self) -> crate::stats::FetchStats {
+        self.reg.counters.snapshot()
+    }
+
     /// The source the fetcher reads from now (the last one [`ResidencyProbe::rebase`] set):
     /// it serves every page as the tasks' memory last published holds it.
     pub fn source(&self) -> Arc<dyn PageSource> {
