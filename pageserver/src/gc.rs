@@ -580,4 +580,40 @@ mod tests {
             Err(PageServerError::UnknownCheckpoint { .. })
         ));
     }
+
+    #[test]
+    fn superseded_write_back_layers_are_squashed_and_the_newest_kept() {
+        let (root, store) = chain();
+        let marker = distriproc_runtime::fetcher::WRITEBACK_MARKER;
+        for id in ["b", "c", "d"] {
+            std::fs::write(root.path().join(id).join(marker), "").unwrap();
+        }
+        let before = served(root.path(), "d");
+        let map = LayerMap::scan(&store);
+        assert!(map.layers["b"].deleted && map.layers["c"].deleted);
+        assert!(!map.layers["d"].deleted && !map.layers["a"].deleted);
+        // A write-back layer is deleted only for retention: sessions still open it.
+        assert!(store.get("b").is_ok());
+
+        let r = run(&store, GcOptions::default()).unwrap();
+        assert_eq!(r.squashed.len(), 2, "{r:?}");
+        assert!(r.removed.is_empty(), "{r:?}");
+        assert_eq!(r.after.max_depth, 2, "{r:?}");
+        assert_eq!(
+            served(root.path(), "d"),
+            before,
+            "squashing changed the memory"
+        );
+        assert!(
+            root.path().join("d").join(marker).is_file(),
+            "d lost its marker"
+        );
+        // The newest write-back layer (nothing over it) and the checkpoint below stay.
+        let again = run(&store, GcOptions::default()).unwrap();
+        assert!(
+            again.squashed.is_empty() && again.removed.is_empty(),
+            "{again:?}"
+        );
+        assert!(root.path().join("d").exists() && root.path().join("a").exists());
+    }
 }

@@ -508,7 +508,7 @@ fn written_pages_are_written_back_and_evicted_ctd21() -> Result<()> {
         max / MIB
     );
     // Superseded write-back layers are squashed into the newest.
-    let layers = n(&st, "writeback_layers") as usize;
+    let layers = n(&st, "writeback_layers");
     wait_for(|| writeback_layers_in(&store) <= 5, Duration::from_secs(20));
     ensure!(
         writeback_layers_in(&store) <= 5,
