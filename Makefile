@@ -53,6 +53,12 @@ demo: deps build test-images
 bench: deps test-images
 	bash bench/run.sh
 
+# The memory-budget soak (docs/BENCHMARKS.md): a 1 GiB memhog under a 256 MiB budget with
+# write-back, SOAK_SECS (default 600) per shape (4 threads, 4 processes).
+soak: deps test-images
+	$(CARGO) test --release -p containerd-shim-distriproc-v2 --test e2e_budget -- \
+		--ignored --test-threads=1 --nocapture soak_
+
 # Every cargo-fuzz target for FUZZ_SECONDS (default 60) each (docs/FUZZING.md).
 fuzz:
 	sh fuzz/run.sh

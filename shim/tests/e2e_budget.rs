@@ -533,9 +533,146 @@ fn written_pages_are_written_back_and_evicted_ctd21() -> Result<()> {
         "VERIFY of the checkpoint over write-back: {v}"
     );
     ensure!(
-        stopped_or_traced_thread(&tree(pid)).is_none(),
-        "a thread of the restored memhog is left stopped or traced"
+        wait_for(
+            || stopped_or_traced_thread(&tree(pid)).is_none(),
+            Duration::from_secs(5)
+        ),
+        "a thread of the restored memhog stays stopped or traced"
     );
     ctd.remove_container("wb-r2", T)?;
     Ok(())
+}
+
+/// Memory of the soaked memhog, its budget, and how long it runs (`SOAK_SECS`, default 600).
+const SOAK_MIB: u64 = 1024;
+const SOAK_BUDGET: u64 = 256 * MIB;
+
+fn soak_secs() -> u64 {
+    std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600)
+}
+
+/// The soak (`make soak`; not in `make test`): a 1 GiB memhog restored from the page server
+/// under `io.distriproc.memory-budget: 256Mi` with write-back every 5 s rewrites and reads
+/// pages spread over all of its memory (`WRITE 10`, `TOUCH 25`: every 100th page block, the
+/// residue moving each time) for `SOAK_SECS`, with SUM checked every minute. The cgroup's
+/// anon memory, sampled every 5 ms, never exceeds the budget plus 10 %; at the end SUM and
+/// VERIFY are right, no thread is stopped or traced, and the container goes away with its
+/// write-back directories.
+fn soak(name: &str, procs: &str, threads: &str) -> Result<()> {
+    if !lazy_stack_in(CONTAINERD_2_1_DIR) {
+        return Ok(());
+    }
+    let env = with_page_server()?;
+    let ctd = &env.ctd;
+    let (id, restored) = (format!("soak-{name}"), format!("soak-{name}-r"));
+    let image = format!("localhost/soak-{name}-cp:1");
+    let budget = format!("io.distriproc.memory-budget={}Mi", SOAK_BUDGET / MIB);
+    let mib = SOAK_MIB.to_string();
+    ctd.run_detached(
+        &[budget.as_str(), "io.distriproc.writeback-interval-ms=5000"],
+        MEMHOG_IMAGE,
+        &id,
+        &[
+            "/memhog",
+            "serve",
+            "--mib",
+            &mib,
+            "--procs",
+            procs,
+            "--threads",
+            threads,
+        ],
+        T,
+    )?;
+    let pid = ctd.task_pid(&id)?;
+    let s = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(s == memhog_query(pid, MEMHOG_PORT, "EXPECT")?, "SUM before");
+    ctd.checkpoint_and_remove(&id, &image, T)?;
+    ctd.ctr_ok(&["containers", "restore", "--live", &restored, &image])?;
+    ctd.wait_status(&restored, "RUNNING", T)?;
+    let pid = ctd.task_pid(&restored)?;
+    let cg = memory_stat_of(pid)?;
+    let secs = soak_secs();
+    let (mut writes, mut sums) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let max = max_anon_during(&cg, || {
+        let mut last_sum = Instant::now();
+        // (Ends after the round that passes SOAK_SECS.)
+        while t0.elapsed() < Duration::from_secs(secs) {
+            let w = memhog_query(pid, MEMHOG_PORT, "WRITE 10")?;
+            ensure!(w.starts_with("OK"), "WRITE {writes}: {w}");
+            let r = memhog_query(pid, MEMHOG_PORT, "TOUCH 25")?;
+            ensure!(r.starts_with("OK"), "TOUCH: {r}");
+            writes += 1;
+            if last_sum.elapsed() >= Duration::from_secs(60) {
+                let (s, e) = (
+                    memhog_query(pid, MEMHOG_PORT, "SUM")?,
+                    memhog_query(pid, MEMHOG_PORT, "EXPECT")?,
+                );
+                ensure!(s == e, "SUM after {writes} writes {s} != {e}");
+                sums += 1;
+                last_sum = Instant::now();
+            }
+        }
+        let (s, e) = (
+            memhog_query(pid, MEMHOG_PORT, "SUM")?,
+            memhog_query(pid, MEMHOG_PORT, "EXPECT")?,
+        );
+        ensure!(s == e, "SUM at the end {s} != {e}");
+        let v = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+        ensure!(v.starts_with("OK"), "VERIFY at the end: {v}");
+        Ok(())
+    })?;
+    let st = ctd.lazy_stats(&restored)?;
+    eprintln!(
+        "soak {name}: {:?}, {writes} x (WRITE 10, TOUCH 25), {sums} SUMs on the way; anon at \
+         most {} MiB (budget {} MiB); stats: {st}",
+        t0.elapsed(),
+        max / MIB,
+        SOAK_BUDGET / MIB
+    );
+    ensure!(
+        max <= SOAK_BUDGET + SOAK_BUDGET / 10,
+        "the cgroup's anon memory reached {} MiB",
+        max / MIB
+    );
+    ensure!(
+        n(&st, "writeback_layers") > 0 && n(&st, "pages_evicted") > 0,
+        "no write-back or eviction: {st}"
+    );
+    // Between batches no thread of the container is stopped or traced.
+    ensure!(
+        wait_for(
+            || stopped_or_traced_thread(&tree(pid)).is_none(),
+            Duration::from_secs(5)
+        ),
+        "a thread of the soaked memhog stays stopped or traced"
+    );
+    let work = ctd.bundle_dir(&restored).join("work");
+    ctd.remove_container(&restored, T)?;
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("writeback-"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(left.is_empty(), "write-back directories left: {left:?}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "a 10-minute soak: make soak"]
+fn soak_1gib_under_256mib_threads_ctd21() -> Result<()> {
+    soak("threads", "1", "4")
+}
+
+#[test]
+#[ignore = "a 10-minute soak: make soak"]
+fn soak_1gib_under_256mib_procs_ctd21() -> Result<()> {
+    soak("procs", "4", "1")
 }
