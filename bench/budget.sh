@@ -18,7 +18,8 @@
 #           bench/redis.sh)
 #
 # The fill is `full` (it stops at 88 % of the budget). From the fetcher's statistics each run
-# records the pages evicted, the refaults (demand faults on evicted pages), the batches and how
+# records the faults of the timed memhog passes (the counters right before and after them: the
+# miss rate the report compares with the optimal policy's), the pages evicted, the refaults (demand faults on evicted pages), the batches and how
 # long each held the workload stopped (p50/p99). One JSON line per run into $RUNS; the report
 # compares each budget with the all-local run of the same repetition.
 #
@@ -63,16 +64,18 @@ def num(k):
         return float(v) if "." in v else int(v)
     except ValueError:
         return None
-stats = None
-try:
-    stats = json.load(open(e["B_STATS"]))
-except (OSError, ValueError):
-    pass
+def load(k):
+    try:
+        return json.load(open(e[k]))
+    except (KeyError, OSError, ValueError):
+        return None
+stats, before, after = load("B_STATS"), load("B_STATS0"), load("B_STATS1")
 run = {"kind": "budget-" + e["B_KIND"], "system": "ours", "mib": num("B_MIB"), "rep": num("B_REP"),
        "budget_pct": num("B_PCT"), "hot_pct": num("B_HOT"), "passes": num("B_PASSES"),
        "pass_us": [int(x) for x in e.get("B_PASS_US", "").split()],
        "hot_pages": num("B_HOT_PAGES"), "rps": num("B_RPS"), "sum_s": num("B_SUM_S"),
-       "sum_ok": e.get("B_OK") == "true", "error": e.get("B_ERR") or None, "stats": stats}
+       "sum_ok": e.get("B_OK") == "true", "error": e.get("B_ERR") or None, "stats": stats,
+       "stats_before_passes": before, "stats_after_passes": after}
 with open(sys.argv[1], "a") as f:
     f.write(json.dumps(run) + "\n")
 EOF
@@ -98,10 +101,16 @@ budget_memhog() {
             if [[ -z $err ]]; then
                 touch_us "$port" "$BUDGET_HOT_PCT" >/dev/null && touch_us "$port" "$BUDGET_HOT_PCT" >/dev/null ||
                     err="TOUCH failed"
+                sleep 1.2 # the counters before the timed passes (the stats file is rewritten every second)
+                cp "$bundle/distriproc-lazy-stats.json" "$WORK/budget-stats0.json" 2>/dev/null || echo null >"$WORK/budget-stats0.json"
                 for i in $(seq 1 "$BUDGET_PASSES"); do
                     [[ -z $err ]] || break
                     passes+="$(touch_us "$port" "$BUDGET_HOT_PCT") " || err="TOUCH failed"
                 done
+            fi
+            if [[ -z $err ]]; then
+                sleep 1.2 # the counters after the timed passes
+                cp "$bundle/distriproc-lazy-stats.json" "$WORK/budget-stats1.json" 2>/dev/null || echo null >"$WORK/budget-stats1.json"
             fi
             if [[ -z $err ]]; then
                 a=$(now_ns)
@@ -113,7 +122,9 @@ budget_memhog() {
             fi
             sleep 1.2 # the shim rewrites the stats file every second
             cp "$bundle/distriproc-lazy-stats.json" "$WORK/budget-stats.json" 2>/dev/null || echo null >"$WORK/budget-stats.json"
+            [[ -z $err ]] || { echo null >"$WORK/budget-stats0.json"; echo null >"$WORK/budget-stats1.json"; }
             remove_container "$id"
+            B_STATS0=$WORK/budget-stats0.json B_STATS1=$WORK/budget-stats1.json \
             B_MIB=$BUDGET_MIB B_HOT=$BUDGET_HOT_PCT B_PASSES=$BUDGET_PASSES B_PASS_US=$passes \
                 B_HOT_PAGES=$hot_pages B_SUM_S=$sum_s B_OK=$ok B_ERR=$err \
                 budget_record memhog "$pct" "$rep" "$WORK/budget-stats.json"

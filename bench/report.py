@@ -1026,6 +1026,63 @@ def chain_section(w, d):
     w("")
 
 
+# Share of the budget the resident pages may reach before eviction starts (EVICT_ABOVE in
+# runtime/src/fetcher/budget.rs): the capacity the optimal policy is given.
+BUDGET_EVICT_ABOVE = 0.97
+
+
+def optimal_cycle_misses(hot, capacity):
+    """Misses per pass of Belady's optimal policy (MIN, demand paging) on a loop over `hot`
+    distinct pages with `capacity` frames, in steady state. On a loop the page used furthest in
+    the future is always the one just used, so MIN evicts the most recently used page: each pass
+    hits the capacity - 1 pages kept from the previous one and misses the rest."""
+    if hot <= capacity:
+        return 0
+    return hot - max(capacity - 1, 0)
+
+
+def budget_policy_table(w, mem, med_or_none):
+    """The eviction policy's miss rate in memhog's timed passes against the optimal policy."""
+    def delta(r, k):
+        a, b = r.get("stats_before_passes") or {}, r.get("stats_after_passes") or {}
+        if k not in a or k not in b:
+            return None
+        return b[k] - a[k]
+
+    rows = []
+    for pct in sorted({r["budget_pct"] for r in mem}, reverse=True):
+        rs = [r for r in mem if r["budget_pct"] == pct]
+        miss, moved, opt = [], [], []
+        for r in rs:
+            reads = (r.get("passes") or 0) * (r.get("hot_pages") or 0)
+            f = delta(r, "faults")
+            inst = [delta(r, k) for k in ("pages_faulted", "pages_prefetched", "pages_filled")]
+            if not reads or f is None or None in inst:
+                continue
+            miss.append(f / reads)
+            moved.append(sum(inst) / reads)
+            cap = int(((r.get("stats") or {}).get("budget_pages") or 0) * BUDGET_EVICT_ABOVE)
+            opt.append(0.0 if pct == 100 or not cap else
+                       optimal_cycle_misses(r["hot_pages"], cap) / r["hot_pages"])
+        rows.append((pct, med_or_none(miss), med_or_none(moved), med_or_none(opt)))
+    if not any(m is not None for _, m, _, _ in rows):
+        return
+    w("Miss rate of the eviction policy (CLOCK with refault heat) in the timed passes: demand "
+      "faults per hot-page read, and pages brought in per read (a fault installs its aligned "
+      "16-page window, so one fault can serve several reads), against the optimal policy "
+      "(Belady's MIN with demand paging, computed for the loop the passes make over the hot "
+      f"set, with {BUDGET_EVICT_ABOVE:.0%} of the budget as its capacity: the most the budget "
+      "holds before eviction starts).")
+    w("")
+    w("| budget | faults per read | pages in per read | optimal (MIN) misses per read |")
+    w("|---|---|---|---|")
+    pc = lambda x: "-" if x is None else f"{100 * x:.2f} %"
+    for pct, m, mv, o in rows:
+        label = "none (all local)" if pct == 100 else f"{pct} %"
+        w(f"| {label} | {pc(m)} | {pc(mv)} | {pc(o)} |")
+    w("")
+
+
 def budget_section(w, d):
     """The Memory budget section (budget.json: bench/budget.sh's runs)."""
     meta, runs = d.get("meta", {}), d.get("runs", [])
@@ -1039,7 +1096,8 @@ def budget_section(w, d):
       "restored by our shim with `fetcher.memory_budget` at a share of the memory (100 % = no "
       "budget, measured once the fill is complete: the all-local baseline), fill `full` (it stops "
       "at 88 % of the budget). Clean pages are evicted (made remote again) to keep the budget; "
-      "written pages stay. Ratios compare medians with the all-local runs of the same run.")
+      "the workloads only read, so write-back does not run. Ratios compare medians with the "
+      "all-local runs of the same run.")
     w("")
 
     def stats(r, k, default=None):
@@ -1098,6 +1156,7 @@ def budget_section(w, d):
               f"{f0(med_or_none([per_page(r, 'p99') for r in rs]), ' µs')} | "
               f"{sum(1 for r in rs if r.get('sum_ok'))}/{len(rs)} |")
         w("")
+        budget_policy_table(w, mem, med_or_none)
     red = [r for r in runs if r["kind"] == "budget-redis"]
     if red:
         r0 = red[0]

@@ -174,40 +174,12 @@ impl TaskService {
         match session {
             Some(s) => {
                 c.lazy_view = s.checkpoint_view();
+                c.base_layer.set(base_layer);
                 let budget_pages = match s.stats() {
                     lazy::SessionStats::Native(n) => n.fetch.budget_pages,
                     lazy::SessionStats::Criu(_) => 0,
                 };
-                let f = &c.cfg.fetcher;
-                if let Some(view) =
-                    c.lazy_view
-                        .clone()
-                        .filter(|v| v.remote.is_remote())
-                        .filter(|_| {
-                            crate::writeback::wanted(
-                                base_layer.as_ref(),
-                                f.writeback_interval_ms,
-                                budget_pages,
-                            )
-                        })
-                {
-                    c.base_layer.set(base_layer.clone());
-                    let p = crate::writeback::Params {
-                        id: id.clone(),
-                        budget_pages,
-                        view,
-                        base: c.base_layer.clone(),
-                        cfg: c.cfg.pageserver.clone(),
-                        interval: (f.writeback_interval_ms > 0)
-                            .then(|| std::time::Duration::from_millis(f.writeback_interval_ms)),
-                        work: c.bundle.join("work"),
-                    };
-                    match crate::writeback::spawn(p) {
-                        Ok(w) => c.writeback = Some(w),
-                        Err(e) => log::warn!("{id}: no write-back (thread: {e})"),
-                    }
-                }
-                c.base_layer.set(base_layer);
+                crate::writeback::start(c, &id, budget_pages);
                 let w = lazy::spawn_waiter(id.clone(), s, c.bundle.clone(), plan.images.clone())
                     .map_err(|e| ShimError::io("spawn lazy waiter for", &c.bundle, e))?;
                 c.lazy = Some(w);

@@ -83,10 +83,35 @@ impl Drop for WriteBack {
     }
 }
 
-/// Whether the container restored with `base` gets a write-back: its pages come from a page
+/// Whether a container restored from `base` gets a write-back: its pages come from a page
 /// server (not the node-local store) and an interval or a budget asks for one.
 pub fn wanted(base: Option<&BaseLayer>, interval_ms: u64, budget_pages: u64) -> bool {
     base.is_some_and(|b| b.lease.is_none()) && (interval_ms > 0 || budget_pages > 0)
+}
+
+/// Starts the write-back of `c` (container `id`), just lazily restored with a budget of
+/// `budget_pages`, when it gets one ([`wanted`]); a thread that cannot start is logged.
+pub fn start(c: &mut crate::container::Container, id: &str, budget_pages: u64) {
+    let interval_ms = c.cfg.fetcher.writeback_interval_ms;
+    let Some(view) = c.lazy_view.clone().filter(|v| v.remote.is_remote()) else {
+        return;
+    };
+    if !wanted(c.base_layer.get().as_ref(), interval_ms, budget_pages) {
+        return;
+    }
+    let p = Params {
+        id: id.to_owned(),
+        view,
+        base: c.base_layer.clone(),
+        cfg: c.cfg.pageserver.clone(),
+        interval: (interval_ms > 0).then(|| Duration::from_millis(interval_ms)),
+        budget_pages,
+        work: c.bundle.join("work"),
+    };
+    match spawn(p) {
+        Ok(w) => c.writeback = Some(w),
+        Err(e) => warn!("{id}: no write-back (thread: {e})"),
+    }
 }
 
 /// Starts the thread.

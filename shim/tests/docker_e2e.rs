@@ -631,6 +631,84 @@ fn docker_migration_cycle(ctd: &Containerd, d: &Dockerd, store: &Path) -> Result
     Ok(())
 }
 
+/// Memory of the memhog restored under a smaller memory limit, and that limit (MiB).
+const LIMITED_MIB: u64 = 256;
+const LIMIT_MIB: u64 = 160;
+
+/// A 256 MiB memhog checkpointed to the page server, its memory limit then lowered to
+/// 160 MiB (`docker update`), started from the checkpoint: it restores and runs instead of
+/// being OOM-killed (the shim derives a memory budget from the limit), reads all of its memory
+/// right, rewrites 30 % of it (write-back makes the written pages evictable) and verifies.
+fn restore_under_a_smaller_limit(ctd: &Containerd, d: &Dockerd) -> Result<()> {
+    let name = "dp-limit";
+    let mib = LIMITED_MIB.to_string();
+    d.docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--runtime",
+        "distriproc-remote",
+        "--network",
+        "none",
+        MEMHOG_IMAGE,
+        "/memhog",
+        "serve",
+        "--mib",
+        &mib,
+        "--threads",
+        "2",
+    ])?;
+    let pid: u32 = d.inspect(name, "{{.State.Pid}}")?.parse()?;
+    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(
+        sum == memhog_query(pid, MEMHOG_PORT, "EXPECT")?,
+        "{name}: SUM before"
+    );
+    d.docker(&["checkpoint", "create", name, "cp1"])?;
+    stop_after_checkpoint(d, name)?;
+    let limit = format!("{LIMIT_MIB}m");
+    d.docker(&["update", "--memory", &limit, "--memory-swap", &limit, name])?;
+    let pid = start_from_checkpoint(d, name, "cp1")?;
+    let id = d.inspect(name, "{{.Id}}")?;
+    for i in 0..3 {
+        let w = memhog_query(pid, MEMHOG_PORT, "WRITE 10")?;
+        ensure!(w.starts_with("OK"), "{name}: WRITE {i}: {w}");
+    }
+    let expect = memhog_query(pid, MEMHOG_PORT, "EXPECT")?;
+    let sum = memhog_query(pid, MEMHOG_PORT, "SUM")?;
+    ensure!(sum == expect, "{name} under {limit}: SUM {sum} != {expect}");
+    let verify = memhog_query(pid, MEMHOG_PORT, "VERIFY")?;
+    ensure!(
+        verify.starts_with("OK"),
+        "{name} under {limit}: VERIFY {verify}"
+    );
+    ensure!(
+        d.inspect(name, "{{.State.Running}}")? == "true"
+            && d.inspect(name, "{{.State.OOMKilled}}")? == "false",
+        "{name} did not survive under {limit}"
+    );
+    ensure!(
+        d.inspect(name, "{{.HostConfig.Memory}}")? == (LIMIT_MIB << 20).to_string(),
+        "{name}: the limit was not applied"
+    );
+    let stats = ctd.lazy_stats(&id)?;
+    let budget = stats["budget_pages"].as_u64().unwrap_or(0);
+    ensure!(
+        budget > 0 && budget * 4096 < LIMIT_MIB << 20,
+        "{name}: no budget below the limit: {stats}"
+    );
+    ensure!(
+        stats["pages_evicted"].as_u64().unwrap_or(0) > 0,
+        "{name}: nothing evicted under the limit: {stats}"
+    );
+    eprintln!(
+        "docker e2e: {name}: {LIMITED_MIB} MiB restored and rewritten under {limit}: {stats}"
+    );
+    d.docker(&["rm", "-f", name])?;
+    Ok(())
+}
+
 fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     if !require_docker_stack(containerd_dir) {
         return Ok(());
@@ -753,6 +831,9 @@ fn docker_lazy_restore(containerd_dir: &str) -> Result<()> {
     //    removes containerd's checkpoint image once it has copied it, so containerd 1.7's
     //    second-checkpoint failure that `ctr` meets does not arise here.)
     docker_migration_cycle(&ctd, &d, &remote_dir.join("store"))?;
+
+    // 6. A memory limit below the checkpoint's size.
+    restore_under_a_smaller_limit(&ctd, &d)?;
     drop(d);
     drop(ctd);
     drop(server);
