@@ -19,7 +19,8 @@
 //! profile_window_ms = 10000    # how long a first restore records its working set
 //! track_writes = true          # uffd write-protect: re-checkpoints send only written pages
 //! memory_budget = 0            # local memory per restored container: bytes or "256Mi"; 0 = unlimited
-//! writeback_interval_ms = 0    # push written pages to the page server this often (0 = only to make room)
+//! writeback = true             # push written pages to the page server (pages from a page server only)
+//! writeback_interval_ms = 0    # ... this often (0 = only when the memory budget needs room)
 //!
 //! [pageserver]                 # optional: where remote checkpoints' pages live
 //! address = ""                 # HOST:PORT or unix:PATH; empty = embedded default (local pages)
@@ -60,6 +61,8 @@ pub const DEFAULT_SHIM_CONFIG_PATH: &str = "/etc/distriproc/shim.toml";
 pub const ANNOTATION_FILL: &str = "io.distriproc.fill-policy";
 /// Annotation that overrides `fetcher.memory_budget` for one container (`"256Mi"`, bytes).
 pub const ANNOTATION_MEMORY_BUDGET: &str = "io.distriproc.memory-budget";
+/// Annotation that overrides `fetcher.writeback` for one container (`true`, `false`).
+pub const ANNOTATION_WRITEBACK: &str = "io.distriproc.writeback";
 /// Annotation that overrides `fetcher.writeback_interval_ms` for one container.
 pub const ANNOTATION_WRITEBACK_INTERVAL: &str = "io.distriproc.writeback-interval-ms";
 /// Shortest `fetcher.writeback_interval_ms` other than 0.
@@ -145,6 +148,9 @@ pub struct FetcherConfig {
     /// Local memory a lazily restored container may hold of its checkpoint's pages (0 =
     /// unlimited): beyond it, clean pages are evicted back to remote.
     pub memory_budget: ByteSize,
+    /// Whether the pages a container restored from a page server wrote are pushed back to it
+    /// (write-back layers), when the budget needs room or every `writeback_interval_ms`.
+    pub writeback: bool,
     /// How often the pages a remote-resident container wrote are pushed to the page server as
     /// a write-back layer (0 = only when the memory budget needs room).
     pub writeback_interval_ms: u64,
@@ -165,6 +171,7 @@ impl Default for FetcherConfig {
             profile_window_ms: 10_000,
             track_writes: true,
             memory_budget: ByteSize(0),
+            writeback: true,
             writeback_interval_ms: 0,
         }
     }
@@ -428,7 +435,7 @@ impl ShimConfig {
     }
 
     /// Applies the per-container annotations ([`ANNOTATION_FILL`], [`ANNOTATION_MODE`],
-    /// [`ANNOTATION_MEMORY_BUDGET`], [`ANNOTATION_WRITEBACK_INTERVAL`],
+    /// [`ANNOTATION_MEMORY_BUDGET`], [`ANNOTATION_WRITEBACK`], [`ANNOTATION_WRITEBACK_INTERVAL`],
     /// [`ANNOTATION_STORE_MODE`]).
     pub fn apply_annotations(
         &mut self,
@@ -446,6 +453,18 @@ impl ShimConfig {
             self.fetcher.memory_budget = v
                 .parse()
                 .map_err(|m| invalid(ANNOTATION_MEMORY_BUDGET, m))?;
+        }
+        if let Some(v) = annotations.get(ANNOTATION_WRITEBACK) {
+            self.fetcher.writeback = match v.trim() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(invalid(
+                        ANNOTATION_WRITEBACK,
+                        format!("{other:?}: expected true or false"),
+                    ))
+                }
+            };
         }
         if let Some(v) = annotations.get(ANNOTATION_WRITEBACK_INTERVAL) {
             let ms: u64 = v.trim().parse().map_err(|e| {
@@ -582,6 +601,13 @@ mod tests {
             );
         }
         ann.remove(ANNOTATION_WRITEBACK_INTERVAL);
+        ann.insert(ANNOTATION_WRITEBACK.to_string(), "false".to_string());
+        cfg.apply_annotations(&ann).unwrap();
+        assert!(!cfg.fetcher.writeback);
+        ann.insert(ANNOTATION_WRITEBACK.to_string(), "no".to_string());
+        let err = cfg.apply_annotations(&ann).unwrap_err();
+        assert!(err.to_string().contains(ANNOTATION_WRITEBACK), "{err}");
+        ann.remove(ANNOTATION_WRITEBACK);
         ann.insert(ANNOTATION_FILL.to_string(), "lots".to_string());
         let err = cfg.apply_annotations(&ann).unwrap_err();
         assert!(err.to_string().contains(ANNOTATION_FILL), "{err}");

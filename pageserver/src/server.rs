@@ -189,6 +189,8 @@ pub(crate) struct Ctx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) opts: ServerOptions,
     pub(crate) push_seq: AtomicU64,
+    /// Set while an upload's connection waits to run retention after a write-back upload.
+    pub(crate) gc_soon: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
     next_conn: AtomicU64,
     stop: AtomicBool,
@@ -307,6 +309,7 @@ impl Server {
             metrics: metrics.clone(),
             opts: opts.clone(),
             push_seq: AtomicU64::new(1),
+            gc_soon: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),

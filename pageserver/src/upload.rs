@@ -604,9 +604,18 @@ pub(crate) fn serve(
     let depth = parent.as_ref().map_or(1, |(_, d)| d.depth + 1);
     drop(parent);
     let writeback = writeback_run(&ctx.store.root().join(&hello.checkpoint));
-    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit)
-        || writeback >= WRITEBACK_SQUASH_RUN
+    if ctx.opts.flatten_depth.is_some_and(|limit| depth > limit) {
+        flatten_soon(ctx, &hello.checkpoint);
+    } else if writeback >= WRITEBACK_SQUASH_RUN
+        && ctx
+            .gc_soon
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_ok()
     {
+        // The client's fetcher moves its session to the new layer right after the receipt;
+        // only then is the layer it leaves free to be squashed.
+        std::thread::sleep(WRITEBACK_SQUASH_DELAY);
+        ctx.gc_soon.store(false, Relaxed);
         flatten_soon(ctx, &hello.checkpoint);
     }
     sent
@@ -617,6 +626,9 @@ pub(crate) fn serve(
 /// newest, so a container writing back every few seconds keeps its chain short, and each
 /// squash copies the pages of a few layers, not of one per interval.
 const WRITEBACK_SQUASH_RUN: usize = 4;
+/// How long after such an upload retention runs (on the upload's connection, once its receipt
+/// is sent; one at a time).
+const WRITEBACK_SQUASH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Write-back layers at the top of the chain of the layer in `dir` (`dir` included).
 fn writeback_run(dir: &Path) -> usize {

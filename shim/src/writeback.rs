@@ -90,10 +90,15 @@ pub fn wanted(base: Option<&BaseLayer>, interval_ms: u64, budget_pages: u64) -> 
 }
 
 /// Starts the write-back of `c` (container `id`), just lazily restored with a budget of
-/// `budget_pages`, when it gets one ([`wanted`]); a thread that cannot start is logged.
+/// `budget_pages`, when it gets one (`fetcher.writeback` and [`wanted`]); a thread that cannot
+/// start is logged.
 pub fn start(c: &mut crate::container::Container, id: &str, budget_pages: u64) {
     let interval_ms = c.cfg.fetcher.writeback_interval_ms;
-    let Some(view) = c.lazy_view.clone().filter(|v| v.remote.is_remote()) else {
+    let Some(view) = c
+        .lazy_view
+        .clone()
+        .filter(|v| c.cfg.fetcher.writeback && v.remote.is_remote())
+    else {
         return;
     };
     if !wanted(c.base_layer.get().as_ref(), interval_ms, budget_pages) {
