@@ -45,18 +45,6 @@
 //!    remote again, a later access faults and is served from the source like any remote page.
 //!    The announcement is withdrawn and the threads are released.
 //!
-//! # Loops larger than the budget
-//!
-//! A workload that goes round a set of pages larger than the budget defeats CLOCK (as it does
-//! LRU): the page evicted is always the one needed next, and every access misses. The optimal
-//! policy on a loop evicts the page just used, which keeps a fixed set resident. So when most
-//! evicted pages come back (refaults at least half of the pages evicted in the last second),
-//! the evictor goes into *loop mode*: every batch's sweep starts at the same place (the
-//! anchor), so the pages just after it are evicted again and again while the rest stay, a
-//! fixed resident set as the optimal policy keeps. The anchor moves on by 1/64 of the task's
-//! pages every second, so pages no longer used still go in the end, and the mode ends once
-//! refaults fall below a quarter of the evictions.
-//!
 //! A batch never runs while a checkpoint holds [`super::ResidencyProbe::pause_eviction`], and
 //! the fault thread keeps reading events until a running batch is over before it ends.
 
@@ -337,65 +325,8 @@ fn is_vpid(pid: i32, vpid: u32, ns: &std::path::Path) -> bool {
 #[derive(Default)]
 struct PerTask {
     hand: usize,
-    /// In loop mode: where every batch's sweep starts.
-    anchor: Option<usize>,
     host_pid: Option<i32>,
     refused_until: Option<Instant>,
-}
-
-/// How often the evictor decides between CLOCK and loop mode...
-const MODE_WINDOW: Duration = Duration::from_secs(1);
-/// ...from at least this many pages evicted in the window.
-const MODE_MIN_EVICTED: u64 = 1024;
-/// Loop mode starts when refaults reach this share of the pages evicted in a window (per
-/// mille)...
-const LOOP_ENTER: u64 = 500;
-/// ...and ends below this share.
-const LOOP_LEAVE: u64 = 250;
-/// In loop mode the anchor moves on by this fraction of the task's pages per window (1/64: a
-/// full turn in about a minute), so that pages no longer used are evicted in the end.
-const ANCHOR_STEP: usize = 64;
-
-/// The evictor's choice between plain CLOCK and loop mode (see the module docs), from the
-/// refaults and evictions of the last window.
-#[derive(Debug, Default)]
-struct Mode {
-    looping: bool,
-    since: Option<Instant>,
-    refaults: u64,
-    evicted: u64,
-}
-
-impl Mode {
-    /// Updates the mode from the counters once a window has passed; whether it is loop mode
-    /// and whether a new window began.
-    fn update(&mut self, c: &FetchCounters, now: Instant) -> (bool, bool) {
-        let (r, e) = (c.refaults.load(Relaxed), c.pages_evicted.load(Relaxed));
-        let Some(since) = self.since else {
-            (self.since, self.refaults, self.evicted) = (Some(now), r, e);
-            return (self.looping, false);
-        };
-        if now.duration_since(since) < MODE_WINDOW {
-            return (self.looping, false);
-        }
-        let (dr, de) = (r - self.refaults, e - self.evicted);
-        (self.since, self.refaults, self.evicted) = (Some(now), r, e);
-        if de >= MODE_MIN_EVICTED {
-            let permille = dr.saturating_mul(1000) / de;
-            if !self.looping && permille >= LOOP_ENTER {
-                self.looping = true;
-                tracing::info!(
-                    refaults = dr,
-                    evicted = de,
-                    "eviction: loop mode (most evicted pages come back)"
-                );
-            } else if self.looping && permille < LOOP_LEAVE {
-                self.looping = false;
-                tracing::info!(refaults = dr, evicted = de, "eviction: back to CLOCK");
-            }
-        }
-        (self.looping, true)
-    }
 }
 
 struct Shared {
@@ -462,7 +393,6 @@ impl Drop for Evictor {
 
 fn run(sh: &Shared) {
     let mut per: HashMap<usize, PerTask> = HashMap::new();
-    let mut mode = Mode::default();
     let mut warned_pinned = false;
     sh.gate.throttle.store(true, Relaxed);
     loop {
@@ -491,7 +421,6 @@ fn run(sh: &Shared) {
         if resident <= share(sh.budget, EVICT_ABOVE) {
             continue;
         }
-        let (looping, new_window) = mode.update(&sh.c, Instant::now());
         let mut want = resident.saturating_sub(share(sh.budget, EVICT_TO));
         let mut tasks = sh.reg.tasks();
         tasks.retain(|t| !t.forked && !t.gone.load(Relaxed));
@@ -505,16 +434,6 @@ fn run(sh: &Shared) {
             let st = per.entry(key(t)).or_default();
             if st.refused_until.is_some_and(|u| Instant::now() < u) {
                 continue;
-            }
-            let n = t.bits.len().max(1);
-            st.anchor = match (looping, st.anchor) {
-                (false, _) => None,
-                (true, None) => Some(st.hand % n),
-                (true, Some(a)) if new_window => Some((a + n / ANCHOR_STEP) % n),
-                (true, a) => a,
-            };
-            if let Some(a) = st.anchor {
-                st.hand = a;
             }
             let Some(_batch) = sh.reg.begin_batch() else {
                 break;
@@ -859,30 +778,5 @@ mod tests {
         assert_eq!(share(0, EVICT_TO), 0);
         assert!(share(u64::MAX, FILL_BELOW) > 0);
         const { assert!(FILL_BELOW < EVICT_TO && EVICT_TO < EVICT_ABOVE) };
-    }
-
-    #[test]
-    fn loop_mode_follows_the_refaults_of_each_window() {
-        let c = FetchCounters::default();
-        let mut m = Mode::default();
-        let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
-        assert_eq!(m.update(&c, t0), (false, false));
-        // Few evictions: no decision.
-        c.pages_evicted.fetch_add(100, Relaxed);
-        c.refaults.fetch_add(100, Relaxed);
-        assert_eq!(m.update(&c, at(1000)), (false, true));
-        // Most evicted pages came back: loop mode; within a window nothing changes.
-        c.pages_evicted.fetch_add(4000, Relaxed);
-        c.refaults.fetch_add(2100, Relaxed);
-        assert_eq!(m.update(&c, at(1500)), (false, false));
-        assert_eq!(m.update(&c, at(2000)), (true, true));
-        // Still over a quarter: it stays; below: back to CLOCK.
-        c.pages_evicted.fetch_add(4000, Relaxed);
-        c.refaults.fetch_add(1100, Relaxed);
-        assert_eq!(m.update(&c, at(3000)), (true, true));
-        c.pages_evicted.fetch_add(4000, Relaxed);
-        c.refaults.fetch_add(900, Relaxed);
-        assert_eq!(m.update(&c, at(4000)), (false, true));
     }
 }
