@@ -12,7 +12,7 @@ CTD_2        ?= $(OPT)/containerd-2.1/usr/bin
 CTD_1        ?= $(OPT)/containerd-1.7/usr/bin
 RELEASE_BINS := containerd-shim-distriproc-v2 distriproc-pageserver
 
-.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo bench lint clean fuzz check-deploy
+.PHONY: all deps build install test-images test unit e2e e2e-2 e2e-1 demo bench soak lint clean fuzz check-deploy
 
 all: build
 

@@ -128,6 +128,8 @@ impl ResidencyProbe {
     /// as a write-back layer (see the module docs). `Ok(None)`: nothing was written. The tasks
     /// keep running; hold the [`super::LayerTurn`] until the layer is published or dropped.
     pub fn write_back(&self, dir: &Path) -> Result<Option<WrittenBack>, WriteBackError> {
+        // Taken first: any change from here on (a move, a fork, a discard) refuses the layer.
+        let generation = self.generation();
         let tasks = self.reg.tasks();
         let forked: u64 = tasks
             .iter()
@@ -151,7 +153,6 @@ impl ResidencyProbe {
         if ns_of <= 0 {
             return Err(WriteBackError::NoHost);
         }
-        let generation = self.generation();
         let mark = self.begin_layer();
         if mark.pages() == 0 {
             return Ok(None);
@@ -175,6 +176,9 @@ impl ResidencyProbe {
             let pages_id = u32::try_from(i + 1).unwrap_or(u32::MAX);
             let mut w = PagemapWriter::create(dir, t.pid, pages_id).map_err(io_err)?;
             for iov in &iovs {
+                if iov.start != iov.img {
+                    return Err(WriteBackError::Moved { pid: t.pid });
+                }
                 let n = usize::try_from(iov.pages()).unwrap_or(0);
                 let mut c = cleared.partition_point(|&b| b < iov.bit);
                 let mut p = 0;
