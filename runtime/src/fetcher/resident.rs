@@ -13,6 +13,9 @@
 //! [`LayerMark`] it returns must be committed once the checkpoint is published; dropped or
 //! aborted, it marks the pages written again. Once the checkpoint's layer serves the fetcher
 //! ([`ResidencyProbe::rebase`]), the pages it holds as the tasks have them may be evicted.
+//! A write-back ([`ResidencyProbe::write_back`]) builds such a layer from the running tasks'
+//! memory without a checkpoint. Checkpoints and write-backs take turns
+//! ([`ResidencyProbe::layer_turn`]), so each layer's parent is the one published before it.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicI32, AtomicU64};
@@ -266,8 +269,10 @@ impl ResidencyProbe {
     }
 
     /// Starts a new layer: every tracked task's written pages are write-protected again and
-    /// count as clean (installed, identical to the checkpoint just taken) from now on. Call
-    /// only while the tasks are frozen, after the dump that the new layer holds.
+    /// count as clean (installed, identical to the layer being built) from now on. For a
+    /// checkpoint, call it while the tasks are frozen, after the dump that the new layer
+    /// holds; a write-back calls it on the running tasks before it reads the pages it cleared
+    /// (`writeback`'s module docs say why that is right).
     pub fn begin_layer(&self) -> LayerMark {
         let tasks = self.reg.lock().clone();
         LayerMark {
