@@ -1245,6 +1245,11 @@ def main():
     budget_path = args.budget or os.path.join(os.path.dirname(args.results) or ".", "budget.json")
     if os.path.exists(budget_path):
         budget_section(w, json.load(open(budget_path)))
+    # The soak's figures (make soak, not a bench run) are kept as written, after the rest.
+    soak_path = os.path.join(args.png_dir, "soak.md")
+    if os.path.exists(soak_path):
+        w(open(soak_path).read().rstrip("\n"))
+        w("")
     os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
     open(args.doc, "w").write("\n".join(L))
     print(f"wrote {args.doc}" + (f" and {len(pics)} plots in {args.png_dir}" if pics else ""))
