@@ -621,7 +621,7 @@ pub(crate) fn serve(
     sent
 }
 
-/// Write-back layers on top of a chain from which retention runs right after the upload: the
+/// Write-back layers on top of a chain from which retention runs soon after the upload: the
 /// superseded ones (all but the newest, once the fetcher left them) are squashed into the
 /// newest, so a container writing back every few seconds keeps its chain short, and each
 /// squash copies the pages of a few layers, not of one per interval.

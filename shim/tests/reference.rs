@@ -256,6 +256,8 @@ fn annotations_match_the_reference() {
         distriproc_config::ANNOTATION_FILL,
         distriproc_config::ANNOTATION_MODE,
         distriproc_config::ANNOTATION_MEMORY_BUDGET,
+        distriproc_config::ANNOTATION_WRITEBACK,
+        distriproc_config::ANNOTATION_WRITEBACK_INTERVAL,
         distriproc_config::ANNOTATION_STORE_MODE,
         ANNOTATION_REMOTE,
         ANNOTATION_CHECKPOINT_EXIT,
